@@ -1,0 +1,3 @@
+"""MwT engine: modular training, modularization and reuse of CNN classifiers."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,176 @@
+"""The built-in CNNs (CIFAR-style variants), each masked (MwT) or plain.
+
+Every convolution but the first (the one reading the image) is a masked
+:class:`ConvUnit` when ``masked`` is true. Forward passes use only the ops the
+slimming graph analysis understands (ConvUnit, ReLU, pooling, add, flatten,
+dropout, linear).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from mwt_core.masking import ConvUnit
+from mwt_core.registry import MwTNet, register_model
+
+VGG16_PLAN: list[int | str] = [
+    64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M",
+]
+
+
+def scaled(channels: int, width: float) -> int:
+    """Channel count under a width multiplier (never below 4)."""
+    return max(4, int(round(channels * width)))
+
+
+def _flat_features(features: nn.Module, in_channels: int, input_size: int) -> int:
+    # eval mode: a 1-image batch would otherwise trip BN on 1x1 maps.
+    features.eval()
+    with torch.no_grad():
+        out = features(torch.zeros(1, in_channels, input_size, input_size))
+    features.train()
+    return int(out.numel())
+
+
+class ConvReLU(nn.Module):
+    """A ConvUnit followed by ReLU."""
+
+    def __init__(self, c_in: int, c_out: int, *, masked: bool, stride: int = 1) -> None:
+        super().__init__()
+        self.unit = ConvUnit(c_in, c_out, 3, stride=stride, masked=masked)
+        self.act = nn.ReLU()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.act(self.unit(x))
+
+
+def _plain_stack(plan: list[int | str], in_channels: int, width: float, masked: bool) -> nn.Sequential:
+    layers: list[nn.Module] = []
+    c_in, first = in_channels, True
+    for item in plan:
+        if item == "M":
+            layers.append(nn.MaxPool2d(2))
+            continue
+        c_out = scaled(int(item), width)
+        layers.append(ConvReLU(c_in, c_out, masked=masked and not first))
+        c_in, first = c_out, False
+    return nn.Sequential(*layers)
+
+
+class VGG(MwTNet):
+    """VGG-16 with batch norm; ``hidden`` adds SimCNN's two dropout+FC layers."""
+
+    def __init__(
+        self, num_classes: int, in_channels: int, input_size: int, width: float, masked: bool,
+        hidden: int | None,
+    ) -> None:
+        super().__init__()
+        self.features = _plain_stack(VGG16_PLAN, in_channels, width, masked)
+        flat = _flat_features(self.features, in_channels, input_size)
+        head: list[nn.Module] = [nn.Flatten()]
+        if hidden is not None:
+            head += [nn.Dropout(0.5), nn.Linear(flat, hidden), nn.ReLU(),
+                     nn.Dropout(0.5), nn.Linear(hidden, hidden), nn.ReLU()]
+            flat = hidden
+        head.append(nn.Linear(flat, num_classes))
+        self.classifier = nn.Sequential(*head)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.features(x))
+
+
+@register_model("simcnn", min_input_size=32,
+                description="SimCNN: 13 conv + 3 FC (VGG-16 layout with a dropout MLP head)")
+def simcnn(num_classes: int, in_channels: int, input_size: int, width: float, masked: bool) -> MwTNet:
+    return VGG(num_classes, in_channels, input_size, width, masked, hidden=scaled(512, width))
+
+
+@register_model("vgg16", min_input_size=32, description="VGG-16-BN, CIFAR variant (one FC layer)")
+def vgg16(num_classes: int, in_channels: int, input_size: int, width: float, masked: bool) -> MwTNet:
+    return VGG(num_classes, in_channels, input_size, width, masked, hidden=None)
+
+
+class Residual(nn.Module):
+    """``x + body(x)`` where body is two ConvReLU layers (ResCNN's residual pair)."""
+
+    def __init__(self, channels: int, masked: bool) -> None:
+        super().__init__()
+        self.a = ConvReLU(channels, channels, masked=masked)
+        self.b = ConvReLU(channels, channels, masked=masked)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.b(self.a(x))
+
+
+class ResCNN(MwTNet):
+    """ResCNN: 12 conv layers, three residual pairs, five poolings, one FC layer."""
+
+    def __init__(self, num_classes: int, in_channels: int, input_size: int, width: float, masked: bool) -> None:
+        super().__init__()
+        c64, c128, c256, c512 = (scaled(c, width) for c in (64, 128, 256, 512))
+        self.features = nn.Sequential(
+            ConvReLU(in_channels, c64, masked=False),
+            ConvReLU(c64, c128, masked=masked), nn.MaxPool2d(2),
+            Residual(c128, masked),
+            ConvReLU(c128, c256, masked=masked), nn.MaxPool2d(2),
+            ConvReLU(c256, c512, masked=masked), nn.MaxPool2d(2),
+            Residual(c512, masked),
+            ConvReLU(c512, c512, masked=masked), nn.MaxPool2d(2),
+            ConvReLU(c512, c512, masked=masked), nn.MaxPool2d(2),
+            Residual(c512, masked),
+        )
+        flat = _flat_features(self.features, in_channels, input_size)
+        self.classifier = nn.Sequential(nn.Flatten(), nn.Dropout(0.5), nn.Linear(flat, num_classes))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.features(x))
+
+
+@register_model("rescnn", min_input_size=32, description="ResCNN: 12 conv layers with 3 residual pairs")
+def rescnn(num_classes: int, in_channels: int, input_size: int, width: float, masked: bool) -> MwTNet:
+    return ResCNN(num_classes, in_channels, input_size, width, masked)
+
+
+class BasicBlock(nn.Module):
+    """ResNet basic block; a strided or widening block gets a 1x1 ConvUnit shortcut."""
+
+    def __init__(self, c_in: int, c_out: int, stride: int, masked: bool) -> None:
+        super().__init__()
+        self.conv1 = ConvReLU(c_in, c_out, masked=masked, stride=stride)
+        self.conv2 = ConvUnit(c_out, c_out, 3, masked=masked)
+        self.shortcut: nn.Module = (
+            ConvUnit(c_in, c_out, 1, stride=stride, masked=masked)
+            if stride != 1 or c_in != c_out else nn.Identity()
+        )
+        self.act = nn.ReLU()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.act(self.conv2(self.conv1(x)) + self.shortcut(x))
+
+
+class ResNet18(MwTNet):
+    """ResNet-18, CIFAR variant (3x3 stem, no stem pooling)."""
+
+    def __init__(self, num_classes: int, in_channels: int, input_size: int, width: float, masked: bool) -> None:
+        super().__init__()
+        widths = [scaled(c, width) for c in (64, 128, 256, 512)]
+        self.stem = ConvReLU(in_channels, widths[0], masked=False)
+        blocks: list[nn.Module] = []
+        c_in = widths[0]
+        for stage, c_out in enumerate(widths):
+            for i in range(2):
+                stride = 2 if stage > 0 and i == 0 else 1
+                blocks.append(BasicBlock(c_in, c_out, stride, masked))
+                c_in = c_out
+        self.layers = nn.Sequential(*blocks)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.classifier = nn.Sequential(nn.Flatten(), nn.Linear(c_in, num_classes))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.pool(self.layers(self.stem(x))))
+
+
+@register_model("resnet18", min_input_size=8, description="ResNet-18, CIFAR variant")
+def resnet18(num_classes: int, in_channels: int, input_size: int, width: float, masked: bool) -> MwTNet:
+    return ResNet18(num_classes, in_channels, input_size, width, masked)

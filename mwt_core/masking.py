@@ -1,0 +1,94 @@
+"""Mask generators (DESIGN §1.1) and the conv unit that applies them."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+def hidden_size(c_out: int) -> int:
+    """Width of a mask generator's hidden layer for a conv with ``c_out`` kernels."""
+    return c_out if c_out < 128 else c_out // 2
+
+
+class MaskGenerator(nn.Module):
+    """Per-sample relevance of each output kernel, in ``[0, 1)``.
+
+    GAP(x) -> Linear(C_in, h, no bias) -> ReLU -> Linear(h, C_out) -> relu(tanh(.)).
+    The output bias starts at 1.0 so every kernel starts switched on.
+    """
+
+    def __init__(self, c_in: int, c_out: int, hidden: int | None = None) -> None:
+        super().__init__()
+        hidden = hidden if hidden is not None else hidden_size(c_out)
+        self.fc1 = nn.Linear(c_in, hidden, bias=False)
+        self.fc2 = nn.Linear(hidden, c_out)
+        nn.init.kaiming_normal_(self.fc1.weight)
+        nn.init.kaiming_normal_(self.fc2.weight)
+        nn.init.constant_(self.fc2.bias, 1.0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        pooled = x.mean(dim=(2, 3))
+        return torch.relu(torch.tanh(self.fc2(torch.relu(self.fc1(pooled)))))
+
+
+class ConvUnit(nn.Module):
+    """Conv -> BN, optionally gated per sample by a :class:`MaskGenerator`.
+
+    The activation is left to the block, so that residual blocks can add before it.
+    ``keep`` (a 0/1 buffer, or ``None``) forces kernels to zero; slimming uses it for
+    kernels whose channel must stay because a residual addition ties it to a kept one.
+    After a forward pass of a masked unit, ``last_mask`` holds the ``B x C_out`` mask.
+    """
+
+    def __init__(
+        self,
+        c_in: int,
+        c_out: int,
+        kernel_size: int = 3,
+        stride: int = 1,
+        masked: bool = True,
+        mask_hidden: int | None = None,
+    ) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(
+            c_in, c_out, kernel_size, stride=stride, padding=kernel_size // 2, bias=False
+        )
+        self.bn = nn.BatchNorm2d(c_out)
+        self.gate: MaskGenerator | None = (
+            MaskGenerator(c_in, c_out, mask_hidden) if masked else None
+        )
+        self.keep: torch.Tensor | None
+        self.register_buffer("keep", None)
+        self.last_mask: torch.Tensor | None = None
+        nn.init.kaiming_normal_(self.conv.weight, mode="fan_out", nonlinearity="relu")
+
+    @property
+    def masked(self) -> bool:
+        """Whether this unit was trained with a mask generator (its kernels are modular)."""
+        return self.gate is not None or self.keep is not None
+
+    @property
+    def out_channels(self) -> int:
+        return self.conv.out_channels
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.bn(self.conv(x))
+        if self.gate is None:
+            if self.keep is not None:
+                y = y * self.keep.view(1, -1, 1, 1)
+            return y
+        mask = self.gate(x)
+        if self.keep is not None:
+            mask = mask * self.keep
+        self.last_mask = mask
+        return y * mask[:, :, None, None]
+
+
+def set_keep(units: list[ConvUnit], keep: list[torch.Tensor] | None) -> None:
+    """Force the kernels outside ``keep`` (one bool vector per unit) to zero, or clear it."""
+    for i, unit in enumerate(units):
+        if keep is None:
+            unit.keep = None
+        else:
+            unit.keep = keep[i].to(unit.conv.weight.device, unit.conv.weight.dtype)

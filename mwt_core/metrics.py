@@ -1,0 +1,52 @@
+"""Size and cost of a network: parameters, FLOPs (torch's counter), latency."""
+
+from __future__ import annotations
+
+import time
+
+import torch
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+from mwt_core.devices import resolve_device
+
+
+def count_params(net: nn.Module) -> int:
+    """Number of parameters (buffers such as BN statistics excluded)."""
+    return sum(p.numel() for p in net.parameters())
+
+
+@torch.no_grad()
+def count_flops(net: nn.Module, input_shape: tuple[int, int, int]) -> int:
+    """FLOPs of one image's forward pass, as counted by ``torch.utils.flop_counter``."""
+    was_training = net.training
+    net.eval()
+    param = next(net.parameters())
+    x = torch.zeros(1, *input_shape, device=param.device, dtype=param.dtype)
+    counter = FlopCounterMode(display=False)
+    with counter:
+        net(x)
+    net.train(was_training)
+    return int(counter.get_total_flops())
+
+
+@torch.no_grad()
+def measure_latency(net: nn.Module, input_shape: tuple[int, int, int], batch: int = 256,
+                    device: str = "auto", repeats: int = 10, warmup: int = 3) -> float:
+    """Median seconds of one forward pass over a ``batch`` of images."""
+    dev = resolve_device(device)
+    was_training = net.training
+    net.eval().to(dev)
+    x = torch.randn(batch, *input_shape, device=dev)
+    times = []
+    for i in range(warmup + repeats):
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+        t0 = time.perf_counter()
+        net(x)
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+        if i >= warmup:
+            times.append(time.perf_counter() - t0)
+    net.train(was_training)
+    return sorted(times)[len(times) // 2]

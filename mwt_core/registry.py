@@ -1,0 +1,126 @@
+"""Architectures by name: a decorator registers a builder, ``create_model`` builds one."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from torch import nn
+
+from mwt_core.masking import ConvUnit
+
+
+class UnknownArchitecture(ValueError):
+    """Raised for an architecture name that no builder is registered under."""
+
+
+@dataclass(frozen=True)
+class ArchInfo:
+    name: str
+    min_input_size: int
+    description: str
+
+
+class MwTNet(nn.Module):
+    """Base class of every architecture: knows its config and its masked units."""
+
+    config: dict[str, Any]
+
+    def mask_units(self) -> list[ConvUnit]:
+        """Masked conv units in forward order (the order masks are reported in)."""
+        return [m for m in self.modules() if isinstance(m, ConvUnit) and m.masked]
+
+    def kernel_counts(self) -> list[int]:
+        return [u.out_channels for u in self.mask_units()]
+
+    def forward_with_masks(self, x: Any) -> tuple[Any, list[Any]]:
+        """Logits plus the ``B x K_l`` mask of every masked unit, in forward order."""
+        units = self.mask_units()
+        for u in units:
+            u.last_mask = None
+        logits = self(x)
+        masks = [u.last_mask for u in units]
+        for u in units:
+            u.last_mask = None
+        if any(m is None for m in masks):
+            raise RuntimeError("a masked unit did not run in forward(); cannot collect masks")
+        return logits, masks
+
+
+Builder = Callable[..., MwTNet]
+_BUILDERS: dict[str, tuple[Builder, ArchInfo]] = {}
+
+
+def register_model(name: str, *, min_input_size: int, description: str) -> Callable[[Builder], Builder]:
+    """Register ``builder(num_classes, in_channels, input_size, width, masked)`` under ``name``."""
+
+    def wrap(builder: Builder) -> Builder:
+        if name in _BUILDERS:
+            raise ValueError(f"architecture {name!r} is already registered")
+        _BUILDERS[name] = (builder, ArchInfo(name, min_input_size, description))
+        return builder
+
+    return wrap
+
+
+def _ensure_builtins() -> None:
+    # Importing the module runs its @register_model decorators.
+    import mwt_core.architectures  # noqa: F401
+
+
+def list_architectures() -> list[str]:
+    _ensure_builtins()
+    return sorted(_BUILDERS)
+
+
+def architecture_info(arch: str) -> ArchInfo:
+    _ensure_builtins()
+    key = arch.lower().replace("-", "").replace("_", "")
+    aliases = {"vgg16bn": "vgg16", "vgg16": "vgg16"}
+    key = aliases.get(key, key)
+    if key not in _BUILDERS:
+        raise UnknownArchitecture(
+            f"unknown architecture {arch!r}; choose one of: {', '.join(sorted(_BUILDERS))}"
+        )
+    return _BUILDERS[key][1]
+
+
+def create_model(
+    arch: str,
+    num_classes: int,
+    in_channels: int = 3,
+    input_size: int = 32,
+    width: float = 1.0,
+    masked: bool = True,
+) -> MwTNet:
+    """Build a registered architecture; ``masked`` adds mask generators (MwT training)."""
+    info = architecture_info(arch)
+    if num_classes < 2:
+        raise ValueError(f"num_classes must be at least 2, got {num_classes}")
+    if in_channels < 1:
+        raise ValueError(f"in_channels must be positive, got {in_channels}")
+    if not 0 < width <= 8:
+        raise ValueError(f"width must be in (0, 8], got {width}")
+    if input_size < info.min_input_size:
+        raise ValueError(
+            f"{info.name} needs inputs of at least {info.min_input_size}x{info.min_input_size} "
+            f"pixels, got {input_size}; resize the data (datasets do it with min_input_size)"
+        )
+    builder = _BUILDERS[info.name][0]
+    net = builder(
+        num_classes=num_classes,
+        in_channels=in_channels,
+        input_size=input_size,
+        width=width,
+        masked=masked,
+    )
+    net.config = {
+        "arch": info.name,
+        "num_classes": num_classes,
+        "in_channels": in_channels,
+        "input_size": input_size,
+        "width": width,
+        "masked": masked,
+    }
+    return net

@@ -1,0 +1,48 @@
+import torch
+
+from mwt_core.masking import ConvUnit, MaskGenerator, hidden_size
+
+
+def test_hidden_size_rule():
+    assert hidden_size(64) == 64
+    assert hidden_size(127) == 127
+    assert hidden_size(128) == 64
+    assert hidden_size(512) == 256
+
+
+def test_mask_generator_shape_range_and_init():
+    gen = MaskGenerator(16, 32)
+    assert gen.fc1.bias is None
+    assert torch.all(gen.fc2.bias == 1.0)
+    mask = gen(torch.randn(5, 16, 6, 6))
+    assert mask.shape == (5, 32)
+    assert torch.all(mask >= 0) and torch.all(mask < 1)
+
+
+def test_fresh_generator_switches_most_kernels_on():
+    torch.manual_seed(0)
+    mask = MaskGenerator(16, 32)(torch.rand(64, 16, 4, 4))
+    assert (mask > 0).float().mean() > 0.5
+
+
+def test_conv_unit_applies_mask_after_bn():
+    torch.manual_seed(0)
+    unit = ConvUnit(3, 8).eval()
+    x = torch.randn(2, 3, 5, 5)
+    y = unit(x)
+    expected = unit.bn(unit.conv(x)) * unit.gate(x)[:, :, None, None]
+    assert torch.allclose(y, expected)
+    assert unit.last_mask.shape == (2, 8)
+
+
+def test_keep_forces_kernels_to_zero():
+    unit = ConvUnit(3, 4).eval()
+    unit.keep = torch.tensor([1.0, 0.0, 1.0, 0.0])
+    y = unit(torch.randn(2, 3, 5, 5))
+    assert torch.all(y[:, 1] == 0) and torch.all(y[:, 3] == 0)
+    assert y[:, 0].abs().sum() > 0
+
+
+def test_unmasked_unit_has_no_gate():
+    unit = ConvUnit(3, 4, masked=False)
+    assert unit.gate is None and not unit.masked

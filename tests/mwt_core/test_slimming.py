@@ -1,0 +1,95 @@
+import pytest
+import torch
+
+from mwt_core.masking import set_keep
+from mwt_core.registry import create_model
+from mwt_core.slimming import SlimmingError, analyse, slim
+
+ARCHS = ["simcnn", "rescnn", "vgg16", "resnet18"]
+
+
+def _randomise_bn(net):
+    # Fresh BN layers are identity-like; random statistics make the equality test bite.
+    for m in net.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.normal_()
+            m.running_var.uniform_(0.5, 2.0)
+            m.weight.data.normal_()
+            m.bias.data.normal_()
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_slimmed_module_equals_masked_model_with_dropped_kernels_zeroed(arch, digits32):
+    torch.manual_seed(0)
+    net = create_model(arch, 10, in_channels=3, input_size=32, width=0.25).eval()
+    _randomise_bn(net)
+    keep = [torch.rand(u.out_channels) < 0.3 for u in net.mask_units()]
+    classes = [3, 5, 8]
+    module = slim(net, keep, classes=classes).eval()
+
+    x = (digits32.test_x[:64].float() / 255 - 0.5) / 0.5  # real digit images
+    set_keep(net.mask_units(), keep)
+    with torch.no_grad():
+        reference = net(x)[:, classes]
+        out = module(x)
+    set_keep(net.mask_units(), None)
+    assert out.shape == (64, 3)
+    assert torch.allclose(out, reference, atol=1e-5, rtol=0)
+    assert sum(p.numel() for p in module.parameters()) < 0.7 * sum(p.numel() for p in net.parameters())
+
+
+@pytest.mark.parametrize("arch", ["rescnn", "resnet18"])
+def test_residual_additions_share_one_channel_set(arch):
+    net = create_model(arch, 10, width=0.25)
+    graph = analyse(net)
+    tied = [g for g in graph.groups if len(g.producers) > 1]
+    assert tied, "residual architectures must tie producers across additions"
+    keep = [torch.rand(u.out_channels) < 0.3 for u in net.mask_units()]
+    module = slim(net, keep)
+    for group in analyse(module).groups:
+        sizes = {p.out_channels for p in group.producers}
+        assert len(sizes) <= 1
+
+
+def test_resnet_stem_stream_is_never_cut():
+    net = create_model("resnet18", 10, width=0.25)
+    keep = [torch.zeros(u.out_channels, dtype=torch.bool) for u in net.mask_units()]
+    for k in keep:
+        k[0] = True
+    module = slim(net, keep)
+    # The first stage's stream is fed by the unmasked stem: all its channels stay.
+    assert module.stem.unit.out_channels == net.stem.unit.out_channels
+    assert module.layers[0].conv1.unit.out_channels == 1
+
+
+def test_dropping_generators_gives_static_module():
+    net = create_model("simcnn", 10, width=0.25).eval()
+    keep = [torch.rand(u.out_channels) < 0.5 for u in net.mask_units()]
+    module = slim(net, keep, keep_mask_generators=False)
+    assert all(u.gate is None for u in module.modules() if hasattr(u, "gate"))
+    assert module(torch.randn(2, 3, 32, 32)).shape == (2, 10)
+
+
+def test_bad_keep_is_rejected():
+    net = create_model("simcnn", 10, width=0.25)
+    with pytest.raises(ValueError, match="masked units"):
+        slim(net, [])
+    keep = [torch.ones(u.out_channels, dtype=torch.bool) for u in net.mask_units()]
+    keep[0] = torch.ones(3, dtype=torch.bool)
+    with pytest.raises(ValueError, match="bool vector"):
+        slim(net, keep)
+
+
+def test_unsupported_op_is_reported():
+    class Odd(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inner = create_model("simcnn", 10, width=0.125)
+
+        def forward(self, x):
+            return torch.sigmoid(self.inner.features(x)).flatten(1)
+
+    odd = Odd()
+    odd.config = {"in_channels": 3, "input_size": 32}
+    with pytest.raises(SlimmingError, match="sigmoid"):
+        analyse(odd)
