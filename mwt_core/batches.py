@@ -47,7 +47,8 @@ class ImageBatches:
         x = self._gather(idx).float()
         if augment:
             x = self._augment(x, generator)
-        return (x - self.mean) * self.inv_std, self.labels[idx]
+        x = ((x - self.mean) * self.inv_std).contiguous(memory_format=torch.channels_last)
+        return x, self.labels[idx]
 
     def _augment(self, x: torch.Tensor, gen: torch.Generator | None) -> torch.Tensor:
         b, _, h, w = x.shape

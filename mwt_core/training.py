@@ -42,7 +42,8 @@ class TrainConfig:
     batch_size: int = 128
     lr: float = 0.05
     momentum: float = 0.9
-    weight_decay: float = 5e-4
+    weight_decay: float = 0.0  # the paper trains without weight decay
+    mask_lr: float | None = None  # learning rate of the mask generators (None: same as lr)
     alpha: float = 0.5
     beta: float = 1.5
     modular: bool = True
@@ -56,6 +57,7 @@ class TrainConfig:
             (self.epochs >= 1, f"epochs must be >= 1, got {self.epochs}"),
             (self.batch_size >= 2, f"batch_size must be >= 2, got {self.batch_size}"),
             (self.lr > 0, f"lr must be > 0, got {self.lr}"),
+            (self.mask_lr is None or self.mask_lr > 0, f"mask_lr must be > 0, got {self.mask_lr}"),
             (0 <= self.momentum < 1, f"momentum must be in [0, 1), got {self.momentum}"),
             (self.weight_decay >= 0, f"weight_decay must be >= 0, got {self.weight_decay}"),
             (self.alpha >= 0 and self.beta >= 0, "alpha and beta must be >= 0"),
@@ -110,6 +112,17 @@ def build_model_for(cfg: TrainConfig, data: DatasetBundle) -> MwTNet:
         cfg.arch, data.num_classes, in_channels=data.spec.channels,
         input_size=data.spec.size, width=cfg.width, masked=cfg.modular,
     )
+
+
+def param_groups(model: MwTNet, cfg: TrainConfig) -> list[dict[str, Any]]:
+    """Network weights and mask-generator weights, the latter at ``cfg.mask_lr`` if set."""
+    gate_ids = {id(p) for u in model.mask_units() if u.gate is not None for p in u.gate.parameters()}
+    net = [p for p in model.parameters() if id(p) not in gate_ids]
+    gates = [p for p in model.parameters() if id(p) in gate_ids]
+    groups: list[dict[str, Any]] = [{"params": net}]
+    if gates:
+        groups.append({"params": gates, "lr": cfg.mask_lr if cfg.mask_lr is not None else cfg.lr})
+    return groups
 
 
 @torch.no_grad()
@@ -174,11 +187,12 @@ def train(
     gen = torch.Generator(device=device)
     gen.manual_seed(cfg.seed)
 
-    model = build_model_for(cfg, data).to(device)
+    # channels_last lets oneDNN (CPU) and cuDNN (GPU) pick their faster conv kernels.
+    model = build_model_for(cfg, data).to(device, memory_format=torch.channels_last)
     train_set = ImageBatches(data.train_x, data.train_y, data.spec, device)
     test_set = ImageBatches(data.test_x, data.test_y, data.spec, device)
     optimizer = torch.optim.SGD(
-        model.parameters(), lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.momentum > 0,
+        param_groups(model, cfg), lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.momentum > 0,
         weight_decay=cfg.weight_decay,
     )
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=cfg.epochs)

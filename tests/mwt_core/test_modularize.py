@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from mwt_core.modularize import Modularization, _pairwise_jaccard, module_masks, modularize
+from mwt_core.modularize import Modularization, _pairwise_jaccard, modularize, module_masks
 from mwt_core.registry import create_model
 
 

@@ -1,7 +1,12 @@
 import pytest
 import torch
 
-from mwt_core.registry import UnknownArchitecture, architecture_info, create_model, list_architectures
+from mwt_core.registry import (
+    UnknownArchitecture,
+    architecture_info,
+    create_model,
+    list_architectures,
+)
 
 ARCHS = ["simcnn", "rescnn", "vgg16", "resnet18"]
 

@@ -1,0 +1,149 @@
+"""Classifiers composed from modules of one or several models (DESIGN §2).
+
+Each source model runs once, slimmed to the union of its selected classes; the
+logits of all sources are concatenated. Raw logits of different models are not on
+one scale, so a composition can be calibrated on a few labelled samples per class:
+one scale and one bias per source, fitted by cross-entropy. Composed classifiers
+export to TorchScript, which runs with plain PyTorch and without this project.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mwt_core.datasets import DatasetBundle, InputSpec
+from mwt_core.modularize import Modularization
+from mwt_core.registry import MwTNet
+from mwt_core.reuse import ModuleClassifier, extract_module, subtask
+
+
+class CompositionError(ValueError):
+    """Sources that cannot be composed (different input specs, no classes...)."""
+
+
+@dataclass
+class Source:
+    """Classes taken from one trained, modularized model."""
+
+    model: MwTNet
+    modularization: Modularization
+    classes: list[int]
+    spec: InputSpec
+    class_names: list[str] | None = None
+
+
+class NormalizedInput(nn.Module):
+    """Normalise raw [0, 1] images with one source's mean and std before its module."""
+
+    def __init__(self, net: nn.Module, spec: InputSpec) -> None:
+        super().__init__()
+        self.net = net
+        self.register_buffer("mean", torch.tensor(spec.mean).view(1, -1, 1, 1))
+        self.register_buffer("std", torch.tensor(spec.std).view(1, -1, 1, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net((x - self.mean) / self.std)
+
+
+class ComposedClassifier(nn.Module):
+    """Concatenated, per-source calibrated logits of several modules.
+
+    Takes images scaled to [0, 1] (each source normalises with its own statistics),
+    so sources trained on differently normalised data compose correctly.
+    """
+
+    def __init__(self, parts: list[nn.Module], labels: list[str]) -> None:
+        super().__init__()
+        self.parts = nn.ModuleList(parts)
+        self.labels = list(labels)
+        self.scale = nn.Parameter(torch.ones(len(parts)))
+        self.bias = nn.Parameter(torch.zeros(len(parts)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        outs = [part(x) * self.scale[i] + self.bias[i] for i, part in enumerate(self.parts)]
+        return torch.cat(outs, dim=1)
+
+
+def compose(sources: list[Source], keep_mask_generators: bool = True) -> ComposedClassifier:
+    """One module per source (the union of its classes), logits side by side."""
+    if not sources:
+        raise CompositionError("a composition needs at least one source")
+    first = sources[0].spec
+    for s in sources[1:]:
+        if (s.spec.channels, s.spec.size) != (first.channels, first.size):
+            raise CompositionError(
+                f"input specs differ: {first.channels}x{first.size}x{first.size} vs "
+                f"{s.spec.channels}x{s.spec.size}x{s.spec.size}; compose models trained on the same input shape"
+            )
+    parts: list[nn.Module] = []
+    labels: list[str] = []
+    for i, s in enumerate(sources):
+        module = extract_module(s.model, s.modularization, s.classes, keep_mask_generators)
+        parts.append(NormalizedInput(module, s.spec))
+        names = s.class_names or [str(c) for c in range(s.modularization.num_classes)]
+        labels += [f"{i}:{names[c]}" for c in s.classes]
+    return ComposedClassifier(parts, labels).eval()
+
+
+def labelled_union(sources: list[tuple[DatasetBundle, list[int]]], split: str = "test"
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Images in [0, 1] of each source's classes, labelled by position in the composition."""
+    xs, ys, offset = [], [], 0
+    for data, classes in sources:
+        x, y = subtask(data, classes, split)
+        xs.append(x.float() / 255.0)
+        ys.append(y + offset)
+        offset += len(classes)
+    return torch.cat(xs), torch.cat(ys)
+
+
+@torch.no_grad()
+def accuracy(net: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 512) -> float:
+    """Top-1 accuracy of ``net`` on ``[0, 1]`` images ``x``."""
+    net.eval()
+    device = next(net.parameters()).device
+    correct = 0
+    for start in range(0, len(y), batch_size):
+        out = net(x[start:start + batch_size].to(device))
+        correct += int((out.argmax(1).cpu() == y[start:start + batch_size]).sum())
+    return correct / max(1, len(y))
+
+
+def calibrate(composed: ComposedClassifier, x: torch.Tensor, y: torch.Tensor,
+              steps: int = 200, lr: float = 0.05) -> ComposedClassifier:
+    """Fit each source's logit scale and bias on labelled ``[0, 1]`` images (modules frozen)."""
+    composed.eval()
+    device = composed.scale.device
+    with torch.no_grad():
+        raw = [part(x.to(device)) for part in composed.parts]
+    opt = torch.optim.Adam([composed.scale, composed.bias], lr=lr)
+    target = y.to(device)
+    for _ in range(steps):
+        logits = torch.cat([r * composed.scale[i] + composed.bias[i] for i, r in enumerate(raw)], 1)
+        loss = F.cross_entropy(logits, target)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    return composed
+
+
+def export_torchscript(net: nn.Module, path: str | Path, input_shape: tuple[int, int, int]) -> Path:
+    """Trace ``net`` to a TorchScript file that runs with ``torch.jit.load`` alone."""
+    net = net.eval().cpu()
+    example = torch.rand(2, *input_shape)
+    with torch.no_grad():
+        traced = torch.jit.trace(net, example, check_trace=False)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    traced.save(str(path))
+    return path
+
+
+def modules_of(composed: ComposedClassifier) -> list[ModuleClassifier]:
+    """The per-source modules inside a composition."""
+    return [part.net for part in composed.parts]  # type: ignore[misc]
