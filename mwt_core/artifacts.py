@@ -98,7 +98,9 @@ def save_artifact(directory: str | Path, net: nn.Module, manifest: dict[str, Any
     state = {k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()}
     weights = directory / WEIGHTS_FILE
     tmp = directory / f".{WEIGHTS_FILE}.tmp{os.getpid()}"
-    save_file(state, str(tmp), metadata={"format_version": str(FORMAT_VERSION), "kind": kind})
+    # One metadata key only: safetensors writes a dict's keys in no fixed order, and the
+    # header is part of the bytes the sha256 covers.
+    save_file(state, str(tmp), metadata={"mwt": f"{FORMAT_VERSION}:{kind}"})
     os.replace(tmp, weights)
     full = dict(manifest or {})
     full.update({

@@ -63,6 +63,14 @@ class Modularization:
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> Modularization:
+        """Inverse of :meth:`to_json`; malformed data raises ``ValueError``."""
+        try:
+            return cls._from_json(data)
+        except (KeyError, IndexError, TypeError, RuntimeError) as exc:
+            raise ValueError(f"malformed modularization record: {exc!r}") from exc
+
+    @classmethod
+    def _from_json(cls, data: dict[str, Any]) -> Modularization:
         sizes = data["kernels"]
         masks = []
         for layers in data["class_masks"]:

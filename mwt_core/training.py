@@ -158,6 +158,12 @@ def _set_rng_state(gen: torch.Generator, state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def same_run(a: dict[str, Any], b: dict[str, Any]) -> bool:
+    """Whether two configs describe the same run; the device may differ (a job retried
+    on another worker resumes there)."""
+    return {k: v for k, v in a.items() if k != "device"} == {k: v for k, v in b.items() if k != "device"}
+
+
 def save_checkpoint(path: Path, payload: dict[str, Any]) -> None:
     """Write ``payload`` next to ``path`` then rename, so a crash never leaves half a file."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -204,7 +210,7 @@ def train(
     ckpt_path = Path(checkpoint_dir) / CHECKPOINT_NAME if checkpoint_dir else None
     if ckpt_path is not None and resume and ckpt_path.exists():
         state = load_checkpoint(ckpt_path)
-        if state["config"] != cfg.to_json():
+        if not same_run(state["config"], cfg.to_json()):
             raise ValueError(f"checkpoint {ckpt_path} was written for another config; "
                              "use a fresh checkpoint directory or resume=False")
         model.load_state_dict(state["model"])

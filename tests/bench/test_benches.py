@@ -1,0 +1,62 @@
+"""The benchmark scripts run end to end (tiniest settings) and end with one JSON line."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+QUALITY_KEYS = {
+    "standard_acc", "mwt_acc", "krr", "cohesion", "coupling",
+    "tc01_krr", "tc01_std_acc", "tc01_zero_acc", "tc01_ft_acc",
+    "tc358_krr", "tc358_std_acc", "tc358_zero_acc", "tc358_ft_acc",
+    "standard_s", "mwt_s",
+}
+SPEED_KEYS = {
+    "std_img_s", "mwt_img_s", "mwt_over_std", "modularize_s",
+    "module1_latency_ratio", "module3_latency_ratio", "module1_flops_ratio", "module3_flops_ratio",
+}
+
+
+def _last_json_line(script: str, *args: str) -> dict:
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / script), *args],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    lines = proc.stdout.strip().splitlines()
+    assert lines, "no output"
+    return json.loads(lines[-1])
+
+
+def test_quality_bench_tiny():
+    r = _last_json_line("quality.py", "--epochs", "1", "--width", "0.125", "--finetune-epochs", "1",
+                        "--train-limit", "200", "--device", "cpu")
+    assert set(r) >= QUALITY_KEYS
+    for key in QUALITY_KEYS - {"standard_s", "mwt_s"}:
+        assert 0.0 <= r[key] <= 1.0, key
+    assert r["standard_s"] > 0 and r["mwt_s"] > 0
+
+
+def test_speed_bench_tiny():
+    r = _last_json_line("speed.py", "--width", "0.125", "--train-size", "256", "--test-size", "32",
+                        "--modularize-size", "512", "--latency-batch", "16", "--no-warmup",
+                        "--device", "cpu")
+    assert set(r) >= SPEED_KEYS
+    for key in SPEED_KEYS:
+        assert r[key] > 0, key
+    for key in ("module1_flops_ratio", "module3_flops_ratio"):
+        assert r[key] <= 1.0 + 1e-9, key
+    assert 0 < r["module1_krr"] <= r["module3_krr"] <= 1
+
+
+@pytest.mark.parametrize("script", ["quality.py", "speed.py"])
+def test_bench_rejects_unknown_arch(script):
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / script), "--arch", "nonet"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1
+    assert proc.stderr.startswith("error: unknown architecture")
+    assert proc.stdout == ""
