@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml constraints.txt | $(BIN)/python
 	touch $@
 
 run: venv
-	$(BIN)/mwt demo
+	$(BIN)/mwt serve
 
 test: venv
 	$(BIN)/python -m pytest -q

@@ -258,12 +258,11 @@ def train(
             if should_stop is not None and (step % progress_every == 0 or last_step) and should_stop():
                 raise TrainingCancelled(f"stopped at epoch {epoch + 1}, step {step + 1}")
             if progress is not None and step % progress_every == 0 and not last_step:
-                progress(_report(cfg, epoch, step, steps, sums, seen, None, spent + time.perf_counter() - t0,
-                                 masks_used=bool(masks)))
+                progress(_report(cfg, epoch, step, steps, sums, seen, None, spent + time.perf_counter() - t0))
         scheduler.step()
         spent += time.perf_counter() - t0
         test_acc = accuracy(model, test_set)
-        report = _report(cfg, epoch, steps - 1, steps, sums, seen, test_acc, spent, masks_used=cfg.modular)
+        report = _report(cfg, epoch, steps - 1, steps, sums, seen, test_acc, spent)
         history.append({k: v for k, v in report.to_json().items() if k not in ("step", "steps")})
         if ckpt_path is not None:
             save_checkpoint(ckpt_path, {
@@ -280,12 +279,12 @@ def train(
 
 
 def _report(cfg: TrainConfig, epoch: int, step: int, steps: int, sums: torch.Tensor, seen: int,
-            test_acc: float | None, elapsed: float, masks_used: bool) -> Progress:
+            test_acc: float | None, elapsed: float) -> Progress:
     loss, ce, coh, coup, correct, rate = (sums / max(1, seen)).tolist()
     done = epoch + (step + 1) / steps
     eta = elapsed / done * (cfg.epochs - done) if done > 0 else math.inf
     return Progress(
         epoch=epoch + 1, epochs=cfg.epochs, step=step + 1, steps=steps, loss=loss, ce=ce,
         cohesion=coh, coupling=coup, train_acc=correct, test_acc=test_acc,
-        kernel_rate=rate if masks_used else None, elapsed_s=elapsed, eta_s=eta,
+        kernel_rate=rate if cfg.modular else None, elapsed_s=elapsed, eta_s=eta,
     )

@@ -1,0 +1,1 @@
+"""MwT Hub service: REST API, registry DB and job plumbing around ``mwt_core``."""

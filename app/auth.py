@@ -1,0 +1,211 @@
+"""API keys: random tokens stored as sha256 hashes, with read / write / admin scopes.
+
+A request authenticates with ``Authorization: Bearer <token>`` or ``X-API-Key: <token>``.
+Scopes nest: ``admin`` implies ``write``, which implies ``read``.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import secrets
+import threading
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Annotated
+
+from fastapi import Depends, HTTPException, Request, status
+from sqlalchemy import func, select, update
+from sqlalchemy.orm import Session, sessionmaker
+
+from app.db.models import ApiKey, Scope, utcnow
+from app.settings import Settings
+
+TOKEN_PREFIX = "mwt_"
+_IMPLIED = {
+    Scope.read: {Scope.read},
+    Scope.write: {Scope.read, Scope.write},
+    Scope.admin: {Scope.read, Scope.write, Scope.admin},
+}
+LAST_USED_RESOLUTION = dt.timedelta(minutes=1)
+
+
+def generate_token() -> str:
+    return TOKEN_PREFIX + secrets.token_urlsafe(32)
+
+
+def hash_token(token: str) -> str:
+    return hashlib.sha256(token.encode("utf-8")).hexdigest()
+
+
+def effective_scopes(scopes: Iterable[str]) -> frozenset[str]:
+    out: set[str] = set()
+    for s in scopes:
+        try:
+            out |= {x.value for x in _IMPLIED[Scope(s)]}
+        except ValueError:
+            continue
+    return frozenset(out)
+
+
+def normalise_scopes(scopes: Iterable[str]) -> list[str]:
+    """Validate scope names; raises ValueError naming the bad one."""
+    out = []
+    for s in scopes:
+        try:
+            out.append(Scope(s).value)
+        except ValueError:
+            raise ValueError(f"unknown scope {s!r}; use read, write or admin") from None
+    if not out:
+        raise ValueError("give at least one scope: read, write or admin")
+    return sorted(set(out))
+
+
+def create_key(
+    session: Session, name: str, scopes: Iterable[str], token: str | None = None
+) -> tuple[ApiKey, str]:
+    """Insert a key (not committed) and return it with its plaintext token (shown once)."""
+    token = token or generate_token()
+    key = ApiKey(
+        name=name, prefix=token[:12], key_hash=hash_token(token), scopes=normalise_scopes(scopes)
+    )
+    session.add(key)
+    session.flush()
+    return key, token
+
+
+def ensure_admin_key(factory: sessionmaker[Session], settings: Settings) -> str | None:
+    """Create the first admin key when no active key exists; return its token (else None).
+
+    The token is ``settings.bootstrap_admin_key`` when set, otherwise a random one.
+    Only its hash is stored, so the caller must show it now: it cannot be recovered.
+    """
+    with factory() as session:
+        active = session.scalar(
+            select(func.count()).select_from(ApiKey).where(ApiKey.revoked_at.is_(None))
+        )
+        if active:
+            return None
+        token = settings.bootstrap_admin_key
+        if token:
+            existing = session.scalar(select(ApiKey).where(ApiKey.key_hash == hash_token(token)))
+            if existing is not None:  # revoked earlier: do not resurrect it silently
+                return None
+        _, token = create_key(session, "admin (bootstrap)", ["admin"], token=token)
+        session.commit()
+        return token
+
+
+@dataclass(frozen=True)
+class Principal:
+    key_id: int
+    name: str
+    scopes: frozenset[str]
+
+    def has(self, scope: str) -> bool:
+        return scope in self.scopes
+
+
+class KeyCache:
+    """Short-lived cache of verified keys, so hot read paths do not hit the DB per request."""
+
+    def __init__(self, ttl_s: float) -> None:
+        self.ttl = ttl_s
+        self._lock = threading.Lock()
+        self._items: dict[str, tuple[float, Principal]] = {}
+        self._last_used: dict[int, float] = {}
+
+    def get(self, key_hash: str) -> Principal | None:
+        if self.ttl <= 0:
+            return None
+        with self._lock:
+            item = self._items.get(key_hash)
+            if item is None or item[0] < time.monotonic():
+                self._items.pop(key_hash, None)
+                return None
+            return item[1]
+
+    def put(self, key_hash: str, principal: Principal) -> None:
+        if self.ttl > 0:
+            with self._lock:
+                if len(self._items) > 10_000:
+                    self._items.clear()
+                self._items[key_hash] = (time.monotonic() + self.ttl, principal)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._items.clear()
+
+    def should_touch(self, key_id: int) -> bool:
+        now = time.monotonic()
+        with self._lock:
+            last = self._last_used.get(key_id)
+            if last is not None and now - last < LAST_USED_RESOLUTION.total_seconds():
+                return False
+            self._last_used[key_id] = now
+            return True
+
+
+def _token_from(request: Request) -> str | None:
+    header = request.headers.get("authorization")
+    if header:
+        scheme, _, value = header.partition(" ")
+        if scheme.lower() == "bearer" and value.strip():
+            return value.strip()
+    key = request.headers.get("x-api-key")
+    return key.strip() if key else None
+
+
+def authenticate(request: Request) -> Principal:
+    token = _token_from(request)
+    if not token:
+        raise HTTPException(
+            status.HTTP_401_UNAUTHORIZED,
+            "missing API key: send 'Authorization: Bearer <key>' or 'X-API-Key: <key>'",
+            headers={"WWW-Authenticate": "Bearer"},
+        )
+    digest = hash_token(token)
+    cache: KeyCache = request.app.state.key_cache
+    principal = cache.get(digest)
+    if principal is None:
+        factory: sessionmaker[Session] = request.app.state.sessionmaker
+        with factory() as session:
+            key = session.scalar(select(ApiKey).where(ApiKey.key_hash == digest))
+            if key is None or key.revoked_at is not None:
+                raise HTTPException(
+                    status.HTTP_401_UNAUTHORIZED,
+                    "invalid or revoked API key",
+                    headers={"WWW-Authenticate": "Bearer"},
+                )
+            principal = Principal(key.id, key.name, effective_scopes(key.scopes))
+        cache.put(digest, principal)
+    if cache.should_touch(principal.key_id):
+        factory = request.app.state.sessionmaker
+        with factory() as session:
+            session.execute(
+                update(ApiKey).where(ApiKey.id == principal.key_id).values(last_used_at=utcnow())
+            )
+            session.commit()
+    return principal
+
+
+def require(scope: Scope | str) -> Callable[..., Principal]:
+    """Dependency factory: the caller's key must hold ``scope`` (or a scope implying it)."""
+    needed = Scope(scope).value
+
+    def dependency(principal: Annotated[Principal, Depends(authenticate)]) -> Principal:
+        if not principal.has(needed):
+            raise HTTPException(
+                status.HTTP_403_FORBIDDEN,
+                f"this API key lacks the '{needed}' scope (it has: {', '.join(sorted(principal.scopes)) or 'none'})",
+            )
+        return principal
+
+    dependency.__name__ = f"require_{needed}"
+    return dependency
+
+
+ReadKey = Annotated[Principal, Depends(require(Scope.read))]
+WriteKey = Annotated[Principal, Depends(require(Scope.write))]
+AdminKey = Annotated[Principal, Depends(require(Scope.admin))]

@@ -1,0 +1,301 @@
+"""A small Python client for the MwT Hub REST API (httpx).
+
+from app.client import MwtClient
+hub = MwtClient("http://127.0.0.1:8000", api_key="mwt_...")
+job = hub.submit_job(dataset="digits", arch="simcnn", width=0.125, epochs=2)
+job = hub.wait(job["id"])
+mod = hub.modules(dataset="digits", class_name="3")["items"][0]
+hub.download_module(mod["id"], "module-3")          # sha256 verified, resumable
+comp = hub.compose(job["model_id"], [3, 5, 8])      # accuracy on the test split
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+DEFAULT_URL = "http://127.0.0.1:8000"
+TERMINAL = ("succeeded", "failed", "cancelled")
+
+
+class ApiError(RuntimeError):
+    def __init__(self, status: int, detail: str, method: str = "", url: str = "") -> None:
+        super().__init__(f"HTTP {status} from {method} {url}: {detail}")
+        self.status = status
+        self.detail = detail
+
+
+class ChecksumError(RuntimeError):
+    pass
+
+
+@dataclass
+class Download:
+    path: Path  # the archive
+    sha256: str
+    size: int
+    files: list[Path]  # extracted files (empty when extract=False)
+    resumed_from: int = 0
+
+
+def _detail(resp: httpx.Response) -> str:
+    try:
+        body = resp.json()
+    except ValueError:
+        return resp.text[:500] or resp.reason_phrase
+    if isinstance(body, dict) and "detail" in body:
+        d = body["detail"]
+        return d if isinstance(d, str) else json.dumps(d)
+    return json.dumps(body)[:500]
+
+
+class MwtClient:
+    def __init__(
+        self,
+        base_url: str | None = None,
+        api_key: str | None = None,
+        *,
+        timeout: float = 60.0,
+        transport: httpx.BaseTransport | None = None,
+    ) -> None:
+        self.base_url = (base_url or os.environ.get("MWT_URL") or DEFAULT_URL).rstrip("/")
+        key = api_key or os.environ.get("MWT_API_KEY")
+        headers = {"Authorization": f"Bearer {key}"} if key else {}
+        self.http = httpx.Client(
+            base_url=self.base_url, headers=headers, timeout=timeout, transport=transport
+        )
+
+    def close(self) -> None:
+        self.http.close()
+
+    def __enter__(self) -> MwtClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # ------------------------------------------------------------------ plumbing
+    def request(self, method: str, path: str, **kw: Any) -> httpx.Response:
+        resp = self.http.request(method, path, **kw)
+        if resp.status_code >= 400:
+            raise ApiError(resp.status_code, _detail(resp), method, str(resp.request.url))
+        return resp
+
+    def _json(self, method: str, path: str, **kw: Any) -> Any:
+        return self.request(method, path, **kw).json()
+
+    @staticmethod
+    def _params(**filters: Any) -> dict[str, Any]:
+        return {k: v for k, v in filters.items() if v is not None}
+
+    # ------------------------------------------------------------------ service
+    def health(self) -> dict[str, Any]:
+        return self._json("GET", "/health")
+
+    def ready(self) -> dict[str, Any]:
+        resp = self.http.get("/ready")
+        return resp.json()
+
+    def architectures(self) -> list[dict[str, Any]]:
+        return self._json("GET", "/api/v1/architectures")
+
+    # ------------------------------------------------------------------ datasets
+    def datasets(self) -> list[dict[str, Any]]:
+        return self._json("GET", "/api/v1/datasets")
+
+    def upload_dataset(self, path: str | Path, name: str | None = None) -> dict[str, Any]:
+        path = Path(path)
+        with open(path, "rb") as fh:
+            data = {"name": name} if name else {}
+            return self._json(
+                "POST",
+                "/api/v1/datasets",
+                files={"file": (path.name, fh, "application/octet-stream")},
+                data=data,
+            )
+
+    # ------------------------------------------------------------------ jobs
+    def submit_job(self, idempotency_key: str | None = None, **params: Any) -> dict[str, Any]:
+        headers = {"Idempotency-Key": idempotency_key} if idempotency_key else {}
+        return self._json("POST", "/api/v1/jobs", json=self._params(**params), headers=headers)
+
+    def job(self, job_id: str) -> dict[str, Any]:
+        return self._json("GET", f"/api/v1/jobs/{job_id}")
+
+    def jobs(self, **filters: Any) -> dict[str, Any]:
+        return self._json("GET", "/api/v1/jobs", params=self._params(**filters))
+
+    def cancel(self, job_id: str) -> dict[str, Any]:
+        return self._json("POST", f"/api/v1/jobs/{job_id}/cancel")
+
+    def events(
+        self, job_id: str, timeout: float | None = None
+    ) -> Iterator[tuple[str, dict[str, Any]]]:
+        """Server-Sent Events of a job: ``(event, job)`` pairs until the ``end`` event."""
+        with self.http.stream(
+            "GET", f"/api/v1/jobs/{job_id}/events", timeout=httpx.Timeout(timeout, connect=10.0)
+        ) as resp:
+            if resp.status_code >= 400:
+                resp.read()
+                raise ApiError(resp.status_code, _detail(resp), "GET", str(resp.request.url))
+            event, data = "message", []
+            for line in resp.iter_lines():
+                if line == "":
+                    if data:
+                        payload = json.loads("\n".join(data))
+                        yield event, payload
+                        if event == "end":
+                            return
+                    event, data = "message", []
+                elif line.startswith(":"):
+                    continue
+                elif line.startswith("event:"):
+                    event = line[6:].strip()
+                elif line.startswith("data:"):
+                    data.append(line[5:].lstrip())
+
+    def wait(
+        self,
+        job_id: str,
+        timeout: float = 3600.0,
+        on_update: Callable[[dict[str, Any]], None] | None = None,
+        poll_s: float = 1.0,
+    ) -> dict[str, Any]:
+        """Follow a job until it ends (SSE, falling back to polling); returns the final job."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                for _, job in self.events(job_id, timeout=max(1.0, deadline - time.monotonic())):
+                    if on_update:
+                        on_update(job)
+                    if job.get("status") in TERMINAL:
+                        return self.job(job_id)
+            except (httpx.TransportError, json.JSONDecodeError):
+                pass
+            job = self.job(job_id)
+            if on_update:
+                on_update(job)
+            if job["status"] in TERMINAL:
+                return job
+            time.sleep(poll_s)
+        raise TimeoutError(f"job {job_id} did not finish within {timeout:.0f} s")
+
+    # ------------------------------------------------------------------ registry
+    def models(self, **filters: Any) -> dict[str, Any]:
+        return self._json("GET", "/api/v1/models", params=self._params(**filters))
+
+    def model(self, model_id: int) -> dict[str, Any]:
+        return self._json("GET", f"/api/v1/models/{model_id}")
+
+    def delete_model(self, model_id: int, force: bool = False) -> None:
+        self.request("DELETE", f"/api/v1/models/{model_id}", params={"force": str(force).lower()})
+
+    def modules(self, **filters: Any) -> dict[str, Any]:
+        return self._json("GET", "/api/v1/modules", params=self._params(**filters))
+
+    def module(self, module_id: int) -> dict[str, Any]:
+        return self._json("GET", f"/api/v1/modules/{module_id}")
+
+    def compose(
+        self, model_id: int, classes: list[int | str], finetune: dict[str, Any] | None = None
+    ) -> dict[str, Any]:
+        body: dict[str, Any] = {"model_id": model_id, "classes": classes}
+        if finetune is not None:
+            body["finetune"] = finetune
+        return self._json("POST", "/api/v1/compositions", json=body)
+
+    def composition(self, composition_id: int) -> dict[str, Any]:
+        return self._json("GET", f"/api/v1/compositions/{composition_id}")
+
+    # ------------------------------------------------------------------ downloads
+    def download(
+        self,
+        url: str,
+        dest_dir: str | Path,
+        expected_sha256: str | None = None,
+        extract: bool = True,
+    ) -> Download:
+        """Download an artifact archive into ``dest_dir``, resuming a partial file, checking sha256."""
+        dest_dir = Path(dest_dir)
+        dest_dir.mkdir(parents=True, exist_ok=True)
+        head = self.request("HEAD", url)
+        etag = head.headers.get("etag", "").strip('"')
+        expected = expected_sha256 or etag
+        name = _filename(head.headers.get("content-disposition")) or "artifact.tar"
+        final = dest_dir / name
+        part = dest_dir / f"{name}.part"
+        offset = part.stat().st_size if part.exists() else 0
+        headers = {"Range": f"bytes={offset}-", "If-Range": f'"{etag}"'} if offset and etag else {}
+        resumed = 0
+        with self.http.stream("GET", url, headers=headers) as resp:
+            if resp.status_code == 416:  # the part file is complete (or stale): start over
+                part.unlink(missing_ok=True)
+                return self.download(url, dest_dir, expected_sha256, extract)
+            if resp.status_code >= 400:
+                resp.read()
+                raise ApiError(resp.status_code, _detail(resp), "GET", url)
+            mode = "ab" if resp.status_code == 206 else "wb"
+            resumed = offset if resp.status_code == 206 else 0
+            with open(part, mode) as fh:
+                for chunk in resp.iter_bytes(1 << 20):
+                    fh.write(chunk)
+        digest = _sha256(part)
+        if expected and digest != expected:
+            part.unlink(missing_ok=True)
+            raise ChecksumError(f"checksum mismatch for {name}: expected {expected}, got {digest}")
+        os.replace(part, final)
+        files: list[Path] = []
+        if extract:
+            from app.storage import safe_extract
+
+            files = safe_extract(final, dest_dir / final.stem)
+        return Download(final, digest, final.stat().st_size, files, resumed)
+
+    def download_module(
+        self, module_id: int, dest_dir: str | Path, extract: bool = True
+    ) -> Download:
+        meta = self.module(module_id)
+        return self.download(
+            f"/api/v1/modules/{module_id}/download", dest_dir, meta["sha256"], extract
+        )
+
+    def download_model(self, model_id: int, dest_dir: str | Path, extract: bool = True) -> Download:
+        meta = self.model(model_id)
+        return self.download(
+            f"/api/v1/models/{model_id}/download", dest_dir, meta.get("sha256"), extract
+        )
+
+    def download_composition(
+        self, composition_id: int, dest_dir: str | Path, extract: bool = True
+    ) -> Download:
+        meta = self.composition(composition_id)
+        return self.download(
+            f"/api/v1/compositions/{composition_id}/download", dest_dir, meta.get("sha256"), extract
+        )
+
+
+def _filename(disposition: str | None) -> str | None:
+    if not disposition:
+        return None
+    for part in disposition.split(";"):
+        part = part.strip()
+        if part.startswith("filename="):
+            name = part[len("filename=") :].strip('"')
+            return Path(name).name or None
+    return None
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(1 << 20):
+            digest.update(block)
+    return digest.hexdigest()

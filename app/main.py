@@ -1,0 +1,169 @@
+"""The FastAPI application factory: ``create_app(settings)``.
+
+``uvicorn --factory app.main:create_app`` builds it from the environment (MWT_* variables).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import FastAPI, Request, status
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from sqlalchemy.exc import DataError, IntegrityError, OperationalError
+
+from app import __doc__ as app_doc
+from app.auth import KeyCache
+from app.db.session import make_engine, make_sessionmaker
+from app.dispatch import make_dispatcher
+from app.observability import Metrics, MetricsMiddleware
+from app.services.compose import ModelCache
+from app.services.datasets import BundleCache
+from app.settings import Settings, get_settings
+
+log = logging.getLogger(__name__)
+API_PREFIX = "/api/v1"
+
+
+def _describe_validation(exc: RequestValidationError) -> str:
+    parts = []
+    for err in exc.errors():
+        loc = ".".join(str(x) for x in err.get("loc", ()) if x not in ("body",)) or "request"
+        parts.append(f"{loc}: {err.get('msg', 'invalid')}")
+    return "invalid request: " + "; ".join(parts)
+
+
+def _install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
+        errors = [
+            {"loc": list(e.get("loc", ())), "msg": e.get("msg"), "type": e.get("type")}
+            for e in exc.errors()
+        ]
+        return JSONResponse(
+            status_code=status.HTTP_422_UNPROCESSABLE_CONTENT,
+            content={"detail": _describe_validation(exc), "errors": errors},
+        )
+
+    @app.exception_handler(IntegrityError)
+    async def integrity_error(_: Request, exc: IntegrityError) -> JSONResponse:
+        log.warning("integrity error: %s", exc.orig)
+        return JSONResponse(
+            status_code=status.HTTP_409_CONFLICT,
+            content={"detail": "conflict with the current state of the registry; reload and retry"},
+        )
+
+    @app.exception_handler(DataError)
+    @app.exception_handler(OverflowError)
+    async def out_of_range(_: Request, exc: Exception) -> JSONResponse:
+        log.warning("value rejected by the database: %s", exc)
+        return JSONResponse(
+            status_code=status.HTTP_422_UNPROCESSABLE_CONTENT,
+            content={
+                "detail": "the request holds a value the registry cannot store "
+                "(a number out of range or a NUL character)"
+            },
+        )
+
+    @app.exception_handler(OperationalError)
+    async def db_unavailable(_: Request, exc: OperationalError) -> JSONResponse:
+        log.error("database error: %s", exc.orig)
+        return JSONResponse(
+            status_code=status.HTTP_503_SERVICE_UNAVAILABLE,
+            content={"detail": "the registry database is unavailable; retry shortly"},
+            headers={"Retry-After": "5"},
+        )
+
+    @app.exception_handler(Exception)
+    async def unexpected(_: Request, exc: Exception) -> JSONResponse:
+        log.exception("unhandled error", exc_info=exc)
+        return JSONResponse(
+            status_code=status.HTTP_500_INTERNAL_SERVER_ERROR,
+            content={"detail": "internal error; the server log has the details"},
+        )
+
+
+def create_app(settings: Settings | None = None, *, run_executor: bool | None = None) -> FastAPI:
+    """Build the API. ``run_executor`` (default: embedded mode) starts the in-process job executor."""
+    settings = settings or get_settings()
+    settings.ensure_dirs()
+    engine = make_engine(settings)
+    factory = make_sessionmaker(engine)
+    run_executor = settings.embedded if run_executor is None else run_executor
+    dispatcher = make_dispatcher(settings, factory, run_executor)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        from app.auth import ensure_admin_key
+        from app.db.migrate import is_up_to_date
+
+        if not is_up_to_date(engine):
+            log.warning("the database schema is not at the latest migration; run `mwt migrate`")
+        elif settings.bootstrap_admin_key:
+            ensure_admin_key(factory, settings)
+        dispatcher.start()
+        stop = threading.Event()
+        reaper = None
+        if settings.reaper_interval_s > 0 and not run_executor:  # the executor reaps on its own
+            reaper = threading.Thread(
+                target=_reaper_loop, args=(app, stop), name="mwt-reaper", daemon=True
+            )
+            reaper.start()
+        try:
+            yield
+        finally:
+            stop.set()
+            if reaper is not None:
+                reaper.join(timeout=5)
+            dispatcher.stop()
+            engine.dispose()
+
+    app = FastAPI(
+        title="MwT Hub",
+        version="0.1.0",
+        description=(app_doc or "")
+        + "\n\nTrain CNNs with Modularizing-while-Training, browse per-class modules, download them and "
+        "compose classifiers for any subset of classes. Authenticate with `Authorization: Bearer <key>`.",
+        lifespan=lifespan,
+        max_body_size=settings.max_json_kb * 1024,
+        telemetry={"tracing": False, "metrics": False, "logs": False},
+    )
+    app.state.settings = settings
+    app.state.engine = engine
+    app.state.sessionmaker = factory
+    app.state.dispatcher = dispatcher
+    app.state.key_cache = KeyCache(settings.key_cache_s)
+    app.state.model_cache = ModelCache(settings.compose_cache_models)
+    app.state.bundle_cache = BundleCache()
+    app.state.metrics = Metrics(factory)
+    app.dependency_overrides[get_settings] = lambda: settings
+
+    from app.routers import compositions, datasets, health, jobs, keys, meta, models, modules
+
+    app.include_router(health.router)
+    app.include_router(health.router, prefix=API_PREFIX, include_in_schema=False)
+    for module in (meta, keys, jobs, models, modules, compositions):
+        app.include_router(module.router, prefix=API_PREFIX)
+    app.include_router(datasets.build_router(settings), prefix=API_PREFIX)
+    _install_error_handlers(app)
+    app.add_middleware(MetricsMiddleware, metrics=app.state.metrics)
+    return app
+
+
+def _reaper_loop(app: FastAPI, stop: threading.Event) -> None:
+    from worker.reaper import reap
+
+    settings: Settings = app.state.settings
+    dispatcher: Any = app.state.dispatcher
+    requeue = getattr(dispatcher, "requeue", None)
+    while not stop.wait(settings.reaper_interval_s):
+        try:
+            reaped = reap(app.state.sessionmaker, settings, requeue=requeue)
+            if reaped:
+                log.warning("reaper: %s", reaped)
+        except Exception:
+            log.exception("reaper pass failed")

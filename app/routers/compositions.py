@@ -1,0 +1,274 @@
+"""Compositions: a classifier for chosen classes of one model, built from its modules."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, HTTPException, Query, Request, Response, status
+from fastapi.responses import JSONResponse
+from sqlalchemy import select
+
+from app import storage
+from app.auth import Principal, ReadKey, WriteKey
+from app.db.models import Composition, JobKind, Model, ModelStatus
+from app.deps import DbDep, DispatcherDep, SettingsDep
+from app.files import artifact_response
+from app.routers._common import PagingDep, not_found, page
+from app.schemas.common import Page, PathId, QueryId
+from app.schemas.compositions import CompositionCreate, CompositionOut
+from app.services import compose as svc
+from app.services import jobs as jobs_svc
+from app.settings import Settings
+
+router = APIRouter(prefix="/compositions", tags=["compositions"])
+
+
+def composition_out(c: Composition) -> CompositionOut:
+    out = CompositionOut.model_validate(c)
+    if c.accuracy is not None and c.baseline_accuracy is not None:
+        out.accuracy_loss = c.baseline_accuracy - c.accuracy
+    if c.artifact_path:
+        out.download_url = f"/api/v1/compositions/{c.id}/download"
+    return out
+
+
+@router.post(
+    "",
+    response_model=CompositionOut,
+    status_code=status.HTTP_201_CREATED,
+    summary="Compose a classifier for some classes of one model",
+    description="Without `finetune` the module is cut from the model (no training) and measured on the dataset's "
+    "test split at once: 201 (200 if the same composition exists). With `finetune` a job is started: 202 with "
+    "the job.",
+    responses={
+        200: {"description": "the same composition already existed"},
+        202: {"description": "fine-tune job"},
+    },
+)
+def create(
+    body: CompositionCreate,
+    request: Request,
+    response: Response,
+    db: DbDep,
+    settings: SettingsDep,
+    dispatcher: DispatcherDep,
+    principal: WriteKey,
+) -> CompositionOut | JSONResponse:
+    model = db.get(Model, body.model_id)
+    if model is None:
+        raise not_found("model", body.model_id)
+    if model.status != ModelStatus.ready.value:
+        raise HTTPException(
+            status.HTTP_409_CONFLICT, f"model {model.id} is {model.status}, not ready"
+        )
+    if not model.modular:
+        raise HTTPException(
+            status.HTTP_422_UNPROCESSABLE_CONTENT,
+            f"model {model.id} was trained without MwT (modular=false): it has no modules to compose",
+        )
+    try:
+        classes = svc.resolve_classes(model, body.classes)
+    except svc.CompositionError as exc:
+        raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, str(exc)) from None
+
+    if body.finetune is not None:
+        return _start_finetune(db, settings, dispatcher, principal, model, classes, body)
+
+    key = ",".join(map(str, classes))
+    existing = db.scalar(
+        select(Composition).where(
+            Composition.model_id == model.id,
+            Composition.classes_key == key,
+            Composition.finetuned.is_(False),
+        )
+    )
+    if existing is not None:
+        response.status_code = status.HTTP_200_OK
+        return composition_out(existing)
+    comp = _compose(request, settings, db, model, classes, key)
+    response.headers["Location"] = f"/api/v1/compositions/{comp.id}"
+    return composition_out(comp)
+
+
+def _compose(
+    request: Request, settings: Settings, db: DbDep, model: Model, classes: list[int], key: str
+) -> Composition:
+    from mwt_core.registry import architecture_info
+
+    try:
+        loaded = request.app.state.model_cache.get(settings, model)
+        data = request.app.state.bundle_cache.get(
+            settings, db, model.dataset, architecture_info(model.arch).min_input_size
+        )
+    except svc.CompositionError as exc:
+        raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, str(exc)) from None
+    except (FileNotFoundError, ValueError) as exc:
+        raise HTTPException(
+            status.HTTP_409_CONFLICT,
+            f"model {model.id}'s artifact or dataset cannot be loaded: {exc}",
+        ) from None
+    module, metrics = svc.build(loaded, data, classes, device="cpu")
+    names = [str(model.class_names[c]) for c in classes]
+    manifest = svc.manifest_for(model, loaded, classes, metrics, finetuned=False)
+    rel, sha, size = svc.store(settings, module, manifest)
+    comp = Composition(
+        model_id=model.id,
+        classes=classes,
+        class_names=names,
+        classes_key=key,
+        finetuned=False,
+        status=ModelStatus.ready.value,
+        accuracy=metrics["accuracy"],
+        baseline_accuracy=metrics["baseline_accuracy"],
+        krr=metrics["krr"],
+        params=metrics["params"],
+        flops=metrics["flops"],
+        metrics=metrics,
+        artifact_path=rel,
+        sha256=sha,
+        size_bytes=size,
+    )
+    db.add(comp)
+    try:
+        db.commit()
+    except Exception:
+        db.rollback()
+        storage.remove_tree(storage.resolve(settings.artifacts, rel).parent)
+        raise
+    return comp
+
+
+def _start_finetune(
+    db: DbDep,
+    settings: Settings,
+    dispatcher: DispatcherDep,
+    principal: Principal,
+    model: Model,
+    classes: list[int],
+    body: CompositionCreate,
+) -> JSONResponse:
+    assert body.finetune is not None
+    params = {"model_id": model.id, "classes": classes, "finetune": body.finetune.model_dump()}
+    job, created = jobs_svc.create_job(
+        db,
+        kind=JobKind.finetune,
+        params=params,
+        queue=settings.light_queue,
+        max_attempts=settings.max_job_attempts,
+        dataset=model.dataset,
+        arch=model.arch,
+        api_key_id=principal.key_id,
+    )
+    dispatcher.dispatch(job.id, job.queue)
+    return JSONResponse(
+        jobs_svc.job_out(job).model_dump(mode="json"),
+        status_code=status.HTTP_202_ACCEPTED,
+        headers={"Location": f"/api/v1/jobs/{job.id}"},
+    )
+
+
+@router.get("", response_model=Page[CompositionOut], summary="List compositions")
+def list_compositions(
+    db: DbDep,
+    _: ReadKey,
+    p: PagingDep,
+    model_id: QueryId = None,
+    finetuned: bool | None = None,
+    min_accuracy: Annotated[float | None, Query(ge=0, le=1)] = None,
+) -> Page[CompositionOut]:
+    stmt = select(Composition).order_by(Composition.id.desc())
+    if model_id is not None:
+        stmt = stmt.where(Composition.model_id == model_id)
+    if finetuned is not None:
+        stmt = stmt.where(Composition.finetuned.is_(finetuned))
+    if min_accuracy is not None:
+        stmt = stmt.where(Composition.accuracy >= min_accuracy)
+    items, total, nxt = page(db, stmt, p)
+    return Page[CompositionOut](
+        items=[composition_out(c) for c in items],
+        total=total,
+        limit=p.limit,
+        offset=p.offset,
+        next_offset=nxt,
+    )
+
+
+@router.get(
+    "/{composition_id}", response_model=CompositionOut, summary="One composition with its metrics"
+)
+def show(composition_id: PathId, db: DbDep, _: ReadKey) -> CompositionOut:
+    c = db.get(Composition, composition_id)
+    if c is None:
+        raise not_found("composition", composition_id)
+    return composition_out(c)
+
+
+@router.head("/{composition_id}/download", include_in_schema=False)
+@router.get(
+    "/{composition_id}/download",
+    summary="Download the composed classifier (tar: weights.safetensors + manifest.json)",
+    response_class=Response,
+)
+def download(
+    composition_id: PathId, request: Request, db: DbDep, settings: SettingsDep, _: ReadKey
+) -> Response:
+    c = db.get(Composition, composition_id)
+    if c is None:
+        raise not_found("composition", composition_id)
+    if c.artifact_path is None or c.sha256 is None:
+        raise HTTPException(
+            status.HTTP_409_CONFLICT, f"composition {composition_id} has no artifact yet"
+        )
+    return artifact_response(
+        request,
+        svc.tar_of(settings, c.artifact_path),
+        c.sha256,
+        f"composition-{c.id}-model{c.model_id}.tar",
+    )
+
+
+@router.head("/{composition_id}/torchscript", include_in_schema=False)
+@router.get(
+    "/{composition_id}/torchscript",
+    summary="Download the composed classifier as TorchScript (runs without this project)",
+    description="`torch.jit.load(file)(x)` with `x` images scaled to [0, 1], N x C x H x W as in the "
+    "manifest's `input_spec`; outputs one logit per composed class, in order. ETag = sha256.",
+    response_class=Response,
+)
+def torchscript(
+    composition_id: PathId, request: Request, db: DbDep, settings: SettingsDep, _: ReadKey
+) -> Response:
+    c = db.get(Composition, composition_id)
+    if c is None:
+        raise not_found("composition", composition_id)
+    if c.artifact_path is None:
+        raise HTTPException(
+            status.HTTP_409_CONFLICT, f"composition {composition_id} has no artifact yet"
+        )
+    try:
+        path, digest = svc.torchscript_of(settings, c.artifact_path)
+    except (FileNotFoundError, ValueError) as exc:
+        raise HTTPException(
+            status.HTTP_410_GONE, f"composition {composition_id}'s artifact cannot be loaded: {exc}"
+        ) from None
+    return artifact_response(
+        request,
+        path,
+        digest,
+        f"composition-{c.id}-model{c.model_id}.torchscript.pt",
+        "application/octet-stream",
+    )
+
+
+@router.delete(
+    "/{composition_id}", status_code=status.HTTP_204_NO_CONTENT, summary="Delete a composition"
+)
+def delete(composition_id: PathId, db: DbDep, settings: SettingsDep, _: WriteKey) -> None:
+    c = db.get(Composition, composition_id)
+    if c is None:
+        raise not_found("composition", composition_id)
+    rel = c.artifact_path
+    db.delete(c)
+    db.commit()
+    if rel:
+        storage.remove_tree(storage.resolve(settings.artifacts, rel).parent)

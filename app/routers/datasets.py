@@ -1,0 +1,206 @@
+"""Datasets: the built-in ones and validated ``.npz`` uploads."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+from pathlib import Path
+from typing import Annotated
+
+from fastapi import APIRouter, File, Form, HTTPException, UploadFile, status
+from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
+
+from app.auth import ReadKey, WriteKey
+from app.db.models import Dataset, Model
+from app.deps import DbDep, SettingsDep
+from app.routers._common import not_found
+from app.schemas.datasets import DatasetOut
+from app.services import datasets as svc
+from app.settings import Settings
+
+UPLOAD_HELP = (
+    "np.savez file with uint8 x_train/x_test (N,H,W | N,H,W,C | N,C,H,W; C in 1 or 3), "
+    "integer y_train/y_test in 0..K-1 and optional class_names"
+)
+
+
+def _builtin_out(info: object, row: Dataset | None) -> DatasetOut:
+    hint = None
+    if not info.available:  # type: ignore[attr-defined]
+        hint = "files not found in the data directory; download them there to train on this dataset"
+    return DatasetOut(
+        name=info.name,  # type: ignore[attr-defined]
+        source=info.source,  # type: ignore[attr-defined]
+        available=info.available,  # type: ignore[attr-defined]
+        num_classes=info.num_classes,  # type: ignore[attr-defined]
+        channels=info.channels,  # type: ignore[attr-defined]
+        input_size=info.size,  # type: ignore[attr-defined]
+        class_names=row.class_names if row else None,
+        train_size=row.train_size if row else None,
+        test_size=row.test_size if row else None,
+        hint=hint,
+    )
+
+
+def _upload_out(row: Dataset) -> DatasetOut:
+    return DatasetOut(
+        name=row.name,
+        source="upload",
+        available=True,
+        num_classes=row.num_classes,
+        channels=row.channels,
+        input_size=row.input_size,
+        class_names=list(row.class_names),
+        train_size=row.train_size,
+        test_size=row.test_size,
+        sha256=row.sha256,
+        size_bytes=row.size_bytes,
+        created_at=row.created_at,
+    )
+
+
+def build_router(settings: Settings) -> APIRouter:
+    router = APIRouter(prefix="/datasets", tags=["datasets"])
+
+    @router.get("", response_model=list[DatasetOut], summary="Built-in and uploaded datasets")
+    def list_datasets(db: DbDep, s: SettingsDep, _: ReadKey) -> list[DatasetOut]:
+        rows = {r.name: r for r in db.scalars(select(Dataset))}
+        out = [_builtin_out(info, rows.get(name)) for name, info in svc.builtin_infos(s).items()]
+        out += [
+            _upload_out(r)
+            for r in sorted(rows.values(), key=lambda r: r.name)
+            if r.source == "upload"
+        ]
+        return out
+
+    @router.get("/{name}", response_model=DatasetOut, summary="One dataset")
+    def show(name: str, db: DbDep, s: SettingsDep, _: ReadKey) -> DatasetOut:
+        infos = svc.builtin_infos(s)
+        row = db.scalar(select(Dataset).where(Dataset.name == name))
+        if name in infos:
+            return _builtin_out(infos[name], row)
+        if row is None:
+            raise not_found("dataset", repr(name))
+        return _upload_out(row)
+
+    @router.post(
+        "",
+        response_model=DatasetOut,
+        status_code=status.HTTP_201_CREATED,
+        summary="Upload a .npz dataset",
+        description=f"Multipart form: `file` ({UPLOAD_HELP}) and optional `name` (default: the file name). "
+        f"At most {settings.max_upload_mb} MiB.",
+        max_body_size=settings.upload_limit_bytes + 64 * 1024,
+    )
+    def upload(
+        db: DbDep,
+        s: SettingsDep,
+        _: WriteKey,
+        file: Annotated[UploadFile, File(description=UPLOAD_HELP)],
+        name: Annotated[str | None, Form(max_length=64)] = None,
+    ) -> DatasetOut:
+        stem = Path(file.filename or "").stem.lower()
+        dataset_name = (name or stem or "").strip().lower()
+        try:
+            svc.check_name(dataset_name)
+        except ValueError as exc:
+            raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, str(exc)) from None
+        if dataset_name in svc.builtin_infos(s):
+            raise HTTPException(
+                status.HTTP_409_CONFLICT,
+                f"{dataset_name!r} is a built-in dataset; choose another name",
+            )
+        if db.scalar(select(Dataset.id).where(Dataset.name == dataset_name)) is not None:
+            raise HTTPException(
+                status.HTTP_409_CONFLICT, f"dataset {dataset_name!r} already exists"
+            )
+        final = svc.upload_path(s, dataset_name)
+        final.parent.mkdir(parents=True, exist_ok=True)
+        digest = hashlib.sha256()
+        size = 0
+        fd, tmp_name = tempfile.mkstemp(dir=final.parent, prefix=".upload-", suffix=".npz")
+        tmp = Path(tmp_name)
+        try:
+            with os.fdopen(fd, "wb") as out:
+                while chunk := file.file.read(1 << 20):
+                    size += len(chunk)
+                    if size > s.upload_limit_bytes:
+                        raise HTTPException(
+                            status.HTTP_413_CONTENT_TOO_LARGE,
+                            f"upload exceeds {s.max_upload_mb} MiB (MWT_MAX_UPLOAD_MB)",
+                        )
+                    digest.update(chunk)
+                    out.write(chunk)
+            if size == 0:
+                raise HTTPException(
+                    status.HTTP_422_UNPROCESSABLE_CONTENT, "the uploaded file is empty"
+                )
+            bundle = _validate(tmp, dataset_name, file.filename or "upload")
+            os.replace(tmp, final)
+        finally:
+            tmp.unlink(missing_ok=True)
+        row = Dataset(
+            name=dataset_name,
+            source="upload",
+            path=final.relative_to(s.datasets).as_posix(),
+            sha256=digest.hexdigest(),
+            size_bytes=size,
+            num_classes=bundle.num_classes,
+            class_names=list(bundle.class_names),
+            channels=bundle.spec.channels,
+            input_size=bundle.spec.size,
+            train_size=int(bundle.train_y.shape[0]),
+            test_size=int(bundle.test_y.shape[0]),
+        )
+        db.add(row)
+        try:
+            db.commit()
+        except IntegrityError:
+            db.rollback()
+            raise HTTPException(
+                status.HTTP_409_CONFLICT, f"dataset {dataset_name!r} already exists"
+            ) from None
+        return _upload_out(row)
+
+    @router.delete(
+        "/{name}", status_code=status.HTTP_204_NO_CONTENT, summary="Delete an uploaded dataset"
+    )
+    def delete(name: str, db: DbDep, s: SettingsDep, _: WriteKey) -> None:
+        row = db.scalar(select(Dataset).where(Dataset.name == name))
+        if name in svc.builtin_infos(s):
+            raise HTTPException(
+                status.HTTP_409_CONFLICT, f"{name!r} is built in and cannot be deleted"
+            )
+        if row is None:
+            raise not_found("dataset", repr(name))
+        users = db.scalars(select(Model.id).where(Model.dataset == name)).all()
+        if users:
+            raise HTTPException(
+                status.HTTP_409_CONFLICT,
+                f"dataset {name!r} is used by model(s) {', '.join(map(str, users))}; delete them first",
+            )
+        if row.path:
+            (s.datasets / row.path).unlink(missing_ok=True)
+        db.delete(row)
+        db.commit()
+
+    return router
+
+
+def _validate(path: Path, name: str, filename: str) -> object:
+    from mwt_core.datasets import DatasetError, load_npz
+
+    try:
+        return load_npz(path, name=name)
+    except DatasetError as exc:
+        message = str(exc).replace(str(path), filename)
+        raise HTTPException(
+            status.HTTP_422_UNPROCESSABLE_CONTENT, f"invalid dataset: {message}"
+        ) from None
+    except Exception as exc:  # numpy/zip oddities on hostile input
+        raise HTTPException(
+            status.HTTP_422_UNPROCESSABLE_CONTENT,
+            f"invalid dataset: not a readable .npz archive ({type(exc).__name__})",
+        ) from None

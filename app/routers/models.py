@@ -1,0 +1,206 @@
+"""Registered models: immutable numbered versions with metrics, tags and their modules."""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from fastapi import APIRouter, HTTPException, Query, Request, Response, status
+from sqlalchemy import select, update
+from sqlalchemy.orm import selectinload
+
+from app import storage
+from app.auth import ReadKey, WriteKey
+from app.db.models import Job, JobStatus, Model
+from app.deps import DbDep, SettingsDep
+from app.files import artifact_response
+from app.routers._common import PagingDep, not_found, page
+from app.schemas.common import Page, PathId
+from app.schemas.models import ModelDetail, ModelOut, ModelPatch
+from app.schemas.modules import ModuleOut
+
+router = APIRouter(prefix="/models", tags=["models"])
+
+SORTS = {
+    "created": Model.created_at,
+    "accuracy": Model.accuracy,
+    "krr": Model.krr,
+    "version": Model.version,
+}
+
+
+def model_out(m: Model) -> ModelOut:
+    out = ModelOut.model_validate(m)
+    if m.artifact_path:
+        out.download_url = f"/api/v1/models/{m.id}/download"
+    return out
+
+
+def _module_out(mod: object) -> ModuleOut:
+    out = ModuleOut.model_validate(mod)
+    out.download_url = f"/api/v1/modules/{out.id}/download"
+    return out
+
+
+@router.get("", response_model=Page[ModelOut], summary="List and filter models")
+def list_models(
+    db: DbDep,
+    _: ReadKey,
+    p: PagingDep,
+    dataset: str | None = None,
+    arch: str | None = None,
+    name: str | None = None,
+    status_: Annotated[
+        Literal["ready", "pending", "failed", "any"],
+        Query(alias="status", description="default: ready"),
+    ] = "ready",
+    min_accuracy: Annotated[float | None, Query(ge=0, le=1)] = None,
+    max_krr: Annotated[float | None, Query(ge=0, le=1)] = None,
+    tag: Annotated[list[str] | None, Query(description="key=value, repeatable")] = None,
+    sort: Annotated[
+        str, Query(description="created|accuracy|krr|version, '-' prefix for descending")
+    ] = "-created",
+) -> Page[ModelOut]:
+    stmt = select(Model)
+    if status_ != "any":
+        stmt = stmt.where(Model.status == status_)
+    if dataset:
+        stmt = stmt.where(Model.dataset == dataset)
+    if arch:
+        stmt = stmt.where(Model.arch == arch)
+    if name:
+        stmt = stmt.where(Model.name == name)
+    if min_accuracy is not None:
+        stmt = stmt.where(Model.accuracy >= min_accuracy)
+    if max_krr is not None:
+        stmt = stmt.where(Model.krr <= max_krr)
+    for t in tag or []:
+        key, sep, value = t.partition("=")
+        if not sep or not key:
+            raise HTTPException(
+                status.HTTP_422_UNPROCESSABLE_CONTENT, f"tag filter {t!r} must look like key=value"
+            )
+        stmt = stmt.where(Model.tags[key].as_string() == value)
+    desc = sort.startswith("-")
+    col = SORTS.get(sort.lstrip("-"))
+    if col is None:
+        raise HTTPException(
+            status.HTTP_422_UNPROCESSABLE_CONTENT,
+            f"sort must be one of {', '.join(SORTS)} (optionally '-' first)",
+        )
+    stmt = stmt.order_by(
+        col.desc() if desc else col.asc(), Model.id.desc() if desc else Model.id.asc()
+    )
+    items, total, nxt = page(db, stmt, p)
+    return Page[ModelOut](
+        items=[model_out(m) for m in items],
+        total=total,
+        limit=p.limit,
+        offset=p.offset,
+        next_offset=nxt,
+    )
+
+
+def _get(db: DbDep, model_id: int) -> Model:
+    model = db.get(
+        Model, model_id, options=[selectinload(Model.modules), selectinload(Model.compositions)]
+    )
+    if model is None:
+        raise not_found("model", model_id)
+    return model
+
+
+@router.get(
+    "/{model_id}", response_model=ModelDetail, summary="One model with its modules and metrics"
+)
+def show(model_id: PathId, db: DbDep, _: ReadKey) -> ModelDetail:
+    m = _get(db, model_id)
+    base = model_out(m).model_dump()
+    return ModelDetail(
+        **base,
+        config=m.config,
+        input_spec=m.input_spec,
+        metrics=m.metrics,
+        modules=[_module_out(x) for x in m.modules],
+        compositions=[c.id for c in m.compositions],
+    )
+
+
+@router.patch("/{model_id}", response_model=ModelOut, summary="Set or remove tags")
+def patch(model_id: PathId, body: ModelPatch, db: DbDep, _: WriteKey) -> ModelOut:
+    m = _get(db, model_id)
+    tags = dict(m.tags)
+    for k, v in body.tags.items():
+        if not k or len(k) > 64 or (v is not None and len(v) > 256):
+            raise HTTPException(
+                status.HTTP_422_UNPROCESSABLE_CONTENT,
+                "tag keys: 1-64 characters; values: at most 256",
+            )
+        if v is None:
+            tags.pop(k, None)
+        else:
+            tags[k] = v
+    m.tags = tags
+    db.commit()
+    return model_out(m)
+
+
+@router.get(
+    "/{model_id}/download",
+    summary="Download the full model (tar: weights.safetensors + manifest.json, which holds the "
+    "modularization)",
+    response_class=Response,
+)
+def download(
+    model_id: PathId, request: Request, db: DbDep, settings: SettingsDep, _: ReadKey
+) -> Response:
+    m = db.get(Model, model_id)
+    if m is None:
+        raise not_found("model", model_id)
+    if m.artifact_path is None or m.sha256 is None:
+        raise HTTPException(
+            status.HTTP_409_CONFLICT, f"model {model_id} is {m.status}; nothing to download yet"
+        )
+    path = storage.model_dir(settings.artifacts, m.id) / "model.tar"
+    return artifact_response(request, path, m.sha256, f"{m.name}-v{m.version}.tar")
+
+
+@router.delete(
+    "/{model_id}", status_code=status.HTTP_204_NO_CONTENT, summary="Delete a model and its modules"
+)
+def delete(
+    model_id: PathId,
+    request: Request,
+    db: DbDep,
+    settings: SettingsDep,
+    _: WriteKey,
+    force: Annotated[
+        bool, Query(description="also delete what depends on it and cancel its jobs")
+    ] = False,
+) -> None:
+    m = _get(db, model_id)
+    active = db.scalars(
+        select(Job.id).where(
+            Job.status.in_([JobStatus.queued.value, JobStatus.running.value]),
+            (Job.model_id == model_id) | (Job.params["model_id"].as_integer() == model_id),
+        )
+    ).all()
+    comps = [c.id for c in m.compositions]
+    if (active or comps) and not force:
+        parts = []
+        if active:
+            parts.append(f"active job(s) {', '.join(active)}")
+        if comps:
+            parts.append(f"composition(s) {', '.join(map(str, comps))}")
+        raise HTTPException(
+            status.HTTP_409_CONFLICT,
+            f"model {model_id} is used by {' and '.join(parts)}; delete those first or pass force=true",
+        )
+    if active:
+        db.execute(update(Job).where(Job.id.in_(active)).values(cancel_requested=True))
+    comp_paths = [c.artifact_path for c in m.compositions if c.artifact_path]
+    db.delete(m)
+    db.commit()
+    request.app.state.model_cache.forget(model_id)
+    storage.remove_tree(storage.model_dir(settings.artifacts, model_id))
+    for rel in comp_paths:
+        storage.remove_tree(storage.resolve(settings.artifacts, rel).parent)

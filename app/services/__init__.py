@@ -1,0 +1,1 @@
+"""Service logic shared by the API routes and the workers."""

@@ -1,0 +1,232 @@
+"""Composition: a classifier for some classes of one model, from its modules (DESIGN §1.5).
+
+Used synchronously by the API (zero-training composition) and by the fine-tuning job.
+"""
+
+from __future__ import annotations
+
+import threading
+import uuid
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from app import storage
+from app.db.models import Model
+from app.settings import Settings
+
+if TYPE_CHECKING:
+    from torch import nn
+
+    from mwt_core.datasets import DatasetBundle
+    from mwt_core.modularize import Modularization
+
+
+class CompositionError(ValueError):
+    """The request cannot be composed (bad classes, model without modules...)."""
+
+
+def resolve_classes(model: Model, classes: list[int | str]) -> list[int]:
+    """Class indices (or names) -> indices, validated against the model's classes."""
+    names = [str(n) for n in model.class_names]
+    out: list[int] = []
+    for c in classes:
+        if isinstance(c, int) or (
+            isinstance(c, str) and c.strip().lstrip("-").isdigit() and c not in names
+        ):
+            idx = int(c)
+            if not 0 <= idx < model.num_classes:
+                raise CompositionError(
+                    f"class index {idx} is out of range for model {model.id} (0..{model.num_classes - 1})"
+                )
+        else:
+            if c not in names:
+                shown = ", ".join(names[:20]) + (" ..." if len(names) > 20 else "")
+                raise CompositionError(
+                    f"model {model.id} has no class named {c!r}; its classes: {shown}"
+                )
+            idx = names.index(c)
+        out.append(idx)
+    if len(set(out)) != len(out):
+        raise CompositionError(f"classes must not repeat: {classes}")
+    return out
+
+
+@dataclass
+class LoadedModel:
+    net: nn.Module
+    modularization: Modularization
+    manifest: dict[str, Any]
+    lock: threading.Lock
+
+
+def load_model(settings: Settings, model: Model) -> LoadedModel:
+    from mwt_core.artifacts import load_artifact
+    from mwt_core.modularize import Modularization
+
+    if model.artifact_path is None:
+        raise CompositionError(f"model {model.id} has no artifact (status {model.status})")
+    directory = storage.resolve(settings.artifacts, model.artifact_path)
+    net, manifest = load_artifact(directory, device="cpu")
+    if not manifest.get("modularization"):
+        raise CompositionError(
+            f"model {model.id} was trained without MwT: it has no modules to compose"
+        )
+    modularization = Modularization.from_json(manifest["modularization"])
+    return LoadedModel(net, modularization, manifest, threading.Lock())
+
+
+class ModelCache:
+    """Recently used models, loaded once per process (compositions must answer fast)."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self._lock = threading.Lock()
+        self._items: OrderedDict[tuple[int, str], LoadedModel] = OrderedDict()
+
+    def get(self, settings: Settings, model: Model) -> LoadedModel:
+        key = (model.id, model.sha256 or "")
+        with self._lock:
+            if key in self._items:
+                self._items.move_to_end(key)
+                return self._items[key]
+        loaded = load_model(settings, model)
+        if self.size > 0:
+            with self._lock:
+                self._items[key] = loaded
+                while len(self._items) > self.size:
+                    self._items.popitem(last=False)
+        return loaded
+
+    def forget(self, model_id: int) -> None:
+        with self._lock:
+            for key in [k for k in self._items if k[0] == model_id]:
+                del self._items[key]
+
+
+def build(
+    loaded: LoadedModel,
+    data: DatasetBundle,
+    classes: list[int],
+    *,
+    device: str = "cpu",
+    finetune: dict[str, Any] | None = None,
+) -> tuple[nn.Module, dict[str, Any]]:
+    """Extract (and optionally fine-tune) the module for ``classes``; measure it on the test split."""
+    from mwt_core.metrics import count_flops, count_params
+    from mwt_core.reuse import evaluate, extract_module, finetune_head, restrict
+
+    with loaded.lock:  # the cached full model is shared between request threads
+        module = extract_module(loaded.net, loaded.modularization, classes)
+        baseline = evaluate(
+            restrict(loaded.net, classes, loaded.modularization.num_classes),
+            data,
+            classes,
+            device=device,
+        )
+    zero_shot = evaluate(module, data, classes, device=device)
+    metrics: dict[str, Any] = {"zero_training_accuracy": zero_shot}
+    accuracy = zero_shot
+    if finetune:
+        module = finetune_head(
+            module,
+            data,
+            epochs=int(finetune.get("epochs", 5)),
+            lr=float(finetune.get("lr", 0.01)),
+            batch_size=int(finetune.get("batch_size", 64)),
+            seed=int(finetune.get("seed", 0)),
+            device=device,
+        )
+        accuracy = evaluate(module, data, classes, device=device)
+        metrics["finetune"] = dict(finetune)
+    module = module.cpu().eval()
+    metrics.update(
+        {
+            "accuracy": accuracy,
+            "baseline_accuracy": baseline,
+            "accuracy_loss": baseline - accuracy,
+            "krr": float(getattr(module, "krr", None) or loaded.modularization.krr_of(classes)),
+            "params": int(count_params(module)),
+            "flops": int(count_flops(module, tuple(data.spec.shape))),
+            "test_samples": int(sum(int((data.test_y == c).sum()) for c in classes)),
+        }
+    )
+    return module, metrics
+
+
+def manifest_for(
+    model: Model, loaded: LoadedModel, classes: list[int], metrics: dict[str, Any], finetuned: bool
+) -> dict[str, Any]:
+    """A composition's manifest, with the keys mwt_core's CLI reads (dataset, classes, input spec...)."""
+    src = loaded.manifest
+    names = [str(n) for n in model.class_names]
+    return {
+        "dataset": src.get("dataset", model.dataset),
+        "dataset_ref": src.get("dataset_ref"),
+        "class_names": [names[c] for c in classes],
+        "classes": list(classes),
+        "dataset_class_names": names,
+        "input_spec": src.get("input_spec"),
+        "train_config": src.get("train_config"),
+        "source_model": {"sha256": src.get("sha256"), "tau": loaded.modularization.tau},
+        "registry": {
+            "model_id": model.id,
+            "model_name": model.name,
+            "model_version": model.version,
+        },
+        "finetuned": finetuned,
+        "metrics": metrics,
+        "created_by": "mwt-hub",
+    }
+
+
+def store(
+    settings: Settings, module: nn.Module, manifest: dict[str, Any], token: str | None = None
+) -> tuple[str, str, int]:
+    """Save the module under ``compositions/<token>/`` and pack it. Returns (relative path, sha256, size)."""
+    from mwt_core.artifacts import save_artifact
+
+    token = token or uuid.uuid4().hex
+    base = settings.artifacts / "compositions" / token
+    art = base / "artifact"
+    save_artifact(art, module, manifest)
+    sha, size = storage.write_tar(art, base / "composition.tar")
+    return storage.relative(settings.artifacts, art), sha, size
+
+
+def tar_of(settings: Settings, artifact_path: str) -> Path:
+    """The downloadable tar that belongs to an artifact directory."""
+    art = storage.resolve(settings.artifacts, artifact_path)
+    name = {"artifact": "composition.tar", "model": "model.tar"}.get(art.name)
+    return art.parent / name if name else art.parent / f"{art.name}.tar"
+
+
+TORCHSCRIPT_FILE = "composition.torchscript.pt"
+
+
+def torchscript_of(settings: Settings, artifact_path: str) -> tuple[Path, str]:
+    """A self-contained TorchScript export of a composition (built once, then reused).
+
+    The traced network takes images scaled to [0, 1] (N x C x H x W) and normalises them itself, so
+    ``torch.jit.load(path)(x)`` needs neither this project nor the dataset statistics.
+    """
+    import os
+
+    from mwt_core.artifacts import load_artifact
+    from mwt_core.compose import NormalizedInput, export_torchscript
+    from mwt_core.datasets import InputSpec
+
+    art = storage.resolve(settings.artifacts, artifact_path)
+    path = art.parent / TORCHSCRIPT_FILE
+    digest_file = art.parent / f".{TORCHSCRIPT_FILE}.sha256"
+    if path.is_file() and digest_file.is_file():
+        return path, digest_file.read_text().strip()
+    net, manifest = load_artifact(art, device="cpu")
+    spec = InputSpec.from_json(manifest["input_spec"])
+    tmp = art.parent / f".{TORCHSCRIPT_FILE}.tmp{os.getpid()}"
+    export_torchscript(NormalizedInput(net, spec).eval(), tmp, tuple(spec.shape))
+    digest = storage.sha256_file(tmp)
+    os.replace(tmp, path)
+    digest_file.write_text(digest)
+    return path, digest

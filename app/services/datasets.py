@@ -1,0 +1,148 @@
+"""Datasets as the service sees them: mwt_core's built-ins plus validated uploads (rows in ``datasets``)."""
+
+from __future__ import annotations
+
+import re
+import threading
+from collections import OrderedDict
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from app.db.models import Dataset
+from app.settings import Settings
+
+if TYPE_CHECKING:
+    from mwt_core.datasets import DatasetBundle
+
+NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,63}$")
+UPLOAD_SUBDIR = "uploads"
+
+
+class DatasetNotFound(LookupError):
+    pass
+
+
+class DatasetUnavailable(ValueError):
+    pass
+
+
+def builtin_infos(settings: Settings) -> dict[str, object]:
+    from mwt_core.datasets import list_datasets
+
+    return {info.name: info for info in list_datasets(settings.datasets)}
+
+
+def check_name(name: str) -> str:
+    if not NAME_RE.match(name):
+        raise ValueError(
+            f"invalid dataset name {name!r}: use 1-64 lower-case letters, digits, '_', '-' or '.', "
+            "starting with a letter or digit"
+        )
+    return name
+
+
+def resolve(session: Session, settings: Settings, name: str) -> tuple[str, Dataset | None]:
+    """Check that ``name`` can be trained on. Returns ``(source, upload_row)``.
+
+    Raises DatasetNotFound (unknown name) or DatasetUnavailable (built-in whose files are missing).
+    """
+    infos = builtin_infos(settings)
+    info = infos.get(name)
+    if info is not None:
+        if not info.available:  # type: ignore[attr-defined]
+            raise DatasetUnavailable(
+                f"dataset {name!r} is built in but its files are not in {settings.datasets}; "
+                f"download it there (e.g. with torchvision) or pick another dataset"
+            )
+        return info.source, None  # type: ignore[attr-defined]
+    row = session.scalar(select(Dataset).where(Dataset.name == name, Dataset.source == "upload"))
+    if row is None:
+        uploads = session.scalars(select(Dataset.name).where(Dataset.source == "upload")).all()
+        raise DatasetNotFound(
+            f"unknown dataset {name!r}; built in: {', '.join(sorted(infos))}"
+            + (
+                f"; uploaded: {', '.join(sorted(uploads))}"
+                if uploads
+                else "; or upload a .npz to /api/v1/datasets"
+            )
+        )
+    return "upload", row
+
+
+def upload_path(settings: Settings, name: str) -> Path:
+    return settings.datasets / UPLOAD_SUBDIR / f"{name}.npz"
+
+
+def load_bundle(
+    settings: Settings, session: Session, name: str, min_input_size: int = 0
+) -> DatasetBundle:
+    """Load a dataset for training or evaluation (resized as the architecture needs)."""
+    from mwt_core.datasets import load_dataset
+
+    _, row = resolve(session, settings, name)
+    if row is not None:
+        assert row.path is not None
+        path = settings.datasets / row.path
+        return load_dataset(str(path), min_input_size=min_input_size, display_name=name)
+    return load_dataset(name, data_dir=settings.datasets, min_input_size=min_input_size)
+
+
+def record_builtin(
+    factory_session: Session,
+    bundle: DatasetBundle,
+    source: str,
+    native: DatasetBundle | None = None,
+) -> None:
+    """Remember a built-in dataset once it has been used (idempotent, best effort)."""
+    b = native or bundle
+    if factory_session.scalar(select(Dataset.id).where(Dataset.name == bundle.name)) is not None:
+        return
+    factory_session.add(
+        Dataset(
+            name=bundle.name,
+            source=source,
+            num_classes=b.num_classes,
+            class_names=list(b.class_names),
+            channels=b.spec.channels,
+            input_size=b.spec.size,
+            train_size=int(b.train_y.shape[0]),
+            test_size=int(b.test_y.shape[0]),
+        )
+    )
+    try:
+        factory_session.commit()
+    except IntegrityError:
+        factory_session.rollback()
+
+
+class BundleCache:
+    """A few loaded datasets kept in memory (compositions evaluate on the test split)."""
+
+    def __init__(self, size: int = 4) -> None:
+        self.size = size
+        self._lock = threading.Lock()
+        self._items: OrderedDict[tuple[str, int], DatasetBundle] = OrderedDict()
+
+    def get(
+        self, settings: Settings, session: Session, name: str, min_input_size: int
+    ) -> DatasetBundle:
+        key = (name, min_input_size)
+        with self._lock:
+            if key in self._items:
+                self._items.move_to_end(key)
+                return self._items[key]
+        bundle = load_bundle(settings, session, name, min_input_size)
+        with self._lock:
+            self._items[key] = bundle
+            while len(self._items) > max(1, self.size):
+                self._items.popitem(last=False)
+        return bundle
+
+    def forget(self, name: str) -> None:
+        with self._lock:
+            for key in [k for k in self._items if k[0] == name]:
+                del self._items[key]

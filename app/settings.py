@@ -1,0 +1,158 @@
+"""Service settings: one pydantic-settings object, read from ``MWT_*`` environment variables.
+
+Nothing else in ``app/`` or ``worker/`` reads the environment: code receives a
+``Settings`` instance (FastAPI routes through the ``get_settings`` dependency,
+workers and the CLI by calling ``get_settings()`` once).
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+MiB = 1024 * 1024
+
+
+class Settings(BaseSettings):
+    """Every knob of the service. Environment variable = ``MWT_`` + upper-case field name."""
+
+    model_config = SettingsConfigDict(env_prefix="MWT_", extra="ignore", validate_default=True)
+
+    # --- storage -------------------------------------------------------------------
+    data_dir: Path = Field(
+        Path(".mwt"), description="Root of local state (SQLite DB, artifacts, datasets)."
+    )
+    database_url: str = Field(
+        "", description="SQLAlchemy URL; empty = sqlite:///<data_dir>/mwt.db."
+    )
+    artifact_dir: Path | None = Field(
+        None, description="Artifact store; default <data_dir>/artifacts."
+    )
+    dataset_dir: Path | None = Field(
+        None,
+        description="Where torchvision dataset files are looked for (uploads go to <dataset_dir>/uploads); "
+        "default <data_dir>, the directory mwt_core's own CLI uses for MWT_DATA_DIR.",
+    )
+
+    # --- broker / workers -------------------------------------------------------------
+    broker_url: str | None = Field(
+        None, description="Celery broker (redis://...). None = embedded executor."
+    )
+    result_backend: str | None = Field(
+        None, description="Celery result backend; None = results are not stored."
+    )
+    train_queue: str = Field("gpu", description="Celery queue for training jobs.")
+    light_queue: str = Field(
+        "cpu", description="Celery queue for light jobs (fine-tuning compositions)."
+    )
+    job_visibility_timeout_s: int = Field(
+        7 * 24 * 3600, ge=60, description="Broker visibility timeout; must exceed the longest job."
+    )
+    max_job_attempts: int = Field(
+        3, ge=1, le=100, description="A job is failed after this many starts."
+    )
+    heartbeat_interval_s: float = Field(
+        5.0, gt=0, description="How often a running job writes its heartbeat."
+    )
+    stale_after_s: float = Field(
+        120.0, gt=0, description="A running job whose heartbeat is older is reaped."
+    )
+    reaper_interval_s: float = Field(
+        30.0, ge=0, description="Reaper period in the API process; 0 disables it."
+    )
+    executor_concurrency: int = Field(
+        1, ge=1, le=64, description="Embedded executor: jobs run at once."
+    )
+    executor_poll_s: float = Field(1.0, gt=0, description="Embedded executor: queue poll period.")
+    device: str = Field(
+        "auto", description="Torch device for jobs and compositions (auto, cpu, cuda, cuda:1)."
+    )
+
+    # --- API ---------------------------------------------------------------------------
+    api_host: str = "127.0.0.1"
+    api_port: int = Field(8000, ge=0, le=65535)
+    max_upload_mb: int = Field(256, ge=1, description="Largest accepted dataset upload.")
+    max_json_kb: int = Field(256, ge=1, description="Largest accepted JSON request body.")
+    bootstrap_admin_key: str | None = Field(
+        None,
+        description="Admin API key to install when the key table is empty (else one is generated).",
+    )
+    key_cache_s: float = Field(
+        10.0, ge=0, description="How long a verified API key is cached in the API."
+    )
+    sse_poll_s: float = Field(0.5, gt=0, description="SSE progress stream: DB poll period.")
+    compose_cache_models: int = Field(4, ge=0, description="Models kept loaded for compositions.")
+    page_size_max: int = Field(500, ge=1)
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+
+    @field_validator("database_url")
+    @classmethod
+    def _normalise_url(cls, v: str) -> str:
+        v = v.strip()
+        for prefix in ("postgres://", "postgresql://"):
+            if v.startswith(prefix):
+                return "postgresql+psycopg://" + v[len(prefix) :]
+        return v
+
+    @field_validator("broker_url", "result_backend", "bootstrap_admin_key")
+    @classmethod
+    def _empty_is_none(cls, v: str | None) -> str | None:
+        return v or None
+
+    @model_validator(mode="after")
+    def _derive_paths(self) -> Settings:
+        if not self.database_url:
+            self.database_url = f"sqlite:///{(self.data_dir / 'mwt.db').as_posix()}"
+        if self.artifact_dir is None:
+            self.artifact_dir = self.data_dir / "artifacts"
+        if self.dataset_dir is None:
+            self.dataset_dir = self.data_dir
+        if self.stale_after_s <= self.heartbeat_interval_s * 2:
+            raise ValueError(
+                f"stale_after_s ({self.stale_after_s}) must be more than twice heartbeat_interval_s "
+                f"({self.heartbeat_interval_s}), or live jobs would be reaped"
+            )
+        return self
+
+    # --- derived -----------------------------------------------------------------------
+    @property
+    def embedded(self) -> bool:
+        """True when jobs run in the project's own executor (no broker)."""
+        return self.broker_url is None
+
+    @property
+    def is_sqlite(self) -> bool:
+        return self.database_url.startswith("sqlite")
+
+    @property
+    def artifacts(self) -> Path:
+        assert self.artifact_dir is not None
+        return self.artifact_dir
+
+    @property
+    def datasets(self) -> Path:
+        assert self.dataset_dir is not None
+        return self.dataset_dir
+
+    @property
+    def upload_limit_bytes(self) -> int:
+        return self.max_upload_mb * MiB
+
+    def ensure_dirs(self) -> None:
+        """Create the local directories this configuration writes to."""
+        for d in (self.data_dir, self.artifacts, self.datasets):
+            d.mkdir(parents=True, exist_ok=True)
+        if self.is_sqlite and self.database_url.startswith("sqlite:///"):
+            path = self.database_url[len("sqlite:///") :]
+            if path and path != ":memory:":
+                Path(path).parent.mkdir(parents=True, exist_ok=True)
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """The process-wide settings (cached). FastAPI apps override this dependency in ``create_app``."""
+    return Settings()

@@ -1,0 +1,163 @@
+from __future__ import annotations
+
+import datetime as dt
+
+from fastapi import FastAPI
+from fastapi.testclient import TestClient
+from sqlalchemy import update
+
+from app.db.models import Job
+
+TINY = {"dataset": "digits", "arch": "simcnn", "width": 0.125, "epochs": 2}
+
+
+def test_submit_returns_202_with_id_and_location(client: TestClient) -> None:
+    r = client.post("/api/v1/jobs", json=TINY)
+    assert r.status_code == 202
+    job = r.json()
+    assert r.headers["location"] == f"/api/v1/jobs/{job['id']}"
+    assert job["status"] == "queued" and job["attempts"] == 0 and job["max_attempts"] == 3
+    assert job["params"]["epochs"] == 2 and job["params"]["tau"] == 0.9 and job["queue"] == "gpu"
+    assert client.get(f"/api/v1/jobs/{job['id']}").json()["id"] == job["id"]
+
+
+def test_bad_input_says_what_to_fix(client: TestClient) -> None:
+    cases = [
+        ({**TINY, "arch": "alexnet"}, "unknown architecture 'alexnet'; choose one of"),
+        ({**TINY, "dataset": "imagenet"}, "unknown dataset 'imagenet'"),
+        ({**TINY, "dataset": "cifar10"}, "files are not in"),
+        ({**TINY, "epochs": 0}, "epochs: Input should be greater than or equal to 1"),
+        ({**TINY, "width": -1}, "width: Input should be greater than 0"),
+        ({**TINY, "tau": 1.5}, "tau: Input should be less than or equal to 1"),
+        ({**TINY, "optimizer": "adam"}, "optimizer: Extra inputs are not permitted"),
+        ({**TINY, "name": "bad name!"}, "name: String should match pattern"),
+    ]
+    for body, message in cases:
+        r = client.post("/api/v1/jobs", json=body)
+        assert r.status_code == 422, body
+        assert message in r.json()["detail"], r.json()
+    r = client.post(
+        "/api/v1/jobs", content=b"{not json", headers={"Content-Type": "application/json"}
+    )
+    assert r.status_code == 422
+    r = client.post(
+        "/api/v1/jobs", content=b"x" * (300 * 1024), headers={"Content-Type": "application/json"}
+    )
+    assert r.status_code == 413
+
+
+def test_idempotency_key(client: TestClient) -> None:
+    h = {"Idempotency-Key": "submit-42"}
+    first = client.post("/api/v1/jobs", json=TINY, headers=h)
+    again = client.post("/api/v1/jobs", json=TINY, headers=h)
+    assert first.status_code == 202 and again.status_code == 200
+    assert first.json()["id"] == again.json()["id"]
+    other = client.post("/api/v1/jobs", json={**TINY, "epochs": 3}, headers=h)
+    assert other.status_code == 409 and "Idempotency-Key" in other.json()["detail"]
+    assert client.get("/api/v1/jobs").json()["total"] == 1
+
+
+def test_list_filter_and_paging(client: TestClient) -> None:
+    ids = [client.post("/api/v1/jobs", json={**TINY, "seed": i}).json()["id"] for i in range(5)]
+    client.post("/api/v1/jobs", json={**TINY, "arch": "resnet18"})
+    page = client.get("/api/v1/jobs", params={"limit": 2}).json()
+    assert page["total"] == 6 and len(page["items"]) == 2 and page["next_offset"] == 2
+    last = client.get("/api/v1/jobs", params={"limit": 2, "offset": 4}).json()
+    assert last["next_offset"] is None and len(last["items"]) == 2
+    assert client.get("/api/v1/jobs", params={"arch": "resnet18"}).json()["total"] == 1
+    client.post(f"/api/v1/jobs/{ids[0]}/cancel")
+    assert client.get("/api/v1/jobs", params={"status": "cancelled"}).json()["total"] == 1
+    assert (
+        client.get("/api/v1/jobs", params=[("status", "cancelled"), ("status", "queued")]).json()[
+            "total"
+        ]
+        == 6
+    )
+    assert client.get("/api/v1/jobs", params={"status": "bogus"}).status_code == 422
+    assert client.get("/api/v1/jobs", params={"limit": 10_000}).status_code == 422
+    assert client.get("/api/v1/jobs", params={"offset": -1}).status_code == 422
+
+
+def test_unknown_job_is_404(client: TestClient) -> None:
+    for method, path in [
+        ("GET", "/api/v1/jobs/nope"),
+        ("POST", "/api/v1/jobs/nope/cancel"),
+        ("GET", "/api/v1/jobs/nope/events"),
+    ]:
+        r = client.request(method, path)
+        assert r.status_code == 404 and r.json()["detail"] == "job nope not found"
+
+
+def test_cancel(client: TestClient, app: FastAPI) -> None:
+    queued = client.post("/api/v1/jobs", json=TINY).json()["id"]
+    r = client.post(f"/api/v1/jobs/{queued}/cancel")
+    assert r.status_code == 202 and r.json()["status"] == "cancelled"
+    assert client.post(f"/api/v1/jobs/{queued}/cancel").status_code == 409
+    running = client.post("/api/v1/jobs", json={**TINY, "seed": 1}).json()["id"]
+    with app.state.sessionmaker() as s:
+        s.execute(update(Job).where(Job.id == running).values(status="running", worker="w"))
+        s.commit()
+    r = client.post(f"/api/v1/jobs/{running}/cancel").json()
+    assert (
+        r["status"] == "running" and r["cancel_requested"] is True
+    )  # the worker stops at its next check
+
+
+def test_progress_percent_and_eta(client: TestClient, app: FastAPI) -> None:
+    job_id = client.post("/api/v1/jobs", json=TINY).json()["id"]
+    now = dt.datetime.now(dt.UTC)
+    progress = {
+        "phase": "training",
+        "epoch": 2,
+        "epochs": 2,
+        "step": 6,
+        "steps": 12,
+        "loss": 1.5,
+        "ce": 1.0,
+        "cohesion": 0.1,
+        "coupling": 0.2,
+        "train_acc": 0.5,
+        "test_acc": None,
+        "kernel_rate": 0.7,
+        "elapsed_s": 30.0,
+        "eta_s": 10.0,
+    }
+    with app.state.sessionmaker() as s:
+        s.execute(
+            update(Job)
+            .where(Job.id == job_id)
+            .values(status="running", progress=progress, heartbeat_at=now, attempts=1, worker="w")
+        )
+        s.commit()
+    job = client.get(f"/api/v1/jobs/{job_id}").json()
+    assert job["progress"]["epoch"] == 2 and job["progress"]["loss"] == 1.5
+    assert job["percent"] == 71.25  # (1 + 6/12) / 2 of the 95 % training share
+    assert job["eta_s"] == 10.0
+    eta_at = dt.datetime.fromisoformat(job["eta_at"])
+    assert abs((eta_at - now).total_seconds() - 10.0) < 1
+
+
+def _sse(text: str) -> list[tuple[str, str]]:
+    events = []
+    for block in text.strip().split("\n\n"):
+        name, data = "message", ""
+        for line in block.splitlines():
+            if line.startswith("event:"):
+                name = line[6:].strip()
+            elif line.startswith("data:"):
+                data = line[5:].strip()
+        if data:
+            events.append((name, data))
+    return events
+
+
+def test_sse_stream_ends_with_the_final_state(client: TestClient, app: FastAPI) -> None:
+    job_id = client.post("/api/v1/jobs", json=TINY).json()["id"]
+    with app.state.sessionmaker() as s:
+        s.execute(update(Job).where(Job.id == job_id).values(status="failed", error="boom"))
+        s.commit()
+    r = client.get(f"/api/v1/jobs/{job_id}/events")
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+    events = _sse(r.text)
+    assert [e[0] for e in events] == ["progress", "end"]
+    assert '"status":"failed"' in events[-1][1] and '"error":"boom"' in events[-1][1]

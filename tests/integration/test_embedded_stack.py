@@ -1,0 +1,140 @@
+"""The README's embedded flow against a real `mwt serve` process (SQLite, in-process executor, no Redis):
+train on digits -> watch progress (SSE) -> list modules -> download one (sha256 verified, resumed) ->
+compose {3,5,8} -> its accuracy; plus fine-tuning as a job, cancellation and metrics."""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from app.client import MwtClient
+from app.testing import ServiceProcess, clean_env, free_port, wait_http
+
+TINY = {"dataset": "digits", "arch": "simcnn", "width": 0.125, "epochs": 2, "batch_size": 128}
+
+
+@pytest.fixture(scope="module")
+def stack(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[tuple[MwtClient, ServiceProcess, Path]]:
+    root = tmp_path_factory.mktemp("embedded")
+    port = free_port()
+    key_file = root / "admin.key"
+    env = clean_env(
+        {"MWT_DATA_DIR": str(root / "data"), "MWT_DEVICE": "cpu", "MWT_SSE_POLL_S": "0.2"}
+    )
+    proc = ServiceProcess(
+        "serve", ["mwt", "serve", "--port", str(port), "--key-file", str(key_file)], env, root
+    )
+    try:
+        wait_http(f"http://127.0.0.1:{port}/health", timeout=90, proc=proc)
+        client = MwtClient(f"http://127.0.0.1:{port}", key_file.read_text().strip(), timeout=60)
+        yield client, proc, root
+        client.close()
+    finally:
+        proc.stop()
+
+
+def test_full_session(stack: tuple[MwtClient, ServiceProcess, Path]) -> None:
+    hub, proc, root = stack
+    assert "Admin API key (shown once" in proc.log()
+    assert hub.ready()["status"] == "ready"
+
+    job = hub.submit_job(idempotency_key="readme-1", **TINY)
+    assert hub.submit_job(idempotency_key="readme-1", **TINY)["id"] == job["id"]  # retried submit
+    seen: list[dict[str, Any]] = []
+    final = hub.wait(job["id"], timeout=600, on_update=seen.append)
+    assert final["status"] == "succeeded", (final["error"], proc.log())
+    epochs_seen = {
+        e["progress"]["epoch"] for e in seen if e.get("progress") and e["progress"].get("epoch")
+    }
+    assert epochs_seen & {1, 2}, "no live progress was streamed"
+    assert final["percent"] == 100.0 and final["attempts"] == 1
+    model_id = final["model_id"]
+    model = hub.model(model_id)
+    assert model["status"] == "ready" and len(model["modules"]) == 10
+    for metric in ("accuracy", "krr", "cohesion", "coupling", "params", "flops", "train_seconds"):
+        assert model[metric] is not None, metric
+
+    mods = hub.modules(dataset="digits", model_id=model_id, class_name="3")["items"]
+    assert len(mods) == 1
+    mod = mods[0]
+    dl = hub.download_module(mod["id"], root / "dl")
+    assert dl.sha256 == mod["sha256"]
+    assert {p.name for p in dl.files} == {"manifest.json", "weights.safetensors"}
+    from mwt_core.artifacts import load_artifact
+
+    net, manifest = load_artifact(dl.files[0].parent)
+    assert manifest["classes"] == [3] and manifest["kind"] == "module"
+
+    # Resume: a partial download continues with a Range request and still verifies.
+    part_dir = root / "resume"
+    part_dir.mkdir()
+    (part_dir / f"{dl.path.name}.part").write_bytes(dl.path.read_bytes()[:5000])
+    again = hub.download_module(mod["id"], part_dir, extract=False)
+    assert again.resumed_from == 5000 and again.sha256 == mod["sha256"]
+
+    t0 = time.perf_counter()
+    comp = hub.compose(model_id, [3, 5, 8])
+    compose_s = time.perf_counter() - t0
+    assert comp["classes"] == [3, 5, 8] and comp["class_names"] == ["3", "5", "8"]
+    assert 0.0 <= comp["accuracy"] <= 1.0 and comp["baseline_accuracy"] is not None
+    assert comp["krr"] is not None and comp["params"] < model["params"]
+    assert compose_s < 10, f"composition took {compose_s:.1f} s"
+    assert hub.compose(model_id, ["3", "5", "8"])["id"] == comp["id"]  # same composition, by names
+    cdl = hub.download_composition(comp["id"], root / "comp")
+    assert hashlib.sha256(cdl.path.read_bytes()).hexdigest() == comp["sha256"]
+    cnet, cman = load_artifact(cdl.files[0].parent)
+    assert cman["classes"] == [3, 5, 8]
+
+    # A self-contained TorchScript export: raw [0, 1] images in, one logit per composed class out.
+    import torch
+
+    r = hub.request("GET", f"/api/v1/compositions/{comp['id']}/torchscript")
+    assert hashlib.sha256(r.content).hexdigest() == r.headers["etag"].strip('"')
+    ts = root / "comp.torchscript.pt"
+    ts.write_bytes(r.content)
+    scripted = torch.jit.load(str(ts))
+    from mwt_core.datasets import load_dataset
+    from mwt_core.registry import architecture_info
+
+    data = load_dataset("digits", min_input_size=architecture_info("simcnn").min_input_size)
+    sel = (data.test_y == 3) | (data.test_y == 5) | (data.test_y == 8)
+    x = data.test_x[sel].float() / 255.0
+    with torch.no_grad():
+        logits = scripted(x)
+    assert logits.shape == (int(sel.sum()), 3)
+    lookup = {3: 0, 5: 1, 8: 2}
+    y = torch.tensor([lookup[int(v)] for v in data.test_y[sel]])
+    ts_acc = float((logits.argmax(1) == y).float().mean())
+    assert abs(ts_acc - comp["accuracy"]) < 1e-6, (ts_acc, comp["accuracy"])
+
+    ft = hub.compose(model_id, [3, 5, 8], finetune={"epochs": 1})
+    ft_job = hub.wait(ft["id"], timeout=300)
+    assert ft_job["status"] == "succeeded", ft_job["error"]
+    tuned = hub.composition(ft_job["composition_id"])
+    assert tuned["finetuned"] and tuned["accuracy"] is not None
+
+
+def test_cancel_a_running_job(stack: tuple[MwtClient, ServiceProcess, Path]) -> None:
+    hub, proc, _ = stack
+    job = hub.submit_job(**{**TINY, "epochs": 50, "seed": 7})
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline:
+        cur = hub.job(job["id"])
+        if cur["status"] == "running" and (cur.get("progress") or {}).get("phase") == "training":
+            break
+        time.sleep(0.3)
+    else:
+        pytest.fail(f"job never started training: {hub.job(job['id'])}")
+    assert hub.cancel(job["id"])["cancel_requested"] is True
+    final = hub.wait(job["id"], timeout=60)
+    assert final["status"] == "cancelled" and final["error"] == "cancelled by user"
+    assert hub.model(final["model_id"])["status"] == "failed"  # the reserved version is never ready
+    text = hub.http.get("/metrics").text
+    assert 'mwt_jobs{state="cancelled"} 1.0' in text and 'mwt_jobs{state="succeeded"} 2.0' in text

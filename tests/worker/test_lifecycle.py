@@ -1,0 +1,164 @@
+"""Claiming, heartbeats, fencing, the reaper and the attempts cap, on a real SQLite registry."""
+
+from __future__ import annotations
+
+import datetime as dt
+import threading
+
+from sqlalchemy import update
+from sqlalchemy.orm import Session, sessionmaker
+
+from app.db.models import Job, JobKind, JobStatus, Model, ModelStatus
+from app.services.jobs import create_job
+from app.settings import Settings
+from worker.jobs import JobContext, claim
+from worker.reaper import reap, release_job
+
+
+def _job(factory: sessionmaker[Session], max_attempts: int = 3) -> str:
+    with factory() as s:
+        job, _ = create_job(
+            s,
+            kind=JobKind.train,
+            params={"epochs": 1},
+            queue="gpu",
+            max_attempts=max_attempts,
+            dataset="digits",
+            arch="simcnn",
+        )
+        return job.id
+
+
+def _get(factory: sessionmaker[Session], job_id: str) -> Job:
+    with factory() as s:
+        job = s.get(Job, job_id)
+        assert job is not None
+        return job
+
+
+def _age_heartbeat(factory: sessionmaker[Session], job_id: str, seconds: float) -> None:
+    old = dt.datetime.now(dt.UTC) - dt.timedelta(seconds=seconds)
+    with factory() as s:
+        s.execute(update(Job).where(Job.id == job_id).values(heartbeat_at=old))
+        s.commit()
+
+
+def test_claim_is_exclusive(factory: sessionmaker[Session]) -> None:
+    job_id = _job(factory)
+    results: list[object] = []
+    threads = [
+        threading.Thread(target=lambda i=i: results.append(claim(factory, job_id, f"w{i}")))
+        for i in range(4)
+    ]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    claimed = [r for r in results if r is not None]
+    assert len(claimed) == 1
+    job = _get(factory, job_id)
+    assert job.status == "running" and job.attempts == 1 and job.started_at is not None
+    assert claim(factory, job_id, "late") is None  # a duplicate delivery does nothing
+
+
+def test_cancelled_before_start(factory: sessionmaker[Session]) -> None:
+    job_id = _job(factory)
+    with factory() as s:
+        s.execute(update(Job).where(Job.id == job_id).values(cancel_requested=True))
+        s.commit()
+    assert claim(factory, job_id, "w") is None
+    assert _get(factory, job_id).status == "cancelled"
+
+
+def test_reaper_requeues_then_fails_after_max_attempts(
+    factory: sessionmaker[Session], settings: Settings
+) -> None:
+    job_id = _job(factory, max_attempts=2)
+    requeued: list[tuple[str, str]] = []
+    assert claim(factory, job_id, "w1") is not None
+    assert (
+        reap(factory, settings, requeue=lambda j, q: requeued.append((j, q))) == []
+    )  # fresh heartbeat
+    _age_heartbeat(factory, job_id, 60)
+    assert reap(factory, settings, requeue=lambda j, q: requeued.append((j, q))) == [
+        (job_id, "requeued")
+    ]
+    job = _get(factory, job_id)
+    assert job.status == "queued" and job.worker is None and "requeued" in (job.error or "")
+    assert requeued == [(job_id, "gpu")]
+    assert claim(factory, job_id, "w2") is not None
+    assert _get(factory, job_id).attempts == 2
+    _age_heartbeat(factory, job_id, 60)
+    assert reap(factory, settings) == [(job_id, "failed")]
+    job = _get(factory, job_id)
+    assert job.status == "failed" and "gave up after 2 attempt(s)" in (job.error or "")
+    assert job.finished_at is not None
+
+
+def test_reaper_honours_cancel_and_marks_pending_model_failed(
+    factory: sessionmaker[Session], settings: Settings
+) -> None:
+    job_id = _job(factory)
+    claim(factory, job_id, "w1")
+    with factory() as s:
+        m = Model(
+            name="n",
+            version=1,
+            dataset="digits",
+            arch="simcnn",
+            width=1.0,
+            num_classes=10,
+            job_id=job_id,
+        )
+        s.add(m)
+        s.flush()
+        s.execute(update(Job).where(Job.id == job_id).values(cancel_requested=True, model_id=m.id))
+        s.commit()
+        model_id = m.id
+    _age_heartbeat(factory, job_id, 60)
+    assert reap(factory, settings) == [(job_id, "cancelled")]
+    with factory() as s:
+        assert s.get(Model, model_id).status == ModelStatus.failed.value  # type: ignore[union-attr]
+
+
+def test_fencing_a_reaped_attempt_loses_the_job(
+    factory: sessionmaker[Session], settings: Settings
+) -> None:
+    job_id = _job(factory)
+    job = claim(factory, job_id, "old")
+    assert job is not None
+    ctx = JobContext(factory, settings, job, "old")
+    ctx.report({"epoch": 1}, force=True)
+    assert not ctx.lost and _get(factory, job_id).progress == {"epoch": 1}
+    _age_heartbeat(factory, job_id, 60)
+    reap(factory, settings)
+    assert claim(factory, job_id, "new") is not None
+    ctx.report({"epoch": 2}, force=True)  # the old attempt wakes up
+    assert ctx.lost and ctx.should_stop()
+    after = _get(factory, job_id)
+    assert after.worker == "new" and after.progress["epoch"] == 1  # the old write was refused
+
+
+def test_heartbeat_thread_and_cancel_flag(
+    factory: sessionmaker[Session], settings: Settings
+) -> None:
+    job_id = _job(factory)
+    job = claim(factory, job_id, "w")
+    assert job is not None
+    first = _get(factory, job_id).heartbeat_at
+    with JobContext(factory, settings, job, "w") as ctx:
+        threading.Event().wait(0.8)
+        assert _get(factory, job_id).heartbeat_at > first  # type: ignore[operator]
+        with factory() as s:
+            s.execute(update(Job).where(Job.id == job_id).values(cancel_requested=True))
+            s.commit()
+        threading.Event().wait(0.8)
+        assert ctx.cancelled and ctx.should_stop()
+
+
+def test_release_without_counting_the_attempt(factory: sessionmaker[Session]) -> None:
+    job_id = _job(factory, max_attempts=1)
+    claim(factory, job_id, "w")
+    assert release_job(factory, job_id, "w", "shutdown", count_attempt=False) == "requeued"
+    job = _get(factory, job_id)
+    assert job.status == JobStatus.queued.value and job.attempts == 0

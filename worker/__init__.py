@@ -1,0 +1,2 @@
+"""Job execution: the Celery app and tasks (distributed) and the embedded executor, both running
+``worker.jobs.run_job``."""
