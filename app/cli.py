@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -95,10 +96,21 @@ def _pct(v: float | None) -> str:
 def _table(title: str, columns: list[str], rows: list[list[Any]]) -> Table:
     t = Table(title=title, title_justify="left")
     for c in columns:
-        t.add_column(c)
+        t.add_column(c, overflow="fold")  # narrow terminals wrap cells rather than cut them
     for r in rows:
         t.add_row(*["-" if v is None else str(v) for v in r])
     return t
+
+
+def _print_page(
+    page: dict[str, Any], as_json: bool, title: str, columns: dict[str, Callable[[dict], Any]]
+) -> None:
+    """A list endpoint's page: raw JSON, or a table with one column per ``columns`` entry."""
+    if as_json:
+        out.print_json(json.dumps(page))
+        return
+    rows = [[cell(item) for cell in columns.values()] for item in page["items"]]
+    out.print(_table(f"{title} ({page['total']})", list(columns), rows))
 
 
 def _settings(**overrides: Any) -> Any:
@@ -444,29 +456,21 @@ def jobs(
     """List jobs, newest first."""
     with _client(url, key) as hub:
         page = _call(hub.jobs, status=status, limit=limit)
-    if as_json:
-        out.print_json(json.dumps(page))
-        return
-    rows = [
-        [
-            j["id"],
-            j["kind"],
-            j["status"],
-            j["dataset"],
-            j["arch"],
-            f"{j['percent']:.0f}%" if j.get("percent") is not None else None,
-            j["attempts"],
-            j.get("model_id"),
-            (j.get("error") or "")[:60],
-        ]
-        for j in page["items"]
-    ]
-    out.print(
-        _table(
-            f"jobs ({page['total']})",
-            ["id", "kind", "status", "dataset", "arch", "done", "attempts", "model", "error"],
-            rows,
-        )
+    _print_page(
+        page,
+        as_json,
+        "jobs",
+        {
+            "id": lambda j: j["id"],
+            "kind": lambda j: j["kind"],
+            "status": lambda j: j["status"],
+            "dataset": lambda j: j["dataset"],
+            "arch": lambda j: j["arch"],
+            "done": lambda j: None if j.get("percent") is None else f"{j['percent']:.0f}%",
+            "attempts": lambda j: j["attempts"],
+            "model": lambda j: j.get("model_id"),
+            "error": lambda j: (j.get("error") or "")[:60],
+        },
     )
 
 
@@ -503,43 +507,23 @@ def models(
             max_krr=max_krr,
             limit=limit,
         )
-    if as_json:
-        out.print_json(json.dumps(page))
-        return
-    rows = [
-        [
-            m["id"],
-            m["name"],
-            m["version"],
-            m["dataset"],
-            m["arch"],
-            m["width"],
-            _pct(m["accuracy"]),
-            _pct(m["krr"]),
-            None if m["cohesion"] is None else f"{m['cohesion']:.3f}",
-            None if m["coupling"] is None else f"{m['coupling']:.3f}",
-            m["params"],
-        ]
-        for m in page["items"]
-    ]
-    out.print(
-        _table(
-            f"models ({page['total']})",
-            [
-                "id",
-                "name",
-                "v",
-                "dataset",
-                "arch",
-                "width",
-                "accuracy",
-                "KRR",
-                "cohesion",
-                "coupling",
-                "params",
-            ],
-            rows,
-        )
+    _print_page(
+        page,
+        as_json,
+        "models",
+        {
+            "id": lambda m: m["id"],
+            "name": lambda m: m["name"],
+            "v": lambda m: m["version"],
+            "dataset": lambda m: m["dataset"],
+            "arch": lambda m: m["arch"],
+            "width": lambda m: m["width"],
+            "accuracy": lambda m: _pct(m["accuracy"]),
+            "KRR": lambda m: _pct(m["krr"]),
+            "cohesion": lambda m: None if m["cohesion"] is None else f"{m['cohesion']:.3f}",
+            "coupling": lambda m: None if m["coupling"] is None else f"{m['coupling']:.3f}",
+            "params": lambda m: m["params"],
+        },
     )
 
 
@@ -568,41 +552,22 @@ def modules(
             min_accuracy=min_accuracy,
             limit=limit,
         )
-    if as_json:
-        out.print_json(json.dumps(page))
-        return
-    rows = [
-        [
-            m["id"],
-            m["model_id"],
-            m["class_index"],
-            m["class_name"],
-            m["dataset"],
-            _pct(m["krr"]),
-            _pct(m["accuracy"]),
-            m["params"],
-            m["size_bytes"],
-            m["sha256"][:12],
-        ]
-        for m in page["items"]
-    ]
-    out.print(
-        _table(
-            f"modules ({page['total']})",
-            [
-                "id",
-                "model",
-                "class",
-                "name",
-                "dataset",
-                "KRR",
-                "accuracy",
-                "params",
-                "bytes",
-                "sha256",
-            ],
-            rows,
-        )
+    _print_page(
+        page,
+        as_json,
+        "modules",
+        {
+            "id": lambda m: m["id"],
+            "model": lambda m: m["model_id"],
+            "class": lambda m: m["class_index"],
+            "name": lambda m: m["class_name"],
+            "dataset": lambda m: m["dataset"],
+            "KRR": lambda m: _pct(m["krr"]),
+            "accuracy": lambda m: _pct(m["accuracy"]),
+            "params": lambda m: m["params"],
+            "bytes": lambda m: m["size_bytes"],
+            "sha256": lambda m: m["sha256"][:12],
+        },
     )
 
 

@@ -16,12 +16,12 @@ Prints a table, then exactly one final line of JSON (the figures below).
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from dataclasses import replace
 from typing import Any
 
+from _main import bench_main
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
@@ -236,16 +236,7 @@ def render(r: dict[str, Any], console: Console) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    try:
-        result = run(args)
-    except ValueError as exc:  # unknown architecture, bad options...
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    render(result, Console(width=None if sys.stdout.isatty() else 120))
-    sys.stdout.flush()
-    print(json.dumps(result))
-    return 0
+    return bench_main(parse_args, run, render, argv)
 
 
 if __name__ == "__main__":

@@ -18,13 +18,13 @@ Prints a table, then exactly one final line of JSON.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from dataclasses import replace
 from typing import Any
 
 import torch
+from _main import bench_main
 from rich.console import Console
 from rich.table import Table
 
@@ -225,16 +225,7 @@ def render(r: dict[str, Any], console: Console) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    try:
-        result = run(args)
-    except ValueError as exc:  # unknown architecture, bad sizes, no CUDA...
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    render(result, Console(width=None if sys.stdout.isatty() else 120))
-    sys.stdout.flush()
-    print(json.dumps(result))
-    return 0
+    return bench_main(parse_args, run, render, argv)
 
 
 if __name__ == "__main__":

@@ -27,7 +27,6 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from app import storage
 from app.db.models import (
-    Composition,
     Dataset,
     Job,
     JobKind,
@@ -338,6 +337,21 @@ def _fenced(s: Session, job_id: str, worker: str, **values: Any) -> None:
         raise JobLost(job_id)
 
 
+def _mark_succeeded(
+    s: Session, job_id: str, worker: str, now: Any, progress: dict[str, Any],
+    result: dict[str, Any], **values: Any,
+) -> None:
+    """Fenced: the job succeeded (only if this worker still holds it)."""
+    job_row = s.get(Job, job_id)
+    assert job_row is not None
+    started = job_row.started_at or now
+    _fenced(
+        s, job_id, worker, status=JobStatus.succeeded.value, finished_at=now,
+        duration_s=(now - started).total_seconds(), progress=progress, result=result, error=None,
+        **values,
+    )
+
+
 # ---------------------------------------------------------------------------------- train
 
 
@@ -600,20 +614,8 @@ def _train(factory: sessionmaker[Session], settings: Settings, job: Job, ctx: Jo
     now = utcnow()
     with factory() as s:
         # ONE transaction: job succeeded + model ready with metrics + its modules.
-        job_row = s.get(Job, job.id)
-        assert job_row is not None
-        started = job_row.started_at or now
-        _fenced(
-            s,
-            job.id,
-            ctx.worker,
-            status=JobStatus.succeeded.value,
-            finished_at=now,
-            duration_s=(now - started).total_seconds(),
-            progress=_finite(final_progress),
-            result=job_result,
-            error=None,
-            heartbeat_at=now,
+        _mark_succeeded(
+            s, job.id, ctx.worker, now, _finite(final_progress), job_result, heartbeat_at=now
         )
         model_row = s.get(Model, model_id)
         assert model_row is not None
@@ -674,46 +676,18 @@ def _finetune(
     )
     ctx.phase("saving")
     manifest = compose_svc.manifest_for(model, loaded, classes, metrics, finetuned=True)
-    rel, sha, size = compose_svc.store(settings, module, manifest, token=f"job-{job.id}")
+    stored = compose_svc.store(settings, module, manifest, token=f"job-{job.id}")
     now = utcnow()
     with factory() as s:
-        comp = Composition(
-            model_id=model_id,
-            classes=classes,
-            class_names=[class_names[c] for c in classes],
-            classes_key=",".join(map(str, classes)),
-            finetuned=True,
-            status=ModelStatus.ready.value,
-            accuracy=metrics["accuracy"],
-            baseline_accuracy=metrics["baseline_accuracy"],
-            krr=metrics["krr"],
-            params=metrics["params"],
-            flops=metrics["flops"],
-            metrics=metrics,
-            artifact_path=rel,
-            sha256=sha,
-            size_bytes=size,
-            job_id=job.id,
-        )
+        comp = compose_svc.composition_row(model_id, class_names, classes, metrics, stored,
+                                           finetuned=True, job_id=job.id)
         s.add(comp)
         s.flush()
-        job_row = s.get(Job, job.id)
-        assert job_row is not None
-        started = job_row.started_at or now
-        _fenced(
-            s,
-            job.id,
-            ctx.worker,
-            status=JobStatus.succeeded.value,
-            finished_at=now,
-            duration_s=(now - started).total_seconds(),
-            progress={**ctx.progress, "phase": "done"},
-            result={
-                "composition_id": comp.id,
-                **{k: metrics[k] for k in ("accuracy", "baseline_accuracy", "krr")},
-            },
+        _mark_succeeded(
+            s, job.id, ctx.worker, now, {**ctx.progress, "phase": "done"},
+            {"composition_id": comp.id,
+             **{k: metrics[k] for k in ("accuracy", "baseline_accuracy", "krr")}},
             composition_id=comp.id,
-            error=None,
         )
         s.commit()
 

@@ -1,7 +1,8 @@
-"""Helpers shared by the routers: paging, 404s."""
+"""Helpers shared by the routers: paging, sorting, 404s."""
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
 from typing import Annotated, Any, TypeVar
 
 from fastapi import Depends, HTTPException, Query, status
@@ -9,6 +10,7 @@ from sqlalchemy import Select, func, select
 from sqlalchemy.orm import Session
 
 from app.deps import SettingsDep
+from app.schemas.common import Page
 
 T = TypeVar("T")
 
@@ -35,11 +37,27 @@ def paging(
 PagingDep = Annotated[Paging, Depends(paging)]
 
 
-def page(session: Session, stmt: Select[Any], p: Paging) -> tuple[list[Any], int, int | None]:
+def page(session: Session, stmt: Select[Any], p: Paging, out: Callable[[Any], T]) -> Page[T]:
+    """One page of ``stmt``'s rows, each converted by ``out``, with the total and next offset."""
     total = session.scalar(select(func.count()).select_from(stmt.order_by(None).subquery())) or 0
     items = list(session.scalars(stmt.limit(p.limit).offset(p.offset)))
     nxt = p.offset + len(items) if p.offset + len(items) < total else None
-    return items, total, nxt
+    return Page[T](
+        items=[out(i) for i in items], total=total, limit=p.limit, offset=p.offset, next_offset=nxt
+    )
+
+
+def sorted_by(stmt: Select[Any], sort: str, columns: Mapping[str, Any], tiebreak: Any) -> Select[Any]:
+    """Order by ``sort`` (a key of ``columns``, '-' first for descending), ``tiebreak`` second."""
+    col = columns.get(sort.lstrip("-"))
+    if col is None:
+        raise HTTPException(
+            status.HTTP_422_UNPROCESSABLE_CONTENT,
+            f"sort must be one of {', '.join(columns)} (optionally '-' first)",
+        )
+    if sort.startswith("-"):
+        return stmt.order_by(col.desc(), tiebreak.desc())
+    return stmt.order_by(col.asc(), tiebreak.asc())
 
 
 def not_found(kind: str, ident: object) -> HTTPException:

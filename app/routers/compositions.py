@@ -85,13 +85,13 @@ def create(
     if existing is not None:
         response.status_code = status.HTTP_200_OK
         return composition_out(existing)
-    comp = _compose(request, settings, db, model, classes, key)
+    comp = _compose(request, settings, db, model, classes)
     response.headers["Location"] = f"/api/v1/compositions/{comp.id}"
     return composition_out(comp)
 
 
 def _compose(
-    request: Request, settings: Settings, db: DbDep, model: Model, classes: list[int], key: str
+    request: Request, settings: Settings, db: DbDep, model: Model, classes: list[int]
 ) -> Composition:
     from mwt_core.registry import architecture_info
 
@@ -108,26 +108,11 @@ def _compose(
             f"model {model.id}'s artifact or dataset cannot be loaded: {exc}",
         ) from None
     module, metrics = svc.build(loaded, data, classes, device="cpu")
-    names = [str(model.class_names[c]) for c in classes]
     manifest = svc.manifest_for(model, loaded, classes, metrics, finetuned=False)
-    rel, sha, size = svc.store(settings, module, manifest)
-    comp = Composition(
-        model_id=model.id,
-        classes=classes,
-        class_names=names,
-        classes_key=key,
-        finetuned=False,
-        status=ModelStatus.ready.value,
-        accuracy=metrics["accuracy"],
-        baseline_accuracy=metrics["baseline_accuracy"],
-        krr=metrics["krr"],
-        params=metrics["params"],
-        flops=metrics["flops"],
-        metrics=metrics,
-        artifact_path=rel,
-        sha256=sha,
-        size_bytes=size,
-    )
+    stored = svc.store(settings, module, manifest)
+    rel = stored[0]
+    comp = svc.composition_row(model.id, list(model.class_names), classes, metrics, stored,
+                               finetuned=False)
     db.add(comp)
     try:
         db.commit()
@@ -183,24 +168,25 @@ def list_compositions(
         stmt = stmt.where(Composition.finetuned.is_(finetuned))
     if min_accuracy is not None:
         stmt = stmt.where(Composition.accuracy >= min_accuracy)
-    items, total, nxt = page(db, stmt, p)
-    return Page[CompositionOut](
-        items=[composition_out(c) for c in items],
-        total=total,
-        limit=p.limit,
-        offset=p.offset,
-        next_offset=nxt,
-    )
+    return page(db, stmt, p, composition_out)
 
 
 @router.get(
     "/{composition_id}", response_model=CompositionOut, summary="One composition with its metrics"
 )
 def show(composition_id: PathId, db: DbDep, _: ReadKey) -> CompositionOut:
+    return composition_out(_get(db, composition_id))
+
+
+def _get(db: DbDep, composition_id: int, with_artifact: bool = False) -> Composition:
     c = db.get(Composition, composition_id)
     if c is None:
         raise not_found("composition", composition_id)
-    return composition_out(c)
+    if with_artifact and (c.artifact_path is None or c.sha256 is None):
+        raise HTTPException(
+            status.HTTP_409_CONFLICT, f"composition {composition_id} has no artifact yet"
+        )
+    return c
 
 
 @router.head("/{composition_id}/download", include_in_schema=False)
@@ -212,13 +198,8 @@ def show(composition_id: PathId, db: DbDep, _: ReadKey) -> CompositionOut:
 def download(
     composition_id: PathId, request: Request, db: DbDep, settings: SettingsDep, _: ReadKey
 ) -> Response:
-    c = db.get(Composition, composition_id)
-    if c is None:
-        raise not_found("composition", composition_id)
-    if c.artifact_path is None or c.sha256 is None:
-        raise HTTPException(
-            status.HTTP_409_CONFLICT, f"composition {composition_id} has no artifact yet"
-        )
+    c = _get(db, composition_id, with_artifact=True)
+    assert c.artifact_path is not None and c.sha256 is not None  # checked by _get
     return artifact_response(
         request,
         svc.tar_of(settings, c.artifact_path),
@@ -238,13 +219,8 @@ def download(
 def torchscript(
     composition_id: PathId, request: Request, db: DbDep, settings: SettingsDep, _: ReadKey
 ) -> Response:
-    c = db.get(Composition, composition_id)
-    if c is None:
-        raise not_found("composition", composition_id)
-    if c.artifact_path is None:
-        raise HTTPException(
-            status.HTTP_409_CONFLICT, f"composition {composition_id} has no artifact yet"
-        )
+    c = _get(db, composition_id, with_artifact=True)
+    assert c.artifact_path is not None  # checked by _get
     try:
         path, digest = svc.torchscript_of(settings, c.artifact_path)
     except (FileNotFoundError, ValueError) as exc:
@@ -264,9 +240,7 @@ def torchscript(
     "/{composition_id}", status_code=status.HTTP_204_NO_CONTENT, summary="Delete a composition"
 )
 def delete(composition_id: PathId, db: DbDep, settings: SettingsDep, _: WriteKey) -> None:
-    c = db.get(Composition, composition_id)
-    if c is None:
-        raise not_found("composition", composition_id)
+    c = _get(db, composition_id)
     rel = c.artifact_path
     db.delete(c)
     db.commit()

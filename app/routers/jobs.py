@@ -110,14 +110,7 @@ def list_jobs(
         stmt = stmt.where(Job.arch == arch)
     if model_id is not None:
         stmt = stmt.where(Job.model_id == model_id)
-    items, total, nxt = page(db, stmt, p)
-    return Page[JobOut](
-        items=[svc.job_out(j) for j in items],
-        total=total,
-        limit=p.limit,
-        offset=p.offset,
-        next_offset=nxt,
-    )
+    return page(db, stmt, p, svc.job_out)
 
 
 @router.get("/{job_id}", response_model=JobOut, summary="One job: status, progress, ETA, metrics")

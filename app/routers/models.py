@@ -13,10 +13,10 @@ from app.auth import ReadKey, WriteKey
 from app.db.models import Job, JobStatus, Model
 from app.deps import DbDep, SettingsDep
 from app.files import artifact_response
-from app.routers._common import PagingDep, not_found, page
+from app.routers._common import PagingDep, not_found, page, sorted_by
+from app.routers.modules import module_out
 from app.schemas.common import Page, PathId
 from app.schemas.models import ModelDetail, ModelOut, ModelPatch
-from app.schemas.modules import ModuleOut
 
 router = APIRouter(prefix="/models", tags=["models"])
 
@@ -32,12 +32,6 @@ def model_out(m: Model) -> ModelOut:
     out = ModelOut.model_validate(m)
     if m.artifact_path:
         out.download_url = f"/api/v1/models/{m.id}/download"
-    return out
-
-
-def _module_out(mod: object) -> ModuleOut:
-    out = ModuleOut.model_validate(mod)
-    out.download_url = f"/api/v1/modules/{out.id}/download"
     return out
 
 
@@ -80,24 +74,8 @@ def list_models(
                 status.HTTP_422_UNPROCESSABLE_CONTENT, f"tag filter {t!r} must look like key=value"
             )
         stmt = stmt.where(Model.tags[key].as_string() == value)
-    desc = sort.startswith("-")
-    col = SORTS.get(sort.lstrip("-"))
-    if col is None:
-        raise HTTPException(
-            status.HTTP_422_UNPROCESSABLE_CONTENT,
-            f"sort must be one of {', '.join(SORTS)} (optionally '-' first)",
-        )
-    stmt = stmt.order_by(
-        col.desc() if desc else col.asc(), Model.id.desc() if desc else Model.id.asc()
-    )
-    items, total, nxt = page(db, stmt, p)
-    return Page[ModelOut](
-        items=[model_out(m) for m in items],
-        total=total,
-        limit=p.limit,
-        offset=p.offset,
-        next_offset=nxt,
-    )
+    stmt = sorted_by(stmt, sort, SORTS, Model.id)
+    return page(db, stmt, p, model_out)
 
 
 def _get(db: DbDep, model_id: int) -> Model:
@@ -120,7 +98,7 @@ def show(model_id: PathId, db: DbDep, _: ReadKey) -> ModelDetail:
         config=m.config,
         input_spec=m.input_spec,
         metrics=m.metrics,
-        modules=[_module_out(x) for x in m.modules],
+        modules=[module_out(x) for x in m.modules],
         compositions=[c.id for c in m.compositions],
     )
 

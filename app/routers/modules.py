@@ -13,7 +13,7 @@ from app.auth import ReadKey
 from app.db.models import Model, ModelStatus, Module
 from app.deps import DbDep, SettingsDep
 from app.files import artifact_response
-from app.routers._common import PagingDep, not_found, page
+from app.routers._common import PagingDep, not_found, page, sorted_by
 from app.schemas.common import Page, PathId, QueryId, QueryIndex
 from app.schemas.modules import ModuleOut
 
@@ -73,22 +73,8 @@ def query(
         stmt = stmt.where(Module.krr <= max_krr)
     if min_accuracy is not None:
         stmt = stmt.where(Module.accuracy >= min_accuracy)
-    col = SORTS.get(sort.lstrip("-"))
-    if col is None:
-        raise HTTPException(
-            status.HTTP_422_UNPROCESSABLE_CONTENT,
-            f"sort must be one of {', '.join(SORTS)} (optionally '-' first)",
-        )
-    desc = sort.startswith("-")
-    stmt = stmt.order_by(col.desc() if desc else col.asc(), Module.id)
-    items, total, nxt = page(db, stmt, p)
-    return Page[ModuleOut](
-        items=[module_out(m) for m in items],
-        total=total,
-        limit=p.limit,
-        offset=p.offset,
-        next_offset=nxt,
-    )
+    stmt = sorted_by(stmt, sort, SORTS, Module.id)
+    return page(db, stmt, p, module_out)
 
 
 def _get(db: DbDep, module_id: int) -> Module:

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from app import storage
-from app.db.models import Model
+from app.db.models import Composition, Model, ModelStatus
 from app.settings import Settings
 
 if TYPE_CHECKING:
@@ -193,6 +193,38 @@ def store(
     save_artifact(art, module, manifest)
     sha, size = storage.write_tar(art, base / "composition.tar")
     return storage.relative(settings.artifacts, art), sha, size
+
+
+def composition_row(
+    model_id: int,
+    class_names: list[str],
+    classes: list[int],
+    metrics: dict[str, Any],
+    stored: tuple[str, str, int],
+    *,
+    finetuned: bool,
+    job_id: int | None = None,
+) -> Composition:
+    """The registry row of a stored composition (``stored`` is what :func:`store` returned)."""
+    rel, sha, size = stored
+    return Composition(
+        model_id=model_id,
+        classes=classes,
+        class_names=[str(class_names[c]) for c in classes],
+        classes_key=",".join(map(str, classes)),
+        finetuned=finetuned,
+        status=ModelStatus.ready.value,
+        accuracy=metrics["accuracy"],
+        baseline_accuracy=metrics["baseline_accuracy"],
+        krr=metrics["krr"],
+        params=metrics["params"],
+        flops=metrics["flops"],
+        metrics=metrics,
+        artifact_path=rel,
+        sha256=sha,
+        size_bytes=size,
+        job_id=job_id,
+    )
 
 
 def tar_of(settings: Settings, artifact_path: str) -> Path:

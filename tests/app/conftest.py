@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import shutil
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -19,20 +18,6 @@ from app.db.session import make_engine
 from app.main import create_app
 from app.settings import Settings
 from app.testing import postgres_available, seed_fake_model, throwaway_postgres
-
-
-@pytest.fixture(autouse=True)
-def _isolated_env(monkeypatch: pytest.MonkeyPatch) -> None:
-    for key in list(os.environ):
-        if key.startswith("MWT_") and not key.startswith("MWT_TEST_"):
-            monkeypatch.delenv(key)
-
-
-@pytest.fixture(scope="session")
-def sqlite_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    d = tmp_path_factory.mktemp("template")
-    migrate.upgrade(Settings(data_dir=d))
-    return d
 
 
 @pytest.fixture(scope="session")

@@ -114,11 +114,39 @@ def test_full_session(stack: tuple[MwtClient, ServiceProcess, Path]) -> None:
     ts_acc = float((logits.argmax(1) == y).float().mean())
     assert abs(ts_acc - comp["accuracy"]) < 1e-6, (ts_acc, comp["accuracy"])
 
+    _check_client_cli(hub, model_id, job["id"])
+
     ft = hub.compose(model_id, [3, 5, 8], finetune={"epochs": 1})
     ft_job = hub.wait(ft["id"], timeout=300)
     assert ft_job["status"] == "succeeded", ft_job["error"]
     tuned = hub.composition(ft_job["composition_id"])
     assert tuned["finetuned"] and tuned["accuracy"] is not None
+
+
+def _check_client_cli(hub: MwtClient, model_id: int, job_id: str) -> None:
+    """The terminal client lists what the API holds, as tables and as JSON."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from app.cli import app as cli
+
+    key = hub.http.headers["authorization"].removeprefix("Bearer ")
+    auth = ["--url", str(hub.base_url), "--key", key]
+    runner = CliRunner()
+    res = runner.invoke(cli, ["modules", *auth, "--model-id", str(model_id), "--json"])
+    assert res.exit_code == 0, res.output
+    page = json.loads(res.output)
+    assert page["total"] == 10 and {m["class_name"] for m in page["items"]} == set("0123456789")
+    res = runner.invoke(cli, ["modules", *auth, "--model-id", str(model_id), "--class-name", "3"])
+    assert res.exit_code == 0 and "modules (1)" in res.output and "digits" in res.output, res.output
+    res = runner.invoke(cli, ["models", *auth])
+    assert res.exit_code == 0 and "models (1)" in res.output, res.output
+    res = runner.invoke(cli, ["jobs", *auth, "--status", "succeeded", "--json"])
+    assert res.exit_code == 0, res.output
+    assert job_id in {j["id"] for j in json.loads(res.output)["items"]}
+    res = runner.invoke(cli, ["models", "--url", auth[1], "--key", "wrong"])
+    assert res.exit_code != 0 and "Traceback" not in res.output
 
 
 def test_cancel_a_running_job(stack: tuple[MwtClient, ServiceProcess, Path]) -> None:

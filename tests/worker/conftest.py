@@ -2,31 +2,17 @@
 
 from __future__ import annotations
 
-import os
 import shutil
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 from sqlalchemy.orm import Session, sessionmaker
 
-from app.db import migrate
+from app.db.models import JobKind
 from app.db.session import make_engine, make_sessionmaker
+from app.services.jobs import create_job
 from app.settings import Settings
-
-
-@pytest.fixture(autouse=True)
-def _isolated_env(monkeypatch: pytest.MonkeyPatch) -> None:
-    for key in list(os.environ):
-        if key.startswith("MWT_") and not key.startswith("MWT_TEST_"):
-            monkeypatch.delenv(key)
-
-
-@pytest.fixture(scope="session")
-def sqlite_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    d = tmp_path_factory.mktemp("template")
-    migrate.upgrade(Settings(data_dir=d))
-    return d
 
 
 @pytest.fixture
@@ -50,3 +36,23 @@ def factory(settings: Settings) -> Iterator[sessionmaker[Session]]:
     engine = make_engine(settings)
     yield make_sessionmaker(engine)
     engine.dispose()
+
+
+@pytest.fixture
+def submit_job(factory: sessionmaker[Session]) -> Callable[..., str]:
+    """Queue a one-epoch digits training job; returns its id."""
+
+    def submit(max_attempts: int = 3) -> str:
+        with factory() as s:
+            job, _ = create_job(
+                s,
+                kind=JobKind.train,
+                params={"epochs": 1},
+                queue="gpu",
+                max_attempts=max_attempts,
+                dataset="digits",
+                arch="simcnn",
+            )
+            return job.id
+
+    return submit

@@ -3,28 +3,14 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 
 from sqlalchemy.orm import Session, sessionmaker
 
-from app.db.models import Job, JobKind
-from app.services.jobs import create_job
+from app.db.models import Job
 from app.settings import Settings
 from app.testing import claim_and_hang, crash_after_claim
 from worker.executor import Executor
-
-
-def _submit(factory: sessionmaker[Session], max_attempts: int) -> str:
-    with factory() as s:
-        job, _ = create_job(
-            s,
-            kind=JobKind.train,
-            params={"epochs": 1},
-            queue="gpu",
-            max_attempts=max_attempts,
-            dataset="digits",
-            arch="simcnn",
-        )
-        return job.id
 
 
 def _wait(factory: sessionmaker[Session], job_id: str, pred, timeout: float = 60.0) -> Job:  # noqa: ANN001
@@ -40,9 +26,9 @@ def _wait(factory: sessionmaker[Session], job_id: str, pred, timeout: float = 60
 
 
 def test_a_dying_job_process_is_retried_then_failed(
-    factory: sessionmaker[Session], settings: Settings
+    factory: sessionmaker[Session], settings: Settings, submit_job: Callable[..., str]
 ) -> None:
-    job_id = _submit(factory, max_attempts=2)
+    job_id = submit_job(max_attempts=2)
     ex = Executor(settings, factory, target=crash_after_claim)
     ex.start()
     try:
@@ -56,9 +42,9 @@ def test_a_dying_job_process_is_retried_then_failed(
 
 
 def test_shutdown_requeues_running_jobs_without_spending_an_attempt(
-    factory: sessionmaker[Session], settings: Settings
+    factory: sessionmaker[Session], settings: Settings, submit_job: Callable[..., str]
 ) -> None:
-    job_id = _submit(factory, max_attempts=1)
+    job_id = submit_job(max_attempts=1)
     ex = Executor(settings, factory, target=claim_and_hang)
     ex.start()
     _wait(factory, job_id, lambda j: j.status == "running")

@@ -4,29 +4,15 @@ from __future__ import annotations
 
 import datetime as dt
 import threading
+from collections.abc import Callable
 
 from sqlalchemy import update
 from sqlalchemy.orm import Session, sessionmaker
 
-from app.db.models import Job, JobKind, JobStatus, Model, ModelStatus
-from app.services.jobs import create_job
+from app.db.models import Job, JobStatus, Model, ModelStatus
 from app.settings import Settings
 from worker.jobs import JobContext, claim
 from worker.reaper import reap, release_job
-
-
-def _job(factory: sessionmaker[Session], max_attempts: int = 3) -> str:
-    with factory() as s:
-        job, _ = create_job(
-            s,
-            kind=JobKind.train,
-            params={"epochs": 1},
-            queue="gpu",
-            max_attempts=max_attempts,
-            dataset="digits",
-            arch="simcnn",
-        )
-        return job.id
 
 
 def _get(factory: sessionmaker[Session], job_id: str) -> Job:
@@ -43,8 +29,8 @@ def _age_heartbeat(factory: sessionmaker[Session], job_id: str, seconds: float) 
         s.commit()
 
 
-def test_claim_is_exclusive(factory: sessionmaker[Session]) -> None:
-    job_id = _job(factory)
+def test_claim_is_exclusive(factory: sessionmaker[Session], submit_job: Callable[..., str]) -> None:
+    job_id = submit_job()
     results: list[object] = []
     threads = [
         threading.Thread(target=lambda i=i: results.append(claim(factory, job_id, f"w{i}")))
@@ -61,8 +47,10 @@ def test_claim_is_exclusive(factory: sessionmaker[Session]) -> None:
     assert claim(factory, job_id, "late") is None  # a duplicate delivery does nothing
 
 
-def test_cancelled_before_start(factory: sessionmaker[Session]) -> None:
-    job_id = _job(factory)
+def test_cancelled_before_start(
+    factory: sessionmaker[Session], submit_job: Callable[..., str]
+) -> None:
+    job_id = submit_job()
     with factory() as s:
         s.execute(update(Job).where(Job.id == job_id).values(cancel_requested=True))
         s.commit()
@@ -71,9 +59,9 @@ def test_cancelled_before_start(factory: sessionmaker[Session]) -> None:
 
 
 def test_reaper_requeues_then_fails_after_max_attempts(
-    factory: sessionmaker[Session], settings: Settings
+    factory: sessionmaker[Session], settings: Settings, submit_job: Callable[..., str]
 ) -> None:
-    job_id = _job(factory, max_attempts=2)
+    job_id = submit_job(max_attempts=2)
     requeued: list[tuple[str, str]] = []
     assert claim(factory, job_id, "w1") is not None
     assert (
@@ -96,9 +84,9 @@ def test_reaper_requeues_then_fails_after_max_attempts(
 
 
 def test_reaper_honours_cancel_and_marks_pending_model_failed(
-    factory: sessionmaker[Session], settings: Settings
+    factory: sessionmaker[Session], settings: Settings, submit_job: Callable[..., str]
 ) -> None:
-    job_id = _job(factory)
+    job_id = submit_job()
     claim(factory, job_id, "w1")
     with factory() as s:
         m = Model(
@@ -122,9 +110,9 @@ def test_reaper_honours_cancel_and_marks_pending_model_failed(
 
 
 def test_fencing_a_reaped_attempt_loses_the_job(
-    factory: sessionmaker[Session], settings: Settings
+    factory: sessionmaker[Session], settings: Settings, submit_job: Callable[..., str]
 ) -> None:
-    job_id = _job(factory)
+    job_id = submit_job()
     job = claim(factory, job_id, "old")
     assert job is not None
     ctx = JobContext(factory, settings, job, "old")
@@ -140,9 +128,9 @@ def test_fencing_a_reaped_attempt_loses_the_job(
 
 
 def test_heartbeat_thread_and_cancel_flag(
-    factory: sessionmaker[Session], settings: Settings
+    factory: sessionmaker[Session], settings: Settings, submit_job: Callable[..., str]
 ) -> None:
-    job_id = _job(factory)
+    job_id = submit_job()
     job = claim(factory, job_id, "w")
     assert job is not None
     first = _get(factory, job_id).heartbeat_at
@@ -156,8 +144,10 @@ def test_heartbeat_thread_and_cancel_flag(
         assert ctx.cancelled and ctx.should_stop()
 
 
-def test_release_without_counting_the_attempt(factory: sessionmaker[Session]) -> None:
-    job_id = _job(factory, max_attempts=1)
+def test_release_without_counting_the_attempt(
+    factory: sessionmaker[Session], submit_job: Callable[..., str]
+) -> None:
+    job_id = submit_job(max_attempts=1)
     claim(factory, job_id, "w")
     assert release_job(factory, job_id, "w", "shutdown", count_attempt=False) == "requeued"
     job = _get(factory, job_id)
