@@ -53,6 +53,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="learning rate of the mask generators (default: --lr)")
     p.add_argument("--alpha", type=float, default=0.5, help="cohesion loss weight")
     p.add_argument("--beta", type=float, default=1.5, help="coupling loss weight")
+    p.add_argument("--gamma", type=float, default=0.0,
+                   help="mask-density weight (0: the paper's loss)")
     p.add_argument(
         "--no-mask-generators",
         action="store_true",
@@ -107,6 +109,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         mask_lr=args.mask_lr,
         alpha=args.alpha,
         beta=args.beta,
+        gamma=args.gamma,
     )
 
     std = _train(replace(base, modular=False), data, "standard", err)
@@ -176,6 +179,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "mask_lr": args.mask_lr,
             "alpha": args.alpha,
             "beta": args.beta,
+            "gamma": args.gamma,
             "device": device,
             "mask_generators": keep_gens,
             "num_train": int(data.train_y.numel()),

@@ -511,6 +511,7 @@ def train_cmd(
     modular: Annotated[bool, typer.Option("--modular/--standard", help="MwT (mask generators and losses) or plain training.")] = True,
     alpha: Annotated[float, typer.Option(help="Weight of the cohesion loss.")] = 0.5,
     beta: Annotated[float, typer.Option(help="Weight of the coupling loss.")] = 1.5,
+    gamma: Annotated[float, typer.Option(help="Weight of the mask-density term (0: the paper's loss).")] = 0.0,
     lr: Annotated[float, typer.Option(help="SGD learning rate (cosine annealed).")] = 0.05,
     mask_lr: Annotated[float | None, typer.Option(help="Learning rate of the mask generators (default: --lr).")] = None,
     weight_decay: Annotated[float, typer.Option(help="SGD weight decay.")] = TrainConfig.weight_decay,
@@ -531,7 +532,7 @@ def train_cmd(
     ui = Ui(as_json)
     cfg = TrainConfig(arch=arch, width=width, epochs=epochs, batch_size=batch_size, lr=lr,
                       mask_lr=mask_lr, weight_decay=weight_decay, alpha=alpha, beta=beta,
-                      modular=modular, seed=seed, device=device, amp=amp, augment=augment)
+                      gamma=gamma, modular=modular, seed=seed, device=device, amp=amp, augment=augment)
     if out is None:
         stem = Path(dataset).stem if dataset.lower().endswith(".npz") else dataset
         out = Path("runs") / f"{cfg.arch}-{_safe_dirname(stem, 0)}-{'mwt' if modular else 'std'}"

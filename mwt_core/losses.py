@@ -36,3 +36,15 @@ def mask_similarity_losses(
         if n_diff > 0:
             coupling = coupling + (sim * diff_pairs).sum() / n_diff
     return cohesion / len(masks), coupling / len(masks)
+
+
+def mask_density(masks: list[torch.Tensor]) -> torch.Tensor:
+    """Mean mask value, averaged over masked layers: an optional sparsity term (not in DESIGN §1.2).
+
+    Cohesion and coupling compare mask *directions*, so a kernel every class switches on
+    a little costs them almost nothing yet counts fully in the binary modules (KRR,
+    coupling). Weighting this term (``TrainConfig.gamma``) pushes such kernels off.
+    """
+    if not masks:
+        return torch.zeros((), dtype=torch.float32)
+    return torch.stack([m.float().mean() for m in masks]).mean()

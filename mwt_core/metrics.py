@@ -43,7 +43,8 @@ def measure_latency(net: nn.Module, input_shape: tuple[int, int, int], batch: in
         if dev.type == "cuda":
             torch.cuda.synchronize(dev)
         t0 = time.perf_counter()
-        net(x)
+        with torch.inference_mode():  # serving cost: no autograd bookkeeping
+            net(x)
         if dev.type == "cuda":
             torch.cuda.synchronize(dev)
         if i >= warmup:

@@ -296,4 +296,14 @@ def slim(
         _slice_param(graph.head, "bias", idx, 0)
         graph.head.out_features = len(idx)
     slimmed.config = {**model.config, "slimmed": True}
+    if _channels_last(model):
+        # Slicing yields plain NCHW weights; mixing layouts costs more time than slimming saves.
+        slimmed = slimmed.to(memory_format=torch.channels_last)
     return slimmed
+
+
+def _channels_last(model: nn.Module) -> bool:
+    convs = [m.weight for m in model.modules() if isinstance(m, nn.Conv2d)]
+    return bool(convs) and all(
+        w.is_contiguous(memory_format=torch.channels_last) and not w.is_contiguous() for w in convs
+    )

@@ -12,7 +12,7 @@ import math
 import os
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from mwt_core.batches import ImageBatches
 from mwt_core.datasets import DatasetBundle
 from mwt_core.devices import resolve_device
-from mwt_core.losses import mask_similarity_losses
+from mwt_core.losses import mask_density, mask_similarity_losses
 from mwt_core.registry import MwTNet, architecture_info, create_model
 
 CHECKPOINT_NAME = "last.pt"
@@ -46,6 +46,7 @@ class TrainConfig:
     mask_lr: float | None = None  # learning rate of the mask generators (None: same as lr)
     alpha: float = 0.5
     beta: float = 1.5
+    gamma: float = 0.0  # weight of the mask-density term; 0 is the paper's loss
     modular: bool = True
     seed: int = 0
     device: str = "auto"
@@ -60,7 +61,8 @@ class TrainConfig:
             (self.mask_lr is None or self.mask_lr > 0, f"mask_lr must be > 0, got {self.mask_lr}"),
             (0 <= self.momentum < 1, f"momentum must be in [0, 1), got {self.momentum}"),
             (self.weight_decay >= 0, f"weight_decay must be >= 0, got {self.weight_decay}"),
-            (self.alpha >= 0 and self.beta >= 0, "alpha and beta must be >= 0"),
+            (self.alpha >= 0 and self.beta >= 0 and self.gamma >= 0,
+             "alpha, beta and gamma must be >= 0"),
         ]
         for ok, message in checks:
             if not ok:
@@ -160,8 +162,13 @@ def _set_rng_state(gen: torch.Generator, state: dict[str, Any]) -> None:
 
 def same_run(a: dict[str, Any], b: dict[str, Any]) -> bool:
     """Whether two configs describe the same run; the device may differ (a job retried
-    on another worker resumes there)."""
-    return {k: v for k, v in a.items() if k != "device"} == {k: v for k, v in b.items() if k != "device"}
+    on another worker resumes there), and a key an older checkpoint lacks counts as its default."""
+    defaults = {f.name: f.default for f in fields(TrainConfig)}
+
+    def norm(cfg: dict[str, Any]) -> dict[str, Any]:
+        return {k: v for k, v in {**defaults, **cfg}.items() if k != "device"}
+
+    return norm(a) == norm(b)
 
 
 def save_checkpoint(path: Path, payload: dict[str, Any]) -> None:
@@ -241,6 +248,8 @@ def train(
                 ce = F.cross_entropy(logits.float(), y)
                 cohesion, coupling = mask_similarity_losses(masks, y)
                 loss = ce + cfg.alpha * cohesion + cfg.beta * coupling
+                if cfg.gamma > 0 and masks:
+                    loss = loss + cfg.gamma * mask_density(masks)
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             scaler.step(optimizer)

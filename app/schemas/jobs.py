@@ -24,9 +24,15 @@ class JobCreate(BaseModel):
     batch_size: int = Field(128, ge=2, le=8192)
     lr: float = Field(0.05, gt=0, le=10)
     momentum: float = Field(0.9, ge=0, lt=1)
-    weight_decay: float = Field(5e-4, ge=0, le=1)
+    weight_decay: float = Field(0.0, ge=0, le=1, description="SGD weight decay (the paper: none)")
+    mask_lr: float | None = Field(
+        None, gt=0, le=10, description="learning rate of the mask generators (default: lr)"
+    )
     alpha: float = Field(0.5, ge=0, le=100, description="cohesion loss weight")
     beta: float = Field(1.5, ge=0, le=100, description="coupling loss weight")
+    gamma: float = Field(
+        0.0, ge=0, le=100, description="mask-density weight (0: the paper's loss)"
+    )
     tau: float = Field(0.9, gt=0, le=1, description="modularization threshold")
     seed: int = Field(0, ge=0, le=2**31 - 1)
     modular: bool = Field(True, description="MwT training (false = standard training, no modules)")

@@ -19,6 +19,11 @@ def test_submit_returns_202_with_id_and_location(client: TestClient) -> None:
     assert job["status"] == "queued" and job["attempts"] == 0 and job["max_attempts"] == 3
     assert job["params"]["epochs"] == 2 and job["params"]["tau"] == 0.9 and job["queue"] == "gpu"
     assert client.get(f"/api/v1/jobs/{job['id']}").json()["id"] == job["id"]
+    # The paper's loss and optimiser by default; the extra knobs are stored when given.
+    p = job["params"]
+    assert p["weight_decay"] == 0.0 and p["mask_lr"] is None and p["gamma"] == 0.0
+    tuned = client.post("/api/v1/jobs", json={**TINY, "mask_lr": 0.2, "gamma": 0.5}).json()
+    assert tuned["params"]["mask_lr"] == 0.2 and tuned["params"]["gamma"] == 0.5
 
 
 def test_bad_input_says_what_to_fix(client: TestClient) -> None:
@@ -29,6 +34,8 @@ def test_bad_input_says_what_to_fix(client: TestClient) -> None:
         ({**TINY, "epochs": 0}, "epochs: Input should be greater than or equal to 1"),
         ({**TINY, "width": -1}, "width: Input should be greater than 0"),
         ({**TINY, "tau": 1.5}, "tau: Input should be less than or equal to 1"),
+        ({**TINY, "mask_lr": 0}, "mask_lr: Input should be greater than 0"),
+        ({**TINY, "gamma": -1}, "gamma: Input should be greater than or equal to 0"),
         ({**TINY, "optimizer": "adam"}, "optimizer: Extra inputs are not permitted"),
         ({**TINY, "name": "bad name!"}, "name: String should match pattern"),
     ]

@@ -15,7 +15,10 @@ import pytest
 from app.client import MwtClient
 from app.testing import ServiceProcess, clean_env, free_port, wait_http
 
-TINY = {"dataset": "digits", "arch": "simcnn", "width": 0.125, "epochs": 2, "batch_size": 128}
+TINY = {
+    "dataset": "digits", "arch": "simcnn", "width": 0.125, "epochs": 2, "batch_size": 128,
+    "mask_lr": 0.1,
+}
 
 
 @pytest.fixture(scope="module")
@@ -58,6 +61,7 @@ def test_full_session(stack: tuple[MwtClient, ServiceProcess, Path]) -> None:
     model_id = final["model_id"]
     model = hub.model(model_id)
     assert model["status"] == "ready" and len(model["modules"]) == 10
+    assert model["config"]["mask_lr"] == TINY["mask_lr"] and model["config"]["gamma"] == 0.0
     for metric in ("accuracy", "krr", "cohesion", "coupling", "params", "flops", "train_seconds"):
         assert model[metric] is not None, metric
 

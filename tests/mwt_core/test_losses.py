@@ -48,3 +48,15 @@ def test_all_zero_masks_do_not_produce_nan():
     (coh + coup).backward()
     assert torch.isfinite(coh) and torch.isfinite(coup)
     assert torch.isfinite(masks[0].grad).all()
+
+
+def test_mask_density_is_the_mean_mask_over_layers():
+    from mwt_core.losses import mask_density
+
+    a = torch.tensor([[1.0, 0.0], [0.0, 0.0]])  # mean 0.25
+    b = torch.tensor([[0.5, 0.5, 0.5], [0.5, 0.5, 0.5]])  # mean 0.5
+    assert float(mask_density([a, b])) == 0.375
+    assert float(mask_density([])) == 0.0
+    a.requires_grad_(True)
+    mask_density([a]).backward()
+    assert torch.allclose(a.grad, torch.full_like(a, 0.25))

@@ -81,3 +81,24 @@ def test_bad_config_is_rejected():
     with pytest.raises(ValueError, match="device"):
         from mwt_core.devices import resolve_device
         resolve_device("tpu")
+
+
+def test_density_term_switches_kernels_off(digits32):
+    # The optional gamma term must lower the share of active kernels against the same run without it.
+    data = _subset(digits32)
+    rates = {}
+    for gamma in (0.0, 10.0):
+        reports = []
+        train(_small(digits32, epochs=3, gamma=gamma, mask_lr=0.5), data, progress=reports.append)
+        rates[gamma] = reports[-1].kernel_rate
+    assert rates[10.0] < rates[0.0] - 0.1, rates
+
+
+def test_checkpoint_of_an_older_config_still_resumes():
+    # A checkpoint written before a config field existed stores no value for it: its default applies.
+    from mwt_core.training import same_run
+
+    cfg = TrainConfig(device="cpu").to_json()
+    older = {k: v for k, v in cfg.items() if k != "gamma"}
+    assert same_run(older, {**cfg, "device": "cuda"})
+    assert not same_run(older, {**cfg, "gamma": 0.5})
