@@ -340,6 +340,12 @@ def submit(
     lr: Annotated[float, typer.Option(help="Learning rate.")] = 0.05,
     alpha: Annotated[float, typer.Option(help="Cohesion loss weight.")] = 0.5,
     beta: Annotated[float, typer.Option(help="Coupling loss weight.")] = 1.5,
+    mask_lr: Annotated[
+        float | None, typer.Option(help="Mask-generator learning rate (default: --lr).")
+    ] = None,
+    gamma: Annotated[
+        float | None, typer.Option(help="Mask-density weight (default 0: the paper's loss).")
+    ] = None,
     tau: Annotated[float, typer.Option(help="Modularization threshold.")] = 0.9,
     seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
     standard: Annotated[
@@ -365,6 +371,8 @@ def submit(
             lr=lr,
             alpha=alpha,
             beta=beta,
+            mask_lr=mask_lr,
+            gamma=gamma,
             tau=tau,
             seed=seed,
             modular=not standard,

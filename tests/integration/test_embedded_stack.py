@@ -16,7 +16,11 @@ from app.client import MwtClient
 from app.testing import ServiceProcess, clean_env, free_port, wait_http
 
 TINY = {
-    "dataset": "digits", "arch": "simcnn", "width": 0.125, "epochs": 2, "batch_size": 128,
+    "dataset": "digits",
+    "arch": "simcnn",
+    "width": 0.125,
+    "epochs": 2,
+    "batch_size": 128,
     "mask_lr": 0.1,
 }
 
@@ -149,6 +153,25 @@ def _check_client_cli(hub: MwtClient, model_id: int, job_id: str) -> None:
     res = runner.invoke(cli, ["jobs", *auth, "--status", "succeeded", "--json"])
     assert res.exit_code == 0, res.output
     assert job_id in {j["id"] for j in json.loads(res.output)["items"]}
+    res = runner.invoke(
+        cli,
+        [
+            "submit",
+            *auth,
+            "--standard",
+            "--width",
+            "0.125",
+            "--epochs",
+            "1",
+            "--mask-lr",
+            "0.1",
+            "--json",
+        ],
+    )
+    assert res.exit_code == 0, res.output
+    submitted = json.loads(res.output)
+    assert submitted["params"]["mask_lr"] == 0.1 and submitted["params"]["gamma"] == 0.0
+    assert hub.wait(submitted["id"], timeout=300)["status"] == "succeeded"
     res = runner.invoke(cli, ["models", "--url", auth[1], "--key", "wrong"])
     assert res.exit_code != 0 and "Traceback" not in res.output
 
@@ -169,4 +192,4 @@ def test_cancel_a_running_job(stack: tuple[MwtClient, ServiceProcess, Path]) -> 
     assert final["status"] == "cancelled" and final["error"] == "cancelled by user"
     assert hub.model(final["model_id"])["status"] == "failed"  # the reserved version is never ready
     text = hub.http.get("/metrics").text
-    assert 'mwt_jobs{state="cancelled"} 1.0' in text and 'mwt_jobs{state="succeeded"} 2.0' in text
+    assert 'mwt_jobs{state="cancelled"} 1.0' in text and 'mwt_jobs{state="succeeded"} 3.0' in text
