@@ -26,7 +26,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from mwt_core.datasets import load_dataset
+from mwt_core.datasets import holdout, load_dataset
 from mwt_core.devices import resolve_device
 from mwt_core.modularize import modularize
 from mwt_core.registry import architecture_info
@@ -53,6 +53,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="learning rate of the mask generators (default: --lr)")
     p.add_argument("--alpha", type=float, default=0.5, help="cohesion loss weight")
     p.add_argument("--beta", type=float, default=1.5, help="coupling loss weight")
+    p.add_argument("--holdout", type=float, default=0.0,
+                   help="evaluate on this stratified fraction of the training split instead of "
+                        "the test split (for choosing settings)")
     p.add_argument("--gamma", type=float, default=0.0,
                    help="mask-density weight (0: the paper's loss)")
     p.add_argument(
@@ -94,6 +97,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     err = Console(stderr=True)
     device = str(resolve_device(args.device))
     data = load_dataset("digits", min_input_size=architecture_info(args.arch).min_input_size)
+    if args.holdout:
+        data = holdout(data, args.holdout)
     if args.train_limit is not None:
         data = replace(
             data, train_x=data.train_x[: args.train_limit], train_y=data.train_y[: args.train_limit]
@@ -180,6 +185,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "alpha": args.alpha,
             "beta": args.beta,
             "gamma": args.gamma,
+            "eval_split": f"holdout {args.holdout} of train" if args.holdout else "test",
             "device": device,
             "mask_generators": keep_gens,
             "num_train": int(data.train_y.numel()),

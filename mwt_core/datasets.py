@@ -46,6 +46,7 @@ __all__ = [
     "channel_stats",
     "default_data_dir",
     "digits_dataset",
+    "holdout",
     "ensure_min_size",
     "list_datasets",
     "load_dataset",
@@ -321,6 +322,27 @@ def digits_dataset() -> DatasetBundle:
         [str(i) for i in range(10)],
         hflip=False,  # a mirrored digit is not the same digit
     )
+
+
+def holdout(bundle: DatasetBundle, fraction: float = 0.2, seed: int = 0) -> DatasetBundle:
+    """The same dataset with its test split replaced by a stratified ``fraction`` of the
+    training split (and that part removed from training): for choosing settings without
+    ever looking at the test split."""
+    from dataclasses import replace
+
+    from sklearn.model_selection import train_test_split
+
+    if not 0 < fraction < 1:
+        raise DatasetError(f"holdout fraction must be in (0, 1), got {fraction}")
+    idx = np.arange(len(bundle.train_y))
+    labels = bundle.train_y.numpy()
+    try:
+        tr, va = train_test_split(idx, test_size=fraction, stratify=labels, random_state=seed)
+    except ValueError as exc:  # a class too small to split
+        raise DatasetError(f"cannot hold out {fraction} of {bundle.name}'s training split: {exc}") from None
+    tr, va = torch.from_numpy(np.sort(tr)), torch.from_numpy(np.sort(va))
+    return replace(bundle, name=f"{bundle.name}-holdout", train_x=bundle.train_x[tr],
+                   train_y=bundle.train_y[tr], test_x=bundle.train_x[va], test_y=bundle.train_y[va])
 
 
 # --------------------------------------------------------------------------- synthetic

@@ -38,7 +38,13 @@ def test_quality_bench_tiny():
     assert set(r) >= QUALITY_KEYS
     for key in QUALITY_KEYS - {"standard_s", "mwt_s"}:
         assert 0.0 <= r[key] <= 1.0, key
-    assert r["standard_s"] > 0 and r["mwt_s"] > 0
+    assert r["standard_s"] > 0 and r["mwt_s"] > 0 and r["eval_split"] == "test"
+
+
+def test_quality_bench_can_choose_on_a_holdout_of_train():
+    r = _last_json_line("quality.py", "--epochs", "1", "--width", "0.125", "--finetune-epochs", "1",
+                        "--holdout", "0.2", "--device", "cpu")
+    assert r["eval_split"] == "holdout 0.2 of train" and r["num_train"] == 1149
 
 
 def test_speed_bench_tiny():

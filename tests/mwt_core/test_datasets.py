@@ -454,3 +454,24 @@ def test_list_datasets(tmp_path: Path) -> None:
     _fake_mnist(tmp_path, "MNIST")
     infos = {i.name: i for i in list_datasets(tmp_path)}
     assert infos["mnist"].available and not infos["fashion_mnist"].available
+
+
+def test_holdout_carves_a_stratified_validation_split_from_training():
+    from mwt_core.datasets import DatasetError, holdout, load_dataset
+
+    data = load_dataset("digits")
+    held = holdout(data, 0.2)
+    assert len(held.train_y) + len(held.test_y) == len(data.train_y) == 1437
+    assert len(held.test_y) == 288
+    # Stratified: every class keeps about a fifth of its training images for validation.
+    per_class = torch.bincount(held.test_y, minlength=10).float() / torch.bincount(data.train_y).float()
+    assert torch.all((per_class - 0.2).abs() < 0.02)
+    # The two parts are exactly the training split, re-partitioned: the test split never enters.
+    def rows(x: torch.Tensor, y: torch.Tensor) -> list[bytes]:
+        return sorted(xi.numpy().tobytes() + bytes([int(yi)]) for xi, yi in zip(x, y, strict=True))
+
+    both = rows(torch.cat([held.train_x, held.test_x]), torch.cat([held.train_y, held.test_y]))
+    assert both == rows(data.train_x, data.train_y)
+    assert held.test_x.shape[1:] == data.train_x.shape[1:]
+    with pytest.raises(DatasetError, match="fraction"):
+        holdout(data, 1.5)
