@@ -25,7 +25,7 @@ import json
 import math
 import os
 import zipfile
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -328,8 +328,6 @@ def holdout(bundle: DatasetBundle, fraction: float = 0.2, seed: int = 0) -> Data
     """The same dataset with its test split replaced by a stratified ``fraction`` of the
     training split (and that part removed from training): for choosing settings without
     ever looking at the test split."""
-    from dataclasses import replace
-
     from sklearn.model_selection import train_test_split
 
     if not 0 < fraction < 1:

@@ -10,6 +10,7 @@ the artifacts are on disk and their checksums verified.
 
 from __future__ import annotations
 
+import datetime as dt
 import logging
 import math
 import os
@@ -338,7 +339,7 @@ def _fenced(s: Session, job_id: str, worker: str, **values: Any) -> None:
 
 
 def _mark_succeeded(
-    s: Session, job_id: str, worker: str, now: Any, progress: dict[str, Any],
+    s: Session, job_id: str, worker: str, now: dt.datetime, progress: dict[str, Any],
     result: dict[str, Any], **values: Any,
 ) -> None:
     """Fenced: the job succeeded (only if this worker still holds it)."""

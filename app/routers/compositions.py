@@ -74,11 +74,10 @@ def create(
     if body.finetune is not None:
         return _start_finetune(db, settings, dispatcher, principal, model, classes, body)
 
-    key = ",".join(map(str, classes))
     existing = db.scalar(
         select(Composition).where(
             Composition.model_id == model.id,
-            Composition.classes_key == key,
+            Composition.classes_key == svc.classes_key(classes),
             Composition.finetuned.is_(False),
         )
     )
@@ -109,10 +108,11 @@ def _compose(
         ) from None
     module, metrics = svc.build(loaded, data, classes, device="cpu")
     manifest = svc.manifest_for(model, loaded, classes, metrics, finetuned=False)
-    stored = svc.store(settings, module, manifest)
-    rel = stored[0]
-    comp = svc.composition_row(model.id, list(model.class_names), classes, metrics, stored,
-                               finetuned=False)
+    comp = svc.composition_row(
+        model.id, list(model.class_names), classes, metrics,
+        svc.store(settings, module, manifest), finetuned=False,
+    )
+    rel = comp.artifact_path
     db.add(comp)
     try:
         db.commit()

@@ -195,6 +195,11 @@ def store(
     return storage.relative(settings.artifacts, art), sha, size
 
 
+def classes_key(classes: list[int]) -> str:
+    """The registry's lookup key of a class list (one zero-training composition per key)."""
+    return ",".join(map(str, classes))
+
+
 def composition_row(
     model_id: int,
     class_names: list[str],
@@ -203,7 +208,7 @@ def composition_row(
     stored: tuple[str, str, int],
     *,
     finetuned: bool,
-    job_id: int | None = None,
+    job_id: str | None = None,
 ) -> Composition:
     """The registry row of a stored composition (``stored`` is what :func:`store` returned)."""
     rel, sha, size = stored
@@ -211,7 +216,7 @@ def composition_row(
         model_id=model_id,
         classes=classes,
         class_names=[str(class_names[c]) for c in classes],
-        classes_key=",".join(map(str, classes)),
+        classes_key=classes_key(classes),
         finetuned=finetuned,
         status=ModelStatus.ready.value,
         accuracy=metrics["accuracy"],
