@@ -344,7 +344,7 @@ def submit(
         float | None, typer.Option(help="Mask-generator learning rate (default: --lr).")
     ] = None,
     gamma: Annotated[
-        float | None, typer.Option(help="Mask-density weight (default 0: the paper's loss).")
+        float | None, typer.Option(help="Cross-class mask-overlap weight (default 0: the paper's loss).")
     ] = None,
     tau: Annotated[float, typer.Option(help="Modularization threshold.")] = 0.9,
     seed: Annotated[int, typer.Option(help="Random seed.")] = 0,

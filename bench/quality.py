@@ -57,7 +57,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="evaluate on this stratified fraction of the training split instead of "
                         "the test split (for choosing settings)")
     p.add_argument("--gamma", type=float, default=0.0,
-                   help="mask-density weight (0: the paper's loss)")
+                   help="cross-class mask-overlap weight (0: the paper's loss)")
     p.add_argument(
         "--no-mask-generators",
         action="store_true",
@@ -131,6 +131,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "krr": mz.model_krr,
         "cohesion": mz.cohesion,
         "coupling": mz.coupling,
+        "layer_coupling": [round(c, 3) for c in mz.layer_coupling()],
     }
     for key, classes in SUBSETS.items():
         with err.status(f"reusing classes {classes}"):

@@ -55,6 +55,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--tau", type=float, default=0.9)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-amp", action="store_true", help="no mixed precision on GPU")
+    p.add_argument("--gamma", type=float, default=0.0,
+                   help="cross-class mask-overlap weight of the MwT run (0: the paper's loss)")
     p.add_argument(
         "--no-warmup",
         action="store_true",
@@ -104,6 +106,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         device=str(device),
         batch_size=args.batch_size,
         amp=not args.no_amp,
+        gamma=args.gamma,
     )
     std = _timed_train(replace(base, modular=False), data, not args.no_warmup, err)
     mwt = _timed_train(replace(base, modular=True), data, not args.no_warmup, err)
@@ -180,6 +183,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "train_size": args.train_size,
             "modularize_size": args.modularize_size,
             "batch_size": args.batch_size,
+            "gamma": args.gamma,
             "latency_batch": args.latency_batch,
             "tau": args.tau,
             "amp": not args.no_amp,

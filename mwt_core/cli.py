@@ -473,6 +473,7 @@ def run_training(cfg: TrainConfig, dataset: str, out: Path, ui: Ui, *, tau: floa
         **metrics,
         "modules": [m["dir"] for m in modules],
         "module_krr": [m["krr"] for m in modules],
+        "layer_coupling": mod.layer_coupling() if mod is not None else None,
         "sha256": manifest["sha256"],
     }
     return TrainOutcome(model, data, mod, manifest, summary)
@@ -511,7 +512,7 @@ def train_cmd(
     modular: Annotated[bool, typer.Option("--modular/--standard", help="MwT (mask generators and losses) or plain training.")] = True,
     alpha: Annotated[float, typer.Option(help="Weight of the cohesion loss.")] = 0.5,
     beta: Annotated[float, typer.Option(help="Weight of the coupling loss.")] = 1.5,
-    gamma: Annotated[float, typer.Option(help="Weight of the mask-density term (0: the paper's loss).")] = 0.0,
+    gamma: Annotated[float, typer.Option(help="Weight of the cross-class mask-overlap term (0: the paper's loss).")] = 0.0,
     lr: Annotated[float, typer.Option(help="SGD learning rate (cosine annealed).")] = 0.05,
     mask_lr: Annotated[float | None, typer.Option(help="Learning rate of the mask generators (default: --lr).")] = None,
     weight_decay: Annotated[float, typer.Option(help="SGD weight decay.")] = TrainConfig.weight_decay,
@@ -576,7 +577,7 @@ def modularize_cmd(
     summary = {
         "model_dir": str(model_dir), "previous_tau": old, **modularization_metrics(mod),
         "module_krr": mod.krr, "per_class_cohesion": mod.per_class_cohesion,
-        "modularize_seconds": seconds, "modules_dir": str(modules_out) if modules else None,
+        "layer_coupling": mod.layer_coupling(), "modularize_seconds": seconds, "modules_dir": str(modules_out) if modules else None,
     }
 
     def render() -> None:

@@ -6,6 +6,13 @@ import torch
 import torch.nn.functional as F
 
 
+def _pair_weights(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``B x B`` float indicators of same-label and different-label pairs ``i < j``."""
+    same = labels[:, None] == labels[None, :]
+    upper = torch.ones_like(same).triu(diagonal=1)
+    return (same & upper).float(), (~same & upper).float()
+
+
 def mask_similarity_losses(
     masks: list[torch.Tensor], labels: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -19,10 +26,7 @@ def mask_similarity_losses(
     if not masks:
         zero = labels.new_zeros((), dtype=torch.float32)
         return zero, zero
-    same = labels[:, None] == labels[None, :]
-    upper = torch.ones_like(same).triu(diagonal=1)
-    same_pairs = (same & upper).float()
-    diff_pairs = (~same & upper).float()
+    same_pairs, diff_pairs = _pair_weights(labels)
     n_same = same_pairs.sum()
     n_diff = diff_pairs.sum()
 
@@ -38,13 +42,25 @@ def mask_similarity_losses(
     return cohesion / len(masks), coupling / len(masks)
 
 
-def mask_density(masks: list[torch.Tensor]) -> torch.Tensor:
-    """Mean mask value, averaged over masked layers: an optional sparsity term (not in DESIGN §1.2).
+def mask_overlap(masks: list[torch.Tensor], labels: torch.Tensor) -> torch.Tensor:
+    """Mean un-normalised overlap ``m_i . m_j / K`` of different-label pairs, averaged over layers.
 
-    Cohesion and coupling compare mask *directions*, so a kernel every class switches on
-    a little costs them almost nothing yet counts fully in the binary modules (KRR,
-    coupling). Weighting this term (``TrainConfig.gamma``) pushes such kernels off.
+    An optional term (``TrainConfig.gamma``), not in DESIGN §1.2. The cosine coupling
+    loss is blind to scale: where a layer's mask generator cannot tell the classes
+    apart (early layers on small, uniform images), every sample gets the same mask,
+    cosine similarity is 1 whatever that mask is, and the gradient vanishes, so a
+    kernel every class keeps on costs nothing there yet counts fully in the binary
+    modules (KRR, coupling). This term charges each kernel by how strongly
+    samples of *different* classes use it together: shared kernels are pushed off
+    unless the classification loss needs them, class-specific ones are left alone
+    (unlike a plain density penalty, which also shrinks those).
     """
     if not masks:
-        return torch.zeros((), dtype=torch.float32)
-    return torch.stack([m.float().mean() for m in masks]).mean()
+        return labels.new_zeros((), dtype=torch.float32)
+    _, diff_pairs = _pair_weights(labels)
+    n_diff = diff_pairs.sum().clamp(min=1)  # no different-label pair: every product is masked out
+    total = masks[0].new_zeros((), dtype=torch.float32)
+    for mask in masks:
+        m = mask.float()
+        total = total + ((m @ m.T) * diff_pairs).sum() / (n_diff * m.shape[1])
+    return total / len(masks)

@@ -48,6 +48,18 @@ class Modularization:
         layers = len(self.class_masks[0])
         return [torch.stack([self.class_masks[c][l] for c in classes]).any(0) for l in range(layers)]
 
+    def layer_coupling(self) -> list[float]:
+        """Coupling of each masked layer alone: shows where the class modules share kernels."""
+        k = self.num_classes
+        if k < 2:
+            return [0.0 for _ in self.class_masks[0]]
+        out = []
+        for layer in range(len(self.class_masks[0])):
+            keep = torch.stack([self.class_masks[c][layer] for c in range(k)])
+            jac = _pairwise_jaccard(keep, keep)
+            out.append(float((jac.sum() - jac.diagonal().sum()) / (k * (k - 1))))
+        return out
+
     def krr_of(self, classes: list[int]) -> float:
         keep = self.union(classes)
         return float(sum(int(k.sum()) for k in keep) / sum(k.numel() for k in keep))
@@ -59,6 +71,7 @@ class Modularization:
             "kernels": [int(m.numel()) for m in self.class_masks[0]],
             "krr": self.krr, "model_krr": self.model_krr, "cohesion": self.cohesion,
             "coupling": self.coupling, "per_class_cohesion": self.per_class_cohesion,
+            "layer_coupling": self.layer_coupling(),  # derived; from_json recomputes it
         }
 
     @classmethod

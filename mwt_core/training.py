@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from mwt_core.batches import ImageBatches
 from mwt_core.datasets import DatasetBundle
 from mwt_core.devices import resolve_device
-from mwt_core.losses import mask_density, mask_similarity_losses
+from mwt_core.losses import mask_overlap, mask_similarity_losses
 from mwt_core.registry import MwTNet, architecture_info, create_model
 
 CHECKPOINT_NAME = "last.pt"
@@ -46,7 +46,7 @@ class TrainConfig:
     mask_lr: float | None = None  # learning rate of the mask generators (None: same as lr)
     alpha: float = 0.5
     beta: float = 1.5
-    gamma: float = 0.0  # weight of the mask-density term; 0 is the paper's loss
+    gamma: float = 0.0  # weight of the cross-class mask-overlap term; 0 is the paper's loss
     modular: bool = True
     seed: int = 0
     device: str = "auto"
@@ -249,7 +249,7 @@ def train(
                 cohesion, coupling = mask_similarity_losses(masks, y)
                 loss = ce + cfg.alpha * cohesion + cfg.beta * coupling
                 if cfg.gamma > 0 and masks:
-                    loss = loss + cfg.gamma * mask_density(masks)
+                    loss = loss + cfg.gamma * mask_overlap(masks, y)
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             scaler.step(optimizer)

@@ -520,6 +520,7 @@ def _train(factory: sessionmaker[Session], settings: Settings, job: Job, ctx: Jo
                 "coupling": mod.coupling,
                 "module_krr": mod.krr,
                 "per_class_cohesion": mod.per_class_cohesion,
+                "layer_coupling": mod.layer_coupling(),
             }
         )
     # Manifest keys follow mwt_core's CLI, so `mwt show/extract/evaluate` work on downloaded artifacts.
@@ -604,7 +605,7 @@ def _train(factory: sessionmaker[Session], settings: Settings, job: Job, ctx: Jo
     job_result = {
         k: v
         for k, v in model_metrics.items()
-        if k not in ("class_recall", "module_krr", "per_class_cohesion")
+        if k not in ("class_recall", "module_krr", "per_class_cohesion", "layer_coupling")
     }
     job_result.update(
         {

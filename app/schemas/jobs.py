@@ -31,7 +31,7 @@ class JobCreate(BaseModel):
     alpha: float = Field(0.5, ge=0, le=100, description="cohesion loss weight")
     beta: float = Field(1.5, ge=0, le=100, description="coupling loss weight")
     gamma: float = Field(
-        0.0, ge=0, le=100, description="mask-density weight (0: the paper's loss)"
+        0.0, ge=0, le=100, description="weight of the cross-class mask-overlap term (0: the paper's loss)"
     )
     tau: float = Field(0.9, gt=0, le=1, description="modularization threshold")
     seed: int = Field(0, ge=0, le=2**31 - 1)

@@ -50,8 +50,8 @@ def test_quality_bench_can_choose_on_a_holdout_of_train():
 def test_speed_bench_tiny():
     r = _last_json_line("speed.py", "--width", "0.125", "--train-size", "256", "--test-size", "32",
                         "--modularize-size", "512", "--latency-batch", "16", "--no-warmup",
-                        "--device", "cpu")
-    assert set(r) >= SPEED_KEYS
+                        "--gamma", "0.5", "--device", "cpu")
+    assert set(r) >= SPEED_KEYS and r["gamma"] == 0.5
     for key in SPEED_KEYS:
         assert r[key] > 0, key
     for key in ("module1_flops_ratio", "module3_flops_ratio"):

@@ -50,13 +50,46 @@ def test_all_zero_masks_do_not_produce_nan():
     assert torch.isfinite(masks[0].grad).all()
 
 
-def test_mask_density_is_the_mean_mask_over_layers():
-    from mwt_core.losses import mask_density
+def test_mask_overlap_matches_pairwise_definition():
+    from mwt_core.losses import mask_overlap
 
-    a = torch.tensor([[1.0, 0.0], [0.0, 0.0]])  # mean 0.25
-    b = torch.tensor([[0.5, 0.5, 0.5], [0.5, 0.5, 0.5]])  # mean 0.5
-    assert float(mask_density([a, b])) == 0.375
-    assert float(mask_density([])) == 0.0
-    a.requires_grad_(True)
-    mask_density([a]).backward()
-    assert torch.allclose(a.grad, torch.full_like(a, 0.25))
+    torch.manual_seed(0)
+    masks = [torch.rand(6, 5), torch.rand(6, 3)]
+    labels = torch.tensor([0, 1, 0, 2, 1, 0])
+    expected = []
+    for m in masks:
+        pairs = [torch.dot(m[i], m[j]) / m.shape[1]
+                 for i in range(6) for j in range(i + 1, 6) if labels[i] != labels[j]]
+        expected.append(torch.stack(pairs).mean())
+    assert torch.isclose(mask_overlap(masks, labels), torch.stack(expected).mean(), atol=1e-6)
+
+
+def test_mask_overlap_charges_shared_kernels_only():
+    from mwt_core.losses import mask_overlap
+
+    # Kernel 0 is on for both classes, kernels 1 and 2 belong to one class each.
+    m = torch.tensor([[0.8, 0.9, 0.0], [0.8, 0.9, 0.0], [0.8, 0.0, 0.7], [0.8, 0.0, 0.7]],
+                     requires_grad=True)
+    labels = torch.tensor([0, 0, 1, 1])
+    loss = mask_overlap([m], labels)
+    assert loss.item() == pytest.approx(0.8 * 0.8 / 3)
+    loss.backward()
+    assert (m.grad[:, 0] > 0).all()
+    # A class's own kernels feel no push (only switching on another class's kernel would cost).
+    assert (m.grad[:2, 1] == 0).all() and (m.grad[2:, 2] == 0).all()
+    # The cosine coupling loss of the same masks stays > 0 but cannot tell a shared kernel from
+    # a scaled-down one; the overlap term falls when the shared kernel is switched off.
+    off = m.detach().clone()
+    off[:, 0] = 0
+    assert float(mask_overlap([off], labels)) == 0.0
+
+
+def test_mask_overlap_without_masks_or_different_pairs_is_zero():
+    from mwt_core.losses import mask_overlap
+
+    assert float(mask_overlap([], torch.tensor([0, 1]))) == 0.0
+    m = torch.rand(3, 4, requires_grad=True)
+    loss = mask_overlap([m], torch.tensor([2, 2, 2]))
+    assert float(loss) == 0.0
+    loss.backward()
+    assert (m.grad == 0).all()

@@ -70,6 +70,12 @@ def test_metrics_match_brute_force_on_real_digits(digits32, monkeypatch):
     total = sum(net.kernel_counts())
     assert result.krr[0] == pytest.approx(keep[0].sum().item() / total)
     assert result.model_krr == pytest.approx(sum(result.krr) / 10)
+    # Per-layer coupling is the same brute-force coupling on one layer's kernels at a time.
+    layers = result.layer_coupling()
+    assert len(layers) == len(net.kernel_counts())
+    for i, value in enumerate(layers):
+        one = [result.class_masks[c][i] for c in range(10)]
+        assert value == pytest.approx(_brute_force([seen["activity"][i]], data.train_y, one, 10)[1], abs=1e-5)
 
 
 def test_union_json_roundtrip_and_errors(digits32):

@@ -83,8 +83,9 @@ def test_bad_config_is_rejected():
         resolve_device("tpu")
 
 
-def test_density_term_switches_kernels_off(digits32):
-    # The optional gamma term must lower the share of active kernels against the same run without it.
+def test_overlap_term_switches_kernels_off(digits32):
+    # The optional gamma term (cross-class mask overlap) must lower the share of active kernels
+    # against the same run without it.
     data = _subset(digits32)
     rates = {}
     for gamma in (0.0, 10.0):
