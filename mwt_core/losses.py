@@ -43,17 +43,19 @@ def mask_similarity_losses(
 
 
 def mask_overlap(masks: list[torch.Tensor], labels: torch.Tensor) -> torch.Tensor:
-    """Mean un-normalised overlap ``m_i . m_j / K`` of different-label pairs, averaged over layers.
+    """Un-normalised mask overlap of different-label pairs, weighted per layer by its coupling.
 
     An optional term (``TrainConfig.gamma``), not in DESIGN §1.2. The cosine coupling
     loss is blind to scale: where a layer's mask generator cannot tell the classes
     apart (early layers on small, uniform images), every sample gets the same mask,
     cosine similarity is 1 whatever that mask is, and the gradient vanishes, so a
     kernel every class keeps on costs nothing there yet counts fully in the binary
-    modules (KRR, coupling). This term charges each kernel by how strongly
-    samples of *different* classes use it together: shared kernels are pushed off
-    unless the classification loss needs them, class-specific ones are left alone
-    (unlike a plain density penalty, which also shrinks those).
+    modules (KRR, coupling). For each layer this term takes the mean of
+    ``m_i . m_j / K`` over different-label pairs, which charges each kernel by how
+    strongly samples of *different* classes use it together (a class's own kernels
+    feel no push), and weights it by the layer's cosine coupling (detached), so a
+    layer stuck at one shared mask feels all of it and a layer whose masks already
+    differ by class keeps its class-specific kernels. Averaged over layers.
     """
     if not masks:
         return labels.new_zeros((), dtype=torch.float32)
@@ -62,5 +64,8 @@ def mask_overlap(masks: list[torch.Tensor], labels: torch.Tensor) -> torch.Tenso
     total = masks[0].new_zeros((), dtype=torch.float32)
     for mask in masks:
         m = mask.float()
-        total = total + ((m @ m.T) * diff_pairs).sum() / (n_diff * m.shape[1])
+        with torch.no_grad():
+            unit = F.normalize(m, dim=1, eps=1e-8)
+            weight = ((unit @ unit.T) * diff_pairs).sum() / n_diff
+        total = total + weight * ((m @ m.T) * diff_pairs).sum() / (n_diff * m.shape[1])
     return total / len(masks)

@@ -58,9 +58,10 @@ def test_mask_overlap_matches_pairwise_definition():
     labels = torch.tensor([0, 1, 0, 2, 1, 0])
     expected = []
     for m in masks:
-        pairs = [torch.dot(m[i], m[j]) / m.shape[1]
-                 for i in range(6) for j in range(i + 1, 6) if labels[i] != labels[j]]
-        expected.append(torch.stack(pairs).mean())
+        pairs = [(i, j) for i in range(6) for j in range(i + 1, 6) if labels[i] != labels[j]]
+        overlap = torch.stack([torch.dot(m[i], m[j]) / m.shape[1] for i, j in pairs]).mean()
+        cosine = torch.stack([torch.dot(m[i], m[j]) / (m[i].norm() * m[j].norm()) for i, j in pairs]).mean()
+        expected.append(cosine * overlap)
     assert torch.isclose(mask_overlap(masks, labels), torch.stack(expected).mean(), atol=1e-6)
 
 
@@ -72,7 +73,8 @@ def test_mask_overlap_charges_shared_kernels_only():
                      requires_grad=True)
     labels = torch.tensor([0, 0, 1, 1])
     loss = mask_overlap([m], labels)
-    assert loss.item() == pytest.approx(0.8 * 0.8 / 3)
+    cosine = 0.8 * 0.8 / (torch.tensor([0.8, 0.9]).norm() * torch.tensor([0.8, 0.7]).norm())
+    assert loss.item() == pytest.approx(float(cosine) * 0.8 * 0.8 / 3)
     loss.backward()
     assert (m.grad[:, 0] > 0).all()
     # A class's own kernels feel no push (only switching on another class's kernel would cost).
@@ -84,12 +86,23 @@ def test_mask_overlap_charges_shared_kernels_only():
     assert float(mask_overlap([off], labels)) == 0.0
 
 
+def test_mask_overlap_weighs_layers_by_their_coupling():
+    from mwt_core.losses import mask_overlap
+
+    labels = torch.tensor([0, 0, 1, 1])
+    # A layer that gives every sample the same mask (cosine coupling 1) is charged far more
+    # than one that already separates the classes apart from one shared kernel.
+    stuck = torch.tensor([[0.5, 0.5], [0.5, 0.5], [0.5, 0.5], [0.5, 0.5]])
+    split = torch.tensor([[0.5, 1.0, 0.0], [0.5, 1.0, 0.0], [0.5, 0.0, 1.0], [0.5, 0.0, 1.0]])
+    assert mask_overlap([stuck], labels).item() > 2 * mask_overlap([split], labels).item()
+
+
 def test_mask_overlap_without_masks_or_different_pairs_is_zero():
     from mwt_core.losses import mask_overlap
 
     assert float(mask_overlap([], torch.tensor([0, 1]))) == 0.0
     m = torch.rand(3, 4, requires_grad=True)
     loss = mask_overlap([m], torch.tensor([2, 2, 2]))
-    assert float(loss) == 0.0
+    assert loss.item() == 0.0
     loss.backward()
     assert (m.grad == 0).all()
