@@ -608,6 +608,10 @@ def download(
         out.print(f"  {f}")
 
 
+def _class_items(text: str) -> list[int | str]:
+    return [int(c) if c.strip().isdigit() else c.strip() for c in text.split(",") if c.strip()]
+
+
 @app.command()
 def compose(
     model_id: Annotated[int, typer.Argument(help="Model id.")],
@@ -616,6 +620,16 @@ def compose(
     ],
     url: UrlOpt = "http://127.0.0.1:8000",
     key: KeyOpt = None,
+    also: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--with",
+            help="Classes of another model, MODEL_ID:CLASSES (e.g. 7:0,1); repeat for more models.",
+        ),
+    ] = None,
+    calibration: Annotated[
+        int, typer.Option(help="Training images per class to calibrate a cross-model composition.")
+    ] = 20,
     finetune_epochs: Annotated[
         int | None, typer.Option(help="Fine-tune a head for N epochs (runs as a job).")
     ] = None,
@@ -624,13 +638,21 @@ def compose(
     ] = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Compose a classifier for some classes of a model and show its test accuracy."""
-    items: list[int | str] = [
-        int(c) if c.strip().isdigit() else c.strip() for c in classes.split(",") if c.strip()
-    ]
+    """Compose a classifier for some classes of a model (or several) and show its test accuracy."""
+    sources = [(model_id, _class_items(classes))]
+    for spec in also or []:
+        mid, sep, rest = spec.partition(":")
+        if not sep or not mid.strip().isdigit():
+            _fail(f"--with {spec!r}: write MODEL_ID:CLASSES, e.g. 7:0,1")
+        sources.append((int(mid), _class_items(rest)))
     with _client(url, key) as hub:
         finetune = {"epochs": finetune_epochs} if finetune_epochs else None
-        comp = _call(hub.compose, model_id, items, finetune)
+        if len(sources) > 1:
+            if finetune:
+                _fail("--finetune-epochs works on one model's classes; drop --with or the option")
+            comp = _call(hub.compose_across, sources, calibration)
+        else:
+            comp = _call(hub.compose, model_id, sources[0][1], finetune)
         if finetune:
             job = _watch(hub, comp["id"], as_json=False)
             comp = _call(hub.composition, job["composition_id"])
@@ -642,7 +664,8 @@ def compose(
         return
     out.print(
         _table(
-            f"composition {comp['id']} of model {comp['model_id']}",
+            f"composition {comp['id']} of model(s) "
+            + ", ".join(str(src["model_id"]) for src in comp["sources"]),
             ["classes", "accuracy", "full model", "loss", "KRR", "params", "FLOPs", "sha256"],
             [
                 [

@@ -212,6 +212,16 @@ class MwtClient:
             body["finetune"] = finetune
         return self._json("POST", "/api/v1/compositions", json=body)
 
+    def compose_across(
+        self, sources: list[tuple[int, list[int | str]]], calibration_per_class: int = 20
+    ) -> dict[str, Any]:
+        """Compose classes of several models: ``[(model_id, classes), ...]`` in output order."""
+        body = {
+            "sources": [{"model_id": m, "classes": list(c)} for m, c in sources],
+            "calibration_per_class": calibration_per_class,
+        }
+        return self._json("POST", "/api/v1/compositions", json=body)
+
     def composition(self, composition_id: int) -> dict[str, Any]:
         return self._json("GET", f"/api/v1/compositions/{composition_id}")
 

@@ -198,6 +198,66 @@ def seed_fake_model(
     return model
 
 
+def seed_trained_model(
+    session: Session,
+    settings: Settings,
+    *,
+    seed: int = 0,
+    arch: str = "simcnn",
+    train_images: int = 256,
+    name: str = "digits-tiny",
+) -> Model:
+    """Train a tiny real MwT model on part of digits (about a second) and register it as ready.
+
+    The registry row and the artifact are real (safetensors + manifest with its modularization),
+    so compositions can load and measure it; no module rows are written.
+    """
+    from dataclasses import replace
+
+    from sqlalchemy import func, select
+
+    from mwt_core.artifacts import save_artifact
+    from mwt_core.datasets import load_dataset
+    from mwt_core.modularize import modularize
+    from mwt_core.registry import architecture_info
+    from mwt_core.training import TrainConfig, train
+
+    data = load_dataset("digits", min_input_size=architecture_info(arch).min_input_size)
+    small = replace(data, train_x=data.train_x[:train_images], train_y=data.train_y[:train_images])
+    cfg = TrainConfig(
+        arch=arch, width=0.125, epochs=1, batch_size=64, seed=seed, device="cpu", mask_lr=0.1
+    )
+    result = train(cfg, small)
+    mz = modularize(result.model, small, device="cpu")
+    version = (session.scalar(select(func.max(Model.version)).where(Model.name == name)) or 0) + 1
+    model = Model(
+        name=name, version=version, status=ModelStatus.pending.value, dataset="digits",
+        arch=arch, width=cfg.width, modular=True, tau=mz.tau, num_classes=data.num_classes,
+        class_names=list(data.class_names), input_spec=data.spec.to_json(), config={"arch": arch},
+        tags={"seed": str(seed)}, accuracy=result.test_acc, krr=mz.model_krr,
+        cohesion=mz.cohesion, coupling=mz.coupling, epochs=1, created_at=utcnow(),
+    )
+    session.add(model)
+    session.flush()
+    mdir = storage.model_dir(settings.artifacts, model.id)
+    save_artifact(
+        mdir / "model",
+        result.model,
+        {
+            "dataset": "digits",
+            "dataset_ref": "digits",
+            "input_spec": data.spec.to_json(),
+            "class_names": list(data.class_names),
+            "modularization": mz.to_json(),
+        },
+    )
+    model.sha256, model.size_bytes = storage.write_tar(mdir / "model", mdir / "model.tar")
+    model.artifact_path = storage.relative(settings.artifacts, mdir / "model")
+    model.status, model.ready_at = ModelStatus.ready.value, utcnow()
+    session.commit()
+    return model
+
+
 def crash_after_claim(job_id: str, settings_data: dict[str, Any], log_level: str) -> None:
     """Executor target for tests: claim the job like a real run, then die without finishing it."""
     from app.db.session import make_engine, make_sessionmaker

@@ -19,6 +19,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from mwt_core.compose import ComposedClassifier, NormalizedInput
+from mwt_core.datasets import InputSpec
 from mwt_core.registry import UnknownArchitecture, create_model
 from mwt_core.reuse import ModuleClassifier
 from mwt_core.slimming import slim
@@ -49,9 +51,16 @@ def _atomic_write_bytes(path: Path, data: bytes) -> None:
 
 
 def structure_of(net: nn.Module) -> tuple[str, dict[str, Any]]:
-    """``("model" | "module", config)`` describing how to rebuild ``net``."""
+    """``("model" | "module" | "composition", config)`` describing how to rebuild ``net``."""
     if isinstance(net, ModuleClassifier):
-        return "module", dict(net.net.config)
+        return "module", {**net.net.config, "krr": net.krr}
+    if isinstance(net, ComposedClassifier):
+        parts = []
+        for part in net.parts:
+            if not (isinstance(part, NormalizedInput) and isinstance(part.net, ModuleClassifier)):
+                raise ArtifactError("a composition can be saved only when built from modules")
+            parts.append({"module": structure_of(part.net)[1], "input_spec": part.spec.to_json()})
+        return "composition", {"labels": list(net.labels), "parts": parts}
     config = getattr(net, "config", None)
     if config is None:
         raise ArtifactError("only networks built by mwt_core can be saved as artifacts")
@@ -60,6 +69,8 @@ def structure_of(net: nn.Module) -> tuple[str, dict[str, Any]]:
 
 def build_net(kind: str, config: dict[str, Any]) -> nn.Module:
     """An untrained network with exactly the structure ``config`` describes."""
+    if kind == "composition":
+        return _build_composition(config)
     try:
         model = create_model(**{k: config[k] for k in _BASE_KEYS})
     except (KeyError, TypeError, UnknownArchitecture) as exc:
@@ -68,6 +79,24 @@ def build_net(kind: str, config: dict[str, Any]) -> nn.Module:
         return model
     if kind != "module":
         raise ArtifactError(f"unknown artifact kind {kind!r}")
+    return _build_module(model, config)
+
+
+def _build_composition(config: dict[str, Any]) -> ComposedClassifier:
+    try:
+        parts = [
+            NormalizedInput(build_net("module", p["module"]), InputSpec.from_json(p["input_spec"]))
+            for p in config["parts"]
+        ]
+        labels = [str(label) for label in config["labels"]]
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ArtifactError(f"manifest composition structure is invalid: {exc}") from exc
+    if not parts:
+        raise ArtifactError("manifest composition has no parts")
+    return ComposedClassifier(parts, labels)
+
+
+def _build_module(model: nn.Module, config: dict[str, Any]) -> ModuleClassifier:
     try:
         keep = []
         for idx, unit in zip(config["keep"], model.mask_units(), strict=True):
@@ -93,8 +122,6 @@ def save_artifact(directory: str | Path, net: nn.Module, manifest: dict[str, Any
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     kind, config = structure_of(net)
-    if kind == "module":
-        config["krr"] = net.krr  # type: ignore[union-attr]
     state = {k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()}
     weights = directory / WEIGHTS_FILE
     tmp = directory / f".{WEIGHTS_FILE}.tmp{os.getpid()}"

@@ -765,7 +765,7 @@ def show_cmd(
         spec = manifest.get("input_spec") or {}
         rows = [
             ("kind", str(s["kind"])),
-            ("architecture", f"{s['arch']} x{s['width']}" + (" (MwT)" if s["masked"] else "")),
+            ("architecture", _architecture_text(s, config)),
             ("dataset", str(s["dataset"])),
             ("classes", shown or "-"),
             ("input", f"{spec.get('channels')}x{spec.get('size')}x{spec.get('size')}" if spec else "-"),
@@ -780,6 +780,13 @@ def show_cmd(
             rows.append(("training", f"{tc.get('epochs')} epochs, {'MwT' if tc.get('modular') else 'standard'}, "
                                      f"lr {tc.get('lr')}, batch {tc.get('batch_size')}, seed {tc.get('seed')}"))
         for key, value in metrics.items():
+            if key == "sources" and isinstance(value, list):
+                for src in value:
+                    acc = src.get("zero_training_accuracy")
+                    rows.append((f"source model {src.get('model_id')}",
+                                 f"classes {src.get('classes')}, KRR {_pct(src.get('krr'))}, "
+                                 f"module accuracy {_pct(acc)}"))
+                continue
             if isinstance(value, float):
                 text = _pct(value) if ("acc" in key or key == "krr") else f"{value:.4g}"
             elif isinstance(value, int) and key in ("params", "flops", "full_params", "full_flops"):
@@ -792,6 +799,13 @@ def show_cmd(
     ui.emit(s, render)
     if not ok:
         _fail(f"{artifact_dir}: {why}")
+
+
+def _architecture_text(summary: dict[str, Any], config: dict[str, Any]) -> str:
+    if summary["kind"] == "composition":
+        parts = [p.get("module", {}) for p in config.get("parts", [])]
+        return f"{len(parts)} modules: " + ", ".join(f"{p.get('arch')} x{p.get('width')}" for p in parts)
+    return f"{summary['arch']} x{summary['width']}" + (" (MwT)" if summary["masked"] else "")
 
 
 @app.command("datasets")

@@ -43,6 +43,7 @@ class NormalizedInput(nn.Module):
     def __init__(self, net: nn.Module, spec: InputSpec) -> None:
         super().__init__()
         self.net = net
+        self.spec = spec
         self.register_buffer("mean", torch.tensor(spec.mean).view(1, -1, 1, 1))
         self.register_buffer("std", torch.tensor(spec.std).view(1, -1, 1, 1))
 
@@ -100,6 +101,16 @@ def labelled_union(sources: list[tuple[DatasetBundle, list[int]]], split: str = 
         ys.append(y + offset)
         offset += len(classes)
     return torch.cat(xs), torch.cat(ys)
+
+
+def per_class_sample(y: torch.Tensor, per_class: int, seed: int = 0) -> torch.Tensor:
+    """Indices of up to ``per_class`` random samples of each label in ``y`` (for calibration)."""
+    g = torch.Generator().manual_seed(seed)
+    picks = []
+    for label in torch.unique(y):
+        idx = (y == label).nonzero().flatten()
+        picks.append(idx[torch.randperm(len(idx), generator=g)[:per_class]])
+    return torch.cat(picks).sort().values if picks else torch.zeros(0, dtype=torch.long)
 
 
 @torch.no_grad()

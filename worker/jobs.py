@@ -683,8 +683,10 @@ def _finetune(
     stored = compose_svc.store(settings, module, manifest, token=f"job-{job.id}")
     now = utcnow()
     with factory() as s:
-        comp = compose_svc.composition_row(model_id, class_names, classes, metrics, stored,
-                                           finetuned=True, job_id=job.id)
+        comp = compose_svc.composition_row(
+            [(model_id, classes, [str(class_names[c]) for c in classes])], metrics, stored,
+            finetuned=True, key=compose_svc.classes_key(classes), job_id=job.id,
+        )
         s.add(comp)
         s.flush()
         _mark_succeeded(

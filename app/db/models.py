@@ -256,7 +256,11 @@ class Module(Base):
 
 
 class Composition(Base):
-    """A classifier composed from the modules of some classes of one model."""
+    """A classifier composed from the modules of some classes of one model or several.
+
+    ``model_id`` is the first source's model (kept for filters and the download name);
+    ``sources`` lists every model the composition takes classes from, in output order.
+    """
 
     __tablename__ = "compositions"
     __table_args__ = ({"sqlite_autoincrement": True},)
@@ -285,3 +289,25 @@ class Composition(Base):
     created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
 
     model: Mapped[Model] = relationship(back_populates="compositions")
+    sources: Mapped[list[CompositionSource]] = relationship(
+        back_populates="composition",
+        cascade="all, delete-orphan",
+        passive_deletes=True,
+        order_by="CompositionSource.position",
+    )
+
+
+class CompositionSource(Base):
+    """One model's classes inside a composition (its logits sit at this position)."""
+
+    __tablename__ = "composition_sources"
+
+    composition_id: Mapped[int] = mapped_column(
+        ForeignKey("compositions.id", ondelete="CASCADE"), primary_key=True
+    )
+    position: Mapped[int] = mapped_column(Integer, primary_key=True)
+    model_id: Mapped[int] = mapped_column(ForeignKey("models.id", ondelete="CASCADE"), index=True)
+    classes: Mapped[list[Any]] = mapped_column(doc="the model's class indices, in output order")
+    class_names: Mapped[list[Any]] = mapped_column(default=list)
+
+    composition: Mapped[Composition] = relationship(back_populates="sources")

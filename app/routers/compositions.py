@@ -1,4 +1,4 @@
-"""Compositions: a classifier for chosen classes of one model, built from its modules."""
+"""Compositions: a classifier for chosen classes of one model or several, built from their modules."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from sqlalchemy import select
 
 from app import storage
 from app.auth import Principal, ReadKey, WriteKey
-from app.db.models import Composition, JobKind, Model, ModelStatus
+from app.db.models import Composition, CompositionSource, JobKind, Model, ModelStatus
 from app.deps import DbDep, DispatcherDep, SettingsDep
 from app.files import artifact_response
 from app.routers._common import PagingDep, not_found, page
@@ -36,10 +36,12 @@ def composition_out(c: Composition) -> CompositionOut:
     "",
     response_model=CompositionOut,
     status_code=status.HTTP_201_CREATED,
-    summary="Compose a classifier for some classes of one model",
-    description="Without `finetune` the module is cut from the model (no training) and measured on the dataset's "
-    "test split at once: 201 (200 if the same composition exists). With `finetune` a job is started: 202 with "
-    "the job.",
+    summary="Compose a classifier for some classes of one model or several",
+    description="`model_id` + `classes`: the module of those classes is cut from the model (no training). "
+    "`sources`: one module per model, side by side, their logits calibrated on `calibration_per_class` "
+    "training images per class (the models must take images of one shape). Either way the classifier is "
+    "measured on the test split(s) at once: 201 (200 if the same composition exists). With `finetune` "
+    "(one model only) a job is started: 202 with the job.",
     responses={
         200: {"description": "the same composition already existed"},
         202: {"description": "fine-tune job"},
@@ -54,9 +56,53 @@ def create(
     dispatcher: DispatcherDep,
     principal: WriteKey,
 ) -> CompositionOut | JSONResponse:
-    model = db.get(Model, body.model_id)
+    chosen = [_resolve(db, src.model_id, src.classes) for src in body.source_list()]
+    if body.finetune is not None:
+        model, classes = chosen[0]  # the schema allows finetune with one source only
+        return _start_finetune(db, settings, dispatcher, principal, model, classes, body)
+
+    key = svc.sources_key([(m.id, c) for m, c in chosen], body.calibration_per_class)
+    existing = db.scalar(
+        select(Composition).where(
+            Composition.model_id == chosen[0][0].id,
+            Composition.classes_key == key,
+            Composition.finetuned.is_(False),
+        )
+    )
+    if existing is not None:
+        response.status_code = status.HTTP_200_OK
+        return composition_out(existing)
+    picks = [_load(request, settings, db, m, c) for m, c in chosen]
+    if len(picks) == 1:
+        p = picks[0]
+        module, metrics = svc.build(p.loaded, p.data, p.classes, device="cpu")
+        manifest = svc.manifest_for(p.model, p.loaded, p.classes, metrics, finetuned=False)
+        labels = None
+    else:
+        try:
+            module, metrics = svc.build_across(picks, body.calibration_per_class, device="cpu")
+        except svc.CompositionError as exc:
+            raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, str(exc)) from None
+        manifest = svc.manifest_across(picks, metrics)
+        labels = svc.output_labels(picks)
+    comp = svc.composition_row(
+        [(p.model.id, p.classes, p.names) for p in picks],
+        metrics,
+        svc.store(settings, module, manifest),
+        finetuned=False,
+        key=key,
+        labels=labels,
+    )
+    _commit(db, settings, comp)
+    response.headers["Location"] = f"/api/v1/compositions/{comp.id}"
+    return composition_out(comp)
+
+
+def _resolve(db: DbDep, model_id: int, wanted: list[int | str]) -> tuple[Model, list[int]]:
+    """A ready MwT model and the indices of the wanted classes, or the 4xx that says why not."""
+    model = db.get(Model, model_id)
     if model is None:
-        raise not_found("model", body.model_id)
+        raise not_found("model", model_id)
     if model.status != ModelStatus.ready.value:
         raise HTTPException(
             status.HTTP_409_CONFLICT, f"model {model.id} is {model.status}, not ready"
@@ -67,31 +113,14 @@ def create(
             f"model {model.id} was trained without MwT (modular=false): it has no modules to compose",
         )
     try:
-        classes = svc.resolve_classes(model, body.classes)
+        return model, svc.resolve_classes(model, wanted)
     except svc.CompositionError as exc:
         raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, str(exc)) from None
 
-    if body.finetune is not None:
-        return _start_finetune(db, settings, dispatcher, principal, model, classes, body)
 
-    existing = db.scalar(
-        select(Composition).where(
-            Composition.model_id == model.id,
-            Composition.classes_key == svc.classes_key(classes),
-            Composition.finetuned.is_(False),
-        )
-    )
-    if existing is not None:
-        response.status_code = status.HTTP_200_OK
-        return composition_out(existing)
-    comp = _compose(request, settings, db, model, classes)
-    response.headers["Location"] = f"/api/v1/compositions/{comp.id}"
-    return composition_out(comp)
-
-
-def _compose(
+def _load(
     request: Request, settings: Settings, db: DbDep, model: Model, classes: list[int]
-) -> Composition:
+) -> svc.Pick:
     from mwt_core.registry import architecture_info
 
     try:
@@ -106,21 +135,20 @@ def _compose(
             status.HTTP_409_CONFLICT,
             f"model {model.id}'s artifact or dataset cannot be loaded: {exc}",
         ) from None
-    module, metrics = svc.build(loaded, data, classes, device="cpu")
-    manifest = svc.manifest_for(model, loaded, classes, metrics, finetuned=False)
-    comp = svc.composition_row(
-        model.id, list(model.class_names), classes, metrics,
-        svc.store(settings, module, manifest), finetuned=False,
-    )
+    return svc.Pick(model, loaded, data, classes)
+
+
+def _commit(db: DbDep, settings: Settings, comp: Composition) -> None:
+    """Record the stored composition; on failure remove its files so nothing is orphaned."""
     rel = comp.artifact_path
     db.add(comp)
     try:
         db.commit()
     except Exception:
         db.rollback()
-        storage.remove_tree(storage.resolve(settings.artifacts, rel).parent)
+        if rel:
+            storage.remove_tree(storage.resolve(settings.artifacts, rel).parent)
         raise
-    return comp
 
 
 def _start_finetune(
@@ -162,8 +190,14 @@ def list_compositions(
     min_accuracy: Annotated[float | None, Query(ge=0, le=1)] = None,
 ) -> Page[CompositionOut]:
     stmt = select(Composition).order_by(Composition.id.desc())
-    if model_id is not None:
-        stmt = stmt.where(Composition.model_id == model_id)
+    if model_id is not None:  # any composition that takes classes from this model
+        stmt = stmt.where(
+            Composition.id.in_(
+                select(CompositionSource.composition_id).where(
+                    CompositionSource.model_id == model_id
+                )
+            )
+        )
     if finetuned is not None:
         stmt = stmt.where(Composition.finetuned.is_(finetuned))
     if min_accuracy is not None:

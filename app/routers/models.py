@@ -10,7 +10,7 @@ from sqlalchemy.orm import selectinload
 
 from app import storage
 from app.auth import ReadKey, WriteKey
-from app.db.models import Job, JobStatus, Model
+from app.db.models import Composition, CompositionSource, Job, JobStatus, Model
 from app.deps import DbDep, SettingsDep
 from app.files import artifact_response
 from app.routers._common import PagingDep, not_found, page, sorted_by
@@ -162,7 +162,18 @@ def delete(
             (Job.model_id == model_id) | (Job.params["model_id"].as_integer() == model_id),
         )
     ).all()
-    comps = [c.id for c in m.compositions]
+    # Compositions that take classes from this model, as first source or any other.
+    dependents = db.scalars(
+        select(Composition).where(
+            (Composition.model_id == model_id)
+            | Composition.id.in_(
+                select(CompositionSource.composition_id).where(
+                    CompositionSource.model_id == model_id
+                )
+            )
+        ).order_by(Composition.id)
+    ).all()
+    comps = [c.id for c in dependents]
     if (active or comps) and not force:
         parts = []
         if active:
@@ -175,7 +186,9 @@ def delete(
         )
     if active:
         db.execute(update(Job).where(Job.id.in_(active)).values(cancel_requested=True))
-    comp_paths = [c.artifact_path for c in m.compositions if c.artifact_path]
+    comp_paths = [c.artifact_path for c in dependents if c.artifact_path]
+    for c in dependents:
+        db.delete(c)
     db.delete(m)
     db.commit()
     request.app.state.model_cache.forget(model_id)

@@ -3,9 +3,20 @@ from __future__ import annotations
 import datetime as dt
 from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from app.schemas.common import MAX_ID, DbId, OrmModel
+
+ClassRef = Annotated[int, Field(ge=0, le=MAX_ID)] | Annotated[str, Field(max_length=200)]
+ClassList = Annotated[
+    list[ClassRef],
+    Field(
+        min_length=1,
+        max_length=1000,
+        description="class indices or class names, in the output order wanted",
+    ),
+]
+MAX_SOURCES = 16
 
 
 class FinetuneOptions(BaseModel):
@@ -16,26 +27,76 @@ class FinetuneOptions(BaseModel):
     seed: int = Field(0, ge=0, le=2**31 - 1)
 
 
-class CompositionCreate(BaseModel):
+class SourceIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
     model_id: DbId
-    classes: list[
-        Annotated[int, Field(ge=0, le=MAX_ID)] | Annotated[str, Field(max_length=200)]
-    ] = Field(
+    classes: ClassList
+
+
+class CompositionCreate(BaseModel):
+    """Either ``model_id`` + ``classes`` (one model) or ``sources`` (one or several models)."""
+
+    model_config = ConfigDict(extra="forbid")
+    model_id: DbId | None = None
+    classes: ClassList | None = None
+    sources: list[SourceIn] | None = Field(
+        None,
         min_length=1,
-        max_length=1000,
-        description="class indices or class names, in the output order wanted",
+        max_length=MAX_SOURCES,
+        description="classes of several models (same input shape), in output order",
+    )
+    calibration_per_class: int = Field(
+        20,
+        ge=0,
+        le=1000,
+        description="training images per class used to put the sources' logits on one scale "
+        "(cross-model compositions only; 0 = raw logits)",
     )
     finetune: FinetuneOptions | None = Field(
-        None, description="fine-tune a head on the sub-task (runs as a job)"
+        None, description="fine-tune a head on the sub-task (runs as a job; one model only)"
     )
+
+    @model_validator(mode="after")
+    def _one_form(self) -> CompositionCreate:
+        single = self.model_id is not None or self.classes is not None
+        if single and self.sources is not None:
+            raise ValueError("give either model_id and classes, or sources, not both")
+        if self.sources is None and (self.model_id is None or self.classes is None):
+            raise ValueError("give model_id and classes (one model), or sources (several models)")
+        if self.sources is not None:
+            ids = [s.model_id for s in self.sources]
+            dup = next((i for i in ids if ids.count(i) > 1), None)
+            if dup is not None:
+                raise ValueError(
+                    f"model {dup} appears in two sources; list all its classes in one source"
+                )
+            if len(self.sources) > 1 and self.finetune is not None:
+                raise ValueError(
+                    "finetune works on one model's classes; a cross-model composition is "
+                    "calibrated instead (calibration_per_class)"
+                )
+        return self
+
+    def source_list(self) -> list[SourceIn]:
+        """The request as a list of sources (one for the single-model form)."""
+        if self.sources is not None:
+            return list(self.sources)
+        assert self.model_id is not None and self.classes is not None  # checked above
+        return [SourceIn(model_id=self.model_id, classes=self.classes)]
+
+
+class SourceOut(OrmModel):
+    model_id: int
+    classes: list[int]
+    class_names: list[str]
 
 
 class CompositionOut(OrmModel):
     id: int
-    model_id: int
-    classes: list[int]
+    model_id: int = Field(description="the first source's model")
+    classes: list[int] = Field(description="class indices in output order, each in its own model")
     class_names: list[str]
+    sources: list[SourceOut] = Field(description="the models the classes come from, in order")
     finetuned: bool
     status: str
     accuracy: float | None = None

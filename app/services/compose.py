@@ -1,19 +1,24 @@
-"""Composition: a classifier for some classes of one model, from its modules (DESIGN §1.5).
+"""Composition: a classifier for some classes of one model or several, from their modules.
 
-Used synchronously by the API (zero-training composition) and by the fine-tuning job.
+One model (DESIGN §1.5): the module of the classes' union, measured against the full model.
+Several models (DESIGN §2): one module per model side by side, their logits calibrated on a
+few training images per class. Used synchronously by the API (zero-training composition) and
+by the fine-tuning job.
 """
 
 from __future__ import annotations
 
+import hashlib
 import threading
 import uuid
 from collections import OrderedDict
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from app import storage
-from app.db.models import Composition, Model, ModelStatus
+from app.db.models import Composition, CompositionSource, Model, ModelStatus
 from app.settings import Settings
 
 if TYPE_CHECKING:
@@ -195,28 +200,191 @@ def store(
     return storage.relative(settings.artifacts, art), sha, size
 
 
+MAX_KEY = 400  # the column's width; longer keys are hashed
+
+
 def classes_key(classes: list[int]) -> str:
-    """The registry's lookup key of a class list (one zero-training composition per key)."""
-    return ",".join(map(str, classes))
+    """The registry's lookup key of one model's class list (one zero-training composition per key)."""
+    return _fit(",".join(map(str, classes)))
+
+
+def sources_key(sources: list[tuple[int, list[int]]], calibration_per_class: int) -> str:
+    """The lookup key of a cross-model composition: every (model, classes) and the calibration."""
+    if len(sources) == 1:
+        return classes_key(sources[0][1])
+    raw = "|".join(f"{m}:{','.join(map(str, c))}" for m, c in sources)
+    return _fit(f"{raw}@{calibration_per_class}")
+
+
+def _fit(key: str) -> str:
+    return key if len(key) <= MAX_KEY else "sha256:" + hashlib.sha256(key.encode()).hexdigest()
+
+
+@dataclass
+class Pick:
+    """One source of a composition: a registry model, loaded, its dataset and chosen classes."""
+
+    model: Model
+    loaded: LoadedModel
+    data: DatasetBundle
+    classes: list[int]
+
+    @property
+    def names(self) -> list[str]:
+        return [str(self.model.class_names[c]) for c in self.classes]
+
+
+def output_labels(picks: list[Pick]) -> list[str]:
+    """Class names in output order; prefixed with the model id when two sources share a name."""
+    names = [n for p in picks for n in p.names]
+    if len(set(names)) == len(names):
+        return names
+    return [f"m{p.model.id}:{n}" for p in picks for n in p.names]
+
+
+def build_across(
+    picks: list[Pick], calibration_per_class: int, *, device: str = "cpu"
+) -> tuple[nn.Module, dict[str, Any]]:
+    """Compose modules of several models; measure it on the union of their test splits.
+
+    The baseline is the same construction from the full models (logits restricted to the
+    chosen classes, calibrated on the same images), so ``accuracy_loss`` isolates what cutting
+    the models into modules costs.
+    """
+    from mwt_core import compose as core
+    from mwt_core.metrics import count_flops, count_params
+    from mwt_core.reuse import evaluate, restrict
+
+    specs = {(p.data.spec.channels, p.data.spec.size) for p in picks}
+    if len(specs) > 1:
+        shapes = ", ".join(
+            f"model {p.model.id}: {p.data.spec.channels}x{p.data.spec.size}x{p.data.spec.size}"
+            for p in picks
+        )
+        raise CompositionError(
+            f"the models take different input shapes ({shapes}); compose models trained on "
+            "images of one shape"
+        )
+    labels = output_labels(picks)
+    sources = [
+        core.Source(p.loaded.net, p.loaded.modularization, p.classes, p.data.spec) for p in picks
+    ]
+    test_x, test_y = core.labelled_union([(p.data, p.classes) for p in picks], "test")
+    cal_x = cal_y = None
+    if calibration_per_class > 0:
+        xs, ys = core.labelled_union([(p.data, p.classes) for p in picks], "train")
+        pick = core.per_class_sample(ys, calibration_per_class)
+        cal_x, cal_y = xs[pick], ys[pick]
+    per_source: list[dict[str, Any]] = []
+    with ExitStack() as stack:
+        # Cached full models are shared between request threads; lock them in one order.
+        for p in sorted(picks, key=lambda p: p.model.id):
+            stack.enter_context(p.loaded.lock)
+        composed = core.compose(sources)
+        baseline = core.ComposedClassifier(
+            [
+                core.NormalizedInput(
+                    restrict(p.loaded.net, p.classes, p.loaded.modularization.num_classes),
+                    p.data.spec,
+                )
+                for p in picks
+            ],
+            labels,
+        ).eval()
+        raw_acc = core.accuracy(composed, test_x, test_y)
+        raw_base = core.accuracy(baseline, test_x, test_y)
+        if cal_x is not None and cal_y is not None:
+            core.calibrate(composed, cal_x, cal_y)
+            core.calibrate(baseline, cal_x, cal_y)
+        acc = core.accuracy(composed, test_x, test_y)
+        base = core.accuracy(baseline, test_x, test_y)
+        for p, part in zip(picks, core.modules_of(composed), strict=True):
+            per_source.append(
+                {
+                    "model_id": p.model.id,
+                    "classes": p.classes,
+                    "krr": p.loaded.modularization.krr_of(p.classes),
+                    "zero_training_accuracy": evaluate(part, p.data, p.classes, device=device),
+                }
+            )
+    composed.labels = labels
+    kept = total = 0.0
+    for p in picks:
+        n = sum(int(m.numel()) for m in p.loaded.modularization.class_masks[0])
+        kept += p.loaded.modularization.krr_of(p.classes) * n
+        total += n
+    composed = composed.cpu().eval()
+    shape = tuple(picks[0].data.spec.shape)
+    metrics: dict[str, Any] = {
+        "accuracy": acc,
+        "baseline_accuracy": base,
+        "accuracy_loss": base - acc,
+        "uncalibrated_accuracy": raw_acc,
+        "uncalibrated_baseline_accuracy": raw_base,
+        "calibration_per_class": calibration_per_class,
+        "calibration_samples": 0 if cal_y is None else len(cal_y),
+        "krr": kept / total if total else None,
+        "params": int(count_params(composed)),
+        "flops": int(count_flops(composed, shape)),
+        "test_samples": len(test_y),
+        "sources": per_source,
+    }
+    return composed, metrics
+
+
+def manifest_across(picks: list[Pick], metrics: dict[str, Any]) -> dict[str, Any]:
+    """A cross-model composition's manifest. It takes images scaled to [0, 1]: each source
+    normalises them itself, so its ``input_spec`` is the identity normalisation."""
+    spec = picks[0].data.spec
+    datasets = {p.model.dataset for p in picks}
+    return {
+        "dataset": datasets.pop() if len(datasets) == 1 else None,
+        "class_names": output_labels(picks),
+        "input_spec": {
+            "channels": spec.channels, "size": spec.size,
+            "mean": [0.0] * spec.channels, "std": [1.0] * spec.channels, "hflip": False,
+        },
+        "input_range": "[0, 1]",
+        "sources": [
+            {
+                "model_id": p.model.id,
+                "model_name": p.model.name,
+                "model_version": p.model.version,
+                "dataset": p.model.dataset,
+                "sha256": p.loaded.manifest.get("sha256"),
+                "tau": p.loaded.modularization.tau,
+                "classes": p.classes,
+                "class_names": p.names,
+            }
+            for p in picks
+        ],
+        "finetuned": False,
+        "metrics": metrics,
+        "created_by": "mwt-hub",
+    }
 
 
 def composition_row(
-    model_id: int,
-    class_names: list[str],
-    classes: list[int],
+    sources: list[tuple[int, list[int], list[str]]],
     metrics: dict[str, Any],
     stored: tuple[str, str, int],
     *,
     finetuned: bool,
+    key: str,
+    labels: list[str] | None = None,
     job_id: str | None = None,
 ) -> Composition:
-    """The registry row of a stored composition (``stored`` is what :func:`store` returned)."""
+    """The registry row of a stored composition (``stored`` is what :func:`store` returned).
+
+    ``sources`` holds ``(model_id, classes, class_names)`` per source model, in output order.
+    """
     rel, sha, size = stored
+    classes = [c for _, cs, _ in sources for c in cs]
     return Composition(
-        model_id=model_id,
+        model_id=sources[0][0],
         classes=classes,
-        class_names=[str(class_names[c]) for c in classes],
-        classes_key=classes_key(classes),
+        class_names=labels or [n for _, _, ns in sources for n in ns],
+        classes_key=key,
         finetuned=finetuned,
         status=ModelStatus.ready.value,
         accuracy=metrics["accuracy"],
@@ -229,6 +397,10 @@ def composition_row(
         sha256=sha,
         size_bytes=size,
         job_id=job_id,
+        sources=[
+            CompositionSource(position=i, model_id=m, classes=list(cs), class_names=list(ns))
+            for i, (m, cs, ns) in enumerate(sources)
+        ],
     )
 
 

@@ -15,7 +15,9 @@ from app.db.session import make_engine
 from app.settings import Settings
 from app.testing import postgres_available, throwaway_postgres
 
-TABLES = {"api_keys", "datasets", "jobs", "models", "modules", "compositions"}
+TABLES = {
+    "api_keys", "datasets", "jobs", "models", "modules", "compositions", "composition_sources"
+}
 
 
 def _round_trip(url: str) -> None:
@@ -57,4 +59,35 @@ def test_postgres_upgrade_downgrade() -> None:
         engine = make_engine(url)
         cols = {c["name"]: c for c in inspect(engine).get_columns("models")}
         assert "JSONB" in str(cols["tags"]["type"]).upper()
+        engine.dispose()
+
+
+def test_0002_gives_each_existing_composition_its_model_as_source(tmp_path: Path) -> None:
+    url = Settings(data_dir=tmp_path).database_url
+    migrate.upgrade(url, "0001")
+    engine = make_engine(url)
+    try:
+        with engine.begin() as conn:
+            conn.execute(text(
+                "INSERT INTO models (id, name, version, status, dataset, arch, width, modular, tau, "
+                "num_classes, class_names, input_spec, config, tags, metrics, created_at) VALUES "
+                "(7, 'm', 1, 'ready', 'digits', 'simcnn', 0.25, 1, 0.9, 10, '[]', '{}', '{}', '{}', "
+                "'{}', '2026-01-01 00:00:00')"
+            ))
+            conn.execute(text(
+                "INSERT INTO compositions (id, model_id, classes, class_names, classes_key, finetuned, "
+                "status, metrics, created_at) VALUES (3, 7, '[3, 5]', '[\"3\", \"5\"]', '3,5', 0, "
+                "'ready', '{}', '2026-01-01 00:00:00')"
+            ))
+        migrate.upgrade(url)
+        with engine.connect() as conn:
+            rows = conn.execute(text("SELECT * FROM composition_sources")).mappings().all()
+        assert [dict(r) for r in rows] == [
+            {"composition_id": 3, "position": 0, "model_id": 7, "classes": "[3, 5]",
+             "class_names": '["3", "5"]'}
+        ]
+        migrate.downgrade(url, "0001")
+        with engine.connect() as conn:
+            assert conn.execute(text("SELECT count(*) FROM compositions")).scalar() == 1
+    finally:
         engine.dispose()

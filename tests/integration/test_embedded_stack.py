@@ -130,6 +130,36 @@ def test_full_session(stack: tuple[MwtClient, ServiceProcess, Path]) -> None:
     tuned = hub.composition(ft_job["composition_id"])
     assert tuned["finetuned"] and tuned["accuracy"] is not None
 
+    _check_cross_model(hub, model_id)
+
+
+def _check_cross_model(hub: MwtClient, model_id: int) -> None:
+    """A second model, then one classifier from classes of both, through the terminal client."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from app.cli import app as cli
+
+    second = hub.wait(hub.submit_job(**{**TINY, "seed": 1})["id"], timeout=600)
+    assert second["status"] == "succeeded", second["error"]
+    key = hub.http.headers["authorization"].removeprefix("Bearer ")
+    auth = ["--url", str(hub.base_url), "--key", key]
+    runner = CliRunner()
+    args = ["compose", str(model_id), "3,5", "--with", f"{second['model_id']}:8", *auth]
+    res = runner.invoke(cli, [*args, "--json"])
+    assert res.exit_code == 0, res.output
+    comp = json.loads(res.output)
+    assert [(s["model_id"], s["classes"]) for s in comp["sources"]] == [
+        (model_id, [3, 5]),
+        (second["model_id"], [8]),
+    ]
+    assert 0.0 <= comp["accuracy"] <= 1.0 and comp["metrics"]["calibration_samples"] == 60
+    res = runner.invoke(cli, args)  # the same composition again, as a table
+    assert res.exit_code == 0 and f"model(s) {model_id}, {second['model_id']}" in res.output
+    res = runner.invoke(cli, ["compose", str(model_id), "3", "--with", "x8", *auth])
+    assert res.exit_code != 0 and "MODEL_ID:CLASSES" in res.output
+
 
 def _check_client_cli(hub: MwtClient, model_id: int, job_id: str) -> None:
     """The terminal client lists what the API holds, as tables and as JSON."""
@@ -192,4 +222,4 @@ def test_cancel_a_running_job(stack: tuple[MwtClient, ServiceProcess, Path]) -> 
     assert final["status"] == "cancelled" and final["error"] == "cancelled by user"
     assert hub.model(final["model_id"])["status"] == "failed"  # the reserved version is never ready
     text = hub.http.get("/metrics").text
-    assert 'mwt_jobs{state="cancelled"} 1.0' in text and 'mwt_jobs{state="succeeded"} 3.0' in text
+    assert 'mwt_jobs{state="cancelled"} 1.0' in text and 'mwt_jobs{state="succeeded"} 4.0' in text

@@ -55,3 +55,37 @@ def test_compose_refuses_mismatched_inputs(two_models, digits):
         compose([a, b])
     with pytest.raises(CompositionError):
         compose([])
+
+
+def test_calibrated_composition_round_trips_as_artifact(two_models, digits32, tmp_path):
+    from mwt_core.artifacts import load_artifact, save_artifact
+    from mwt_core.compose import ComposedClassifier, per_class_sample
+
+    a, b = (replace(s, classes=c) for s, c in zip(two_models, ([2, 4], [9]), strict=True))
+    composed = compose([a, b])
+    xs, ys = labelled_union([(digits32, [2, 4]), (digits32, [9])], split="train")
+    pick = per_class_sample(ys, 5)
+    assert torch.bincount(ys[pick]).tolist() == [5, 5, 5]
+    calibrate(composed, xs[pick], ys[pick], steps=30)
+    manifest = save_artifact(
+        tmp_path / "comp", composed,
+        {"note": "x", "metrics": {"sources": [{"model_id": 4, "classes": [2, 4], "krr": 0.5,
+                                               "zero_training_accuracy": 1.0}]}},
+    )
+    assert manifest["kind"] == "composition" and len(manifest["config"]["parts"]) == 2
+    loaded, read = load_artifact(tmp_path / "comp")
+    assert isinstance(loaded, ComposedClassifier) and loaded.labels == composed.labels
+    assert read["note"] == "x"
+    x, _ = labelled_union([(digits32, [2, 4]), (digits32, [9])])
+    with torch.no_grad():
+        assert torch.allclose(loaded(x[:16]), composed(x[:16]), atol=1e-6)
+        assert torch.equal(loaded.scale, composed.scale)
+
+    from typer.testing import CliRunner
+
+    from mwt_core.cli import app
+
+    shown = CliRunner().invoke(app, ["show", str(tmp_path / "comp")], env={"COLUMNS": "160"})
+    assert shown.exit_code == 0, shown.output
+    assert "2 modules: simcnn x0.125, simcnn x0.125" in shown.output
+    assert "source model 4" in shown.output and "verified" in shown.output
