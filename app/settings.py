@@ -64,6 +64,12 @@ class Settings(BaseSettings):
     reaper_interval_s: float = Field(
         30.0, ge=0, description="Reaper period in the API process; 0 disables it."
     )
+    redispatch_after_s: float = Field(
+        1800.0,
+        gt=0,
+        description="A queued job not picked up this long after its last send is sent to the "
+        "broker again (a lost message must not strand it; duplicates are dropped by the worker).",
+    )
     executor_concurrency: int = Field(
         1, ge=1, le=64, description="Embedded executor: jobs run at once."
     )

@@ -5,6 +5,12 @@ start again (attempts < max_attempts) it goes back to ``queued`` and is dispatch
 training resumes from its last checkpoint. Otherwise it is marked failed with the reason.
 Every transition is a compare-and-set on (status, worker), so several reapers (API
 replicas, workers starting up) can run at once.
+
+A queued job can be stranded too: its send failed (broker down at submit) or the broker
+lost the message (Redis restarted without persistence, queue purged). The DB is the source
+of truth, so the reaper sends again every queued job that was never sent, or whose last
+send is older than ``redispatch_after_s``. A duplicate message is harmless: the worker's
+claim is a compare-and-set on ``queued``, so only one delivery runs the job.
 """
 
 from __future__ import annotations
@@ -69,6 +75,8 @@ def release_job(
                 f"(attempt {attempts + 1} of {job.max_attempts})",
             }
         values.update(worker=None, attempts=attempts)
+        if action == "requeued":
+            values["dispatched_at"] = None  # not sent for this attempt yet
         if action != "requeued":
             values["finished_at"] = now
             if job.started_at is not None:
@@ -114,7 +122,9 @@ def reap(
     requeue: Requeue | None = None,
     now: dt.datetime | None = None,
 ) -> list[tuple[str, str]]:
-    """One pass: release every stale running job; dispatch the requeued ones again."""
+    """One pass: release every stale running job, then send again the queued jobs whose
+    message is missing or overdue (only with a ``requeue``; the embedded executor polls the
+    DB and needs none)."""
     out = []
     for job in find_stale(factory, settings.stale_after_s, now):
         age = ((now or utcnow()) - (job.heartbeat_at or job.started_at or utcnow())).total_seconds()
@@ -125,11 +135,59 @@ def reap(
             continue
         out.append((job.id, action))
         if action == "requeued" and requeue is not None:
-            try:
-                requeue(job.id, job.queue)
-            except Exception:
-                log.exception("could not dispatch requeued job %s; it stays queued", job.id)
+            send_again(factory, job, requeue)
+    if requeue is not None:
+        for job in find_unsent(factory, settings.redispatch_after_s, now):
+            if send_again(factory, job, requeue):
+                action = "sent" if job.dispatched_at is None else "resent"
+                log.warning("queued job %s had no live message (%s by the reaper)", job.id, action)
+                out.append((job.id, action))
     return out
+
+
+# A job is inserted, then sent: give that moment this long before calling the send lost.
+SEND_GRACE_S = 30.0
+
+
+def find_unsent(
+    factory: sessionmaker[Session], redispatch_after_s: float, now: dt.datetime | None = None
+) -> list[Job]:
+    """Queued jobs never sent (past a short grace) or last sent over ``redispatch_after_s`` ago."""
+    now = now or utcnow()
+    grace = now - dt.timedelta(seconds=min(SEND_GRACE_S, redispatch_after_s))
+    overdue = now - dt.timedelta(seconds=redispatch_after_s)
+    with factory() as s:
+        return list(
+            s.scalars(
+                select(Job)
+                .where(
+                    Job.status == JobStatus.queued.value,
+                    Job.cancel_requested.is_(False),
+                    or_(
+                        and_(Job.dispatched_at.is_(None), Job.created_at < grace),
+                        Job.dispatched_at < overdue,
+                    ),
+                )
+                .order_by(Job.created_at)
+            )
+        )
+
+
+def send_again(factory: sessionmaker[Session], job: Job, requeue: Requeue) -> bool:
+    """Send ``job`` to its queue and record it; False (job left as it is) if the send fails."""
+    try:
+        requeue(job.id, job.queue)
+    except Exception:
+        log.exception("could not send queued job %s to the broker; it stays queued", job.id)
+        return False
+    with factory() as s:
+        s.execute(
+            update(Job)
+            .where(Job.id == job.id, Job.status == JobStatus.queued.value)
+            .values(dispatched_at=utcnow())
+        )
+        s.commit()
+    return True
 
 
 def reap_once(settings: Settings, requeue: Requeue | None = None) -> list[tuple[str, str]]:

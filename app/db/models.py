@@ -160,6 +160,9 @@ class Job(Base):
     checkpoint_path: Mapped[str | None] = mapped_column(String(512))
     worker: Mapped[str | None] = mapped_column(String(200))
     heartbeat_at: Mapped[dt.datetime | None]
+    dispatched_at: Mapped[dt.datetime | None] = mapped_column(
+        doc="when the job was last handed to the broker (None: never, or the send failed)"
+    )
     created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
     started_at: Mapped[dt.datetime | None]
     finished_at: Mapped[dt.datetime | None]

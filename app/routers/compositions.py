@@ -172,7 +172,7 @@ def _start_finetune(
         arch=model.arch,
         api_key_id=principal.key_id,
     )
-    dispatcher.dispatch(job.id, job.queue)
+    jobs_svc.send(db, dispatcher, job)
     return JSONResponse(
         jobs_svc.job_out(job).model_dump(mode="json"),
         status_code=status.HTTP_202_ACCEPTED,

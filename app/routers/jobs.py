@@ -78,9 +78,10 @@ def submit(
         )
     except svc.IdempotencyConflict as exc:
         raise HTTPException(status.HTTP_409_CONFLICT, str(exc)) from None
-    if created:
-        dispatcher.dispatch(job.id, job.queue)
-    else:
+    if created or (job.status == JobStatus.queued.value and job.dispatched_at is None):
+        # A retried submit also retries a send that failed the first time.
+        svc.send(db, dispatcher, job)
+    if not created:
         response.status_code = status.HTTP_200_OK
     response.headers["Location"] = f"/api/v1/jobs/{job.id}"
     return svc.job_out(job)

@@ -93,6 +93,9 @@ class JobOut(BaseModel):
     created_at: dt.datetime
     started_at: dt.datetime | None = None
     heartbeat_at: dt.datetime | None = None
+    dispatched_at: dt.datetime | None = Field(
+        None, description="last hand-over to the broker; null while a queued job awaits (re)sending"
+    )
     finished_at: dt.datetime | None = None
     duration_s: float | None = None
     links: dict[str, str] = Field(default_factory=dict)

@@ -5,9 +5,10 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import json
+import logging
 import math
 import uuid
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import select, update
 from sqlalchemy.exc import IntegrityError
@@ -16,6 +17,11 @@ from sqlalchemy.orm import Session
 from app.db.models import Job, JobKind, JobStatus, Model, ModelStatus, utcnow
 from app.schemas.jobs import JobOut, ProgressOut
 
+if TYPE_CHECKING:
+    from app.dispatch import Dispatcher
+
+log = logging.getLogger(__name__)
+
 
 class IdempotencyConflict(ValueError):
     pass
@@ -23,6 +29,31 @@ class IdempotencyConflict(ValueError):
 
 class JobStateConflict(ValueError):
     pass
+
+
+def send(session: Session, dispatcher: Dispatcher, job: Job) -> bool:
+    """Hand a committed, queued job to the dispatcher and record when.
+
+    A failed send (broker down) is logged, not raised: the job is already in the registry,
+    stays queued, and the reaper sends it again (``redispatch_after_s``), so a submit
+    never answers 500 for a job it has stored and never strands it.
+    """
+    try:
+        dispatcher.dispatch(job.id, job.queue)
+    except Exception as exc:
+        log.warning(
+            "job %s stays queued: could not hand it to the broker (%s); the reaper will send it again",
+            job.id,
+            exc,
+        )
+        return False
+    session.execute(
+        update(Job)
+        .where(Job.id == job.id, Job.status == JobStatus.queued.value)
+        .values(dispatched_at=utcnow())
+    )
+    session.commit()
+    return True
 
 
 def new_job_id() -> str:
@@ -186,6 +217,7 @@ def job_out(job: Job, base: str = "/api/v1") -> JobOut:
         created_at=job.created_at,
         started_at=job.started_at,
         heartbeat_at=job.heartbeat_at,
+        dispatched_at=job.dispatched_at,
         finished_at=job.finished_at,
         duration_s=job.duration_s,
         links=links,

@@ -168,3 +168,33 @@ def test_sse_stream_ends_with_the_final_state(client: TestClient, app: FastAPI) 
     events = _sse(r.text)
     assert [e[0] for e in events] == ["progress", "end"]
     assert '"status":"failed"' in events[-1][1] and '"error":"boom"' in events[-1][1]
+
+
+class _DownBroker:
+    def __init__(self) -> None:
+        self.sent: list[str] = []
+        self.down = True
+
+    def dispatch(self, job_id: str, queue: str) -> None:
+        if self.down:
+            raise ConnectionError("Error 111 connecting to 127.0.0.1:6379. Connection refused.")
+        self.sent.append(job_id)
+
+
+def test_submit_while_the_broker_is_down_keeps_the_job_and_sends_it_later(
+    client: TestClient, app: FastAPI
+) -> None:
+    broker = _DownBroker()
+    app.state.dispatcher = broker
+    h = {"Idempotency-Key": "broker-down-1"}
+    r = client.post("/api/v1/jobs", json=TINY, headers=h)
+    assert r.status_code == 202, r.text  # stored: not a 500, not lost
+    job = r.json()
+    assert job["status"] == "queued" and job["dispatched_at"] is None
+    # A retried submit also retries the send; once it works, the time is recorded.
+    broker.down = False
+    again = client.post("/api/v1/jobs", json=TINY, headers=h)
+    assert again.status_code == 200 and again.json()["id"] == job["id"]
+    assert broker.sent == [job["id"]] and again.json()["dispatched_at"] is not None
+    client.post("/api/v1/jobs", json=TINY, headers=h)
+    assert broker.sent == [job["id"]]  # sent once: a later retry does not send it twice

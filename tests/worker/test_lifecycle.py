@@ -152,3 +152,38 @@ def test_release_without_counting_the_attempt(
     assert release_job(factory, job_id, "w", "shutdown", count_attempt=False) == "requeued"
     job = _get(factory, job_id)
     assert job.status == JobStatus.queued.value and job.attempts == 0
+
+
+def test_reaper_sends_again_queued_jobs_without_a_live_message(
+    factory: sessionmaker[Session], settings: Settings, submit_job: Callable[..., str]
+) -> None:
+    from app.db.models import utcnow
+
+    never_sent, overdue, recent, fresh = (submit_job() for _ in range(4))
+    now = utcnow()
+    with factory() as s:
+        s.execute(update(Job).where(Job.id.in_([never_sent, overdue, recent]))
+                  .values(created_at=now - dt.timedelta(hours=2)))
+        s.execute(update(Job).where(Job.id == overdue)
+                  .values(dispatched_at=now - dt.timedelta(seconds=settings.redispatch_after_s + 5)))
+        s.execute(update(Job).where(Job.id == recent).values(dispatched_at=now))
+        s.commit()
+    sent: list[tuple[str, str]] = []
+    out = reap(factory, settings, requeue=lambda j, q: sent.append((j, q)))
+    # `fresh` was inserted a moment ago: its own submit is still sending it.
+    assert sorted(out) == sorted([(never_sent, "sent"), (overdue, "resent")])
+    assert sorted(sent) == sorted([(never_sent, "gpu"), (overdue, "gpu")])
+    assert _get(factory, never_sent).dispatched_at is not None
+    assert reap(factory, settings, requeue=lambda j, q: sent.append((j, q))) == []  # sent now
+    # Without a requeue (embedded executor, which polls the DB) nothing is sent.
+    with factory() as s:
+        s.execute(update(Job).where(Job.id == never_sent).values(dispatched_at=None))
+        s.commit()
+    assert reap(factory, settings) == []
+
+    def broken(job_id: str, queue: str) -> None:
+        raise ConnectionError("broker down")
+
+    assert reap(factory, settings, requeue=broken) == []  # a failed send leaves the job queued
+    job = _get(factory, never_sent)
+    assert job.status == "queued" and job.dispatched_at is None
