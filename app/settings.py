@@ -61,6 +61,12 @@ class Settings(BaseSettings):
     stale_after_s: float = Field(
         120.0, gt=0, description="A running job whose heartbeat is older is reaped."
     )
+    stall_after_s: float = Field(
+        1800.0,
+        ge=0,
+        description="A running job that reports no progress this long looks hung: it is taken "
+        "back (requeued or failed, like a lost worker) and its process exits; 0 = never.",
+    )
     reaper_interval_s: float = Field(
         30.0, ge=0, description="Reaper period in the API process; 0 disables it."
     )

@@ -281,6 +281,25 @@ def claim_and_hang(job_id: str, settings_data: dict[str, Any], log_level: str) -
     time.sleep(3600)
 
 
+def claim_report_and_hang(job_id: str, settings_data: dict[str, Any], log_level: str) -> None:
+    """Executor target for tests: claim the job, report progress once under the real job context
+    (heartbeat thread, stall watchdog that exits the process), then hang."""
+    import time
+
+    from app.db.session import make_engine, make_sessionmaker
+    from worker.jobs import JobContext, _exit_hung_process, claim, worker_identity
+
+    settings = Settings(**settings_data)
+    factory = make_sessionmaker(make_engine(settings))
+    worker = worker_identity()
+    job = claim(factory, job_id, worker)
+    if job is None:
+        return
+    with JobContext(factory, settings, job, worker, on_stall=_exit_hung_process) as ctx:
+        ctx.report({"phase": "training", "epoch": 1}, force=True)
+        time.sleep(3600)
+
+
 # ----------------------------------------------------------------------------- processes
 
 REPO_ROOT = Path(__file__).resolve().parents[1]

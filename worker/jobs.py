@@ -19,6 +19,7 @@ import threading
 import time
 import traceback
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -156,9 +157,15 @@ class JobContext:
     """Progress, heartbeat and cancellation of one claimed attempt."""
 
     def __init__(
-        self, factory: sessionmaker[Session], settings: Settings, job: Job, worker: str
+        self,
+        factory: sessionmaker[Session],
+        settings: Settings,
+        job: Job,
+        worker: str,
+        on_stall: Callable[[], None] | None = None,
     ) -> None:
         self.factory = factory
+        self.on_stall = on_stall
         self.settings = settings
         self.job_id = job.id
         self.worker = worker
@@ -167,6 +174,7 @@ class JobContext:
         self.lost = False
         self._dirty = False
         self._last_write = time.monotonic()
+        self._last_progress = time.monotonic()
         self._write_lock = threading.Lock()
         self._stop = threading.Event()
         self._thread = threading.Thread(
@@ -184,7 +192,14 @@ class JobContext:
 
     def _beat(self) -> None:
         period = self.settings.heartbeat_interval_s
+        stall = self.settings.stall_after_s
         while not self._stop.wait(min(period / 2, 1.0)):
+            idle = time.monotonic() - self._last_progress
+            if stall and idle > stall:
+                # The heartbeat runs on its own thread, so a hung training would otherwise beat
+                # forever and hold its worker: stop vouching for it and hand the job back.
+                self._give_up_hung(idle)
+                return
             if time.monotonic() - self._last_write >= period:
                 try:
                     self.flush()
@@ -217,7 +232,21 @@ class JobContext:
             self._last_write = time.monotonic()
             self.cancelled = bool(flag)
 
+    def _give_up_hung(self, idle: float) -> None:
+        from worker.reaper import release_job
+
+        reason = (
+            f"no progress for {idle:.0f} s (MWT_STALL_AFTER_S={self.settings.stall_after_s:g}): "
+            f"the job looked hung on {self.worker}"
+        )
+        action = release_job(self.factory, self.job_id, self.worker, reason)
+        self.lost = True
+        log.error("job %s: %s -> %s", self.job_id, reason, action)
+        if self.on_stall is not None:
+            self.on_stall()
+
     def report(self, progress: dict[str, Any], force: bool = False) -> None:
+        self._last_progress = time.monotonic()
         self.progress = {**self.progress, **progress}
         self._dirty = True
         if force or time.monotonic() - self._last_write >= self.progress_interval:
@@ -278,7 +307,7 @@ def run_job(job_id: str, settings: Settings | None = None) -> str:
 def _execute(factory: sessionmaker[Session], settings: Settings, job: Job, worker: str) -> str:
     from mwt_core.training import TrainingCancelled
 
-    ctx = JobContext(factory, settings, job, worker)
+    ctx = JobContext(factory, settings, job, worker, on_stall=_exit_hung_process)
     with ctx:
         try:
             if job.kind == JobKind.train.value:
@@ -315,6 +344,20 @@ def _execute(factory: sessionmaker[Session], settings: Settings, job: Job, worke
                     s, job.id, worker, JobStatus.failed, error=_describe(exc), progress=ctx.progress
                 )
             return JobStatus.failed.value
+
+
+EXIT_HUNG = 75  # EX_TEMPFAIL: the job was handed back; whatever runs workers starts a fresh one
+
+
+def _exit_hung_process() -> None:
+    """A hung job cannot be interrupted from another thread; free its worker (and GPU) by exiting.
+
+    Job processes are dedicated (a spawned child of the embedded executor, a Celery pool
+    process or a solo worker that its supervisor restarts), and the job row is already handed
+    back, so nothing else is lost.
+    """
+    logging.shutdown()
+    os._exit(EXIT_HUNG)
 
 
 def _describe(exc: BaseException) -> str:

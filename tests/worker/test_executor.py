@@ -52,3 +52,22 @@ def test_shutdown_requeues_running_jobs_without_spending_an_attempt(
     ex.stop(timeout=5)
     job = _wait(factory, job_id, lambda j: True)
     assert job.status == "queued" and job.attempts == 0 and "shut down" in (job.error or "")
+
+
+def test_a_hung_job_is_handed_back_and_its_process_exits(
+    factory: sessionmaker[Session], settings: Settings, submit_job: Callable[..., str]
+) -> None:
+    from app.testing import claim_report_and_hang
+
+    job_id = submit_job(max_attempts=2)
+    hung = settings.model_copy(update={"stall_after_s": 1.5})
+    ex = Executor(hung, factory, target=claim_report_and_hang)
+    ex.start()
+    try:
+        job = _wait(factory, job_id, lambda j: j.status == "failed", timeout=90)
+    finally:
+        ex.stop()
+    # Each attempt heartbeat happily while hung; the stall watchdog handed it back and exited.
+    assert job.attempts == 2 and ex.running() == []
+    assert "no progress for" in (job.error or "") and "looked hung" in (job.error or "")
+    assert "gave up after 2 attempt(s)" in (job.error or "")

@@ -187,3 +187,22 @@ def test_reaper_sends_again_queued_jobs_without_a_live_message(
     assert reap(factory, settings, requeue=broken) == []  # a failed send leaves the job queued
     job = _get(factory, never_sent)
     assert job.status == "queued" and job.dispatched_at is None
+
+
+def test_stall_watchdog_hands_back_a_job_that_stops_reporting(
+    factory: sessionmaker[Session], settings: Settings, submit_job: Callable[..., str]
+) -> None:
+    job_id = submit_job()
+    job = claim(factory, job_id, "w1")
+    assert job is not None
+    stalled: list[bool] = []
+    cfg = settings.model_copy(update={"stall_after_s": 1.0})
+    with JobContext(factory, cfg, job, "w1", on_stall=lambda: stalled.append(True)) as ctx:
+        for _ in range(8):  # reporting keeps it alive well past stall_after_s
+            ctx.report({"step": 1})
+            threading.Event().wait(0.25)
+        assert not ctx.lost and _get(factory, job_id).status == "running"
+        threading.Event().wait(1.8)  # then silence
+        assert ctx.lost and stalled == [True]
+    job = _get(factory, job_id)
+    assert job.status == "queued" and job.worker is None and "no progress for" in (job.error or "")
