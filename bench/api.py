@@ -1,4 +1,5 @@
-"""API benchmark: module queries and downloads under 50 concurrent clients, and compose latency.
+"""API benchmark: module queries and downloads under 50 concurrent clients, and compose latency
+(one model, and across two models).
 
 Runs against two stacks it starts itself, each with one tiny model trained on digits first:
 - embedded: `mwt serve` (SQLite registry, in-process executor);
@@ -136,8 +137,37 @@ def compose_latency(hub: MwtClient, model_id: int, num_classes: int, n: int) -> 
     }
 
 
-def prepare(hub: MwtClient) -> tuple[int, list[dict[str, Any]]]:
-    job = hub.submit_job(**TRAIN)
+def across_latency(hub: MwtClient, a: int, b: int, n: int) -> dict[str, Any]:
+    """Sequential cross-model compositions: 2 classes of model ``a`` + 2 of model ``b``, each new."""
+    rng = random.Random(1)
+    pairs: list[tuple[list[int], list[int]]] = []
+    while len(pairs) < n:
+        four = rng.sample(range(10), 4)
+        pair = (sorted(four[:2]), sorted(four[2:]))
+        if pair not in pairs:
+            pairs.append(pair)
+    t0 = time.perf_counter()
+    hub.compose_across([(a, [0, 1]), (b, [2, 3])])  # loads the second model into the cache
+    cold = time.perf_counter() - t0
+    times, accs, raw = [], [], []
+    for ca, cb in pairs:
+        t0 = time.perf_counter()
+        comp = hub.compose_across([(a, ca), (b, cb)])
+        times.append(time.perf_counter() - t0)
+        accs.append(comp["accuracy"])
+        raw.append(comp["metrics"]["uncalibrated_accuracy"])
+    return {
+        "n": n,
+        "p50_ms": 1000 * pct(times, 50),
+        "p99_ms": 1000 * pct(times, 99),
+        "cold_ms": 1000 * cold,
+        "mean_accuracy": statistics.fmean(accs),
+        "mean_uncalibrated_accuracy": statistics.fmean(raw),
+    }
+
+
+def prepare(hub: MwtClient, seed: int = 0) -> tuple[int, list[dict[str, Any]]]:
+    job = hub.submit_job(**TRAIN, seed=seed)
     final = hub.wait(job["id"], timeout=1800)
     if final["status"] != "succeeded":
         raise RuntimeError(f"training job failed: {final['error']}")
@@ -165,10 +195,14 @@ def run_workloads(name: str, base: str, token: str, args: argparse.Namespace) ->
         print(f"[{name}] downloads: {d['rps']:.0f} req/s", file=sys.stderr)
         c = compose_latency(hub, model_id, 10, args.compose_n)
         print(f"[{name}] compose p50 {c['p50_ms']:.0f} ms", file=sys.stderr)
+        second, _ = prepare(hub, seed=1)
+        x = across_latency(hub, model_id, second, args.compose_n)
+        print(f"[{name}] compose across 2 models p50 {x['p50_ms']:.0f} ms", file=sys.stderr)
     return {
         "module_queries": q,
         "downloads": d,
         "compose": c,
+        "compose_across": x,
         "module_bytes": mods[0]["size_bytes"],
         "prepare_s": round(train_s, 1),
     }
@@ -277,10 +311,16 @@ def main() -> None:
             f"{name:<10} {'compose (exists)':<16} {1000 / c['existing_p50_ms']:>8.1f} "
             f"{c['existing_p50_ms']:>8.1f} {'-':>8} {0:>7} {'-':>7}"
         )
+        x = r["compose_across"]
+        print(
+            f"{name:<10} {'compose 2 models':<16} {1000 / x['p50_ms']:>8.1f} {x['p50_ms']:>8.1f} "
+            f"{x['p99_ms']:>8.1f} {0:>7} {'-':>7}"
+        )
     print(
         f"\n{args.concurrency} concurrent clients, {args.duration:.0f} s per load workload; compose: "
         f"{args.compose_n} distinct 3-class subsets, sequential, after one cold composition (model and\n"
-        "dataset loaded into the API's cache); 'exists' = the same request again (registry lookup).\n"
+        "dataset loaded into the API's cache); 'exists' = the same request again (registry lookup);\n"
+        "'2 models': 2 classes of each of two models, calibrated on 20 training images per class.\n"
         "Client and server share this machine; req/s for compose = 1000 / p50."
     )
     summary = {
