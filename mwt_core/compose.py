@@ -91,12 +91,20 @@ def compose(sources: list[Source], keep_mask_generators: bool = True) -> Compose
     return ComposedClassifier(parts, labels).eval()
 
 
-def labelled_union(sources: list[tuple[DatasetBundle, list[int]]], split: str = "test"
+def labelled_union(sources: list[tuple[DatasetBundle, list[int]]], split: str = "test",
+                   per_class: int | None = None, seed: int = 0
                    ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Images in [0, 1] of each source's classes, labelled by position in the composition."""
+    """Images in [0, 1] of each source's classes, labelled by position in the composition.
+
+    With ``per_class`` only that many random images of each class are taken (a calibration
+    set); they are drawn before the float conversion, so a large split is never copied whole.
+    """
     xs, ys, offset = [], [], 0
     for data, classes in sources:
         x, y = subtask(data, classes, split)
+        if per_class is not None:
+            pick = per_class_sample(y, per_class, seed)
+            x, y = x[pick], y[pick]
         xs.append(x.float() / 255.0)
         ys.append(y + offset)
         offset += len(classes)

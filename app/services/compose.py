@@ -272,9 +272,9 @@ def build_across(
     test_x, test_y = core.labelled_union([(p.data, p.classes) for p in picks], "test")
     cal_x = cal_y = None
     if calibration_per_class > 0:
-        xs, ys = core.labelled_union([(p.data, p.classes) for p in picks], "train")
-        pick = core.per_class_sample(ys, calibration_per_class)
-        cal_x, cal_y = xs[pick], ys[pick]
+        cal_x, cal_y = core.labelled_union(
+            [(p.data, p.classes) for p in picks], "train", per_class=calibration_per_class
+        )
     per_source: list[dict[str, Any]] = []
     with ExitStack() as stack:
         # Cached full models are shared between request threads; lock them in one order.

@@ -63,10 +63,12 @@ def test_calibrated_composition_round_trips_as_artifact(two_models, digits32, tm
 
     a, b = (replace(s, classes=c) for s, c in zip(two_models, ([2, 4], [9]), strict=True))
     composed = compose([a, b])
-    xs, ys = labelled_union([(digits32, [2, 4]), (digits32, [9])], split="train")
-    pick = per_class_sample(ys, 5)
-    assert torch.bincount(ys[pick]).tolist() == [5, 5, 5]
-    calibrate(composed, xs[pick], ys[pick], steps=30)
+    xs, ys = labelled_union([(digits32, [2, 4]), (digits32, [9])], split="train", per_class=5)
+    assert torch.bincount(ys).tolist() == [5, 5, 5] and xs.dtype == torch.float32
+    again, _ = labelled_union([(digits32, [2, 4]), (digits32, [9])], split="train", per_class=5)
+    assert torch.equal(xs, again)  # seeded
+    assert per_class_sample(torch.tensor([0, 0, 1]), 5).tolist() == [0, 1, 2]  # fewer than asked
+    calibrate(composed, xs, ys, steps=30)
     manifest = save_artifact(
         tmp_path / "comp", composed,
         {"note": "x", "metrics": {"sources": [{"model_id": 4, "classes": [2, 4], "krr": 0.5,
