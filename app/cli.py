@@ -8,6 +8,7 @@ Client commands talk to ``--url`` (MWT_URL, default http://127.0.0.1:8000) with 
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import os
@@ -43,13 +44,16 @@ def _mount_core() -> None:
     except ImportError as exc:  # pragma: no cover - the core CLI is part of the project
         logging.getLogger(__name__).debug("mwt_core.cli not importable: %s", exc)
         return
+    # Copies: renaming must not change mwt_core's own CLI (`python -m mwt_core.cli compose`).
     for info in core_app.registered_commands:
         name = info.name or (info.callback.__name__.replace("_", "-") if info.callback else None)
         if name in SERVICE_COMMANDS:
+            info = copy.copy(info)
             info.name = f"{name}-local"
         app.registered_commands.append(info)
     for group in core_app.registered_groups:
         if group.name in SERVICE_COMMANDS:
+            group = copy.copy(group)
             group.name = f"{group.name}-local"
         app.registered_groups.append(group)
 

@@ -686,6 +686,86 @@ def extract_cmd(
     ui.emit(s, render)
 
 
+@app.command("compose")
+@command_boundary
+def compose_cmd(
+    sources: Annotated[list[str], typer.Argument(
+        help="MODEL_DIR:CLASSES per source model, e.g. runs/a:3,5 runs/b:cat,dog (same input shape).")],
+    out: Annotated[Path, typer.Option(help="Where to write the composed classifier artifact.")],
+    calibration_per_class: Annotated[int, typer.Option(
+        "--calibrate", help="Training images per class to calibrate the sources' logits (0: raw).")] = 20,
+    torchscript: Annotated[Path | None, typer.Option(
+        help="Also export a TorchScript file (images in [0, 1] in, one logit per class out).")] = None,
+    data_dir: DataDirOpt = None,
+    device: DeviceOpt = "auto",
+    as_json: JsonOpt = False,
+) -> None:
+    """Compose classes of one or several modularized models into one classifier; measure and save it."""
+    from mwt_core.compose import Source, compose_and_measure, export_torchscript, identity_spec
+
+    if calibration_per_class < 0:
+        raise CliError(f"--calibrate must be >= 0, got {calibration_per_class}")
+    ui = Ui(as_json)
+    picked: list[Source] = []
+    datas: list[DatasetBundle] = []
+    described: list[dict[str, Any]] = []
+    for text in sources:
+        model_text, sep, class_text = text.rpartition(":")
+        if not sep or not model_text:
+            raise CliError(f"bad source {text!r}: write MODEL_DIR:CLASSES, e.g. runs/a:3,5")
+        model_dir = Path(model_text)
+        with ui.status(f"loading {model_dir}"):
+            model, manifest = _load_model_artifact(model_dir)
+            mod = _modularization_of(manifest, model_dir)
+            data = data_for_manifest(manifest, data_dir)
+        names = list(manifest.get("class_names") or [str(i) for i in range(mod.num_classes)])
+        classes = parse_classes(class_text, names)
+        picked.append(Source(model, mod, classes, data.spec, names))
+        datas.append(data)
+        described.append({"model_dir": str(model_dir), "sha256": manifest.get("sha256"),
+                          "dataset": manifest.get("dataset"), "classes": classes,
+                          "class_names": [names[c] for c in classes]})
+    labels = [n for d in described for n in d["class_names"]]
+    if len(set(labels)) != len(labels):
+        labels = [f"{i}:{n}" for i, d in enumerate(described) for n in d["class_names"]]
+    with ui.status("composing, calibrating and evaluating"):
+        composed, metrics = compose_and_measure(picked, datas, calibration_per_class, labels,
+                                                device=device)
+    for d, m in zip(described, metrics["sources"], strict=True):
+        d.update(krr=m["krr"], zero_training_accuracy=m["zero_training_accuracy"])
+    metrics["sources"] = described
+    datasets = {d["dataset"] for d in described}
+    written = save_artifact(out, composed, {
+        "dataset": datasets.pop() if len(datasets) == 1 else None,
+        "class_names": labels,
+        "input_spec": identity_spec(picked[0].spec).to_json(),
+        "input_range": "[0, 1]",
+        "sources": described,
+        "metrics": metrics,
+        "created_by": "mwt compose",
+    })
+    if torchscript is not None:
+        export_torchscript(composed, torchscript, tuple(picked[0].spec.shape))
+    summary = {**metrics, "out": str(out), "class_names": labels, "sha256": written["sha256"],
+               "torchscript": str(torchscript) if torchscript else None}
+
+    def render() -> None:
+        table = Table(title=f"composition of {len(picked)} model(s): {', '.join(labels)}",
+                      title_justify="left")
+        for col in ("", "accuracy", "uncalibrated", "full models", "KRR"):
+            table.add_column(col, justify="right" if col else "left")
+        table.add_row("composed", _pct(metrics["accuracy"]), _pct(metrics["uncalibrated_accuracy"]),
+                      _pct(metrics["baseline_accuracy"]), _pct(metrics["krr"]))
+        for d in described:
+            table.add_row(f"{d['model_dir']} {','.join(d['class_names'])}",
+                          _pct(d["zero_training_accuracy"]), "-", "-", _pct(d["krr"]))
+        ui.out.print(table)
+        ui.out.print(f"{metrics['test_samples']} test images, {metrics['calibration_samples']} "
+                     f"calibration images; {_num(metrics['params'])} parameters; saved to {out}")
+
+    ui.emit(summary, render)
+
+
 @app.command("evaluate")
 @command_boundary
 def evaluate_cmd(

@@ -11,15 +11,17 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from mwt_core.datasets import DatasetBundle, InputSpec
+from mwt_core.metrics import count_flops, count_params
 from mwt_core.modularize import Modularization
 from mwt_core.registry import MwTNet
-from mwt_core.reuse import ModuleClassifier, extract_module, subtask
+from mwt_core.reuse import ModuleClassifier, evaluate, extract_module, restrict, subtask
 
 
 class CompositionError(ValueError):
@@ -166,3 +168,70 @@ def export_torchscript(net: nn.Module, path: str | Path, input_shape: tuple[int,
 def modules_of(composed: ComposedClassifier) -> list[ModuleClassifier]:
     """The per-source modules inside a composition."""
     return [part.net for part in composed.parts]  # type: ignore[misc]
+
+
+def compose_and_measure(
+    sources: list[Source],
+    data: list[DatasetBundle],
+    calibration_per_class: int = 20,
+    labels: list[str] | None = None,
+    device: str = "cpu",
+) -> tuple[ComposedClassifier, dict[str, Any]]:
+    """Compose ``sources`` (``data[i]`` is source i's dataset), calibrate and measure it.
+
+    Calibration uses ``calibration_per_class`` training images per class (0: raw logits);
+    accuracy is on the union of the sources' test splits. The baseline is the same
+    construction from the full models (logits restricted to the classes, calibrated on
+    the same images), so ``accuracy_loss`` is what cutting the models into modules costs.
+    """
+    if len(data) != len(sources):
+        raise CompositionError(f"{len(sources)} sources but {len(data)} datasets")
+    composed = compose(sources)
+    if labels is not None:
+        composed.labels = list(labels)
+    baseline = ComposedClassifier(
+        [NormalizedInput(restrict(s.model, s.classes, s.modularization.num_classes), s.spec)
+         for s in sources],
+        composed.labels,
+    ).eval()
+    pairs = [(d, s.classes) for d, s in zip(data, sources, strict=True)]
+    test_x, test_y = labelled_union(pairs, "test")
+    raw_acc, raw_base = accuracy(composed, test_x, test_y), accuracy(baseline, test_x, test_y)
+    n_cal = 0
+    if calibration_per_class > 0:
+        cal_x, cal_y = labelled_union(pairs, "train", per_class=calibration_per_class)
+        calibrate(composed, cal_x, cal_y)
+        calibrate(baseline, cal_x, cal_y)
+        n_cal = len(cal_y)
+    acc, base = accuracy(composed, test_x, test_y), accuracy(baseline, test_x, test_y)
+    per_source = [
+        {"classes": list(s.classes), "krr": s.modularization.krr_of(s.classes),
+         "zero_training_accuracy": evaluate(part, d, s.classes, device=device)}
+        for s, d, part in zip(sources, data, modules_of(composed), strict=True)
+    ]
+    kept = total = 0.0
+    for s in sources:  # KRR over all the sources' kernels together
+        n = sum(int(m.numel()) for m in s.modularization.class_masks[0])
+        kept += s.modularization.krr_of(s.classes) * n
+        total += n
+    composed = composed.cpu().eval()
+    metrics: dict[str, Any] = {
+        "accuracy": acc,
+        "baseline_accuracy": base,
+        "accuracy_loss": base - acc,
+        "uncalibrated_accuracy": raw_acc,
+        "uncalibrated_baseline_accuracy": raw_base,
+        "calibration_per_class": calibration_per_class,
+        "calibration_samples": n_cal,
+        "krr": kept / total if total else None,
+        "params": int(count_params(composed)),
+        "flops": int(count_flops(composed, tuple(sources[0].spec.shape))),
+        "test_samples": len(test_y),
+        "sources": per_source,
+    }
+    return composed, metrics
+
+
+def identity_spec(spec: InputSpec) -> InputSpec:
+    """The input spec of a composition: same shape, images in [0, 1] (each part normalises)."""
+    return InputSpec(spec.channels, spec.size, (0.0,) * spec.channels, (1.0,) * spec.channels)

@@ -245,15 +245,8 @@ def output_labels(picks: list[Pick]) -> list[str]:
 def build_across(
     picks: list[Pick], calibration_per_class: int, *, device: str = "cpu"
 ) -> tuple[nn.Module, dict[str, Any]]:
-    """Compose modules of several models; measure it on the union of their test splits.
-
-    The baseline is the same construction from the full models (logits restricted to the
-    chosen classes, calibrated on the same images), so ``accuracy_loss`` isolates what cutting
-    the models into modules costs.
-    """
+    """Compose modules of several registry models; measure it (``mwt_core.compose``)."""
     from mwt_core import compose as core
-    from mwt_core.metrics import count_flops, count_params
-    from mwt_core.reuse import evaluate, restrict
 
     specs = {(p.data.spec.channels, p.data.spec.size) for p in picks}
     if len(specs) > 1:
@@ -265,85 +258,35 @@ def build_across(
             f"the models take different input shapes ({shapes}); compose models trained on "
             "images of one shape"
         )
-    labels = output_labels(picks)
     sources = [
         core.Source(p.loaded.net, p.loaded.modularization, p.classes, p.data.spec) for p in picks
     ]
-    test_x, test_y = core.labelled_union([(p.data, p.classes) for p in picks], "test")
-    cal_x = cal_y = None
-    if calibration_per_class > 0:
-        cal_x, cal_y = core.labelled_union(
-            [(p.data, p.classes) for p in picks], "train", per_class=calibration_per_class
-        )
-    per_source: list[dict[str, Any]] = []
     with ExitStack() as stack:
         # Cached full models are shared between request threads; lock them in one order.
         for p in sorted(picks, key=lambda p: p.model.id):
             stack.enter_context(p.loaded.lock)
-        composed = core.compose(sources)
-        baseline = core.ComposedClassifier(
-            [
-                core.NormalizedInput(
-                    restrict(p.loaded.net, p.classes, p.loaded.modularization.num_classes),
-                    p.data.spec,
-                )
-                for p in picks
-            ],
-            labels,
-        ).eval()
-        raw_acc = core.accuracy(composed, test_x, test_y)
-        raw_base = core.accuracy(baseline, test_x, test_y)
-        if cal_x is not None and cal_y is not None:
-            core.calibrate(composed, cal_x, cal_y)
-            core.calibrate(baseline, cal_x, cal_y)
-        acc = core.accuracy(composed, test_x, test_y)
-        base = core.accuracy(baseline, test_x, test_y)
-        for p, part in zip(picks, core.modules_of(composed), strict=True):
-            per_source.append(
-                {
-                    "model_id": p.model.id,
-                    "classes": p.classes,
-                    "krr": p.loaded.modularization.krr_of(p.classes),
-                    "zero_training_accuracy": evaluate(part, p.data, p.classes, device=device),
-                }
-            )
-    composed.labels = labels
-    kept = total = 0.0
-    for p in picks:
-        n = sum(int(m.numel()) for m in p.loaded.modularization.class_masks[0])
-        kept += p.loaded.modularization.krr_of(p.classes) * n
-        total += n
-    composed = composed.cpu().eval()
-    shape = tuple(picks[0].data.spec.shape)
-    metrics: dict[str, Any] = {
-        "accuracy": acc,
-        "baseline_accuracy": base,
-        "accuracy_loss": base - acc,
-        "uncalibrated_accuracy": raw_acc,
-        "uncalibrated_baseline_accuracy": raw_base,
-        "calibration_per_class": calibration_per_class,
-        "calibration_samples": 0 if cal_y is None else len(cal_y),
-        "krr": kept / total if total else None,
-        "params": int(count_params(composed)),
-        "flops": int(count_flops(composed, shape)),
-        "test_samples": len(test_y),
-        "sources": per_source,
-    }
+        composed, metrics = core.compose_and_measure(
+            sources,
+            [p.data for p in picks],
+            calibration_per_class,
+            labels=output_labels(picks),
+            device=device,
+        )
+    for p, src in zip(picks, metrics["sources"], strict=True):
+        src["model_id"] = p.model.id
     return composed, metrics
 
 
 def manifest_across(picks: list[Pick], metrics: dict[str, Any]) -> dict[str, Any]:
     """A cross-model composition's manifest. It takes images scaled to [0, 1]: each source
     normalises them itself, so its ``input_spec`` is the identity normalisation."""
-    spec = picks[0].data.spec
+    from mwt_core.compose import identity_spec
+
     datasets = {p.model.dataset for p in picks}
     return {
         "dataset": datasets.pop() if len(datasets) == 1 else None,
         "class_names": output_labels(picks),
-        "input_spec": {
-            "channels": spec.channels, "size": spec.size,
-            "mean": [0.0] * spec.channels, "std": [1.0] * spec.channels, "hflip": False,
-        },
+        "input_spec": identity_spec(picks[0].data.spec).to_json(),
         "input_range": "[0, 1]",
         "sources": [
             {

@@ -242,3 +242,37 @@ def test_demo_tiny(tmp_path):
     human = run("demo", "--epochs", "1", "--width", "0.125", "--device", "cpu", "--out", tmp_path / "demo")
     assert human.exit_code == 0, human.output
     assert "KRR" in human.stdout and "cohesion" in human.stdout
+
+
+def test_compose_across_two_model_dirs(trained, tmp_path, standard_model):
+    second = tmp_path / "second"
+    run_json("train", "--arch", "simcnn", "--dataset", "digits", "--width", "0.125", "--epochs", "1",
+             "--batch-size", "64", "--train-limit", "400", "--device", "cpu", "--seed", "1",
+             "--out", second)
+    a, b = trained[0] / "model", second / "model"
+    ts = tmp_path / "comp.pt"
+    s = run_json("compose", f"{a}:3,5", f"{b}:8", "--out", tmp_path / "comp", "--calibrate", "5",
+                 "--torchscript", ts, "--device", "cpu")
+    assert s["class_names"] == ["3", "5", "8"] and s["calibration_samples"] == 15
+    assert [src["classes"] for src in s["sources"]] == [[3, 5], [8]]
+    from mwt_core.datasets import load_dataset
+
+    test_y = load_dataset("digits").test_y
+    assert s["test_samples"] == int(sum((test_y == c).sum() for c in (3, 5, 8)))
+    assert 0 <= s["accuracy"] <= 1 and ts.is_file()
+    net, manifest = load_artifact(tmp_path / "comp")
+    assert manifest["kind"] == "composition" and manifest["sources"][1]["model_dir"] == str(b)
+    x = torch.rand(4, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.allclose(torch.jit.load(str(ts))(x), net(x), atol=1e-5)
+    # The same class name in two sources is told apart by the source's position.
+    s = run_json("compose", f"{a}:3", f"{b}:3", "--out", tmp_path / "comp2", "--calibrate", "0")
+    assert s["class_names"] == ["0:3", "1:3"] and s["accuracy"] == s["uncalibrated_accuracy"]
+    for args, message in [
+        ([f"{a}", "--out", tmp_path / "x"], "write MODEL_DIR:CLASSES"),
+        ([f"{a}:3,12", "--out", tmp_path / "x"], "out of range"),
+        ([f"{standard_model}:3", "--out", tmp_path / "x"], "no modularization"),
+        ([f"{a}:3", "--out", tmp_path / "x", "--calibrate", "-1"], "--calibrate must be >= 0"),
+    ]:
+        result = run("compose", *args)
+        assert result.exit_code == 1 and message in result.output, (args, result.output)
