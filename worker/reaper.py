@@ -161,8 +161,8 @@ def find_unsent(
             s.scalars(
                 select(Job)
                 .where(
+                    # Cancel-requested ones too: the claim that the message triggers ends them.
                     Job.status == JobStatus.queued.value,
-                    Job.cancel_requested.is_(False),
                     or_(
                         and_(Job.dispatched_at.is_(None), Job.created_at < grace),
                         Job.dispatched_at < overdue,
