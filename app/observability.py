@@ -17,7 +17,7 @@ from sqlalchemy import case, func, select
 from sqlalchemy.orm import Session, sessionmaker
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from app.db.models import Job, JobStatus, Model, Module
+from app.db.models import Composition, Job, JobStatus, Model, Module
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +72,15 @@ class RegistryCollector(Collector):
                     s.execute(select(Model.status, func.count()).group_by(Model.status)).all()
                 )
                 modules = s.scalar(select(func.count()).select_from(Module)) or 0
+                unsent = (
+                    s.scalar(
+                        select(func.count())
+                        .select_from(Job)
+                        .where(Job.status == "queued", Job.dispatched_at.is_(None))
+                    )
+                    or 0
+                )
+                compositions = s.scalar(select(func.count()).select_from(Composition)) or 0
         except Exception:
             log.exception("metrics: registry query failed")
             return
@@ -97,6 +106,12 @@ class RegistryCollector(Collector):
             g.add_metric([status], float(n))
         yield g
         yield GaugeMetricFamily("mwt_modules", "Registered modules", value=float(modules))
+        yield GaugeMetricFamily(
+            "mwt_jobs_unsent",
+            "Queued jobs not (yet) handed to the broker; growing means the broker is unreachable",
+            value=float(unsent),
+        )
+        yield GaugeMetricFamily("mwt_compositions", "Stored compositions", value=float(compositions))
 
 
 def route_template(scope: Scope) -> str:

@@ -35,5 +35,16 @@ def test_prometheus_metrics(client: TestClient, app: FastAPI) -> None:
     assert 'mwt_job_duration_seconds_bucket{kind="train",le="60.0",status="succeeded"} 1.0' in text
     assert 'mwt_job_duration_seconds_bucket{kind="train",le="30.0",status="succeeded"} 0.0' in text
     assert 'mwt_job_duration_seconds_sum{kind="train",status="failed"} 3.0' in text
-    assert "mwt_modules 0.0" in text
+    assert "mwt_modules 0.0" in text and "mwt_compositions 0.0" in text
+    assert "mwt_jobs_unsent 0.0" in text  # both were handed over (then finished)
     assert "_created" not in text
+
+
+def test_unsent_jobs_gauge(client: TestClient, app: FastAPI) -> None:
+    class Down:
+        def dispatch(self, job_id: str, queue: str) -> None:
+            raise ConnectionError("broker down")
+
+    app.state.dispatcher = Down()
+    assert client.post("/api/v1/jobs", json={"epochs": 1}).status_code == 202
+    assert "mwt_jobs_unsent 1.0" in client.get("/metrics").text
