@@ -701,7 +701,13 @@ def compose_cmd(
     as_json: JsonOpt = False,
 ) -> None:
     """Compose classes of one or several modularized models into one classifier; measure and save it."""
-    from mwt_core.compose import Source, compose_and_measure, export_torchscript, identity_spec
+    from mwt_core.compose import (
+        Source,
+        compose_and_measure,
+        composition_manifest,
+        distinct_labels,
+        export_torchscript,
+    )
 
     if calibration_per_class < 0:
         raise CliError(f"--calibrate must be >= 0, got {calibration_per_class}")
@@ -725,25 +731,15 @@ def compose_cmd(
         described.append({"model_dir": str(model_dir), "sha256": manifest.get("sha256"),
                           "dataset": manifest.get("dataset"), "classes": classes,
                           "class_names": [names[c] for c in classes]})
-    labels = [n for d in described for n in d["class_names"]]
-    if len(set(labels)) != len(labels):
-        labels = [f"{i}:{n}" for i, d in enumerate(described) for n in d["class_names"]]
+    labels = distinct_labels([(str(i), d["class_names"]) for i, d in enumerate(described)])
     with ui.status("composing, calibrating and evaluating"):
         composed, metrics = compose_and_measure(picked, datas, calibration_per_class, labels,
                                                 device=device)
     for d, m in zip(described, metrics["sources"], strict=True):
         d.update(krr=m["krr"], zero_training_accuracy=m["zero_training_accuracy"])
     metrics["sources"] = described
-    datasets = {d["dataset"] for d in described}
-    written = save_artifact(out, composed, {
-        "dataset": datasets.pop() if len(datasets) == 1 else None,
-        "class_names": labels,
-        "input_spec": identity_spec(picked[0].spec).to_json(),
-        "input_range": "[0, 1]",
-        "sources": described,
-        "metrics": metrics,
-        "created_by": "mwt compose",
-    })
+    written = save_artifact(out, composed, composition_manifest(
+        picked[0].spec, labels, described, metrics, created_by="mwt compose"))
     if torchscript is not None:
         export_torchscript(composed, torchscript, tuple(picked[0].spec.shape))
     summary = {**metrics, "out": str(out), "class_names": labels, "sha256": written["sha256"],

@@ -232,6 +232,33 @@ def compose_and_measure(
     return composed, metrics
 
 
+def distinct_labels(groups: list[tuple[str, list[str]]]) -> list[str]:
+    """Output labels of a composition from ``(source tag, class names)`` per source: the plain
+    names, or ``tag:name`` for every class when two sources share a name."""
+    names = [n for _, ns in groups for n in ns]
+    if len(set(names)) == len(names):
+        return names
+    return [f"{tag}:{n}" for tag, ns in groups for n in ns]
+
+
+def composition_manifest(spec: InputSpec, labels: list[str], sources: list[dict[str, Any]],
+                         metrics: dict[str, Any], created_by: str) -> dict[str, Any]:
+    """The manifest of a saved composition. It takes images in [0, 1] (each part normalises
+    them itself), so its input spec is the identity normalisation of the sources' shape;
+    ``sources`` describe where each part came from (each may name its ``dataset``)."""
+    datasets = {src.get("dataset") for src in sources}
+    return {
+        "dataset": datasets.pop() if len(datasets) == 1 else None,
+        "class_names": list(labels),
+        "input_spec": identity_spec(spec).to_json(),
+        "input_range": "[0, 1]",
+        "sources": sources,
+        "finetuned": False,
+        "metrics": metrics,
+        "created_by": created_by,
+    }
+
+
 def identity_spec(spec: InputSpec) -> InputSpec:
     """The input spec of a composition: same shape, images in [0, 1] (each part normalises)."""
     return InputSpec(spec.channels, spec.size, (0.0,) * spec.channels, (1.0,) * spec.channels)

@@ -77,7 +77,7 @@ def release_job(
         values.update(worker=None, attempts=attempts)
         if action == "requeued":
             values["dispatched_at"] = None  # not sent for this attempt yet
-        if action != "requeued":
+        else:
             values["finished_at"] = now
             if job.started_at is not None:
                 values["duration_s"] = (now - job.started_at).total_seconds()
@@ -175,19 +175,10 @@ def find_unsent(
 
 def send_again(factory: sessionmaker[Session], job: Job, requeue: Requeue) -> bool:
     """Send ``job`` to its queue and record it; False (job left as it is) if the send fails."""
-    try:
-        requeue(job.id, job.queue)
-    except Exception:
-        log.exception("could not send queued job %s to the broker; it stays queued", job.id)
-        return False
+    from app.services.jobs import send
+
     with factory() as s:
-        s.execute(
-            update(Job)
-            .where(Job.id == job.id, Job.status == JobStatus.queued.value)
-            .values(dispatched_at=utcnow())
-        )
-        s.commit()
-    return True
+        return send(s, requeue, job)
 
 
 def reap_once(settings: Settings, requeue: Requeue | None = None) -> list[tuple[str, str]]:

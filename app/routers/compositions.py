@@ -10,7 +10,7 @@ from sqlalchemy import select
 
 from app import storage
 from app.auth import Principal, ReadKey, WriteKey
-from app.db.models import Composition, CompositionSource, JobKind, Model, ModelStatus
+from app.db.models import Composition, JobKind, Model, ModelStatus
 from app.deps import DbDep, DispatcherDep, SettingsDep
 from app.files import artifact_response
 from app.routers._common import PagingDep, not_found, page
@@ -172,7 +172,7 @@ def _start_finetune(
         arch=model.arch,
         api_key_id=principal.key_id,
     )
-    jobs_svc.send(db, dispatcher, job)
+    jobs_svc.send(db, dispatcher.dispatch, job)
     return JSONResponse(
         jobs_svc.job_out(job).model_dump(mode="json"),
         status_code=status.HTTP_202_ACCEPTED,
@@ -190,14 +190,8 @@ def list_compositions(
     min_accuracy: Annotated[float | None, Query(ge=0, le=1)] = None,
 ) -> Page[CompositionOut]:
     stmt = select(Composition).order_by(Composition.id.desc())
-    if model_id is not None:  # any composition that takes classes from this model
-        stmt = stmt.where(
-            Composition.id.in_(
-                select(CompositionSource.composition_id).where(
-                    CompositionSource.model_id == model_id
-                )
-            )
-        )
+    if model_id is not None:
+        stmt = stmt.where(svc.uses_model(model_id))
     if finetuned is not None:
         stmt = stmt.where(Composition.finetuned.is_(finetuned))
     if min_accuracy is not None:

@@ -80,7 +80,7 @@ def submit(
         raise HTTPException(status.HTTP_409_CONFLICT, str(exc)) from None
     if created or (job.status == JobStatus.queued.value and job.dispatched_at is None):
         # A retried submit also retries a send that failed the first time.
-        svc.send(db, dispatcher, job)
+        svc.send(db, dispatcher.dispatch, job)
     if not created:
         response.status_code = status.HTTP_200_OK
     response.headers["Location"] = f"/api/v1/jobs/{job.id}"

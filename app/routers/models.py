@@ -10,13 +10,14 @@ from sqlalchemy.orm import selectinload
 
 from app import storage
 from app.auth import ReadKey, WriteKey
-from app.db.models import Composition, CompositionSource, Job, JobStatus, Model
+from app.db.models import Composition, Job, JobStatus, Model
 from app.deps import DbDep, SettingsDep
 from app.files import artifact_response
 from app.routers._common import PagingDep, not_found, page, sorted_by
 from app.routers.modules import module_out
 from app.schemas.common import Page, PathId
 from app.schemas.models import ModelDetail, ModelOut, ModelPatch
+from app.services import compose as compose_svc
 
 router = APIRouter(prefix="/models", tags=["models"])
 
@@ -162,16 +163,8 @@ def delete(
             (Job.model_id == model_id) | (Job.params["model_id"].as_integer() == model_id),
         )
     ).all()
-    # Compositions that take classes from this model, as first source or any other.
     dependents = db.scalars(
-        select(Composition).where(
-            (Composition.model_id == model_id)
-            | Composition.id.in_(
-                select(CompositionSource.composition_id).where(
-                    CompositionSource.model_id == model_id
-                )
-            )
-        ).order_by(Composition.id)
+        select(Composition).where(compose_svc.uses_model(model_id)).order_by(Composition.id)
     ).all()
     comps = [c.id for c in dependents]
     if (active or comps) and not force:

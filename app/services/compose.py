@@ -17,6 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from sqlalchemy import ColumnElement, select
+
 from app import storage
 from app.db.models import Composition, CompositionSource, Model, ModelStatus
 from app.settings import Settings
@@ -200,6 +202,13 @@ def store(
     return storage.relative(settings.artifacts, art), sha, size
 
 
+def uses_model(model_id: int) -> ColumnElement[bool]:
+    """Filter: compositions that take classes from ``model_id``, as first source or any other."""
+    return (Composition.model_id == model_id) | Composition.id.in_(
+        select(CompositionSource.composition_id).where(CompositionSource.model_id == model_id)
+    )
+
+
 MAX_KEY = 400  # the column's width; longer keys are hashed
 
 
@@ -236,10 +245,9 @@ class Pick:
 
 def output_labels(picks: list[Pick]) -> list[str]:
     """Class names in output order; prefixed with the model id when two sources share a name."""
-    names = [n for p in picks for n in p.names]
-    if len(set(names)) == len(names):
-        return names
-    return [f"m{p.model.id}:{n}" for p in picks for n in p.names]
+    from mwt_core.compose import distinct_labels
+
+    return distinct_labels([(f"m{p.model.id}", p.names) for p in picks])
 
 
 def build_across(
@@ -278,33 +286,25 @@ def build_across(
 
 
 def manifest_across(picks: list[Pick], metrics: dict[str, Any]) -> dict[str, Any]:
-    """A cross-model composition's manifest. It takes images scaled to [0, 1]: each source
-    normalises them itself, so its ``input_spec`` is the identity normalisation."""
-    from mwt_core.compose import identity_spec
+    """A cross-model composition's manifest (``mwt_core.compose.composition_manifest``)."""
+    from mwt_core.compose import composition_manifest
 
-    datasets = {p.model.dataset for p in picks}
-    return {
-        "dataset": datasets.pop() if len(datasets) == 1 else None,
-        "class_names": output_labels(picks),
-        "input_spec": identity_spec(picks[0].data.spec).to_json(),
-        "input_range": "[0, 1]",
-        "sources": [
-            {
-                "model_id": p.model.id,
-                "model_name": p.model.name,
-                "model_version": p.model.version,
-                "dataset": p.model.dataset,
-                "sha256": p.loaded.manifest.get("sha256"),
-                "tau": p.loaded.modularization.tau,
-                "classes": p.classes,
-                "class_names": p.names,
-            }
-            for p in picks
-        ],
-        "finetuned": False,
-        "metrics": metrics,
-        "created_by": "mwt-hub",
-    }
+    sources = [
+        {
+            "model_id": p.model.id,
+            "model_name": p.model.name,
+            "model_version": p.model.version,
+            "dataset": p.model.dataset,
+            "sha256": p.loaded.manifest.get("sha256"),
+            "tau": p.loaded.modularization.tau,
+            "classes": p.classes,
+            "class_names": p.names,
+        }
+        for p in picks
+    ]
+    return composition_manifest(
+        picks[0].data.spec, output_labels(picks), sources, metrics, created_by="mwt-hub"
+    )
 
 
 def composition_row(

@@ -8,7 +8,8 @@ import json
 import logging
 import math
 import uuid
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable
+from typing import Any
 
 from sqlalchemy import select, update
 from sqlalchemy.exc import IntegrityError
@@ -16,9 +17,6 @@ from sqlalchemy.orm import Session
 
 from app.db.models import Job, JobKind, JobStatus, Model, ModelStatus, utcnow
 from app.schemas.jobs import JobOut, ProgressOut
-
-if TYPE_CHECKING:
-    from app.dispatch import Dispatcher
 
 log = logging.getLogger(__name__)
 
@@ -31,15 +29,16 @@ class JobStateConflict(ValueError):
     pass
 
 
-def send(session: Session, dispatcher: Dispatcher, job: Job) -> bool:
-    """Hand a committed, queued job to the dispatcher and record when.
+def send(session: Session, dispatch: Callable[[str, str], None], job: Job) -> bool:
+    """Hand a committed, queued job to ``dispatch(job_id, queue)`` and record when.
 
     A failed send (broker down) is logged, not raised: the job is already in the registry,
     stays queued, and the reaper sends it again (``redispatch_after_s``), so a submit
-    never answers 500 for a job it has stored and never strands it.
+    never answers 500 for a job it has stored and never strands it. The API and the
+    reaper both send through here.
     """
     try:
-        dispatcher.dispatch(job.id, job.queue)
+        dispatch(job.id, job.queue)
     except Exception as exc:
         log.warning(
             "job %s stays queued: could not hand it to the broker (%s); the reaper will send it again",

@@ -49,7 +49,7 @@ def test_lost_message_is_sent_again(tmp_path: Path, sqlite_template: Path) -> No
             with factory() as s:
                 job, _ = create_job(s, kind=JobKind.train, params={"epochs": 1}, queue="gpu",
                                     max_attempts=3, dataset="digits", arch="simcnn")
-                assert send(s, dispatcher, job)
+                assert send(s, dispatcher.dispatch, job)
                 job_id = job.id
             assert _queued_job_ids(client, "gpu") == [job_id]
             assert reap(factory, settings, requeue=dispatcher.requeue) == []  # its message is live
