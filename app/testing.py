@@ -217,9 +217,9 @@ def seed_trained_model(
     from sqlalchemy import func, select
 
     from mwt_core.artifacts import save_artifact
-    from mwt_core.datasets import load_dataset
+    from mwt_core.data.datasets import load_dataset
+    from mwt_core.models import architecture_info
     from mwt_core.modularize import modularize
-    from mwt_core.registry import architecture_info
     from mwt_core.training import TrainConfig, train
 
     data = load_dataset("digits", min_input_size=architecture_info(arch).min_input_size)

@@ -26,10 +26,10 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from mwt_core.datasets import holdout, load_dataset
+from mwt_core.data.datasets import holdout, load_dataset
 from mwt_core.devices import resolve_device
+from mwt_core.models import architecture_info
 from mwt_core.modularize import modularize
-from mwt_core.registry import architecture_info
 from mwt_core.reuse import evaluate, extract_module, finetune_head, restrict
 from mwt_core.training import TrainConfig, TrainResult, train
 

@@ -28,11 +28,11 @@ from _main import bench_main
 from rich.console import Console
 from rich.table import Table
 
-from mwt_core.datasets import load_dataset
+from mwt_core.data.datasets import load_dataset
 from mwt_core.devices import resolve_device
 from mwt_core.metrics import count_flops, count_params, measure_latency
+from mwt_core.models import architecture_info
 from mwt_core.modularize import modularize
-from mwt_core.registry import architecture_info
 from mwt_core.reuse import extract_module
 from mwt_core.training import TrainConfig, TrainResult, train
 

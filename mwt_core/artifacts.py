@@ -20,8 +20,8 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from mwt_core.compose import ComposedClassifier, NormalizedInput
-from mwt_core.datasets import InputSpec
-from mwt_core.registry import UnknownArchitecture, create_model
+from mwt_core.data.datasets import InputSpec
+from mwt_core.models import UnknownArchitecture, create_model
 from mwt_core.reuse import ModuleClassifier
 from mwt_core.slimming import slim
 

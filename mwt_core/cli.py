@@ -46,10 +46,16 @@ from mwt_core.artifacts import (
     save_artifact,
     sha256_file,
 )
-from mwt_core.datasets import DatasetBundle, DatasetError, InputSpec, list_datasets, load_dataset
+from mwt_core.data.datasets import (
+    DatasetBundle,
+    DatasetError,
+    InputSpec,
+    list_datasets,
+    load_dataset,
+)
 from mwt_core.metrics import count_flops, count_params
+from mwt_core.models import MwTNet, architecture_info, list_architectures
 from mwt_core.modularize import Modularization, modularize
-from mwt_core.registry import MwTNet, architecture_info, list_architectures
 from mwt_core.reuse import ModuleClassifier, evaluate, extract_module, finetune_head, restrict
 from mwt_core.training import (
     CHECKPOINT_NAME,

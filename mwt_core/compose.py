@@ -17,10 +17,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mwt_core.datasets import DatasetBundle, InputSpec
+from mwt_core.data.datasets import DatasetBundle, InputSpec
 from mwt_core.metrics import count_flops, count_params
+from mwt_core.models import MwTNet
 from mwt_core.modularize import Modularization
-from mwt_core.registry import MwTNet
 from mwt_core.reuse import ModuleClassifier, evaluate, extract_module, restrict, subtask
 
 

@@ -14,10 +14,10 @@ from typing import Any
 
 import torch
 
-from mwt_core.batches import ImageBatches
-from mwt_core.datasets import DatasetBundle
+from mwt_core.data.batches import ImageBatches
+from mwt_core.data.datasets import DatasetBundle
 from mwt_core.devices import resolve_device
-from mwt_core.registry import MwTNet
+from mwt_core.models import MwTNet
 
 TAU_STEP = 0.05
 

@@ -8,11 +8,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mwt_core.batches import ImageBatches
-from mwt_core.datasets import DatasetBundle
+from mwt_core.data.batches import ImageBatches
+from mwt_core.data.datasets import DatasetBundle
 from mwt_core.devices import resolve_device
+from mwt_core.models import MwTNet
 from mwt_core.modularize import Modularization
-from mwt_core.registry import MwTNet
 from mwt_core.slimming import slim
 
 

@@ -24,8 +24,8 @@ import torch.nn.functional as F
 from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
 
-from mwt_core.masking import ConvUnit, set_keep
-from mwt_core.registry import MwTNet
+from mwt_core.models import MwTNet
+from mwt_core.models.masking import ConvUnit, set_keep
 
 
 class SlimmingError(ValueError):

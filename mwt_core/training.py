@@ -19,11 +19,11 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from mwt_core.batches import ImageBatches
-from mwt_core.datasets import DatasetBundle
+from mwt_core.data.batches import ImageBatches
+from mwt_core.data.datasets import DatasetBundle
 from mwt_core.devices import resolve_device
 from mwt_core.losses import mask_overlap, mask_similarity_losses
-from mwt_core.registry import MwTNet, architecture_info, create_model
+from mwt_core.models import MwTNet, architecture_info, create_model
 
 CHECKPOINT_NAME = "last.pt"
 

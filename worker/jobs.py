@@ -362,7 +362,7 @@ def _exit_hung_process() -> None:
 
 def _describe(exc: BaseException) -> str:
     from mwt_core.artifacts import ArtifactError
-    from mwt_core.datasets import DatasetError
+    from mwt_core.data.datasets import DatasetError
 
     if isinstance(exc, (DatasetError, ArtifactError, ValueError, compose_svc.CompositionError)):
         return f"{type(exc).__name__}: {exc}"
@@ -478,8 +478,8 @@ def _class_recall(model: Any, data: Any, device: str) -> list[float]:
 def _train(factory: sessionmaker[Session], settings: Settings, job: Job, ctx: JobContext) -> None:
     from mwt_core.artifacts import save_artifact
     from mwt_core.metrics import count_flops, count_params
+    from mwt_core.models import architecture_info
     from mwt_core.modularize import modularize
-    from mwt_core.registry import architecture_info
     from mwt_core.reuse import extract_module
     from mwt_core.training import TrainConfig, train
 
@@ -703,7 +703,7 @@ def _train(factory: sessionmaker[Session], settings: Settings, job: Job, ctx: Jo
 def _finetune(
     factory: sessionmaker[Session], settings: Settings, job: Job, ctx: JobContext
 ) -> None:
-    from mwt_core.registry import architecture_info
+    from mwt_core.models import architecture_info
 
     p = job.params
     ctx.phase("loading model")

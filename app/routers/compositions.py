@@ -121,7 +121,7 @@ def _resolve(db: DbDep, model_id: int, wanted: list[int | str]) -> tuple[Model, 
 def _load(
     request: Request, settings: Settings, db: DbDep, model: Model, classes: list[int]
 ) -> svc.Pick:
-    from mwt_core.registry import architecture_info
+    from mwt_core.models import architecture_info
 
     try:
         loaded = request.app.state.model_cache.get(settings, model)

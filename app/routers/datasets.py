@@ -190,7 +190,7 @@ def build_router(settings: Settings) -> APIRouter:
 
 
 def _validate(path: Path, name: str, filename: str) -> object:
-    from mwt_core.datasets import DatasetError, load_npz
+    from mwt_core.data.datasets import DatasetError, load_npz
 
     try:
         return load_npz(path, name=name)

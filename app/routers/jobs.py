@@ -49,7 +49,7 @@ def submit(
     principal: WriteKey,
     idempotency_key: IdempotencyKey = None,
 ) -> JobOut:
-    from mwt_core.registry import UnknownArchitecture, architecture_info, list_architectures
+    from mwt_core.models import UnknownArchitecture, architecture_info, list_architectures
 
     try:
         arch = architecture_info(body.arch).name

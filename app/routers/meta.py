@@ -20,7 +20,7 @@ class ArchitectureOut(BaseModel):
     "/architectures", response_model=list[ArchitectureOut], summary="Architectures jobs can train"
 )
 def architectures(_: ReadKey) -> list[ArchitectureOut]:
-    from mwt_core.registry import architecture_info, list_architectures
+    from mwt_core.models import architecture_info, list_architectures
 
     out = []
     for name in list_architectures():

@@ -26,7 +26,7 @@ from app.settings import Settings
 if TYPE_CHECKING:
     from torch import nn
 
-    from mwt_core.datasets import DatasetBundle
+    from mwt_core.data.datasets import DatasetBundle
     from mwt_core.modularize import Modularization
 
 
@@ -367,7 +367,7 @@ def torchscript_of(settings: Settings, artifact_path: str) -> tuple[Path, str]:
 
     from mwt_core.artifacts import load_artifact
     from mwt_core.compose import NormalizedInput, export_torchscript
-    from mwt_core.datasets import InputSpec
+    from mwt_core.data.datasets import InputSpec
 
     art = storage.resolve(settings.artifacts, artifact_path)
     path = art.parent / TORCHSCRIPT_FILE

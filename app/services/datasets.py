@@ -16,7 +16,7 @@ from app.db.models import Dataset
 from app.settings import Settings
 
 if TYPE_CHECKING:
-    from mwt_core.datasets import DatasetBundle
+    from mwt_core.data.datasets import DatasetBundle
 
 NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,63}$")
 UPLOAD_SUBDIR = "uploads"
@@ -31,7 +31,7 @@ class DatasetUnavailable(ValueError):
 
 
 def builtin_infos(settings: Settings) -> dict[str, object]:
-    from mwt_core.datasets import list_datasets
+    from mwt_core.data.datasets import list_datasets
 
     return {info.name: info for info in list_datasets(settings.datasets)}
 
@@ -81,7 +81,7 @@ def load_bundle(
     settings: Settings, session: Session, name: str, min_input_size: int = 0
 ) -> DatasetBundle:
     """Load a dataset for training or evaluation (resized as the architecture needs)."""
-    from mwt_core.datasets import load_dataset
+    from mwt_core.data.datasets import load_dataset
 
     _, row = resolve(session, settings, name)
     if row is not None:

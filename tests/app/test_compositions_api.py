@@ -25,7 +25,7 @@ def two_models(app: FastAPI, settings: Settings) -> tuple[Model, Model]:
 
 def _union(classes_per_source: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
     from mwt_core.compose import labelled_union
-    from mwt_core.datasets import load_dataset
+    from mwt_core.data.datasets import load_dataset
 
     data = load_dataset("digits", min_input_size=32)
     return labelled_union([(data, c) for c in classes_per_source])

@@ -108,8 +108,8 @@ def test_full_session(stack: tuple[MwtClient, ServiceProcess, Path]) -> None:
     ts = root / "comp.torchscript.pt"
     ts.write_bytes(r.content)
     scripted = torch.jit.load(str(ts))
-    from mwt_core.datasets import load_dataset
-    from mwt_core.registry import architecture_info
+    from mwt_core.data.datasets import load_dataset
+    from mwt_core.models import architecture_info
 
     data = load_dataset("digits", min_input_size=architecture_info("simcnn").min_input_size)
     sel = (data.test_y == 3) | (data.test_y == 5) | (data.test_y == 8)

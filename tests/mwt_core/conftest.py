@@ -1,6 +1,6 @@
 import pytest
 
-from mwt_core.datasets import load_dataset
+from mwt_core.data.datasets import load_dataset
 
 
 @pytest.fixture(scope="session")

@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 
 from mwt_core.artifacts import load_artifact, read_manifest, save_artifact
 from mwt_core.cli import app, parse_classes
-from mwt_core.registry import create_model
+from mwt_core.models import create_model
 
 runner = CliRunner()
 
@@ -255,7 +255,7 @@ def test_compose_across_two_model_dirs(trained, tmp_path, standard_model):
                  "--torchscript", ts, "--device", "cpu")
     assert s["class_names"] == ["3", "5", "8"] and s["calibration_samples"] == 15
     assert [src["classes"] for src in s["sources"]] == [[3, 5], [8]]
-    from mwt_core.datasets import load_dataset
+    from mwt_core.data.datasets import load_dataset
 
     test_y = load_dataset("digits").test_y
     assert s["test_samples"] == int(sum((test_y == c).sum() for c in (3, 5, 8)))

@@ -1,4 +1,4 @@
-"""mwt_core.datasets: built-in data, torchvision files, user .npz files, resize rule."""
+"""mwt_core.data.datasets: built-in data, torchvision files, user .npz files, resize rule."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 import torch
 
-from mwt_core import datasets
-from mwt_core.datasets import (
+from mwt_core.data import datasets
+from mwt_core.data.datasets import (
     DATASET_NAMES,
     DatasetBundle,
     DatasetError,
@@ -457,7 +457,7 @@ def test_list_datasets(tmp_path: Path) -> None:
 
 
 def test_holdout_carves_a_stratified_validation_split_from_training():
-    from mwt_core.datasets import DatasetError, holdout, load_dataset
+    from mwt_core.data.datasets import DatasetError, holdout, load_dataset
 
     data = load_dataset("digits")
     held = holdout(data, 0.2)

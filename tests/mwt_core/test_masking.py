@@ -1,6 +1,6 @@
 import torch
 
-from mwt_core.masking import ConvUnit, MaskGenerator, hidden_size
+from mwt_core.models.masking import ConvUnit, MaskGenerator, hidden_size
 
 
 def test_hidden_size_rule():

@@ -1,8 +1,8 @@
 import pytest
 import torch
 
+from mwt_core.models import create_model
 from mwt_core.modularize import Modularization, _pairwise_jaccard, modularize, module_masks
-from mwt_core.registry import create_model
 
 
 def test_module_masks_threshold_and_fallback():

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from mwt_core.registry import (
+from mwt_core.models import (
     UnknownArchitecture,
     architecture_info,
     create_model,

@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from mwt_core.artifacts import ArtifactError, load_artifact, read_manifest, save_artifact
+from mwt_core.models import create_model
 from mwt_core.modularize import modularize
-from mwt_core.registry import create_model
 from mwt_core.reuse import evaluate, extract_module, finetune_head, restrict, subtask
 
 
@@ -21,7 +21,7 @@ def trained(digits32):
 
 
 def test_module_logits_equal_masked_model_on_its_kernels(trained, digits32):
-    from mwt_core.masking import set_keep
+    from mwt_core.models.masking import set_keep
 
     model, mz, _ = trained
     module = extract_module(model, mz, [3, 5, 8])

@@ -1,8 +1,8 @@
 import pytest
 import torch
 
-from mwt_core.masking import set_keep
-from mwt_core.registry import create_model
+from mwt_core.models import create_model
+from mwt_core.models.masking import set_keep
 from mwt_core.slimming import SlimmingError, analyse, slim
 
 ARCHS = ["simcnn", "rescnn", "vgg16", "resnet18"]

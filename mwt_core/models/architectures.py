@@ -11,8 +11,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from mwt_core.masking import ConvUnit
-from mwt_core.registry import MwTNet, register_model
+from mwt_core.models.base import MwTNet
+from mwt_core.models.masking import ConvUnit
+from mwt_core.models.registry import register_model
 
 VGG16_PLAN: list[int | str] = [
     64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M",

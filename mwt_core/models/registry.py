@@ -1,14 +1,15 @@
-"""Architectures by name: a decorator registers a builder, ``create_model`` builds one."""
+"""Architectures by name: a decorator registers a builder, ``create_model`` builds one.
+
+The built-ins register themselves when :mod:`mwt_core.models` is imported, which
+importing this module always does first (it is the package's submodule).
+"""
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
 
-from torch import nn
-
-from mwt_core.masking import ConvUnit
+from mwt_core.models.base import MwTNet
 
 
 class UnknownArchitecture(ValueError):
@@ -20,32 +21,6 @@ class ArchInfo:
     name: str
     min_input_size: int
     description: str
-
-
-class MwTNet(nn.Module):
-    """Base class of every architecture: knows its config and its masked units."""
-
-    config: dict[str, Any]
-
-    def mask_units(self) -> list[ConvUnit]:
-        """Masked conv units in forward order (the order masks are reported in)."""
-        return [m for m in self.modules() if isinstance(m, ConvUnit) and m.masked]
-
-    def kernel_counts(self) -> list[int]:
-        return [u.out_channels for u in self.mask_units()]
-
-    def forward_with_masks(self, x: Any) -> tuple[Any, list[Any]]:
-        """Logits plus the ``B x K_l`` mask of every masked unit, in forward order."""
-        units = self.mask_units()
-        for u in units:
-            u.last_mask = None
-        logits = self(x)
-        masks = [u.last_mask for u in units]
-        for u in units:
-            u.last_mask = None
-        if any(m is None for m in masks):
-            raise RuntimeError("a masked unit did not run in forward(); cannot collect masks")
-        return logits, masks
 
 
 Builder = Callable[..., MwTNet]
@@ -64,18 +39,11 @@ def register_model(name: str, *, min_input_size: int, description: str) -> Calla
     return wrap
 
 
-def _ensure_builtins() -> None:
-    # Importing the module runs its @register_model decorators.
-    import mwt_core.architectures  # noqa: F401
-
-
 def list_architectures() -> list[str]:
-    _ensure_builtins()
     return sorted(_BUILDERS)
 
 
 def architecture_info(arch: str) -> ArchInfo:
-    _ensure_builtins()
     key = arch.lower().replace("-", "").replace("_", "")
     aliases = {"vgg16bn": "vgg16", "vgg16": "vgg16"}
     key = aliases.get(key, key)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from mwt_core.datasets import InputSpec
+from mwt_core.data.datasets import InputSpec
 
 # Data at most this large (uint8 bytes) is kept resident on an accelerator.
 MAX_RESIDENT_BYTES = 4 * 1024**3

@@ -1,0 +1,1 @@
+"""Data: dataset loading and validation, input specs, on-device batches and augmentation."""

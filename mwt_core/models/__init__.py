@@ -1,0 +1,26 @@
+"""Networks: masked conv units, the architecture registry and the built-in CNNs.
+
+Importing the package registers the built-in architectures, so every path to
+``create_model`` sees them without an import cycle between registry and builders.
+"""
+
+from mwt_core.models import architectures as _builtins  # noqa: F401  (registers the built-ins)
+from mwt_core.models.base import MwTNet
+from mwt_core.models.registry import (
+    ArchInfo,
+    UnknownArchitecture,
+    architecture_info,
+    create_model,
+    list_architectures,
+    register_model,
+)
+
+__all__ = [
+    "ArchInfo",
+    "MwTNet",
+    "UnknownArchitecture",
+    "architecture_info",
+    "create_model",
+    "list_architectures",
+    "register_model",
+]
