@@ -299,7 +299,7 @@ def reap() -> None:
     settings = _settings()
     requeue = None
     if not settings.embedded:
-        from app.dispatch import CeleryDispatcher
+        from worker.dispatch import CeleryDispatcher
 
         requeue = CeleryDispatcher(settings).requeue
     for job_id, action in reap_once(settings, requeue=requeue):

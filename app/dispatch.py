@@ -1,8 +1,8 @@
-"""How the API hands a queued job to whatever runs jobs.
+"""How the API hands a queued job to whatever runs jobs: the ``Dispatcher`` protocol.
 
-- ``ExecutorDispatcher``: embedded mode; wakes the in-process executor (which polls the DB).
-- ``CeleryDispatcher``: distributed mode; sends the job id to the job's queue.
-- ``NullDispatcher``: the job stays queued until some executor polls for it.
+The implementations that run jobs live in ``worker.dispatch`` (the embedded executor's and
+Celery's); the composition roots (``app.main``, ``app.cli``) pick one and pass it in.
+``NullDispatcher``: the job stays queued until some executor polls for it.
 The job row is committed before dispatch: the DB, not the broker, is the source of truth.
 """
 
@@ -11,14 +11,12 @@ from __future__ import annotations
 import logging
 from typing import Protocol
 
-from sqlalchemy.orm import Session, sessionmaker
-
-from app.settings import Settings
-
 log = logging.getLogger(__name__)
 
 
 class Dispatcher(Protocol):
+    """Hands a committed, queued job to its runner; ``app.services.jobs.send`` records it."""
+
     def dispatch(self, job_id: str, queue: str) -> None: ...
 
     def start(self) -> None: ...
@@ -42,62 +40,3 @@ class NullDispatcher:
 
     def check(self) -> str | None:
         return None
-
-
-class ExecutorDispatcher:
-    def __init__(self, settings: Settings, factory: sessionmaker[Session]) -> None:
-        from worker.executor import Executor
-
-        self.executor = Executor(settings, factory)
-
-    def dispatch(self, job_id: str, queue: str) -> None:
-        self.executor.wake()
-
-    def start(self) -> None:
-        self.executor.start()
-
-    def stop(self) -> None:
-        self.executor.stop()
-
-    def check(self) -> str | None:
-        return None if self.executor.alive() else "the embedded executor is not running"
-
-
-class CeleryDispatcher:
-    def __init__(self, settings: Settings) -> None:
-        from worker.celery_app import make_celery
-
-        self.settings = settings
-        self.celery = make_celery(settings)
-
-    def dispatch(self, job_id: str, queue: str) -> None:
-        from worker.celery_app import TASK_RUN_JOB
-
-        self.celery.send_task(TASK_RUN_JOB, args=[job_id], queue=queue)
-
-    def requeue(self, job_id: str, queue: str) -> None:
-        self.dispatch(job_id, queue)
-
-    def start(self) -> None:
-        pass
-
-    def stop(self) -> None:
-        self.celery.close()
-
-    def check(self) -> str | None:
-        try:
-            with self.celery.connection_for_write() as conn:
-                conn.ensure_connection(max_retries=1, timeout=2)
-            return None
-        except Exception as exc:
-            return f"broker unreachable: {exc}"
-
-
-def make_dispatcher(
-    settings: Settings, factory: sessionmaker[Session], run_executor: bool
-) -> Dispatcher:
-    if settings.broker_url:
-        return CeleryDispatcher(settings)
-    if run_executor:
-        return ExecutorDispatcher(settings, factory)
-    return NullDispatcher()

@@ -1,6 +1,8 @@
 """The FastAPI application factory: ``create_app(settings)``.
 
 ``uvicorn --factory app.main:create_app`` builds it from the environment (MWT_* variables).
+This is a composition root: it picks the job dispatcher and starts the reaper from ``worker/``;
+the rest of ``app/`` only sees the ``Dispatcher`` protocol.
 """
 
 from __future__ import annotations
@@ -9,7 +11,6 @@ import logging
 import threading
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import Any
 
 from fastapi import FastAPI, Request, status
 from fastapi.exceptions import RequestValidationError
@@ -19,11 +20,12 @@ from sqlalchemy.exc import DataError, IntegrityError, OperationalError
 from app import __doc__ as app_doc
 from app.auth import KeyCache
 from app.db.session import make_engine, make_sessionmaker
-from app.dispatch import make_dispatcher
 from app.observability import Metrics, MetricsMiddleware
 from app.services.compose import ModelCache
 from app.services.datasets import BundleCache
 from app.settings import Settings, get_settings
+from worker.dispatch import make_dispatcher
+from worker.reaper import reap_until
 
 log = logging.getLogger(__name__)
 API_PREFIX = "/api/v1"
@@ -109,8 +111,13 @@ def create_app(settings: Settings | None = None, *, run_executor: bool | None = 
         stop = threading.Event()
         reaper = None
         if settings.reaper_interval_s > 0 and not run_executor:  # the executor reaps on its own
+            # Only a broker needs jobs sent again; without one the executor polls the DB.
+            requeue = getattr(dispatcher, "requeue", None)
             reaper = threading.Thread(
-                target=_reaper_loop, args=(app, stop), name="mwt-reaper", daemon=True
+                target=reap_until,
+                args=(stop, factory, settings, requeue),
+                name="mwt-reaper",
+                daemon=True,
             )
             reaper.start()
         try:
@@ -153,17 +160,3 @@ def create_app(settings: Settings | None = None, *, run_executor: bool | None = 
     app.add_middleware(MetricsMiddleware, metrics=app.state.metrics)
     return app
 
-
-def _reaper_loop(app: FastAPI, stop: threading.Event) -> None:
-    from worker.reaper import reap
-
-    settings: Settings = app.state.settings
-    dispatcher: Any = app.state.dispatcher
-    requeue = getattr(dispatcher, "requeue", None)
-    while not stop.wait(settings.reaper_interval_s):
-        try:
-            reaped = reap(app.state.sessionmaker, settings, requeue=requeue)
-            if reaped:
-                log.warning("reaper: %s", reaped)
-        except Exception:
-            log.exception("reaper pass failed")

@@ -42,16 +42,43 @@ def relative(root: Path, path: Path) -> str:
     return path.resolve().relative_to(root.resolve()).as_posix()
 
 
+# The store's layout (relative to its root):
+#   models/<model id>/model/              the full model's artifact   -> models/<id>/model.tar
+#   models/<model id>/modules/<class>/    one module per class        -> models/<id>/modules/<class>.tar
+#   compositions/<token>/artifact/        a composed classifier       -> compositions/<token>/composition.tar
+#   jobs/<job id>/checkpoint/             a running job's checkpoint (removed when it succeeds)
+COMPOSITION_ARTIFACT = "artifact"
+COMPOSITION_TAR = "composition.tar"
+
+
 def model_dir(root: Path, model_id: int) -> Path:
+    """Everything stored for one model: its artifact, its modules and their tars."""
     return root / "models" / str(model_id)
+
+
+def model_artifact_dir(root: Path, model_id: int) -> Path:
+    return model_dir(root, model_id) / "model"
+
+
+def module_artifact_dir(root: Path, model_id: int, class_index: int) -> Path:
+    return model_dir(root, model_id) / "modules" / str(class_index)
 
 
 def job_dir(root: Path, job_id: str) -> Path:
     return root / "jobs" / job_id
 
 
-def composition_dir(root: Path, composition_id: int) -> Path:
-    return root / "compositions" / str(composition_id)
+def tar_path(artifact_dir: Path) -> Path:
+    """The downloadable tar of an artifact directory: ``<dir>.tar`` beside it (a composition's
+    ``artifact/`` is packed as ``composition.tar``)."""
+    if artifact_dir.name == COMPOSITION_ARTIFACT:
+        return artifact_dir.parent / COMPOSITION_TAR
+    return artifact_dir.parent / f"{artifact_dir.name}.tar"
+
+
+def pack(artifact_dir: Path) -> tuple[str, int]:
+    """Pack an artifact directory into its tar (``tar_path``). Returns ``(sha256, size)``."""
+    return write_tar(artifact_dir, tar_path(artifact_dir))
 
 
 def write_tar(src_dir: Path, dest: Path) -> tuple[str, int]:

@@ -34,18 +34,20 @@ import httpx
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from app.client import MwtClient  # noqa: E402
-from app.testing import (  # noqa: E402
+from tests.support.processes import (  # noqa: E402
     ServiceProcess,
     clean_env,
     compose_service,
+    localize_env,
+    wait_http,
+)
+from tests.support.services import (  # noqa: E402
     ensure_pg_role,
     free_port,
-    localize_env,
     postgres_available,
     redis_available,
     throwaway_postgres,
     throwaway_redis_db,
-    wait_http,
 )
 
 TRAIN = {"dataset": "digits", "arch": "simcnn", "width": 0.125, "epochs": 1, "batch_size": 128}

@@ -20,7 +20,6 @@ from kombu import Queue
 from app.settings import Settings, get_settings
 
 TASK_RUN_JOB = "mwt.run_job"
-TASK_REAP = "mwt.reap"
 
 
 def make_celery(settings: Settings) -> Celery:
@@ -49,6 +48,14 @@ def make_celery(settings: Settings) -> Celery:
         task_send_sent_event=False,
     )
     return celery
+
+
+def send_run_job(celery: Celery, job_id: str, queue: str) -> None:
+    """Hand job ``job_id`` to the workers of ``queue``: the one place a job message is sent.
+
+    Record the send with ``app.services.jobs.send``, which calls this through a dispatcher.
+    """
+    celery.send_task(TASK_RUN_JOB, args=[job_id], queue=queue)
 
 
 app = make_celery(get_settings())

@@ -23,8 +23,9 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from app.db.models import Job, JobStatus
+from app.services.jobs import release_job
 from app.settings import Settings
-from worker.reaper import reap, release_job
+from worker.reaper import reap
 
 log = logging.getLogger(__name__)
 

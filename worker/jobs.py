@@ -5,12 +5,12 @@ running, attempts + 1, worker = a unique id of this attempt); every later write 
 attempt is fenced on that worker id, so an attempt that the reaper gave up on can never
 overwrite the job's new owner. Progress and heartbeats go to the job row while it runs;
 the model, its modules and their metrics are written in one transaction at the end, after
-the artifacts are on disk and their checksums verified.
+the artifacts are on disk and their checksums verified. Every one of those state changes is
+made by the job store, ``app.services.jobs``; this module runs the attempt.
 """
 
 from __future__ import annotations
 
-import datetime as dt
 import logging
 import math
 import os
@@ -23,31 +23,23 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import func, select, update
-from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
 from app import storage
-from app.db.models import (
-    Dataset,
-    Job,
-    JobKind,
-    JobStatus,
-    Model,
-    ModelStatus,
-    Module,
-    utcnow,
-)
+from app.db.models import Job, JobKind, JobStatus, Model, ModelStatus, Module, utcnow
 from app.db.session import make_engine, make_sessionmaker
 from app.services import compose as compose_svc
 from app.services import datasets as datasets_svc
+from app.services import jobs as job_store
+from app.services.jobs import JobLost
 from app.settings import Settings, get_settings
 
+# The store's fenced writes under the names _train and _finetune call them by.
+_fenced = job_store.fenced
+_mark_succeeded = job_store.mark_succeeded
+_reserve_model = job_store.reserve_model
+
 log = logging.getLogger(__name__)
-
-
-class JobLost(RuntimeError):
-    """This attempt no longer owns the job (the reaper requeued or failed it)."""
 
 
 class JobCancelled(RuntimeError):
@@ -60,94 +52,6 @@ def worker_identity() -> str:
 
 def _finite(d: dict[str, Any]) -> dict[str, Any]:
     return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in d.items()}
-
-
-# ---------------------------------------------------------------------------------- claim
-
-
-def claim(factory: sessionmaker[Session], job_id: str, worker: str) -> Job | None:
-    """Take the job if it is queued. Returns the claimed row, or None when there is nothing to do."""
-    now = utcnow()
-    with factory() as s:
-        res = s.execute(
-            update(Job)
-            .where(
-                Job.id == job_id,
-                Job.status == JobStatus.queued.value,
-                Job.cancel_requested.is_(False),
-            )
-            .values(
-                status=JobStatus.running.value,
-                attempts=Job.attempts + 1,
-                worker=worker,
-                heartbeat_at=now,
-            )
-        )
-        if res.rowcount != 1:
-            s.rollback()
-            job = s.get(Job, job_id)
-            if job is None:
-                log.warning("job %s does not exist; dropping the message", job_id)
-            elif job.status == JobStatus.queued.value and job.cancel_requested:
-                _finish(s, job_id, None, JobStatus.cancelled, error="cancelled before it started")
-            else:
-                log.info("job %s is %s; not claiming it (duplicate delivery?)", job_id, job.status)
-            return None
-        s.execute(
-            update(Job).where(Job.id == job_id, Job.started_at.is_(None)).values(started_at=now)
-        )
-        s.commit()
-        job = s.get(Job, job_id)
-        assert job is not None
-        if job.attempts > job.max_attempts:
-            _finish(
-                s,
-                job_id,
-                worker,
-                JobStatus.failed,
-                error=f"gave up: the job was started {job.attempts - 1} time(s), the limit is {job.max_attempts}",
-            )
-            return None
-        return job
-
-
-def _finish(
-    s: Session,
-    job_id: str,
-    worker: str | None,
-    status: JobStatus,
-    *,
-    error: str | None = None,
-    result: dict[str, Any] | None = None,
-    progress: dict[str, Any] | None = None,
-) -> bool:
-    """Move a job to a terminal state (fenced on ``worker`` when given); mark its pending model failed."""
-    now = utcnow()
-    job = s.get(Job, job_id)
-    if job is None:
-        return False
-    cond = [Job.id == job_id, Job.status.in_([JobStatus.queued.value, JobStatus.running.value])]
-    if worker is not None:
-        cond.append(Job.worker == worker)
-    values: dict[str, Any] = {"status": status.value, "finished_at": now, "error": error}
-    if job.started_at is not None:
-        values["duration_s"] = (now - job.started_at).total_seconds()
-    if result is not None:
-        values["result"] = result
-    if progress is not None:
-        values["progress"] = progress
-    res = s.execute(update(Job).where(*cond).values(**values))
-    if res.rowcount != 1:
-        s.rollback()
-        return False
-    if status != JobStatus.succeeded and job.model_id is not None:
-        s.execute(
-            update(Model)
-            .where(Model.id == job.model_id, Model.status == ModelStatus.pending.value)
-            .values(status=ModelStatus.failed.value)
-        )
-    s.commit()
-    return True
 
 
 # ------------------------------------------------------------------------------ heartbeat
@@ -209,37 +113,21 @@ class JobContext:
     def flush(self) -> None:
         """Write heartbeat (+ progress if changed) and read the cancel flag."""
         with self._write_lock:
-            values: dict[str, Any] = {"heartbeat_at": utcnow()}
-            if self._dirty:
-                values["progress"] = _finite(self.progress)
-            with self.factory() as s:
-                res = s.execute(
-                    update(Job)
-                    .where(
-                        Job.id == self.job_id,
-                        Job.status == JobStatus.running.value,
-                        Job.worker == self.worker,
-                    )
-                    .values(**values)
-                )
-                if res.rowcount != 1:
-                    self.lost = True
-                    s.rollback()
-                    return
-                flag = s.scalar(select(Job.cancel_requested).where(Job.id == self.job_id))
-                s.commit()
+            progress = _finite(self.progress) if self._dirty else None
+            flag = job_store.heartbeat(self.factory, self.job_id, self.worker, progress)
+            if flag is None:
+                self.lost = True
+                return
             self._dirty = False
             self._last_write = time.monotonic()
-            self.cancelled = bool(flag)
+            self.cancelled = flag
 
     def _give_up_hung(self, idle: float) -> None:
-        from worker.reaper import release_job
-
         reason = (
             f"no progress for {idle:.0f} s (MWT_STALL_AFTER_S={self.settings.stall_after_s:g}): "
             f"the job looked hung on {self.worker}"
         )
-        action = release_job(self.factory, self.job_id, self.worker, reason)
+        action = job_store.release_job(self.factory, self.job_id, self.worker, reason)
         self.lost = True
         log.error("job %s: %s -> %s", self.job_id, reason, action)
         if self.on_stall is not None:
@@ -288,7 +176,7 @@ def run_job(job_id: str, settings: Settings | None = None) -> str:
     factory = make_sessionmaker(engine)
     try:
         worker = worker_identity()
-        job = claim(factory, job_id, worker)
+        job = job_store.claim(factory, job_id, worker)
         if job is None:
             return "skipped"
         log.info(
@@ -307,7 +195,7 @@ def run_job(job_id: str, settings: Settings | None = None) -> str:
 def _execute(factory: sessionmaker[Session], settings: Settings, job: Job, worker: str) -> str:
     from mwt_core.training import TrainingCancelled
 
-    ctx = JobContext(factory, settings, job, worker, on_stall=_exit_hung_process)
+    ctx = JobContext(factory, settings, job, worker, on_stall=exit_hung_process)
     with ctx:
         try:
             if job.kind == JobKind.train.value:
@@ -328,7 +216,7 @@ def _execute(factory: sessionmaker[Session], settings: Settings, job: Job, worke
             if ctx.lost:
                 return "lost"
             with factory() as s:
-                _finish(
+                job_store.finish(
                     s,
                     job.id,
                     worker,
@@ -340,7 +228,7 @@ def _execute(factory: sessionmaker[Session], settings: Settings, job: Job, worke
         except Exception as exc:
             log.exception("job %s failed", job.id)
             with factory() as s:
-                _finish(
+                job_store.finish(
                     s, job.id, worker, JobStatus.failed, error=_describe(exc), progress=ctx.progress
                 )
             return JobStatus.failed.value
@@ -349,7 +237,7 @@ def _execute(factory: sessionmaker[Session], settings: Settings, job: Job, worke
 EXIT_HUNG = 75  # EX_TEMPFAIL: the job was handed back; whatever runs workers starts a fresh one
 
 
-def _exit_hung_process() -> None:
+def exit_hung_process() -> None:
     """A hung job cannot be interrupted from another thread; free its worker (and GPU) by exiting.
 
     Job processes are dedicated (a spawned child of the embedded executor, a Celery pool
@@ -370,73 +258,7 @@ def _describe(exc: BaseException) -> str:
     return f"internal error: {tail}"
 
 
-def _fenced(s: Session, job_id: str, worker: str, **values: Any) -> None:
-    res = s.execute(
-        update(Job)
-        .where(Job.id == job_id, Job.status == JobStatus.running.value, Job.worker == worker)
-        .values(**values)
-    )
-    if res.rowcount != 1:
-        s.rollback()
-        raise JobLost(job_id)
-
-
-def _mark_succeeded(
-    s: Session, job_id: str, worker: str, now: dt.datetime, progress: dict[str, Any],
-    result: dict[str, Any], **values: Any,
-) -> None:
-    """Fenced: the job succeeded (only if this worker still holds it)."""
-    job_row = s.get(Job, job_id)
-    assert job_row is not None
-    started = job_row.started_at or now
-    _fenced(
-        s, job_id, worker, status=JobStatus.succeeded.value, finished_at=now,
-        duration_s=(now - started).total_seconds(), progress=progress, result=result, error=None,
-        **values,
-    )
-
-
 # ---------------------------------------------------------------------------------- train
-
-
-def _reserve_model(
-    factory: sessionmaker[Session], job: Job, worker: str, data: Any, cfg_json: dict[str, Any]
-) -> int:
-    """Reserve the next version of the model name (status pending) for this job, once per job."""
-    p = job.params
-    name = p.get("name") or f"{job.dataset}-{job.arch}"
-    for _ in range(10):
-        with factory() as s:
-            current = s.scalar(select(Job.model_id).where(Job.id == job.id))
-            if current is not None:
-                return current
-            version = (s.scalar(select(func.max(Model.version)).where(Model.name == name)) or 0) + 1
-            model = Model(
-                name=name,
-                version=version,
-                status=ModelStatus.pending.value,
-                dataset=job.dataset or data.name,
-                arch=job.arch or cfg_json["arch"],
-                width=float(cfg_json["width"]),
-                modular=bool(cfg_json["modular"]),
-                tau=float(p.get("tau", 0.9)) if cfg_json["modular"] else None,
-                num_classes=data.num_classes,
-                class_names=list(data.class_names),
-                input_spec=data.spec.to_json(),
-                config=cfg_json,
-                tags=dict(p.get("tags") or {}),
-                job_id=job.id,
-                epochs=int(cfg_json["epochs"]),
-            )
-            s.add(model)
-            try:
-                s.flush()
-                _fenced(s, job.id, worker, model_id=model.id)
-                s.commit()
-                return model.id
-            except IntegrityError:  # another job took this version number
-                s.rollback()
-    raise RuntimeError(f"could not reserve a version of model {name!r}")
 
 
 def _checkpoint_epoch(ckpt_dir: Path) -> int:
@@ -740,5 +562,3 @@ def _finetune(
         )
         s.commit()
 
-
-__all__ = ["JobLost", "claim", "run_job", "Dataset"]

@@ -11,91 +11,29 @@ lost the message (Redis restarted without persistence, queue purged). The DB is 
 of truth, so the reaper sends again every queued job that was never sent, or whose last
 send is older than ``redispatch_after_s``. A duplicate message is harmless: the worker's
 claim is a compare-and-set on ``queued``, so only one delivery runs the job.
+
+The state changes themselves (the hand-back, the send) are the job store's
+(``app.services.jobs``); this module finds the jobs and decides when.
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import logging
+import threading
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import and_, or_, select, update
+from sqlalchemy import and_, or_, select
 from sqlalchemy.orm import Session, sessionmaker
 
-from app.db.models import Job, JobStatus, Model, ModelStatus, utcnow
+from app.db.models import Job, JobStatus, utcnow
 from app.db.session import make_engine, make_sessionmaker
+from app.services.jobs import release_job, send
 from app.settings import Settings
-
-if TYPE_CHECKING:
-    from celery import Celery
 
 log = logging.getLogger(__name__)
 
 Requeue = Callable[[str, str], None]  # (job_id, queue) -> dispatch again
-
-
-def release_job(
-    factory: sessionmaker[Session],
-    job_id: str,
-    worker: str | None,
-    reason: str,
-    *,
-    count_attempt: bool = True,
-) -> str | None:
-    """Take a running job away from ``worker`` (gone). Returns "requeued", "failed", "cancelled" or None."""
-    now = utcnow()
-    with factory() as s:
-        job = s.get(Job, job_id)
-        if (
-            job is None
-            or job.status != JobStatus.running.value
-            or (worker is not None and job.worker != worker)
-        ):
-            return None
-        attempts = job.attempts if count_attempt else max(0, job.attempts - 1)
-        cond = [Job.id == job_id, Job.status == JobStatus.running.value, Job.worker == job.worker]
-        values: dict[str, Any]
-        if job.cancel_requested:
-            action, values = (
-                "cancelled",
-                {"status": JobStatus.cancelled.value, "error": "cancelled by user"},
-            )
-        elif attempts >= job.max_attempts:
-            action = "failed"
-            values = {
-                "status": JobStatus.failed.value,
-                "error": f"{reason}; gave up after {attempts} attempt(s) (max_attempts={job.max_attempts})",
-            }
-        else:
-            action = "requeued"
-            values = {
-                "status": JobStatus.queued.value,
-                "error": f"{reason}; requeued to resume from the last checkpoint "
-                f"(attempt {attempts + 1} of {job.max_attempts})",
-            }
-        values.update(worker=None, attempts=attempts)
-        if action == "requeued":
-            values["dispatched_at"] = None  # not sent for this attempt yet
-        else:
-            values["finished_at"] = now
-            if job.started_at is not None:
-                values["duration_s"] = (now - job.started_at).total_seconds()
-        if job.progress is not None:
-            values["progress"] = {**job.progress, "phase": action}
-        res = s.execute(update(Job).where(*cond).values(**values))
-        if res.rowcount != 1:
-            s.rollback()
-            return None
-        if action != "requeued" and job.model_id is not None:
-            s.execute(
-                update(Model)
-                .where(Model.id == job.model_id, Model.status == ModelStatus.pending.value)
-                .values(status=ModelStatus.failed.value)
-            )
-        s.commit()
-        log.warning("job %s %s: %s", job_id, action, reason)
-        return action
 
 
 def find_stale(
@@ -175,13 +113,12 @@ def find_unsent(
 
 def send_again(factory: sessionmaker[Session], job: Job, requeue: Requeue) -> bool:
     """Send ``job`` to its queue and record it; False (job left as it is) if the send fails."""
-    from app.services.jobs import send
-
     with factory() as s:
         return send(s, requeue, job)
 
 
 def reap_once(settings: Settings, requeue: Requeue | None = None) -> list[tuple[str, str]]:
+    """One pass with an engine of its own (``mwt reap``, a worker starting up)."""
     engine = make_engine(settings, pool_size=1, max_overflow=1)
     try:
         return reap(make_sessionmaker(engine), settings, requeue)
@@ -189,10 +126,20 @@ def reap_once(settings: Settings, requeue: Requeue | None = None) -> list[tuple[
         engine.dispose()
 
 
-def celery_requeue(celery: Celery) -> Requeue:
-    from worker.celery_app import TASK_RUN_JOB
+def reap_until(
+    stop: threading.Event,
+    factory: sessionmaker[Session],
+    settings: Settings,
+    requeue: Requeue | None = None,
+) -> None:
+    """A pass every ``settings.reaper_interval_s`` until ``stop`` is set (the API's reaper thread).
 
-    def send(job_id: str, queue: str) -> None:
-        celery.send_task(TASK_RUN_JOB, args=[job_id], queue=queue)
-
-    return send
+    A failed pass (the DB briefly away) is logged and the next one tries again.
+    """
+    while not stop.wait(settings.reaper_interval_s):
+        try:
+            reaped = reap(factory, settings, requeue=requeue)
+            if reaped:
+                log.warning("reaper: %s", reaped)
+        except Exception:
+            log.exception("reaper pass failed")

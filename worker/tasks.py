@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import logging
+from functools import partial
 
 from celery.signals import worker_ready
 
 from app.settings import get_settings
-from worker.celery_app import TASK_REAP, TASK_RUN_JOB, app
+from worker.celery_app import TASK_RUN_JOB, app, send_run_job
 from worker.jobs import run_job
 from worker.reaper import reap_once
 
@@ -19,20 +20,11 @@ def run_job_task(job_id: str) -> str:
     return run_job(job_id, get_settings())
 
 
-@app.task(name=TASK_REAP, ignore_result=True)
-def reap_task() -> int:
-    from worker.reaper import celery_requeue
-
-    return len(reap_once(get_settings(), requeue=celery_requeue(app)))
-
-
 @worker_ready.connect
 def _reap_on_start(**_: object) -> None:
     """A (re)started worker first looks for jobs whose workers died."""
     try:
-        from worker.reaper import celery_requeue
-
-        reaped = reap_once(get_settings(), requeue=celery_requeue(app))
+        reaped = reap_once(get_settings(), requeue=partial(send_run_job, app))
         if reaped:
             log.warning("reaped %d stale job(s) on start: %s", len(reaped), reaped)
     except Exception:  # never keep a worker from starting

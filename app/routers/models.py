@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Annotated, Literal
 
 from fastapi import APIRouter, HTTPException, Query, Request, Response, status
-from sqlalchemy import select, update
+from sqlalchemy import select
 from sqlalchemy.orm import selectinload
 
 from app import storage
@@ -18,6 +18,7 @@ from app.routers.modules import module_out
 from app.schemas.common import Page, PathId
 from app.schemas.models import ModelDetail, ModelOut, ModelPatch
 from app.services import compose as compose_svc
+from app.services import jobs as jobs_svc
 
 router = APIRouter(prefix="/models", tags=["models"])
 
@@ -139,7 +140,7 @@ def download(
         raise HTTPException(
             status.HTTP_409_CONFLICT, f"model {model_id} is {m.status}; nothing to download yet"
         )
-    path = storage.model_dir(settings.artifacts, m.id) / "model.tar"
+    path = storage.tar_path(storage.resolve(settings.artifacts, m.artifact_path))
     return artifact_response(request, path, m.sha256, f"{m.name}-v{m.version}.tar")
 
 
@@ -177,8 +178,7 @@ def delete(
             status.HTTP_409_CONFLICT,
             f"model {model_id} is used by {' and '.join(parts)}; delete those first or pass force=true",
         )
-    if active:
-        db.execute(update(Job).where(Job.id.in_(active)).values(cancel_requested=True))
+    jobs_svc.request_cancel(db, active)
     comp_paths = [c.artifact_path for c in dependents if c.artifact_path]
     for c in dependents:
         db.delete(c)

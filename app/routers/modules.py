@@ -129,6 +129,5 @@ def download(
     if row is None:
         raise not_found("module", module_id)
     sha, rel, idx, cname, mname, version = row
-    path = storage.resolve(settings.artifacts, rel)
-    tar = path.parent / f"{path.name}.tar"
+    tar = storage.tar_path(storage.resolve(settings.artifacts, rel))
     return artifact_response(request, tar, sha, f"{mname}-v{version}-class{idx}.tar")

@@ -1,4 +1,17 @@
-"""Job rows: creation (with idempotency keys), cancellation, presentation."""
+"""The job aggregate's store: every change of a job's state goes through this module.
+
+- API: create (with idempotency keys), hand to the broker (``send`` records when), cancel.
+- Worker: ``claim`` (compare-and-set queued -> running), ``heartbeat`` (progress + cancel flag),
+  ``reserve_model``, ``mark_succeeded`` and ``finish`` (failed / cancelled).
+- Reaper, stall watchdog and executor: ``release_job`` hands a running job back (requeued,
+  failed or cancelled).
+
+Every write of a running attempt is fenced on its worker id (``status == running and
+worker == <this attempt>``), so an attempt that was given up on can never overwrite the job's
+new owner; a fenced write that matches no row raises ``JobLost``. A job that ends without
+succeeding takes its pending model with it (``fail_pending_model``).
+Also here: the job as the API shows it (``job_out``).
+"""
 
 from __future__ import annotations
 
@@ -8,17 +21,19 @@ import json
 import logging
 import math
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
-from sqlalchemy import select, update
+from sqlalchemy import func, select, update
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, sessionmaker
 
 from app.db.models import Job, JobKind, JobStatus, Model, ModelStatus, utcnow
 from app.schemas.jobs import JobOut, ProgressOut
 
 log = logging.getLogger(__name__)
+
+ACTIVE = (JobStatus.queued.value, JobStatus.running.value)
 
 
 class IdempotencyConflict(ValueError):
@@ -27,6 +42,21 @@ class IdempotencyConflict(ValueError):
 
 class JobStateConflict(ValueError):
     pass
+
+
+class JobLost(RuntimeError):
+    """This attempt no longer owns the job (the reaper requeued or failed it)."""
+
+
+def fail_pending_model(s: Session, model_id: int | None) -> None:
+    """The model a job reserved and never finished is failed with it (uncommitted)."""
+    if model_id is None:
+        return
+    s.execute(
+        update(Model)
+        .where(Model.id == model_id, Model.status == ModelStatus.pending.value)
+        .values(status=ModelStatus.failed.value)
+    )
 
 
 def send(session: Session, dispatch: Callable[[str, str], None], job: Job) -> bool:
@@ -147,15 +177,271 @@ def cancel_job(session: Session, job_id: str) -> Job:
             .where(Job.id == job_id, Job.status == JobStatus.running.value)
             .values(cancel_requested=True)
         )
-    elif job.model_id is not None:
-        session.execute(
-            update(Model)
-            .where(Model.id == job.model_id, Model.status == ModelStatus.pending.value)
-            .values(status=ModelStatus.failed.value)
-        )
+    else:
+        fail_pending_model(session, job.model_id)
     session.commit()
     session.refresh(job)
     return job
+
+
+def request_cancel(session: Session, job_ids: Iterable[str]) -> None:
+    """Ask active jobs to stop (uncommitted); each ends at its next check or claim."""
+    ids = list(job_ids)
+    if ids:
+        session.execute(update(Job).where(Job.id.in_(ids)).values(cancel_requested=True))
+
+
+# ------------------------------------------------------------------- a worker's attempt
+
+
+def claim(factory: sessionmaker[Session], job_id: str, worker: str) -> Job | None:
+    """Take the job if it is queued. Returns the claimed row, or None when there is nothing to do."""
+    now = utcnow()
+    with factory() as s:
+        res = s.execute(
+            update(Job)
+            .where(
+                Job.id == job_id,
+                Job.status == JobStatus.queued.value,
+                Job.cancel_requested.is_(False),
+            )
+            .values(
+                status=JobStatus.running.value,
+                attempts=Job.attempts + 1,
+                worker=worker,
+                heartbeat_at=now,
+            )
+        )
+        if res.rowcount != 1:
+            s.rollback()
+            job = s.get(Job, job_id)
+            if job is None:
+                log.warning("job %s does not exist; dropping the message", job_id)
+            elif job.status == JobStatus.queued.value and job.cancel_requested:
+                finish(s, job_id, None, JobStatus.cancelled, error="cancelled before it started")
+            else:
+                log.info("job %s is %s; not claiming it (duplicate delivery?)", job_id, job.status)
+            return None
+        s.execute(
+            update(Job).where(Job.id == job_id, Job.started_at.is_(None)).values(started_at=now)
+        )
+        s.commit()
+        job = s.get(Job, job_id)
+        assert job is not None
+        if job.attempts > job.max_attempts:
+            finish(
+                s,
+                job_id,
+                worker,
+                JobStatus.failed,
+                error=f"gave up: the job was started {job.attempts - 1} time(s), the limit is {job.max_attempts}",
+            )
+            return None
+        return job
+
+
+def heartbeat(
+    factory: sessionmaker[Session], job_id: str, worker: str, progress: dict[str, Any] | None
+) -> bool | None:
+    """Fenced: record that the attempt is alive (and its ``progress`` when given).
+
+    Returns the job's cancel flag, or None when this attempt no longer owns the job.
+    """
+    values: dict[str, Any] = {"heartbeat_at": utcnow()}
+    if progress is not None:
+        values["progress"] = progress
+    with factory() as s:
+        res = s.execute(
+            update(Job)
+            .where(Job.id == job_id, Job.status == JobStatus.running.value, Job.worker == worker)
+            .values(**values)
+        )
+        if res.rowcount != 1:
+            s.rollback()
+            return None
+        flag = s.scalar(select(Job.cancel_requested).where(Job.id == job_id))
+        s.commit()
+    return bool(flag)
+
+
+def fenced(s: Session, job_id: str, worker: str, **values: Any) -> None:
+    """Update the running job only while ``worker`` holds it (uncommitted); else JobLost."""
+    res = s.execute(
+        update(Job)
+        .where(Job.id == job_id, Job.status == JobStatus.running.value, Job.worker == worker)
+        .values(**values)
+    )
+    if res.rowcount != 1:
+        s.rollback()
+        raise JobLost(job_id)
+
+
+def mark_succeeded(
+    s: Session,
+    job_id: str,
+    worker: str,
+    now: dt.datetime,
+    progress: dict[str, Any],
+    result: dict[str, Any],
+    **values: Any,
+) -> None:
+    """Fenced: the job succeeded (only if this worker still holds it); uncommitted, so the
+    caller publishes what the job made in the same transaction."""
+    job_row = s.get(Job, job_id)
+    assert job_row is not None
+    started = job_row.started_at or now
+    fenced(
+        s,
+        job_id,
+        worker,
+        status=JobStatus.succeeded.value,
+        finished_at=now,
+        duration_s=(now - started).total_seconds(),
+        progress=progress,
+        result=result,
+        error=None,
+        **values,
+    )
+
+
+def finish(
+    s: Session,
+    job_id: str,
+    worker: str | None,
+    status: JobStatus,
+    *,
+    error: str | None = None,
+    result: dict[str, Any] | None = None,
+    progress: dict[str, Any] | None = None,
+) -> bool:
+    """Move a job to a terminal state (fenced on ``worker`` when given); mark its pending model failed."""
+    now = utcnow()
+    job = s.get(Job, job_id)
+    if job is None:
+        return False
+    cond = [Job.id == job_id, Job.status.in_(ACTIVE)]
+    if worker is not None:
+        cond.append(Job.worker == worker)
+    values: dict[str, Any] = {"status": status.value, "finished_at": now, "error": error}
+    if job.started_at is not None:
+        values["duration_s"] = (now - job.started_at).total_seconds()
+    if result is not None:
+        values["result"] = result
+    if progress is not None:
+        values["progress"] = progress
+    res = s.execute(update(Job).where(*cond).values(**values))
+    if res.rowcount != 1:
+        s.rollback()
+        return False
+    if status != JobStatus.succeeded:
+        fail_pending_model(s, job.model_id)
+    s.commit()
+    return True
+
+
+def reserve_model(
+    factory: sessionmaker[Session], job: Job, worker: str, data: Any, cfg_json: dict[str, Any]
+) -> int:
+    """Reserve the next version of the model name (status pending) for this job, once per job."""
+    p = job.params
+    name = p.get("name") or f"{job.dataset}-{job.arch}"
+    for _ in range(10):
+        with factory() as s:
+            current = s.scalar(select(Job.model_id).where(Job.id == job.id))
+            if current is not None:
+                return current
+            version = (s.scalar(select(func.max(Model.version)).where(Model.name == name)) or 0) + 1
+            model = Model(
+                name=name,
+                version=version,
+                status=ModelStatus.pending.value,
+                dataset=job.dataset or data.name,
+                arch=job.arch or cfg_json["arch"],
+                width=float(cfg_json["width"]),
+                modular=bool(cfg_json["modular"]),
+                tau=float(p.get("tau", 0.9)) if cfg_json["modular"] else None,
+                num_classes=data.num_classes,
+                class_names=list(data.class_names),
+                input_spec=data.spec.to_json(),
+                config=cfg_json,
+                tags=dict(p.get("tags") or {}),
+                job_id=job.id,
+                epochs=int(cfg_json["epochs"]),
+            )
+            s.add(model)
+            try:
+                s.flush()
+                fenced(s, job.id, worker, model_id=model.id)
+                s.commit()
+                return model.id
+            except IntegrityError:  # another job took this version number
+                s.rollback()
+    raise RuntimeError(f"could not reserve a version of model {name!r}")
+
+
+def release_job(
+    factory: sessionmaker[Session],
+    job_id: str,
+    worker: str | None,
+    reason: str,
+    *,
+    count_attempt: bool = True,
+) -> str | None:
+    """Take a running job away from ``worker`` (gone, hung, or stopped with its executor).
+
+    Returns "requeued", "failed", "cancelled", or None when the job is not running there.
+    """
+    now = utcnow()
+    with factory() as s:
+        job = s.get(Job, job_id)
+        if (
+            job is None
+            or job.status != JobStatus.running.value
+            or (worker is not None and job.worker != worker)
+        ):
+            return None
+        attempts = job.attempts if count_attempt else max(0, job.attempts - 1)
+        cond = [Job.id == job_id, Job.status == JobStatus.running.value, Job.worker == job.worker]
+        values: dict[str, Any]
+        if job.cancel_requested:
+            action, values = (
+                "cancelled",
+                {"status": JobStatus.cancelled.value, "error": "cancelled by user"},
+            )
+        elif attempts >= job.max_attempts:
+            action = "failed"
+            values = {
+                "status": JobStatus.failed.value,
+                "error": f"{reason}; gave up after {attempts} attempt(s) (max_attempts={job.max_attempts})",
+            }
+        else:
+            action = "requeued"
+            values = {
+                "status": JobStatus.queued.value,
+                "error": f"{reason}; requeued to resume from the last checkpoint "
+                f"(attempt {attempts + 1} of {job.max_attempts})",
+            }
+        values.update(worker=None, attempts=attempts)
+        if action == "requeued":
+            values["dispatched_at"] = None  # not sent for this attempt yet
+        else:
+            values["finished_at"] = now
+            if job.started_at is not None:
+                values["duration_s"] = (now - job.started_at).total_seconds()
+        if job.progress is not None:
+            values["progress"] = {**job.progress, "phase": action}
+        res = s.execute(update(Job).where(*cond).values(**values))
+        if res.rowcount != 1:
+            s.rollback()
+            return None
+        if action != "requeued":
+            fail_pending_model(s, job.model_id)
+        s.commit()
+        log.warning("job %s %s: %s", job_id, action, reason)
+        return action
+
+
+# ------------------------------------------------------------------------- presentation
 
 
 def _finite(v: Any) -> Any:

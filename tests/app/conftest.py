@@ -17,7 +17,8 @@ from app.db.models import Base, Model
 from app.db.session import make_engine
 from app.main import create_app
 from app.settings import Settings
-from app.testing import postgres_available, seed_fake_model, throwaway_postgres
+from tests.support.registry import seed_fake_model
+from tests.support.services import postgres_available, throwaway_postgres
 
 
 @pytest.fixture(scope="session")

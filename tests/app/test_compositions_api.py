@@ -12,7 +12,7 @@ from fastapi.testclient import TestClient
 
 from app.db.models import Model
 from app.settings import Settings
-from app.testing import seed_trained_model
+from tests.support.registry import seed_trained_model
 
 
 @pytest.fixture

@@ -13,7 +13,7 @@ from app.db import migrate
 from app.db.models import Base
 from app.db.session import make_engine
 from app.settings import Settings
-from app.testing import postgres_available, throwaway_postgres
+from tests.support.services import postgres_available, throwaway_postgres
 
 TABLES = {
     "api_keys", "datasets", "jobs", "models", "modules", "compositions", "composition_sources"

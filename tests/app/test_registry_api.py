@@ -8,7 +8,7 @@ from fastapi.testclient import TestClient
 from app import storage
 from app.db.models import Composition, Model
 from app.settings import Settings
-from app.testing import seed_fake_model
+from tests.support.registry import seed_fake_model
 
 
 def test_models_list_filter_sort_page(client: TestClient, app: FastAPI, settings: Settings) -> None:

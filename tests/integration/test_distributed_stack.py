@@ -23,18 +23,20 @@ from sqlalchemy import update
 from app.client import MwtClient
 from app.db.models import Job
 from app.db.session import make_engine, make_sessionmaker
-from app.testing import (
+from tests.support.processes import (
     ServiceProcess,
     clean_env,
     compose_service,
+    localize_env,
+    wait_http,
+)
+from tests.support.services import (
     ensure_pg_role,
     free_port,
-    localize_env,
     postgres_available,
     redis_available,
     throwaway_postgres,
     throwaway_redis_db,
-    wait_http,
 )
 
 

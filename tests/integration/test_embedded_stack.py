@@ -13,7 +13,8 @@ from typing import Any
 import pytest
 
 from app.client import MwtClient
-from app.testing import ServiceProcess, clean_env, free_port, wait_http
+from tests.support.processes import ServiceProcess, clean_env, wait_http
+from tests.support.services import free_port
 
 TINY = {
     "dataset": "digits",

@@ -14,10 +14,10 @@ from sqlalchemy import update
 
 from app.db.models import Job, JobKind, utcnow
 from app.db.session import make_engine, make_sessionmaker
-from app.dispatch import CeleryDispatcher
 from app.services.jobs import create_job, send
 from app.settings import Settings
-from app.testing import REDIS_HOST, REDIS_PORT, redis_available, throwaway_redis_db
+from tests.support.services import REDIS_HOST, REDIS_PORT, redis_available, throwaway_redis_db
+from worker.dispatch import CeleryDispatcher
 from worker.reaper import reap
 
 

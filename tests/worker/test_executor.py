@@ -9,7 +9,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from app.db.models import Job
 from app.settings import Settings
-from app.testing import claim_and_hang, crash_after_claim
+from tests.support.job_processes import claim_and_hang, crash_after_claim
 from worker.executor import Executor
 
 
@@ -57,7 +57,7 @@ def test_shutdown_requeues_running_jobs_without_spending_an_attempt(
 def test_a_hung_job_is_handed_back_and_its_process_exits(
     factory: sessionmaker[Session], settings: Settings, submit_job: Callable[..., str]
 ) -> None:
-    from app.testing import claim_report_and_hang
+    from tests.support.job_processes import claim_report_and_hang
 
     job_id = submit_job(max_attempts=2)
     hung = settings.model_copy(update={"stall_after_s": 1.5})

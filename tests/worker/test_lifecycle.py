@@ -10,9 +10,10 @@ from sqlalchemy import update
 from sqlalchemy.orm import Session, sessionmaker
 
 from app.db.models import Job, JobStatus, Model, ModelStatus
+from app.services.jobs import claim, release_job
 from app.settings import Settings
-from worker.jobs import JobContext, claim
-from worker.reaper import reap, release_job
+from worker.jobs import JobContext
+from worker.reaper import reap
 
 
 def _get(factory: sessionmaker[Session], job_id: str) -> Job:
