@@ -9,15 +9,24 @@ The job row is committed before dispatch: the DB, not the broker, is the source 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from typing import Protocol
 
 log = logging.getLogger(__name__)
+
+Requeue = Callable[[str, str], None]  # (job_id, queue) -> send the job again
 
 
 class Dispatcher(Protocol):
     """Hands a committed, queued job to its runner; ``app.services.jobs.send`` records it."""
 
     def dispatch(self, job_id: str, queue: str) -> None: ...
+
+    @property
+    def requeue(self) -> Requeue | None:
+        """What the reaper sends a stranded queued job again with; None where jobs are not
+        sent (an executor that polls the DB finds them itself)."""
+        ...
 
     def start(self) -> None: ...
 
@@ -29,6 +38,8 @@ class Dispatcher(Protocol):
 
 
 class NullDispatcher:
+    requeue: Requeue | None = None
+
     def dispatch(self, job_id: str, queue: str) -> None:
         log.info("job %s queued (no executor in this process)", job_id)
 

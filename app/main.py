@@ -111,11 +111,9 @@ def create_app(settings: Settings | None = None, *, run_executor: bool | None = 
         stop = threading.Event()
         reaper = None
         if settings.reaper_interval_s > 0 and not run_executor:  # the executor reaps on its own
-            # Only a broker needs jobs sent again; without one the executor polls the DB.
-            requeue = getattr(dispatcher, "requeue", None)
             reaper = threading.Thread(
                 target=reap_until,
-                args=(stop, factory, settings, requeue),
+                args=(stop, factory, settings, dispatcher.requeue),
                 name="mwt-reaper",
                 daemon=True,
             )
@@ -159,4 +157,3 @@ def create_app(settings: Settings | None = None, *, run_executor: bool | None = 
     _install_error_handlers(app)
     app.add_middleware(MetricsMiddleware, metrics=app.state.metrics)
     return app
-

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 
 from sqlalchemy.orm import Session, sessionmaker
 
-from app.dispatch import Dispatcher, NullDispatcher
+from app.dispatch import Dispatcher, NullDispatcher, Requeue
 from app.settings import Settings
 
 if TYPE_CHECKING:
@@ -20,6 +20,8 @@ if TYPE_CHECKING:
 
 
 class ExecutorDispatcher:
+    requeue: Requeue | None = None  # the executor polls the DB for queued jobs
+
     def __init__(self, settings: Settings, factory: sessionmaker[Session]) -> None:
         from worker.executor import Executor
 
@@ -45,15 +47,13 @@ class CeleryDispatcher:
 
         self.settings = settings
         self.celery: Celery = make_celery(settings)
+        # A queued job whose message is lost is sent again the same way.
+        self.requeue: Requeue | None = self.dispatch
 
     def dispatch(self, job_id: str, queue: str) -> None:
         from worker.celery_app import send_run_job
 
         send_run_job(self.celery, job_id, queue)
-
-    def requeue(self, job_id: str, queue: str) -> None:
-        """What the reaper sends again with (the executor polls the DB and needs none)."""
-        self.dispatch(job_id, queue)
 
     def start(self) -> None:
         pass

@@ -21,19 +21,17 @@ from __future__ import annotations
 import datetime as dt
 import logging
 import threading
-from collections.abc import Callable
 
 from sqlalchemy import and_, or_, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from app.db.models import Job, JobStatus, utcnow
 from app.db.session import make_engine, make_sessionmaker
+from app.dispatch import Requeue
 from app.services.jobs import release_job, send
 from app.settings import Settings
 
 log = logging.getLogger(__name__)
-
-Requeue = Callable[[str, str], None]  # (job_id, queue) -> dispatch again
 
 
 def find_stale(

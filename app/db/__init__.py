@@ -1,1 +1,2 @@
-"""Registry database: ORM models (``models``), engine/session factories (``session``), migrations runner (``migrate``)."""
+"""Registry database: ORM models (``models``), engine and session factories (``session``), the
+migrations runner (``migrate``)."""

@@ -22,9 +22,9 @@ import logging
 import math
 import uuid
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import Any, cast
 
-from sqlalchemy import func, select, update
+from sqlalchemy import CursorResult, Update, func, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -46,6 +46,11 @@ class JobStateConflict(ValueError):
 
 class JobLost(RuntimeError):
     """This attempt no longer owns the job (the reaper requeued or failed it)."""
+
+
+def _matched(s: Session, stmt: Update) -> int:
+    """Run an UPDATE and return how many rows it matched: the outcome of a compare-and-set."""
+    return cast("CursorResult[Any]", s.execute(stmt)).rowcount
 
 
 def fail_pending_model(s: Session, model_id: int | None) -> None:
@@ -161,7 +166,8 @@ def cancel_job(session: Session, job_id: str) -> Job:
     if JobStatus(job.status).terminal:
         raise JobStateConflict(f"job {job_id} already {job.status}; nothing to cancel")
     now = utcnow()
-    res = session.execute(
+    matched = _matched(
+        session,
         update(Job)
         .where(Job.id == job_id, Job.status == JobStatus.queued.value)
         .values(
@@ -169,9 +175,9 @@ def cancel_job(session: Session, job_id: str) -> Job:
             cancel_requested=True,
             finished_at=now,
             error="cancelled by user",
-        )
+        ),
     )
-    if res.rowcount == 0:
+    if matched == 0:
         session.execute(
             update(Job)
             .where(Job.id == job_id, Job.status == JobStatus.running.value)
@@ -198,7 +204,8 @@ def claim(factory: sessionmaker[Session], job_id: str, worker: str) -> Job | Non
     """Take the job if it is queued. Returns the claimed row, or None when there is nothing to do."""
     now = utcnow()
     with factory() as s:
-        res = s.execute(
+        matched = _matched(
+            s,
             update(Job)
             .where(
                 Job.id == job_id,
@@ -210,9 +217,9 @@ def claim(factory: sessionmaker[Session], job_id: str, worker: str) -> Job | Non
                 attempts=Job.attempts + 1,
                 worker=worker,
                 heartbeat_at=now,
-            )
+            ),
         )
-        if res.rowcount != 1:
+        if matched != 1:
             s.rollback()
             job = s.get(Job, job_id)
             if job is None:
@@ -251,12 +258,13 @@ def heartbeat(
     if progress is not None:
         values["progress"] = progress
     with factory() as s:
-        res = s.execute(
+        matched = _matched(
+            s,
             update(Job)
             .where(Job.id == job_id, Job.status == JobStatus.running.value, Job.worker == worker)
-            .values(**values)
+            .values(**values),
         )
-        if res.rowcount != 1:
+        if matched != 1:
             s.rollback()
             return None
         flag = s.scalar(select(Job.cancel_requested).where(Job.id == job_id))
@@ -266,12 +274,13 @@ def heartbeat(
 
 def fenced(s: Session, job_id: str, worker: str, **values: Any) -> None:
     """Update the running job only while ``worker`` holds it (uncommitted); else JobLost."""
-    res = s.execute(
+    matched = _matched(
+        s,
         update(Job)
         .where(Job.id == job_id, Job.status == JobStatus.running.value, Job.worker == worker)
-        .values(**values)
+        .values(**values),
     )
-    if res.rowcount != 1:
+    if matched != 1:
         s.rollback()
         raise JobLost(job_id)
 
@@ -329,8 +338,8 @@ def finish(
         values["result"] = result
     if progress is not None:
         values["progress"] = progress
-    res = s.execute(update(Job).where(*cond).values(**values))
-    if res.rowcount != 1:
+    matched = _matched(s, update(Job).where(*cond).values(**values))
+    if matched != 1:
         s.rollback()
         return False
     if status != JobStatus.succeeded:
@@ -430,8 +439,8 @@ def release_job(
                 values["duration_s"] = (now - job.started_at).total_seconds()
         if job.progress is not None:
             values["progress"] = {**job.progress, "phase": action}
-        res = s.execute(update(Job).where(*cond).values(**values))
-        if res.rowcount != 1:
+        matched = _matched(s, update(Job).where(*cond).values(**values))
+        if matched != 1:
             s.rollback()
             return None
         if action != "requeued":

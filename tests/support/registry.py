@@ -130,11 +130,25 @@ def seed_trained_model(
     mz = modularize(result.model, small, device="cpu")
     version = (session.scalar(select(func.max(Model.version)).where(Model.name == name)) or 0) + 1
     model = Model(
-        name=name, version=version, status=ModelStatus.pending.value, dataset="digits",
-        arch=arch, width=cfg.width, modular=True, tau=mz.tau, num_classes=data.num_classes,
-        class_names=list(data.class_names), input_spec=data.spec.to_json(), config={"arch": arch},
-        tags={"seed": str(seed)}, accuracy=result.test_acc, krr=mz.model_krr,
-        cohesion=mz.cohesion, coupling=mz.coupling, epochs=1, created_at=utcnow(),
+        name=name,
+        version=version,
+        status=ModelStatus.pending.value,
+        dataset="digits",
+        arch=arch,
+        width=cfg.width,
+        modular=True,
+        tau=mz.tau,
+        num_classes=data.num_classes,
+        class_names=list(data.class_names),
+        input_spec=data.spec.to_json(),
+        config={"arch": arch},
+        tags={"seed": str(seed)},
+        accuracy=result.test_acc,
+        krr=mz.model_krr,
+        cohesion=mz.cohesion,
+        coupling=mz.coupling,
+        epochs=1,
+        created_at=utcnow(),
     )
     session.add(model)
     session.flush()
