@@ -10,7 +10,7 @@ from sqlalchemy.orm import selectinload
 
 from app import storage
 from app.auth import ReadKey, WriteKey
-from app.db.models import Composition, Job, JobStatus, Model
+from app.db.models import Composition, Job, Model
 from app.deps import DbDep, SettingsDep
 from app.files import artifact_response
 from app.routers._common import PagingDep, not_found, page, sorted_by
@@ -160,7 +160,7 @@ def delete(
     m = _get(db, model_id)
     active = db.scalars(
         select(Job.id).where(
-            Job.status.in_([JobStatus.queued.value, JobStatus.running.value]),
+            Job.status.in_(jobs_svc.ACTIVE),
             (Job.model_id == model_id) | (Job.params["model_id"].as_integer() == model_id),
         )
     ).all()

@@ -33,7 +33,7 @@ from app.schemas.jobs import JobOut, ProgressOut
 
 log = logging.getLogger(__name__)
 
-ACTIVE = (JobStatus.queued.value, JobStatus.running.value)
+ACTIVE = (JobStatus.queued.value, JobStatus.running.value)  # not yet terminal
 
 
 class IdempotencyConflict(ValueError):
