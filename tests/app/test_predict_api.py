@@ -284,3 +284,19 @@ def test_export_downloads_match_in_process(
     legacy = client.get(f"/api/v1/compositions/{registry['composition']}/torchscript")
     assert legacy.status_code == 200
     assert client.get("/api/v1/modules/999/export").status_code == 404
+
+
+def test_classifier_cache_is_a_bounded_lru(app: FastAPI, settings: Settings, registry) -> None:
+    from app.services.predict import ClassifierCache
+
+    with app.state.sessionmaker() as s:
+        paths = {k: s.get(t, registry[k]).artifact_path
+                 for k, t in (("model", Model), ("module", Module))}
+    cache = ClassifierCache(1)
+    first = cache.get(settings, ("model", registry["model"], "a"), paths["model"])
+    assert cache.get(settings, ("model", registry["model"], "a"), paths["model"]) is first
+    cache.get(settings, ("module", registry["module"], "b"), paths["module"])
+    assert len(cache) == 1  # the model was evicted: the next request loads it again
+    assert cache.get(settings, ("model", registry["model"], "a"), paths["model"]) is not first
+    # Another sha256 for the same id is another entry, never the old classifier.
+    assert cache.get(settings, ("model", registry["model"], "c"), paths["model"]) is not first

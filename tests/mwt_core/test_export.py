@@ -198,3 +198,24 @@ def test_probabilities_softmax_or_one_class_sigmoid():
     assert torch.allclose(probabilities(logits).sum(1), torch.ones(2))
     one = torch.tensor([[3.0], [-3.0]])
     assert torch.allclose(probabilities(one), torch.sigmoid(one))  # not a softmax's constant 1.0
+
+
+def test_mwt_export_command(artifacts, tmp_path):
+    from typer.testing import CliRunner
+
+    from mwt_core.cli import app
+
+    runner = CliRunner()
+    out = tmp_path / "module.onnx"
+    r = runner.invoke(app, ["export", str(artifacts["module_1class"]), "--format", "onnx",
+                            "--out", str(out), "--json"])
+    assert r.exit_code == 0, r.output
+    s = json.loads(r.stdout.strip().splitlines()[-1])
+    assert s["out"] == str(out) and out.is_file()
+    assert s["metadata"] == read_export_metadata(out)
+    assert s["metadata"]["class_names"] == ["7"] and s["metadata"]["output"]["scoring"] == "sigmoid"
+    bad = runner.invoke(app, ["export", str(artifacts["module"]), "--format", "pickle",
+                              "--out", str(tmp_path / "x")])
+    assert bad.exit_code == 1 and "unknown export format 'pickle'" in bad.output
+    missing = runner.invoke(app, ["export", str(tmp_path / "nope"), "--out", str(tmp_path / "y")])
+    assert missing.exit_code == 1 and "error:" in missing.output
