@@ -98,6 +98,20 @@ class Settings(BaseSettings):
     )
     sse_poll_s: float = Field(0.5, gt=0, description="SSE progress stream: DB poll period.")
     compose_cache_models: int = Field(4, ge=0, description="Models kept loaded for compositions.")
+    predict_max_images: int = Field(
+        32, ge=1, le=4096, description="Predict: most images (files or JSON array items) per request."
+    )
+    predict_max_image_kb: int = Field(
+        2048, ge=1, description="Predict: largest accepted image file (KiB); JSON bodies get this "
+        "much per allowed image."
+    )
+    predict_max_pixels: int = Field(
+        4096 * 4096, ge=1, description="Predict: most pixels of one decoded image (width x height)."
+    )
+    predict_top_k: int = Field(5, ge=1, description="Predict: classes answered per image by default.")
+    predict_cache_size: int = Field(
+        8, ge=0, description="Predict: loaded classifiers kept in memory (LRU; 0 = none)."
+    )
     page_size_max: int = Field(500, ge=1)
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 
@@ -153,6 +167,11 @@ class Settings(BaseSettings):
     @property
     def upload_limit_bytes(self) -> int:
         return self.max_upload_mb * MiB
+
+    @property
+    def predict_body_limit_bytes(self) -> int:
+        """Largest predict request: every allowed image at its largest, plus multipart framing."""
+        return self.predict_max_images * (self.predict_max_image_kb * 1024 + 1024) + 64 * 1024
 
     def ensure_dirs(self) -> None:
         """Create the local directories this configuration writes to."""

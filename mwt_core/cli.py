@@ -712,8 +712,8 @@ def compose_cmd(
         compose_and_measure,
         composition_manifest,
         distinct_labels,
-        export_torchscript,
     )
+    from mwt_core.export import export_torchscript
 
     if calibration_per_class < 0:
         raise CliError(f"--calibrate must be >= 0, got {calibration_per_class}")
@@ -747,7 +747,7 @@ def compose_cmd(
     written = save_artifact(out, composed, composition_manifest(
         picked[0].spec, labels, described, metrics, created_by="mwt compose"))
     if torchscript is not None:
-        export_torchscript(composed, torchscript, tuple(picked[0].spec.shape))
+        export_torchscript(composed, written, torchscript)
     summary = {**metrics, "out": str(out), "class_names": labels, "sha256": written["sha256"],
                "torchscript": str(torchscript) if torchscript else None}
 
@@ -766,6 +766,40 @@ def compose_cmd(
                      f"calibration images; {_num(metrics['params'])} parameters; saved to {out}")
 
     ui.emit(summary, render)
+
+
+@app.command("export")
+@command_boundary
+def export_cmd(
+    artifact_dir: Annotated[Path, typer.Argument(
+        help="A model, module or composition artifact directory.")],
+    out: Annotated[Path, typer.Option(help="The file to write.")],
+    fmt: Annotated[str, typer.Option(
+        "--format", help="torchscript or onnx.")] = "torchscript",
+    as_json: JsonOpt = False,
+) -> None:
+    """Export an artifact as a self-contained TorchScript or ONNX file (images in [0, 1] in,
+    one logit per class out; class names and input spec embedded)."""
+    from mwt_core.export import check_format, export_artifact, read_export_metadata
+
+    ui = Ui(as_json)
+    _require_dir(artifact_dir, "artifact directory")
+    check_format(fmt)
+    with ui.status(f"exporting to {fmt}"):
+        path = export_artifact(artifact_dir, fmt, out)
+    meta = read_export_metadata(path)
+    s = {"artifact": str(artifact_dir), "format": fmt, "out": str(path),
+         "size_bytes": path.stat().st_size, "sha256": sha256_file(path), "metadata": meta}
+
+    def render() -> None:
+        rows = [("artifact", f"{artifact_dir} ({meta['kind']})"), ("format", fmt),
+                ("written", f"{path} ({_num(s['size_bytes'])} bytes)"),
+                ("input", f"N x {' x '.join(map(str, meta['input']['shape'][1:]))}, float32 in [0, 1]"),
+                ("classes", ", ".join(meta["class_names"])),
+                ("scores", f"logits; {meta['output']['scoring']} for probabilities")]
+        ui.out.print(_kv_table("export", rows))
+
+    ui.emit(s, render)
 
 
 @app.command("evaluate")

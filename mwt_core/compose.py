@@ -4,13 +4,12 @@ Each source model runs once, slimmed to the union of its selected classes; the
 logits of all sources are concatenated. Raw logits of different models are not on
 one scale, so a composition can be calibrated on a few labelled samples per class:
 one scale and one bias per source, fitted by cross-entropy. Composed classifiers
-export to TorchScript, which runs with plain PyTorch and without this project.
+export to TorchScript and ONNX through :mod:`mwt_core.export`.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -151,18 +150,6 @@ def calibrate(composed: ComposedClassifier, x: torch.Tensor, y: torch.Tensor,
         loss.backward()
         opt.step()
     return composed
-
-
-def export_torchscript(net: nn.Module, path: str | Path, input_shape: tuple[int, int, int]) -> Path:
-    """Trace ``net`` to a TorchScript file that runs with ``torch.jit.load`` alone."""
-    net = net.eval().cpu()
-    example = torch.rand(2, *input_shape)
-    with torch.no_grad():
-        traced = torch.jit.trace(net, example, check_trace=False)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    traced.save(str(path))
-    return path
 
 
 def modules_of(composed: ComposedClassifier) -> list[ModuleClassifier]:

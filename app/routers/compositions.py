@@ -14,6 +14,7 @@ from app.db.models import Composition, JobKind, Model, ModelStatus
 from app.deps import DbDep, DispatcherDep, SettingsDep
 from app.files import artifact_response
 from app.routers._common import PagingDep, not_found, page
+from app.routers._export import EXPORT_DESCRIPTION, FormatQuery, export_response
 from app.schemas.common import Page, PathId, QueryId
 from app.schemas.compositions import CompositionCreate, CompositionOut
 from app.services import compose as svc
@@ -236,32 +237,39 @@ def download(
     )
 
 
+@router.head("/{composition_id}/export", include_in_schema=False)
+@router.get(
+    "/{composition_id}/export",
+    summary="Download the composed classifier as TorchScript or ONNX (runs without this project)",
+    description=EXPORT_DESCRIPTION,
+    response_class=Response,
+)
+def export(
+    composition_id: PathId,
+    request: Request,
+    db: DbDep,
+    settings: SettingsDep,
+    _: ReadKey,
+    fmt: FormatQuery = "torchscript",
+) -> Response:
+    c = _get(db, composition_id)
+    return export_response(
+        request, settings, f"composition {composition_id}", c.artifact_path, c.sha256, fmt,
+        f"composition-{c.id}-model{c.model_id}",
+    )
+
+
 @router.head("/{composition_id}/torchscript", include_in_schema=False)
 @router.get(
     "/{composition_id}/torchscript",
-    summary="Download the composed classifier as TorchScript (runs without this project)",
-    description="`torch.jit.load(file)(x)` with `x` images scaled to [0, 1], N x C x H x W as in the "
-    "manifest's `input_spec`; outputs one logit per composed class, in order. ETag = sha256.",
+    summary="Download the composed classifier as TorchScript (same as export?format=torchscript)",
+    description=EXPORT_DESCRIPTION,
     response_class=Response,
 )
 def torchscript(
     composition_id: PathId, request: Request, db: DbDep, settings: SettingsDep, _: ReadKey
 ) -> Response:
-    c = _get(db, composition_id, with_artifact=True)
-    assert c.artifact_path is not None  # checked by _get
-    try:
-        path, digest = svc.torchscript_of(settings, c.artifact_path)
-    except (FileNotFoundError, ValueError) as exc:
-        raise HTTPException(
-            status.HTTP_410_GONE, f"composition {composition_id}'s artifact cannot be loaded: {exc}"
-        ) from None
-    return artifact_response(
-        request,
-        path,
-        digest,
-        f"composition-{c.id}-model{c.model_id}.torchscript.pt",
-        "application/octet-stream",
-    )
+    return export(composition_id, request, db, settings, _, "torchscript")
 
 
 @router.delete(

@@ -14,6 +14,7 @@ from app.db.models import Composition, Job, Model
 from app.deps import DbDep, SettingsDep
 from app.files import artifact_response
 from app.routers._common import PagingDep, not_found, page, sorted_by
+from app.routers._export import EXPORT_DESCRIPTION, FormatQuery, export_response
 from app.routers.modules import module_out
 from app.schemas.common import Page, PathId
 from app.schemas.models import ModelDetail, ModelOut, ModelPatch
@@ -142,6 +143,30 @@ def download(
         )
     path = storage.tar_path(storage.resolve(settings.artifacts, m.artifact_path))
     return artifact_response(request, path, m.sha256, f"{m.name}-v{m.version}.tar")
+
+
+@router.head("/{model_id}/export", include_in_schema=False)
+@router.get(
+    "/{model_id}/export",
+    summary="Download the full model as TorchScript or ONNX (runs without this project)",
+    description=EXPORT_DESCRIPTION,
+    response_class=Response,
+)
+def export(
+    model_id: PathId,
+    request: Request,
+    db: DbDep,
+    settings: SettingsDep,
+    _: ReadKey,
+    fmt: FormatQuery = "torchscript",
+) -> Response:
+    m = db.get(Model, model_id)
+    if m is None:
+        raise not_found("model", model_id)
+    return export_response(
+        request, settings, f"model {model_id}", m.artifact_path, m.sha256, fmt,
+        f"{m.name}-v{m.version}",
+    )
 
 
 @router.delete(

@@ -14,6 +14,7 @@ from app.db.models import Model, ModelStatus, Module
 from app.deps import DbDep, SettingsDep
 from app.files import artifact_response
 from app.routers._common import PagingDep, not_found, page, sorted_by
+from app.routers._export import EXPORT_DESCRIPTION, FormatQuery, export_response
 from app.schemas.common import Page, PathId, QueryId, QueryIndex
 from app.schemas.modules import ModuleOut
 
@@ -131,3 +132,31 @@ def download(
     sha, rel, idx, cname, mname, version = row
     tar = storage.tar_path(storage.resolve(settings.artifacts, rel))
     return artifact_response(request, tar, sha, f"{mname}-v{version}-class{idx}.tar")
+
+
+@router.head("/{module_id}/export", include_in_schema=False)
+@router.get(
+    "/{module_id}/export",
+    summary="Download a module as TorchScript or ONNX (runs without this project)",
+    description=EXPORT_DESCRIPTION,
+    response_class=Response,
+)
+def export(
+    module_id: PathId,
+    request: Request,
+    db: DbDep,
+    settings: SettingsDep,
+    _: ReadKey,
+    fmt: FormatQuery = "torchscript",
+) -> Response:
+    row = db.execute(
+        select(Module.sha256, Module.artifact_path, Module.class_index, Model.name, Model.version)
+        .join(Model, Module.model_id == Model.id)
+        .where(Module.id == module_id)
+    ).first()
+    if row is None:
+        raise not_found("module", module_id)
+    sha, rel, idx, mname, version = row
+    return export_response(
+        request, settings, f"module {module_id}", rel, sha, fmt, f"{mname}-v{version}-class{idx}"
+    )

@@ -352,33 +352,3 @@ def tar_of(settings: Settings, artifact_path: str) -> Path:
     art = storage.resolve(settings.artifacts, artifact_path)
     name = {"artifact": "composition.tar", "model": "model.tar"}.get(art.name)
     return art.parent / name if name else art.parent / f"{art.name}.tar"
-
-
-TORCHSCRIPT_FILE = "composition.torchscript.pt"
-
-
-def torchscript_of(settings: Settings, artifact_path: str) -> tuple[Path, str]:
-    """A self-contained TorchScript export of a composition (built once, then reused).
-
-    The traced network takes images scaled to [0, 1] (N x C x H x W) and normalises them itself, so
-    ``torch.jit.load(path)(x)`` needs neither this project nor the dataset statistics.
-    """
-    import os
-
-    from mwt_core.artifacts import load_artifact
-    from mwt_core.compose import NormalizedInput, export_torchscript
-    from mwt_core.data.datasets import InputSpec
-
-    art = storage.resolve(settings.artifacts, artifact_path)
-    path = art.parent / TORCHSCRIPT_FILE
-    digest_file = art.parent / f".{TORCHSCRIPT_FILE}.sha256"
-    if path.is_file() and digest_file.is_file():
-        return path, digest_file.read_text().strip()
-    net, manifest = load_artifact(art, device="cpu")
-    spec = InputSpec.from_json(manifest["input_spec"])
-    tmp = art.parent / f".{TORCHSCRIPT_FILE}.tmp{os.getpid()}"
-    export_torchscript(NormalizedInput(net, spec).eval(), tmp, tuple(spec.shape))
-    digest = storage.sha256_file(tmp)
-    os.replace(tmp, path)
-    digest_file.write_text(digest)
-    return path, digest

@@ -9,9 +9,10 @@ from mwt_core.compose import (
     accuracy,
     calibrate,
     compose,
-    export_torchscript,
+    identity_spec,
     labelled_union,
 )
+from mwt_core.export import export_torchscript
 from mwt_core.modularize import modularize
 from mwt_core.training import TrainConfig, train
 
@@ -42,7 +43,8 @@ def test_compose_across_models_calibrate_and_export(two_models, digits32, tmp_pa
     assert not torch.equal(composed.scale.detach(), torch.ones(2))
     assert 0.0 <= accuracy(composed, x, y) <= 1.0 and 0.0 <= before <= 1.0
 
-    path = export_torchscript(composed, tmp_path / "composed.pt", digits32.spec.shape)
+    manifest = {"input_spec": identity_spec(digits32.spec).to_json(), "class_names": composed.labels}
+    path = export_torchscript(composed, manifest, tmp_path / "composed.pt")
     loaded = torch.jit.load(str(path))
     with torch.no_grad():
         assert torch.allclose(loaded(x[:8]), composed(x[:8]), atol=1e-5)
