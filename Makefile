@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 # Written after a successful install; rebuilt when pyproject.toml or constraints.txt change.
 STAMP := $(VENV)/.mwt-hub-installed
 
-.PHONY: venv run test lint format clean
+.PHONY: venv run test lint typecheck format clean
 
 venv: $(STAMP)
 
@@ -25,6 +25,9 @@ test: venv
 
 lint: venv
 	$(BIN)/ruff check .
+
+typecheck: venv
+	$(BIN)/mypy
 
 format: venv
 	$(BIN)/ruff check --fix .
