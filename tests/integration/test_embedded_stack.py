@@ -88,13 +88,12 @@ def test_full_session(stack: tuple[MwtClient, ServiceProcess, Path]) -> None:
     again = hub.download_module(mod["id"], part_dir, extract=False)
     assert again.resumed_from == 5000 and again.sha256 == mod["sha256"]
 
-    t0 = time.perf_counter()
+    # Composition latency is measured by bench/compose.py, not asserted here (a loaded CI box
+    # makes wall-clock limits flaky).
     comp = hub.compose(model_id, [3, 5, 8])
-    compose_s = time.perf_counter() - t0
     assert comp["classes"] == [3, 5, 8] and comp["class_names"] == ["3", "5", "8"]
     assert 0.0 <= comp["accuracy"] <= 1.0 and comp["baseline_accuracy"] is not None
     assert comp["krr"] is not None and comp["params"] < model["params"]
-    assert compose_s < 10, f"composition took {compose_s:.1f} s"
     assert hub.compose(model_id, ["3", "5", "8"])["id"] == comp["id"]  # same composition, by names
     cdl = hub.download_composition(comp["id"], root / "comp")
     assert hashlib.sha256(cdl.path.read_bytes()).hexdigest() == comp["sha256"]
