@@ -29,18 +29,21 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-METHODS: tuple[str, ...] = ("raw", "scale_bias", "log_softmax", "energy", "gauss", "head")
-ZERO_LABEL_METHODS: tuple[str, ...] = ("raw", "log_softmax", "energy", "gauss")
-LABELLED_METHODS: tuple[str, ...] = ("scale_bias", "head")
+from mwt_core.compose_options import (
+    DEFAULT_COMBINE,
+    DEFAULT_PER_CLASS,
+    LABELLED_METHODS,
+    METHODS,
+    ZERO_LABEL_METHODS,
+    CompositionError,
+    check_method,
+)
+
+__all__ = ["DEFAULT_COMBINE", "DEFAULT_PER_CLASS", "LABELLED_METHODS", "METHODS",
+           "ZERO_LABEL_METHODS", "ComposedClassifier", "CompositionError", "fit"]
+
 FEATURE_METHODS: tuple[str, ...] = ("gauss", "head")
-# The best method measured by bench/compose.py on held-out digits (README, "Composing models
-# that learned different classes"); every caller (API, CLIs, bench) derives its default from here.
-DEFAULT_COMBINE = "head"
-DEFAULT_PER_CLASS = 20  # labelled training images per class for the labelled methods
-
-
-class CombineError(ValueError):
-    """An unknown method, or a method that lacks the images it needs."""
+CombineError = CompositionError  # one error for everything a composition can refuse
 
 
 @dataclass(frozen=True)
@@ -57,13 +60,6 @@ class CombineSettings:
 
 
 SETTINGS = CombineSettings()
-
-
-def check_method(method: str) -> str:
-    """``method`` if known, else a :class:`CombineError` listing the known ones."""
-    if method not in METHODS:
-        raise CombineError(f"unknown combine method {method!r}; choose one of {', '.join(METHODS)}")
-    return method
 
 
 class _Tap:

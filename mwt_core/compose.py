@@ -23,8 +23,8 @@ from mwt_core.combine import (
     FEATURE_METHODS,
     LABELLED_METHODS,
     SETTINGS,
-    CombineError,
     ComposedClassifier,
+    CompositionError,
     check_method,
     fit,
     fit_scale_bias,
@@ -34,12 +34,6 @@ from mwt_core.metrics import count_flops, count_params, measure_latency
 from mwt_core.models import MwTNet
 from mwt_core.modularize import Modularization
 from mwt_core.reuse import ModuleClassifier, evaluate, extract_module, restrict, subtask
-
-
-class CompositionError(CombineError):
-    """Sources that cannot be composed (different input specs, no classes, a method that
-    lacks its images...). The one error the API and the CLIs turn into a 4xx / one line."""
-
 
 __all__ = ["DEFAULT_COMBINE", "ComposedClassifier", "CompositionError", "Source", "compose",
            "compose_and_measure"]
@@ -74,10 +68,7 @@ def compose(sources: list[Source], keep_mask_generators: bool = True,
             combine: str = DEFAULT_COMBINE) -> ComposedClassifier:
     """One module per source (the union of its classes), combined by ``combine`` (unfitted:
     see :func:`mwt_core.combine.fit`, or :func:`compose_and_measure` which fits and measures)."""
-    try:
-        check_method(combine)
-    except CombineError as exc:
-        raise CompositionError(str(exc)) from None
+    check_method(combine)
     if not sources:
         raise CompositionError("a composition needs at least one source")
     first = sources[0].spec
