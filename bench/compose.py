@@ -23,15 +23,14 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-import torch
 from _main import bench_main
 from rich.console import Console
 from rich.table import Table
 
 from mwt_core.artifacts import load_artifact, save_artifact
 from mwt_core.combine import DEFAULT_COMBINE, DEFAULT_PER_CLASS, METHODS, ZERO_LABEL_METHODS
-from mwt_core.compose import Source, compose_and_measure
-from mwt_core.data.datasets import DatasetBundle, channel_stats, holdout, load_dataset
+from mwt_core.compose import Source, class_subset, compose_and_measure
+from mwt_core.data.datasets import DatasetBundle, holdout, load_dataset
 from mwt_core.models import MwTNet, architecture_info
 from mwt_core.modularize import Modularization, modularize
 from mwt_core.reuse import evaluate
@@ -70,21 +69,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def only_classes(data: DatasetBundle, classes: list[int]) -> DatasetBundle:
-    """The dataset a user would upload for ``classes`` alone: labels 0..k-1, its own statistics."""
-    lookup = torch.full((data.num_classes,), -1, dtype=torch.long)
-    lookup[torch.tensor(classes)] = torch.arange(len(classes))
-    tr, te = lookup[data.train_y] >= 0, lookup[data.test_y] >= 0
-    train_x = data.train_x[tr].contiguous()
-    mean, std = channel_stats(train_x)
-    return replace(
-        data, name=f"{data.name}[{','.join(map(str, classes))}]",
-        train_x=train_x, train_y=lookup[data.train_y[tr]], test_x=data.test_x[te].contiguous(),
-        test_y=lookup[data.test_y[te]], class_names=[data.class_names[c] for c in classes],
-        spec=replace(data.spec, mean=mean, std=std),
-    )
-
-
 def trained(cfg: TrainConfig, data: DatasetBundle, cache: Path | None
             ) -> tuple[MwTNet, Modularization, float]:
     """``train`` + ``modularize`` (the pipeline the service runs), cached by config and data."""
@@ -108,7 +92,7 @@ def sources_for(cfg: TrainConfig, data: DatasetBundle, groups: list[list[int]], 
     """One trained, modularized model per class group; its module is all its classes."""
     sources, subs, info = [], [], []
     for g in groups:
-        sub = only_classes(data, g)
+        sub = class_subset(data, g)
         net, mod, seconds = trained(cfg, sub, cache)
         sources.append(Source(net, mod, list(range(len(g))), sub.spec, sub.class_names))
         subs.append(sub)

@@ -104,7 +104,8 @@ class ComposedClassifier(nn.Module):
         n = len(parts)
         self.scale = nn.Parameter(torch.ones(n))
         self.bias = nn.Parameter(torch.zeros(n))
-        self.sizes = [_classes_of(p) for p in parts]
+        # Outputs per part; only the feature methods need them (their buffers' shapes).
+        self.sizes = [_classes_of(p) for p in parts] if combine in FEATURE_METHODS else []
         if combine in ("energy", "gauss"):
             # Per source: the score's mean and its spread divided by the temperature.
             self.register_buffer("score_stats", torch.tensor([[0.0, 1.0]] * n))
@@ -114,9 +115,10 @@ class ComposedClassifier(nn.Module):
             dims = [head_linear(p).in_features for p in parts]
             for i, (k, d) in enumerate(zip(self.sizes, dims, strict=True)):
                 if combine == "gauss":
+                    # Whitening L (precision = L L') and the whitened class means: distances
+                    # are then plain squared norms, without the cancellation of f'Pf - 2f'Pm.
+                    self.register_buffer(f"whiten_{i}", torch.eye(d))
                     self.register_buffer(f"means_{i}", torch.zeros(k, d))
-                    self.register_buffer(f"precision_{i}", torch.eye(d))
-                    self.register_buffer(f"mean_norms_{i}", torch.zeros(k))  # m_c' P m_c
                 else:
                     self.register_buffer(f"feature_mean_{i}", torch.zeros(d))
                     self.register_buffer(f"feature_std_{i}", torch.ones(d))
@@ -150,9 +152,8 @@ class ComposedClassifier(nn.Module):
 
     def distances(self, i: int, f: torch.Tensor) -> torch.Tensor:
         """Squared Mahalanobis distances of features ``f`` to source ``i``'s class means."""
-        fp = f @ getattr(self, f"precision_{i}")
-        return ((fp * f).sum(1, keepdim=True) - 2 * fp @ getattr(self, f"means_{i}").T
-                + getattr(self, f"mean_norms_{i}")[None])
+        z = f @ getattr(self, f"whiten_{i}")
+        return (z[:, None, :] - getattr(self, f"means_{i}")[None]).pow(2).sum(-1)
 
     def source_score(self, i: int, logits: torch.Tensor, f: torch.Tensor | None) -> torch.Tensor:
         """The scalar per image telling how much source ``i``'s classes fit it (raw, unstandardised)."""
@@ -235,11 +236,12 @@ def fit_zero_label(composed: ComposedClassifier, own: list[tuple[torch.Tensor, t
             cov = resid.T @ resid / len(f)
             cov = cov + settings.shrinkage * cov.diagonal().mean().clamp(min=1e-6) * torch.eye(
                 cov.shape[0], device=cov.device)
-            precision = torch.linalg.inv(cov)
-            precision = (precision + precision.T) / 2
-            getattr(composed, f"means_{i}").copy_(means)
-            getattr(composed, f"precision_{i}").copy_(precision)
-            getattr(composed, f"mean_norms_{i}").copy_(((means @ precision) * means).sum(1))
+            # precision = cov^-1 = L L' with L = (C^-1)' for cov = C C' (Cholesky).
+            chol = torch.linalg.cholesky(cov.double())
+            eye = torch.eye(cov.shape[0], dtype=torch.float64, device=cov.device)
+            whiten = torch.linalg.solve_triangular(chol, eye, upper=False).T.float()
+            getattr(composed, f"whiten_{i}").copy_(whiten)
+            getattr(composed, f"means_{i}").copy_(means @ whiten)
         score = composed.source_score(i, logits, feats if composed.combine == "gauss"
                                       else None).flatten()
         composed.score_stats[i, 0] = score.mean()

@@ -88,6 +88,26 @@ def compose(sources: list[Source], keep_mask_generators: bool = True,
     return ComposedClassifier(parts, labels, combine).eval()
 
 
+def class_subset(data: DatasetBundle, classes: list[int]) -> DatasetBundle:
+    """``data`` restricted to ``classes`` (labels 0..k-1 in that order, the subset's own
+    normalisation statistics): the dataset a user would train a model on those classes with."""
+    from dataclasses import replace
+
+    from mwt_core.data.datasets import channel_stats
+
+    lookup = torch.full((data.num_classes,), -1, dtype=torch.long)
+    lookup[torch.tensor(classes)] = torch.arange(len(classes))
+    tr, te = lookup[data.train_y] >= 0, lookup[data.test_y] >= 0
+    train_x = data.train_x[tr].contiguous()
+    mean, std = channel_stats(train_x)
+    return replace(
+        data, name=f"{data.name}[{','.join(map(str, classes))}]",
+        train_x=train_x, train_y=lookup[data.train_y[tr]], test_x=data.test_x[te].contiguous(),
+        test_y=lookup[data.test_y[te]], class_names=[data.class_names[c] for c in classes],
+        spec=replace(data.spec, mean=mean, std=std),
+    )
+
+
 def labelled_union(sources: list[tuple[DatasetBundle, list[int]]], split: str = "test",
                    per_class: int | None = None, seed: int = 0
                    ) -> tuple[torch.Tensor, torch.Tensor]:
