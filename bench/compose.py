@@ -110,6 +110,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     rows: list[dict[str, Any]] = []
     singles: list[dict[str, Any]] = []
     compose_s: list[float] = []
+    fit_s: list[float] = []
     for seed in args.seeds:
         cfg = TrainConfig(arch=args.arch, width=args.width, epochs=args.epochs, seed=seed,
                           device=args.device, outlier_weight=args.outlier_weight)
@@ -130,6 +131,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 elapsed = time.perf_counter() - t0
                 if split == "halves" and method == DEFAULT_COMBINE:
                     compose_s.append(elapsed)
+                    fit_s.append(m["fit_seconds"])
                 rows.append({
                     "seed": seed, "split": split, "method": method, "acc": m["accuracy"],
                     "raw_acc": m["raw_accuracy"], "baseline_acc": m["baseline_accuracy"],
@@ -141,7 +143,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     "sources_own_acc": [i["own_acc"] for i in info],
                     "sources_krr": [i["krr"] for i in info],
                 })
-    return summarise(args, rows, singles, compose_s)
+    out = summarise(args, rows, singles, compose_s)
+    out["compose_fit_p50_s"] = statistics.median(fit_s) if fit_s else None
+    return out
 
 
 def _mean(values: list[float]) -> float:

@@ -222,7 +222,10 @@ def fit_zero_label(composed: ComposedClassifier, own: list[tuple[torch.Tensor, t
         y = y.to(logits.device)
         if composed.combine == "head":
             getattr(composed, f"feature_mean_{i}").copy_(feats.mean(0))
-            getattr(composed, f"feature_std_{i}").copy_(feats.std(0) + 1e-3)
+            # A feature (nearly) constant on the source's own images carries no information;
+            # a floor on its spread keeps float noise in it from being blown up.
+            spread = feats.std(0)
+            getattr(composed, f"feature_std_{i}").copy_(spread.clamp(min=0.05 * float(spread.mean()) + 1e-6))
             continue
         if composed.combine == "gauss":
             f = feats
