@@ -21,6 +21,8 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from mwt_core.compose_options import DEFAULT_COMBINE, DEFAULT_PER_CLASS, METHODS
+
 app = typer.Typer(
     name="mwt",
     help="MwT Hub: modular training (MwT), per-class modules and composition, as a library CLI and a service.",
@@ -632,8 +634,18 @@ def compose(
         ),
     ] = None,
     calibration: Annotated[
-        int, typer.Option(help="Training images per class to calibrate a cross-model composition.")
-    ] = 20,
+        int,
+        typer.Option(
+            help="Labelled training images per class for a cross-model composition's labelled "
+            "combine methods (scale_bias, head)."
+        ),
+    ] = DEFAULT_PER_CLASS,
+    combine: Annotated[
+        str,
+        typer.Option(
+            help=f"How a cross-model composition combines its sources: {', '.join(METHODS)}."
+        ),
+    ] = DEFAULT_COMBINE,
     finetune_epochs: Annotated[
         int | None, typer.Option(help="Fine-tune a head for N epochs (runs as a job).")
     ] = None,
@@ -654,7 +666,9 @@ def compose(
         if len(sources) > 1:
             if finetune:
                 _fail("--finetune-epochs works on one model's classes; drop --with or the option")
-            comp = _call(hub.compose_across, sources, calibration)
+            if combine not in METHODS:
+                _fail(f"unknown --combine {combine!r}; choose one of {', '.join(METHODS)}")
+            comp = _call(hub.compose_across, sources, calibration, combine)
         else:
             comp = _call(hub.compose, model_id, sources[0][1], finetune)
         if finetune:

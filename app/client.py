@@ -213,13 +213,20 @@ class MwtClient:
         return self._json("POST", "/api/v1/compositions", json=body)
 
     def compose_across(
-        self, sources: list[tuple[int, list[int | str]]], calibration_per_class: int = 20
+        self,
+        sources: list[tuple[int, list[int | str]]],
+        calibration_per_class: int | None = None,
+        combine: str | None = None,
     ) -> dict[str, Any]:
-        """Compose classes of several models: ``[(model_id, classes), ...]`` in output order."""
-        body = {
+        """Compose classes of several models: ``[(model_id, classes), ...]`` in output order;
+        ``combine`` and ``calibration_per_class`` default to the server's (the best measured)."""
+        body: dict[str, Any] = {
             "sources": [{"model_id": m, "classes": list(c)} for m, c in sources],
-            "calibration_per_class": calibration_per_class,
         }
+        if calibration_per_class is not None:
+            body["calibration_per_class"] = calibration_per_class
+        if combine is not None:
+            body["combine"] = combine
         return self._json("POST", "/api/v1/compositions", json=body)
 
     def composition(self, composition_id: int) -> dict[str, Any]:

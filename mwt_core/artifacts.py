@@ -60,7 +60,7 @@ def structure_of(net: nn.Module) -> tuple[str, dict[str, Any]]:
             if not (isinstance(part, NormalizedInput) and isinstance(part.net, ModuleClassifier)):
                 raise ArtifactError("a composition can be saved only when built from modules")
             parts.append({"module": structure_of(part.net)[1], "input_spec": part.spec.to_json()})
-        return "composition", {"labels": list(net.labels), "parts": parts}
+        return "composition", {"labels": list(net.labels), "parts": parts, "combine": net.combine}
     config = getattr(net, "config", None)
     if config is None:
         raise ArtifactError("only networks built by mwt_core can be saved as artifacts")
@@ -93,7 +93,11 @@ def _build_composition(config: dict[str, Any]) -> ComposedClassifier:
         raise ArtifactError(f"manifest composition structure is invalid: {exc}") from exc
     if not parts:
         raise ArtifactError("manifest composition has no parts")
-    return ComposedClassifier(parts, labels)
+    combine = config.get("combine", "scale_bias")  # compositions saved before ``combine`` existed
+    try:
+        return ComposedClassifier(parts, labels, str(combine))
+    except ValueError as exc:
+        raise ArtifactError(f"manifest composition structure is invalid: {exc}") from exc
 
 
 def _build_module(model: nn.Module, config: dict[str, Any]) -> ModuleClassifier:

@@ -46,6 +46,7 @@ from mwt_core.artifacts import (
     save_artifact,
     sha256_file,
 )
+from mwt_core.compose_options import DEFAULT_COMBINE, DEFAULT_PER_CLASS, METHODS
 from mwt_core.data.datasets import (
     DatasetBundle,
     DatasetError,
@@ -699,7 +700,10 @@ def compose_cmd(
         help="MODEL_DIR:CLASSES per source model, e.g. runs/a:3,5 runs/b:cat,dog (same input shape).")],
     out: Annotated[Path, typer.Option(help="Where to write the composed classifier artifact.")],
     calibration_per_class: Annotated[int, typer.Option(
-        "--calibrate", help="Training images per class to calibrate the sources' logits (0: raw).")] = 20,
+        "--calibrate", help="Labelled training images per class for the labelled combine methods "
+                            "(scale_bias, head).")] = DEFAULT_PER_CLASS,
+    combine: Annotated[str, typer.Option(
+        help=f"How the sources' outputs become one answer: {', '.join(METHODS)}.")] = DEFAULT_COMBINE,
     torchscript: Annotated[Path | None, typer.Option(
         help="Also export a TorchScript file (images in [0, 1] in, one logit per class out).")] = None,
     data_dir: DataDirOpt = None,
@@ -708,6 +712,7 @@ def compose_cmd(
 ) -> None:
     """Compose classes of one or several modularized models into one classifier; measure and save it."""
     from mwt_core.compose import (
+        CompositionError,
         Source,
         compose_and_measure,
         composition_manifest,
@@ -717,6 +722,8 @@ def compose_cmd(
 
     if calibration_per_class < 0:
         raise CliError(f"--calibrate must be >= 0, got {calibration_per_class}")
+    if combine not in METHODS:
+        raise CliError(f"unknown --combine {combine!r}; choose one of {', '.join(METHODS)}")
     ui = Ui(as_json)
     picked: list[Source] = []
     datas: list[DatasetBundle] = []
@@ -738,9 +745,12 @@ def compose_cmd(
                           "dataset": manifest.get("dataset"), "classes": classes,
                           "class_names": [names[c] for c in classes]})
     labels = distinct_labels([(str(i), d["class_names"]) for i, d in enumerate(described)])
-    with ui.status("composing, calibrating and evaluating"):
-        composed, metrics = compose_and_measure(picked, datas, calibration_per_class, labels,
-                                                device=device)
+    with ui.status("composing, fitting and evaluating"):
+        try:
+            composed, metrics = compose_and_measure(picked, datas, calibration_per_class, labels,
+                                                    device=device, combine=combine)
+        except CompositionError as exc:
+            raise CliError(str(exc)) from None
     for d, m in zip(described, metrics["sources"], strict=True):
         d.update(krr=m["krr"], zero_training_accuracy=m["zero_training_accuracy"])
     metrics["sources"] = described
@@ -754,16 +764,19 @@ def compose_cmd(
     def render() -> None:
         table = Table(title=f"composition of {len(picked)} model(s): {', '.join(labels)}",
                       title_justify="left")
-        for col in ("", "accuracy", "uncalibrated", "full models", "KRR"):
+        for col in ("", f"accuracy ({combine})", "raw logits", "full models", "KRR"):
             table.add_column(col, justify="right" if col else "left")
-        table.add_row("composed", _pct(metrics["accuracy"]), _pct(metrics["uncalibrated_accuracy"]),
+        table.add_row("composed", _pct(metrics["accuracy"]), _pct(metrics["raw_accuracy"]),
                       _pct(metrics["baseline_accuracy"]), _pct(metrics["krr"]))
         for d in described:
             table.add_row(f"{d['model_dir']} {','.join(d['class_names'])}",
                           _pct(d["zero_training_accuracy"]), "-", "-", _pct(d["krr"]))
         ui.out.print(table)
         ui.out.print(f"{metrics['test_samples']} test images, {metrics['calibration_samples']} "
-                     f"calibration images; {_num(metrics['params'])} parameters; saved to {out}")
+                     f"labelled training images, {metrics['own_samples']} sources' own training "
+                     f"images; {_num(metrics['params'])} parameters ({metrics['combine_params']} "
+                     f"in the combination), {_num(metrics['flops'])} FLOPs, "
+                     f"{metrics['latency_ms']:.2f} ms per image; saved to {out}")
 
     ui.emit(summary, render)
 

@@ -1,30 +1,41 @@
 """Classifiers composed from modules of one or several models (DESIGN §2).
 
-Each source model runs once, slimmed to the union of its selected classes; the
-logits of all sources are concatenated. Raw logits of different models are not on
-one scale, so a composition can be calibrated on a few labelled samples per class:
-one scale and one bias per source, fitted by cross-entropy. Composed classifiers
-export to TorchScript and ONNX through :mod:`mwt_core.export`.
+Each source model runs once, slimmed to the union of its selected classes; how the
+sources' outputs become one answer is the composition's ``combine`` method
+(``mwt_core.combine``: raw logits, per-source scale and bias, or the open-set methods for
+models that learned different classes). Composed classifiers export to
+TorchScript and ONNX through :mod:`mwt_core.export`.
 """
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from mwt_core.combine import (
+    DEFAULT_COMBINE,
+    DEFAULT_PER_CLASS,
+    FEATURE_METHODS,
+    LABELLED_METHODS,
+    SETTINGS,
+    ComposedClassifier,
+    CompositionError,
+    check_method,
+    fit,
+    fit_scale_bias,
+)
 from mwt_core.data.datasets import DatasetBundle, InputSpec
-from mwt_core.metrics import count_flops, count_params
+from mwt_core.metrics import count_flops, count_params, measure_latency
 from mwt_core.models import MwTNet
 from mwt_core.modularize import Modularization
 from mwt_core.reuse import ModuleClassifier, evaluate, extract_module, restrict, subtask
 
-
-class CompositionError(ValueError):
-    """Sources that cannot be composed (different input specs, no classes...)."""
+__all__ = ["DEFAULT_COMBINE", "ComposedClassifier", "CompositionError", "Source", "compose",
+           "compose_and_measure"]
 
 
 @dataclass
@@ -52,27 +63,11 @@ class NormalizedInput(nn.Module):
         return self.net((x - self.mean) / self.std)
 
 
-class ComposedClassifier(nn.Module):
-    """Concatenated, per-source calibrated logits of several modules.
-
-    Takes images scaled to [0, 1] (each source normalises with its own statistics),
-    so sources trained on differently normalised data compose correctly.
-    """
-
-    def __init__(self, parts: list[nn.Module], labels: list[str]) -> None:
-        super().__init__()
-        self.parts = nn.ModuleList(parts)
-        self.labels = list(labels)
-        self.scale = nn.Parameter(torch.ones(len(parts)))
-        self.bias = nn.Parameter(torch.zeros(len(parts)))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        outs = [part(x) * self.scale[i] + self.bias[i] for i, part in enumerate(self.parts)]
-        return torch.cat(outs, dim=1)
-
-
-def compose(sources: list[Source], keep_mask_generators: bool = True) -> ComposedClassifier:
-    """One module per source (the union of its classes), logits side by side."""
+def compose(sources: list[Source], keep_mask_generators: bool = True,
+            combine: str = DEFAULT_COMBINE) -> ComposedClassifier:
+    """One module per source (the union of its classes), combined by ``combine`` (unfitted:
+    see :func:`mwt_core.combine.fit`, or :func:`compose_and_measure` which fits and measures)."""
+    check_method(combine)
     if not sources:
         raise CompositionError("a composition needs at least one source")
     first = sources[0].spec
@@ -89,7 +84,27 @@ def compose(sources: list[Source], keep_mask_generators: bool = True) -> Compose
         parts.append(NormalizedInput(module, s.spec))
         names = s.class_names or [str(c) for c in range(s.modularization.num_classes)]
         labels += [f"{i}:{names[c]}" for c in s.classes]
-    return ComposedClassifier(parts, labels).eval()
+    return ComposedClassifier(parts, labels, combine).eval()
+
+
+def class_subset(data: DatasetBundle, classes: list[int]) -> DatasetBundle:
+    """``data`` restricted to ``classes`` (labels 0..k-1 in that order, the subset's own
+    normalisation statistics): the dataset a user would train a model on those classes with."""
+    from dataclasses import replace
+
+    from mwt_core.data.datasets import channel_stats
+
+    lookup = torch.full((data.num_classes,), -1, dtype=torch.long)
+    lookup[torch.tensor(classes)] = torch.arange(len(classes))
+    tr, te = lookup[data.train_y] >= 0, lookup[data.test_y] >= 0
+    train_x = data.train_x[tr].contiguous()
+    mean, std = channel_stats(train_x)
+    return replace(
+        data, name=f"{data.name}[{','.join(map(str, classes))}]",
+        train_x=train_x, train_y=lookup[data.train_y[tr]], test_x=data.test_x[te].contiguous(),
+        test_y=lookup[data.test_y[te]], class_names=[data.class_names[c] for c in classes],
+        spec=replace(data.spec, mean=mean, std=std),
+    )
 
 
 def labelled_union(sources: list[tuple[DatasetBundle, list[int]]], split: str = "test",
@@ -137,19 +152,7 @@ def accuracy(net: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int =
 def calibrate(composed: ComposedClassifier, x: torch.Tensor, y: torch.Tensor,
               steps: int = 200, lr: float = 0.05) -> ComposedClassifier:
     """Fit each source's logit scale and bias on labelled ``[0, 1]`` images (modules frozen)."""
-    composed.eval()
-    device = composed.scale.device
-    with torch.no_grad():
-        raw = [part(x.to(device)) for part in composed.parts]
-    opt = torch.optim.Adam([composed.scale, composed.bias], lr=lr)
-    target = y.to(device)
-    for _ in range(steps):
-        logits = torch.cat([r * composed.scale[i] + composed.bias[i] for i, r in enumerate(raw)], 1)
-        loss = F.cross_entropy(logits, target)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-    return composed
+    return fit_scale_bias(composed, x, y, steps=steps, lr=lr)
 
 
 def modules_of(composed: ComposedClassifier) -> list[ModuleClassifier]:
@@ -157,40 +160,69 @@ def modules_of(composed: ComposedClassifier) -> list[ModuleClassifier]:
     return [part.net for part in composed.parts]  # type: ignore[misc]
 
 
+def own_images(sources: list[Source], data: list[DatasetBundle], per_class: int = SETTINGS.own_per_class
+               ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Each source's own training images of its chosen classes (``[0, 1]``, labels by position),
+    at most ``per_class`` per class: what the zero-label methods fit their statistics on."""
+    out = []
+    for s, d in zip(sources, data, strict=True):
+        x, y = subtask(d, s.classes, "train")
+        pick = per_class_sample(y, per_class)
+        out.append((x[pick].float() / 255.0, y[pick]))
+    return out
+
+
 def compose_and_measure(
     sources: list[Source],
     data: list[DatasetBundle],
-    calibration_per_class: int = 20,
+    calibration_per_class: int = DEFAULT_PER_CLASS,
     labels: list[str] | None = None,
     device: str = "cpu",
+    combine: str = DEFAULT_COMBINE,
+    standard: tuple[nn.Module, InputSpec, list[int]] | None = None,
+    test: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[ComposedClassifier, dict[str, Any]]:
-    """Compose ``sources`` (``data[i]`` is source i's dataset), calibrate and measure it.
+    """Compose ``sources`` (``data[i]`` is source i's dataset) with ``combine``, fit and measure it.
 
-    Calibration uses ``calibration_per_class`` training images per class (0: raw logits);
-    accuracy is on the union of the sources' test splits. The baseline is the same
-    construction from the full models (logits restricted to the classes, calibrated on
-    the same images), so ``accuracy_loss`` is what cutting the models into modules costs.
+    The zero-label methods fit on each source's own training images; the labelled ones on
+    ``calibration_per_class`` training images per class of the union (never the test split).
+    Accuracy is on the union of the sources' test splits (or ``test``: ``[0, 1]`` images and
+    labels by output position). ``baseline_accuracy`` is the same construction from the full
+    models (logits restricted to the classes, fitted on the same images), so ``accuracy_loss``
+    is what cutting the models into modules costs; ``standard`` (a standard model of the same
+    dataset, its input spec and the composed classes in its index space) adds the paper's
+    accuracy loss against a standard model. ``raw_accuracy`` is the raw logits' accuracy.
     """
+    started = time.perf_counter()
     if len(data) != len(sources):
         raise CompositionError(f"{len(sources)} sources but {len(data)} datasets")
-    composed = compose(sources)
+    if combine in LABELLED_METHODS and calibration_per_class <= 0:
+        raise CompositionError(
+            f"combine={combine!r} fits on labelled images: give calibration_per_class > 0, "
+            "or a zero-label method (raw, log_softmax, energy, gauss)"
+        )
+    composed = compose(sources, combine=combine)
     if labels is not None:
         composed.labels = list(labels)
     baseline = ComposedClassifier(
         [NormalizedInput(restrict(s.model, s.classes, s.modularization.num_classes), s.spec)
          for s in sources],
-        composed.labels,
+        composed.labels, combine,
     ).eval()
     pairs = [(d, s.classes) for d, s in zip(data, sources, strict=True)]
-    test_x, test_y = labelled_union(pairs, "test")
-    raw_acc, raw_base = accuracy(composed, test_x, test_y), accuracy(baseline, test_x, test_y)
-    n_cal = 0
-    if calibration_per_class > 0:
-        cal_x, cal_y = labelled_union(pairs, "train", per_class=calibration_per_class)
-        calibrate(composed, cal_x, cal_y)
-        calibrate(baseline, cal_x, cal_y)
-        n_cal = len(cal_y)
-    acc, base = accuracy(composed, test_x, test_y), accuracy(baseline, test_x, test_y)
+    test_x, test_y = test if test is not None else labelled_union(pairs, "test")
+    own = own_images(sources, data) if combine in ("energy", *FEATURE_METHODS) else None
+    cal = None
+    if combine in LABELLED_METHODS:
+        cal = labelled_union(pairs, "train", per_class=calibration_per_class)
+    try:
+        fit(composed, own, cal)
+        fit(baseline, own, cal)
+        fitted_s = time.perf_counter() - started
+        acc, raw_acc = accuracies(composed, test_x, test_y)
+        base, raw_base = accuracies(baseline, test_x, test_y)
+    finally:
+        baseline.release()  # the full models may be shared (a server's cache): unhook them
     per_source = [
         {"classes": list(s.classes), "krr": s.modularization.krr_of(s.classes),
          "zero_training_accuracy": evaluate(part, d, s.classes, device=device)}
@@ -202,21 +234,54 @@ def compose_and_measure(
         kept += s.modularization.krr_of(s.classes) * n
         total += n
     composed = composed.cpu().eval()
+    shape = tuple(sources[0].spec.shape)
     metrics: dict[str, Any] = {
+        "combine": combine,
         "accuracy": acc,
+        "raw_accuracy": raw_acc,
         "baseline_accuracy": base,
         "accuracy_loss": base - acc,
-        "uncalibrated_accuracy": raw_acc,
+        "uncalibrated_accuracy": raw_acc,  # the name before ``combine`` existed
         "uncalibrated_baseline_accuracy": raw_base,
-        "calibration_per_class": calibration_per_class,
-        "calibration_samples": n_cal,
+        "calibration_per_class": calibration_per_class if cal is not None else 0,
+        "calibration_samples": len(cal[1]) if cal is not None else 0,
+        "own_samples": sum(len(y) for _, y in own) if own is not None else 0,
+        "combine_params": int(count_params(composed.head)) if combine == "head" else (
+            2 * len(sources) if combine == "scale_bias" else 0),
         "krr": kept / total if total else None,
         "params": int(count_params(composed)),
-        "flops": int(count_flops(composed, tuple(sources[0].spec.shape))),
+        "flops": int(count_flops(composed, shape)),
+        "latency_ms": measure_latency(composed, shape, batch=1, device="cpu") * 1e3,
+        "fit_seconds": fitted_s,
         "test_samples": len(test_y),
         "sources": per_source,
     }
+    if standard is not None:
+        net, spec, classes = standard
+        std = NormalizedInput(restrict(net, classes, head_out(net)), spec).eval()
+        metrics["standard_accuracy"] = accuracy(std, test_x, test_y)
+        metrics["standard_accuracy_loss"] = metrics["standard_accuracy"] - acc
     return composed, metrics
+
+
+def head_out(net: nn.Module) -> int:
+    """Number of logits of a whole model."""
+    return [m for m in net.modules() if isinstance(m, nn.Linear)][-1].out_features
+
+
+@torch.no_grad()
+def accuracies(composed: ComposedClassifier, x: torch.Tensor, y: torch.Tensor,
+               batch_size: int = 512) -> tuple[float, float]:
+    """Accuracy of the composition and of its raw logits side by side, from one pass."""
+    composed.eval()
+    device = composed.scale.device
+    correct = raw = 0
+    for start in range(0, len(y), batch_size):
+        logits, feats = composed.source_outputs(x[start:start + batch_size].to(device))
+        yb = y[start:start + batch_size]
+        correct += int((composed.combined(logits, feats).argmax(1).cpu() == yb).sum())
+        raw += int((torch.cat(logits, 1).argmax(1).cpu() == yb).sum())
+    return correct / max(1, len(y)), raw / max(1, len(y))
 
 
 def distinct_labels(groups: list[tuple[str, list[str]]]) -> list[str]:

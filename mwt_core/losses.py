@@ -69,3 +69,33 @@ def mask_overlap(masks: list[torch.Tensor], labels: torch.Tensor) -> torch.Tenso
             weight = ((unit @ unit.T) * diff_pairs).sum() / n_diff
         total = total + weight * ((m @ m.T) * diff_pairs).sum() / (n_diff * m.shape[1])
     return total / len(masks)
+
+
+def quadrant_mix(x: torch.Tensor, labels: torch.Tensor,
+                 generator: torch.Generator | None = None) -> torch.Tensor:
+    """Synthetic outliers: each image's four quadrants taken from four random images of the batch.
+
+    Stroke pieces of the training classes put together wrongly look like nothing the model
+    knows, which is what an image of a class it never saw looks like to it (open set). The
+    top-left quadrant keeps the image's own; the others come from images of a different label
+    where the batch has one (same-label quadrants would rebuild a known class).
+    """
+    n, _, h, w = x.shape
+    hh, hw = h // 2, w // 2
+    out = x.clone()
+    for i, (rows, cols) in enumerate(((slice(0, hh), slice(hw, w)), (slice(hh, h), slice(0, hw)),
+                                      (slice(hh, h), slice(hw, w)))):
+        pick = torch.randperm(n, device=x.device, generator=generator)
+        # Where the random partner shares the label, take the next image instead (a cheap
+        # nudge towards mixing classes; a batch of one label simply mixes itself).
+        same = labels[pick] == labels
+        pick = torch.where(same, pick.roll(i + 1), pick)
+        out[:, :, rows, cols] = x[pick][:, :, rows, cols]
+    return out
+
+
+def outlier_exposure(logits: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy of ``logits`` to the uniform distribution (outlier exposure): 0 only when
+    every class is equally likely, so the model learns to answer "none of mine" with flat logits."""
+    return -(F.log_softmax(logits, dim=1).mean(dim=1)).mean() - torch.log(
+        torch.tensor(float(logits.shape[1]), device=logits.device))

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from mwt_core.data.batches import ImageBatches
 from mwt_core.data.datasets import DatasetBundle
 from mwt_core.devices import resolve_device
-from mwt_core.losses import mask_overlap, mask_similarity_losses
+from mwt_core.losses import mask_overlap, mask_similarity_losses, outlier_exposure, quadrant_mix
 from mwt_core.models import MwTNet, architecture_info, create_model
 
 CHECKPOINT_NAME = "last.pt"
@@ -47,6 +47,10 @@ class TrainConfig:
     alpha: float = 0.5
     beta: float = 1.5
     gamma: float = 0.0  # weight of the cross-class mask-overlap term; 0 is the paper's loss
+    # Weight of an outlier-exposure term (losses.outlier_exposure): synthetic images made of
+    # other images' quadrants are pushed to a uniform softmax, so the model scores low on
+    # what it has not seen and its modules compose across models; 0 (off) is the paper's loss.
+    outlier_weight: float = 0.0
     modular: bool = True
     seed: int = 0
     device: str = "auto"
@@ -63,6 +67,7 @@ class TrainConfig:
             (self.weight_decay >= 0, f"weight_decay must be >= 0, got {self.weight_decay}"),
             (self.alpha >= 0 and self.beta >= 0 and self.gamma >= 0,
              "alpha, beta and gamma must be >= 0"),
+            (self.outlier_weight >= 0, f"outlier_weight must be >= 0, got {self.outlier_weight}"),
         ]
         for ok, message in checks:
             if not ok:
@@ -250,6 +255,9 @@ def train(
                 loss = ce + cfg.alpha * cohesion + cfg.beta * coupling
                 if cfg.gamma > 0 and masks:
                     loss = loss + cfg.gamma * mask_overlap(masks, y)
+                if cfg.outlier_weight > 0:
+                    outliers = quadrant_mix(x, y, generator=gen)
+                    loss = loss + cfg.outlier_weight * outlier_exposure(model(outliers).float())
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             scaler.step(optimizer)

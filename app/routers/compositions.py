@@ -39,8 +39,11 @@ def composition_out(c: Composition) -> CompositionOut:
     status_code=status.HTTP_201_CREATED,
     summary="Compose a classifier for some classes of one model or several",
     description="`model_id` + `classes`: the module of those classes is cut from the model (no training). "
-    "`sources`: one module per model, side by side, their logits calibrated on `calibration_per_class` "
-    "training images per class (the models must take images of one shape). Either way the classifier is "
+    "`sources`: one module per model, side by side, their outputs combined by `combine` (default: "
+    "the best method measured; models that learned different classes need an open-set method), the "
+    "labelled methods fitted on `calibration_per_class` training images per class (the models must "
+    "take images of one shape); where the registry holds a standard model of the same dataset and "
+    "architecture, `metrics.standard_accuracy_loss` is the accuracy lost against it. Either way the classifier is "
     "measured on the test split(s) at once: 201 (200 if the same composition exists). With `finetune` "
     "(one model only) a job is started: 202 with the job.",
     responses={
@@ -62,7 +65,7 @@ def create(
         model, classes = chosen[0]  # the schema allows finetune with one source only
         return _start_finetune(db, settings, dispatcher, principal, model, classes, body)
 
-    key = svc.sources_key([(m.id, c) for m, c in chosen], body.calibration_per_class)
+    key = svc.sources_key([(m.id, c) for m, c in chosen], body.calibration_per_class, body.combine)
     existing = db.scalar(
         select(Composition).where(
             Composition.model_id == chosen[0][0].id,
@@ -80,8 +83,18 @@ def create(
         manifest = svc.manifest_for(p.model, p.loaded, p.classes, metrics, finetuned=False)
         labels = None
     else:
+        standard = svc.standard_model_for(db, picks)
+        std = None
+        if standard is not None:
+            try:
+                std = (standard, svc.load_standard(settings, standard))
+            except (FileNotFoundError, ValueError):
+                std = None  # an unreadable baseline leaves the figure out, not the composition
         try:
-            module, metrics = svc.build_across(picks, body.calibration_per_class, device="cpu")
+            module, metrics = svc.build_across(
+                picks, body.calibration_per_class, combine=body.combine, device="cpu",
+                standard=std,
+            )
         except svc.CompositionError as exc:
             raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, str(exc)) from None
         manifest = svc.manifest_across(picks, metrics)

@@ -1,11 +1,12 @@
 from __future__ import annotations
 
 import datetime as dt
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from app.schemas.common import MAX_ID, DbId, OrmModel
+from mwt_core.compose_options import DEFAULT_COMBINE, DEFAULT_PER_CLASS, METHODS
 
 ClassRef = Annotated[int, Field(ge=0, le=MAX_ID)] | Annotated[str, Field(max_length=200)]
 ClassList = Annotated[
@@ -46,11 +47,18 @@ class CompositionCreate(BaseModel):
         description="classes of several models (same input shape), in output order",
     )
     calibration_per_class: int = Field(
-        20,
+        DEFAULT_PER_CLASS,
         ge=0,
         le=1000,
-        description="training images per class used to put the sources' logits on one scale "
-        "(cross-model compositions only; 0 = raw logits)",
+        description="labelled training images per class the labelled methods (scale_bias, head) "
+        "fit on (cross-model compositions only; never the test split)",
+    )
+    combine: Literal[METHODS] = Field(  # type: ignore[valid-type]
+        DEFAULT_COMBINE,
+        description="how the sources' outputs become one answer (cross-model compositions): raw "
+        "logits; scale_bias (per-source scale and bias); log_softmax, energy, gauss (need no "
+        "labels: each source's own training split); head (a linear head on the modules' frozen "
+        "features and logits, fitted on calibration_per_class images per class)",
     )
     finetune: FinetuneOptions | None = Field(
         None, description="fine-tune a head on the sub-task (runs as a job; one model only)"

@@ -22,6 +22,9 @@ from sqlalchemy import ColumnElement, select
 from app import storage
 from app.db.models import Composition, CompositionSource, Model, ModelStatus
 from app.settings import Settings
+from mwt_core.compose_options import CompositionError
+
+__all__ = ["CompositionError"]  # re-exported: the router and the worker catch it from here
 
 if TYPE_CHECKING:
     from torch import nn
@@ -30,8 +33,6 @@ if TYPE_CHECKING:
     from mwt_core.modularize import Modularization
 
 
-class CompositionError(ValueError):
-    """The request cannot be composed (bad classes, model without modules...)."""
 
 
 def resolve_classes(model: Model, classes: list[int | str]) -> list[int]:
@@ -58,6 +59,36 @@ def resolve_classes(model: Model, classes: list[int | str]) -> list[int]:
     if len(set(out)) != len(out):
         raise CompositionError(f"classes must not repeat: {classes}")
     return out
+
+
+def standard_model_for(db: Any, picks: list[Pick]) -> Model | None:
+    """A ready standard (``modular=false``) model of the dataset and architecture every source
+    shares, if the registry holds one (the newest): the paper's baseline for accuracy loss."""
+    datasets = {p.model.dataset for p in picks}
+    archs = {p.model.arch for p in picks}
+    if len(datasets) != 1 or len(archs) != 1:
+        return None
+    return db.scalar(
+        select(Model)
+        .where(
+            Model.dataset == datasets.pop(),
+            Model.arch == archs.pop(),
+            Model.modular.is_(False),
+            Model.status == ModelStatus.ready.value,
+            Model.artifact_path.is_not(None),
+        )
+        .order_by(Model.id.desc())
+        .limit(1)
+    )
+
+
+def load_standard(settings: Settings, model: Model) -> nn.Module:
+    """A standard model's network (only its logits are used, so no modules are needed)."""
+    from mwt_core.artifacts import load_artifact
+
+    assert model.artifact_path is not None  # the query asked for one
+    net, _ = load_artifact(storage.resolve(settings.artifacts, model.artifact_path), device="cpu")
+    return net
 
 
 @dataclass
@@ -217,12 +248,20 @@ def classes_key(classes: list[int]) -> str:
     return _fit(",".join(map(str, classes)))
 
 
-def sources_key(sources: list[tuple[int, list[int]]], calibration_per_class: int) -> str:
-    """The lookup key of a cross-model composition: every (model, classes) and the calibration."""
+def sources_key(sources: list[tuple[int, list[int]]], calibration_per_class: int,
+                combine: str = "scale_bias") -> str:
+    """The lookup key of a cross-model composition: every (model, classes), the method and,
+    for the labelled methods, the calibration. Keys of ``scale_bias`` compositions are those
+    written before ``combine`` existed, so those compositions are still found."""
+    from mwt_core.compose_options import LABELLED_METHODS
+
     if len(sources) == 1:
         return classes_key(sources[0][1])
     raw = "|".join(f"{m}:{','.join(map(str, c))}" for m, c in sources)
-    return _fit(f"{raw}@{calibration_per_class}")
+    if combine == "scale_bias":
+        return _fit(f"{raw}@{calibration_per_class}")
+    per_class = calibration_per_class if combine in LABELLED_METHODS else 0
+    return _fit(f"{raw}@{combine}:{per_class}")
 
 
 def _fit(key: str) -> str:
@@ -251,9 +290,16 @@ def output_labels(picks: list[Pick]) -> list[str]:
 
 
 def build_across(
-    picks: list[Pick], calibration_per_class: int, *, device: str = "cpu"
+    picks: list[Pick],
+    calibration_per_class: int,
+    *,
+    combine: str,
+    device: str = "cpu",
+    standard: tuple[Model, nn.Module] | None = None,
 ) -> tuple[nn.Module, dict[str, Any]]:
-    """Compose modules of several registry models; measure it (``mwt_core.compose``)."""
+    """Compose modules of several registry models with ``combine``; measure it
+    (``mwt_core.compose``). ``standard``: a standard model of the sources' dataset and
+    architecture, for the paper's accuracy loss."""
     from mwt_core import compose as core
 
     specs = {(p.data.spec.channels, p.data.spec.size) for p in picks}
@@ -273,15 +319,22 @@ def build_across(
         # Cached full models are shared between request threads; lock them in one order.
         for p in sorted(picks, key=lambda p: p.model.id):
             stack.enter_context(p.loaded.lock)
+        std = None
+        if standard is not None:  # loaded for this request alone: no lock needed
+            std = (standard[1], picks[0].data.spec, [c for p in picks for c in p.classes])
         composed, metrics = core.compose_and_measure(
             sources,
             [p.data for p in picks],
             calibration_per_class,
             labels=output_labels(picks),
             device=device,
+            combine=combine,
+            standard=std,
         )
     for p, src in zip(picks, metrics["sources"], strict=True):
         src["model_id"] = p.model.id
+    if standard is not None:
+        metrics["standard_model_id"] = standard[0].id
     return composed, metrics
 
 

@@ -32,7 +32,7 @@ def _union(classes_per_source: list[list[int]]) -> tuple[torch.Tensor, torch.Ten
 
 
 def test_compose_across_models(
-    client: TestClient, two_models: tuple[Model, Model], tmp_path
+    client: TestClient, app: FastAPI, two_models: tuple[Model, Model], tmp_path
 ) -> None:
     a, b = two_models
     body = {
@@ -52,12 +52,25 @@ def test_compose_across_models(
     assert 0 < comp["krr"] <= 1 and comp["accuracy_loss"] == pytest.approx(
         comp["baseline_accuracy"] - comp["accuracy"]
     )
-    # The same request finds the same composition; another calibration is another composition.
+    from mwt_core.compose_options import DEFAULT_COMBINE
+
+    assert m["combine"] == DEFAULT_COMBINE and m["raw_accuracy"] == m["uncalibrated_accuracy"]
+    assert m["combine_params"] > 0 and m["latency_ms"] > 0 and m["own_samples"] > 0
+    # The same request finds the same composition at once, from the registry: no model is
+    # loaded for it. Another method or calibration is another composition.
+    app.state.model_cache.forget(a.id)
+    app.state.model_cache.forget(b.id)
     again = client.post("/api/v1/compositions", json=body)
     assert again.status_code == 200 and again.json()["id"] == comp["id"]
-    other = client.post("/api/v1/compositions", json={**body, "calibration_per_class": 0})
+    assert not app.state.model_cache._items, "a repeated composition must not load models"
+    raw = {**body, "calibration_per_class": 0, "combine": "raw"}
+    other = client.post("/api/v1/compositions", json=raw)
     assert other.status_code == 201 and other.json()["id"] != comp["id"]
     assert other.json()["accuracy"] == pytest.approx(m["uncalibrated_accuracy"])
+    assert other.json()["metrics"]["calibration_samples"] == 0
+    assert client.post("/api/v1/compositions", json=raw).json()["id"] == other.json()["id"]
+    labelled = client.post("/api/v1/compositions", json={**body, "calibration_per_class": 0})
+    assert labelled.status_code == 422 and "calibration_per_class > 0" in labelled.json()["detail"]
 
     # The download is the calibrated classifier: it reproduces the reported accuracy.
     from mwt_core.artifacts import load_artifact
@@ -101,6 +114,7 @@ def test_compose_across_models_validation(
         ({"sources": [src[0], {"model_id": 999, "classes": [2]}]}, 404, "model 999 not found"),
         ({"sources": [src[0], {"model_id": b.id, "classes": [12]}]}, 422, "out of range"),
         ({"sources": src, "calibration_per_class": -1}, 422, "calibration_per_class"),
+        ({"sources": src, "combine": "vote"}, 422, "combine"),
         ({"sources": []}, 422, "sources"),
     ]
     for body, code, message in cases:
@@ -116,3 +130,37 @@ def test_compose_across_models_validation(
     )
     assert r.status_code == 422 and "different input shapes" in r.json()["detail"], r.json()
     assert client.get("/api/v1/compositions").json()["total"] == 0
+
+
+def test_composition_reports_loss_against_a_standard_model(
+    client: TestClient, app: FastAPI, settings: Settings, two_models: tuple[Model, Model]
+) -> None:
+    """Where the registry holds a standard (modular=false) model of the same dataset and
+    architecture, a composition reports the accuracy lost against it (the paper's definition)."""
+    from mwt_core.compose import NormalizedInput, accuracy
+    from mwt_core.data.datasets import InputSpec
+    from mwt_core.reuse import restrict
+
+    a, b = two_models
+    body = {"sources": [{"model_id": a.id, "classes": [0, 1]}, {"model_id": b.id, "classes": [7]}],
+            "combine": "energy"}
+    first = client.post("/api/v1/compositions", json=body).json()
+    assert "standard_accuracy" not in first["metrics"]  # none in the registry yet
+    with app.state.sessionmaker() as s:
+        std = seed_trained_model(s, settings, seed=2, name="digits-standard")
+        std.modular = False
+        s.commit()
+        std_id = std.id
+    body["sources"][1]["classes"] = [7, 9]
+    r = client.post("/api/v1/compositions", json=body)
+    assert r.status_code == 201, r.json()
+    m = r.json()["metrics"]
+    assert m["standard_model_id"] == std_id and m["combine"] == "energy"
+    from mwt_core.artifacts import load_artifact
+
+    net, manifest = load_artifact(settings.artifacts / f"models/{std_id}/model")
+    x, y = _union([[0, 1], [7, 9]])
+    spec = InputSpec.from_json(manifest["input_spec"])
+    want = accuracy(NormalizedInput(restrict(net, [0, 1, 7, 9], 10), spec), x, y)
+    assert m["standard_accuracy"] == pytest.approx(want)
+    assert m["standard_accuracy_loss"] == pytest.approx(want - m["accuracy"])

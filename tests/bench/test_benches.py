@@ -66,3 +66,17 @@ def test_bench_rejects_unknown_arch(script):
     assert proc.returncode == 1
     assert proc.stderr.startswith("error: unknown architecture")
     assert proc.stdout == ""
+
+
+def test_compose_bench_tiny():
+    """bench/compose.py end to end on tiny models: every key, one row per seed x split x method."""
+    r = _last_json_line("compose.py", "--epochs", "1", "--width", "0.125", "--train-limit", "300",
+                        "--seeds", "0", "--methods", "raw", "head", "--holdout", "0.2")
+    keys = {"single_acc", "best_method", "zero_label_best_method", "samples_per_class",
+            "compose_p50_s"} | {f"{s}_{m}_acc" for s in ("halves", "thirds", "pairs")
+                                for m in ("raw", "head")}
+    assert set(r) >= keys and r["eval_split"] == "holdout 0.2 of train"
+    assert r["best_method"] in ("raw", "head") and r["zero_label_best_method"] == "raw"
+    assert len(r["rows"]) == 3 * 2 and r["samples_per_class"] == 20 and r["compose_p50_s"] > 0
+    head = [row for row in r["rows"] if row["method"] == "head"]
+    assert all(0 < row["labelled"] <= 200 and row["combine_params"] > 0 for row in head)

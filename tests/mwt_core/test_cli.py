@@ -266,13 +266,18 @@ def test_compose_across_two_model_dirs(trained, tmp_path, standard_model):
     with torch.no_grad():
         assert torch.allclose(torch.jit.load(str(ts))(x), net(x), atol=1e-5)
     # The same class name in two sources is told apart by the source's position.
-    s = run_json("compose", f"{a}:3", f"{b}:3", "--out", tmp_path / "comp2", "--calibrate", "0")
+    s = run_json("compose", f"{a}:3", f"{b}:3", "--out", tmp_path / "comp2", "--calibrate", "0",
+                 "--combine", "raw")
     assert s["class_names"] == ["0:3", "1:3"] and s["accuracy"] == s["uncalibrated_accuracy"]
+    assert s["combine"] == "raw" and load_artifact(tmp_path / "comp2")[1]["config"]["combine"] == "raw"
     for args, message in [
         ([f"{a}", "--out", tmp_path / "x"], "write MODEL_DIR:CLASSES"),
         ([f"{a}:3,12", "--out", tmp_path / "x"], "out of range"),
         ([f"{standard_model}:3", "--out", tmp_path / "x"], "no modularization"),
         ([f"{a}:3", "--out", tmp_path / "x", "--calibrate", "-1"], "--calibrate must be >= 0"),
+        ([f"{a}:3", "--out", tmp_path / "x", "--combine", "vote"], "unknown --combine"),
+        ([f"{a}:3", f"{b}:5", "--out", tmp_path / "x", "--calibrate", "0", "--combine", "head"],
+         "calibration_per_class > 0"),
     ]:
         result = run("compose", *args)
         assert result.exit_code == 1 and message in result.output, (args, result.output)

@@ -31,17 +31,15 @@ def two_models(digits32):
 
 def test_compose_across_models_calibrate_and_export(two_models, digits32, tmp_path):
     a, b = (replace(s, classes=c) for s, c in zip(two_models, ([0, 1], [7, 3]), strict=True))
-    composed = compose([a, b])
+    composed = compose([a, b], combine="scale_bias")
     assert composed.labels == ["0:0", "0:1", "1:7", "1:3"]
     x, y = labelled_union([(digits32, [0, 1]), (digits32, [7, 3])])
     assert x.min() >= 0 and x.max() <= 1 and set(y.tolist()) == {0, 1, 2, 3}
     logits = composed(x[:8])
     assert logits.shape == (8, 4)
-    before = accuracy(composed, x, y)
     xs, ys = labelled_union([(digits32, [0, 1]), (digits32, [7, 3])], split="train")
     calibrate(composed, xs[:80], ys[:80], steps=50)
     assert not torch.equal(composed.scale.detach(), torch.ones(2))
-    assert 0.0 <= accuracy(composed, x, y) <= 1.0 and 0.0 <= before <= 1.0
 
     manifest = {"input_spec": identity_spec(digits32.spec).to_json(), "class_names": composed.labels}
     path = export_torchscript(composed, manifest, tmp_path / "composed.pt")
@@ -64,7 +62,7 @@ def test_calibrated_composition_round_trips_as_artifact(two_models, digits32, tm
     from mwt_core.compose import ComposedClassifier, per_class_sample
 
     a, b = (replace(s, classes=c) for s, c in zip(two_models, ([2, 4], [9]), strict=True))
-    composed = compose([a, b])
+    composed = compose([a, b], combine="scale_bias")
     xs, ys = labelled_union([(digits32, [2, 4]), (digits32, [9])], split="train", per_class=5)
     assert torch.bincount(ys).tolist() == [5, 5, 5] and xs.dtype == torch.float32
     again, _ = labelled_union([(digits32, [2, 4]), (digits32, [9])], split="train", per_class=5)
@@ -93,3 +91,117 @@ def test_calibrated_composition_round_trips_as_artifact(two_models, digits32, tm
     assert shown.exit_code == 0, shown.output
     assert "2 modules: simcnn x0.125, simcnn x0.125" in shown.output
     assert "source model 4" in shown.output and "verified" in shown.output
+
+
+# --------------------------------------------------------------------------- combine methods
+
+
+class _Channels(torch.nn.Module):
+    """A constructed 'module': its logits are some channels of the input plus an offset."""
+
+    def __init__(self, channels: list[int], offset: float) -> None:
+        super().__init__()
+        self.channels = channels
+        self.offset = torch.nn.Parameter(torch.tensor(offset))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x[:, self.channels].flatten(1) + self.offset
+
+
+def test_scale_bias_fixes_a_source_that_always_wins():
+    """Source 0's logits carry a large offset, so raw logits always pick its classes (half the
+    images wrong); one bias per source, fitted on labelled images, must recover the rest."""
+    from mwt_core.combine import ComposedClassifier, fit
+
+    g = torch.Generator().manual_seed(0)
+    y = torch.arange(4).repeat(30)
+    x = (torch.randn(len(y), 4, generator=g) * 0.5 + 3 * torch.nn.functional.one_hot(y, 4))
+    x = x[:, :, None, None]
+    parts = [_Channels([0, 1], 10.0), _Channels([2, 3], 0.0)]
+    raw = ComposedClassifier(parts, list("abcd"), "raw")
+    cal = ComposedClassifier(parts, list("abcd"), "scale_bias")
+    before = accuracy(raw, x, y)
+    assert before <= 0.5 and accuracy(cal, x, y) == before  # unfitted scale_bias is raw
+    fit(cal, None, (x, y))
+    assert accuracy(cal, x, y) >= before + 0.4
+
+
+def _disjoint_sources(digits32, groups, epochs=2):
+    from mwt_core.compose import class_subset
+
+    subs, sources = [], []
+    for g in groups:
+        sub = class_subset(digits32, g)
+        cfg = TrainConfig(arch="simcnn", width=0.125, epochs=epochs, batch_size=64, device="cpu",
+                          seed=0)
+        model = train(cfg, sub).model
+        sources.append(Source(model, modularize(model, sub, device="cpu"), list(range(len(g))),
+                              sub.spec, sub.class_names))
+        subs.append(sub)
+    return sources, subs
+
+
+@pytest.fixture(scope="module")
+def halves(digits32):
+    return _disjoint_sources(digits32, [[0, 1, 2, 3, 4], [5, 6, 7, 8, 9]])
+
+
+def test_default_method_beats_raw_on_models_of_disjoint_classes(halves, digits32):
+    """Open set on real digits: models of 0-4 and 5-9 answer confidently for digits they never
+    saw; the default method must beat raw logits by a clear margin on the union's test split."""
+    from mwt_core.combine import DEFAULT_COMBINE
+    from mwt_core.compose import compose_and_measure
+
+    sources, subs = halves
+    composed, m = compose_and_measure(sources, subs, 20, combine=DEFAULT_COMBINE)
+    assert m["combine"] == DEFAULT_COMBINE and m["test_samples"] == len(digits32.test_y)
+    assert m["accuracy"] >= m["raw_accuracy"] + 0.10, m
+    assert m["calibration_samples"] == 200 and m["combine_params"] > 0
+    assert m["params"] > m["combine_params"] and m["flops"] > 0 and m["latency_ms"] > 0
+    # The composition's labels are the digits in order, so its answers index the union's test split.
+    x, y = labelled_union([(s, list(range(5))) for s in subs])
+    assert accuracy(composed, x, y) == pytest.approx(m["accuracy"])
+
+
+@pytest.mark.parametrize("method", ["raw", "scale_bias", "log_softmax", "energy", "gauss", "head"])
+def test_every_method_round_trips_and_traces(halves, method, tmp_path):
+    from mwt_core.artifacts import load_artifact, save_artifact
+    from mwt_core.compose import compose_and_measure
+
+    sources, subs = halves
+    composed, m = compose_and_measure(sources, subs, 5, combine=method)
+    x, _ = labelled_union([(s, list(range(5))) for s in subs])
+    x = x[::9]
+    save_artifact(tmp_path / "c", composed, {"metrics": m})
+    loaded, manifest = load_artifact(tmp_path / "c")
+    assert manifest["config"]["combine"] == method and loaded.combine == method
+    export_manifest = {"input_spec": identity_spec(subs[0].spec).to_json(), "class_names": composed.labels}
+    path = export_torchscript(composed, export_manifest, tmp_path / "c.pt")
+    scripted = torch.jit.load(str(path))
+    with torch.no_grad():
+        want = composed(x)
+        # The loaded copy runs its convolutions in another memory layout: float-level noise.
+        assert torch.allclose(loaded(x), want, atol=1e-4, rtol=1e-4)
+        assert torch.allclose(scripted(x), want, atol=1e-5)
+        if method == "raw":
+            assert torch.equal(want, torch.cat([p(x) for p in composed.parts], 1))
+        else:  # every other method changes the answer of raw logits
+            assert not torch.allclose(want, torch.cat([p(x) for p in composed.parts], 1))
+
+
+def test_head_starts_at_raw_and_labelled_methods_need_labels(halves):
+    from mwt_core.compose import CompositionError, compose_and_measure, own_images
+
+    sources, subs = halves
+    head = compose(sources, combine="head")
+    from mwt_core.combine import fit_zero_label
+
+    fit_zero_label(head, own_images(sources, subs))
+    x, _ = labelled_union([(s, list(range(5))) for s in subs])
+    with torch.no_grad():  # an unfitted head is exactly the raw composition
+        assert torch.equal(head(x[:16]), torch.cat([p(x[:16]) for p in head.parts], 1))
+    for method in ("head", "scale_bias"):
+        with pytest.raises(CompositionError, match="calibration_per_class > 0"):
+            compose_and_measure(sources, subs, 0, combine=method)
+    with pytest.raises(CompositionError, match="unknown combine method"):
+        compose(sources, combine="vote")

@@ -106,3 +106,19 @@ def test_mask_overlap_without_masks_or_different_pairs_is_zero():
     assert loss.item() == 0.0
     loss.backward()
     assert (m.grad == 0).all()
+
+
+def test_outlier_exposure_is_zero_only_for_uniform_logits_and_quadrant_mix_mixes():
+    import torch
+
+    from mwt_core.losses import outlier_exposure, quadrant_mix
+
+    assert float(outlier_exposure(torch.zeros(4, 5))) == pytest.approx(0.0, abs=1e-6)
+    assert float(outlier_exposure(torch.tensor([[5.0, 0, 0, 0, 0]]))) > 1.0
+    x = torch.arange(4.0)[:, None, None, None].expand(4, 1, 8, 8).clone()  # image i is all i
+    y = torch.tensor([0, 1, 2, 3])
+    mixed = quadrant_mix(x, y, generator=torch.Generator().manual_seed(0))
+    assert mixed.shape == x.shape and torch.equal(mixed[:, :, :4, :4], x[:, :, :4, :4])
+    # The other three quadrants come from images of other labels (all labels differ here).
+    for q in (mixed[:, 0, :4, 4:], mixed[:, 0, 4:, :4], mixed[:, 0, 4:, 4:]):
+        assert (q[:, 0, 0] != torch.arange(4.0)).all()

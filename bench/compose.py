@@ -1,0 +1,220 @@
+"""Composing models that learned different classes (open set), on digits.
+
+Trains, with one architecture, epochs and seed: (a) one model on all ten digits, (b) models
+on 0-4 and 5-9, (c) on 0-3, 4-6 and 7-9, (d) five models on the pairs 0-1, ..., 8-9; then
+composes a ten-class classifier from (b), (c) and (d) with every method of
+``mwt_core.combine`` and measures it on the union of the test splits (``--holdout``: on a
+held-out part of the training split, for choosing the method), plus a 3-class composition
+from one model. Labelled images for the methods that need them come from the training split.
+
+Prints a table, then exactly one final line of JSON.
+
+    OMP_NUM_THREADS=1 python bench/compose.py --seeds 0 1 2 --width 0.25 --epochs 10
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import statistics
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from _main import bench_main
+from rich.console import Console
+from rich.table import Table
+
+from mwt_core.artifacts import load_artifact, save_artifact
+from mwt_core.combine import DEFAULT_COMBINE, DEFAULT_PER_CLASS, METHODS, ZERO_LABEL_METHODS
+from mwt_core.compose import Source, class_subset, compose_and_measure
+from mwt_core.data.datasets import DatasetBundle, holdout, load_dataset
+from mwt_core.models import MwTNet, architecture_info
+from mwt_core.modularize import Modularization, modularize
+from mwt_core.reuse import evaluate
+from mwt_core.training import TrainConfig, train
+
+SPLITS: dict[str, list[list[int]]] = {
+    "single": [list(range(10))],
+    "halves": [[0, 1, 2, 3, 4], [5, 6, 7, 8, 9]],
+    "thirds": [[0, 1, 2, 3], [4, 5, 6], [7, 8, 9]],
+    "pairs": [[0, 1], [2, 3], [4, 5], [6, 7], [8, 9]],
+}
+COMPOSED = ("halves", "thirds", "pairs")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
+    p.add_argument("--arch", default="simcnn")
+    p.add_argument("--width", type=float, default=0.25)
+    p.add_argument("--epochs", type=int, default=10)
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    p.add_argument("--splits", nargs="+", default=list(COMPOSED), choices=list(COMPOSED),
+                   help="which multi-model splits to compose (all three for the JSON targets)")
+    p.add_argument("--per-class", type=int, default=DEFAULT_PER_CLASS,
+                   help="labelled training images per class for the methods that use labels")
+    p.add_argument("--outlier-weight", type=float, default=0.0,
+                   help="TrainConfig.outlier_weight of every model trained (0: off)")
+    p.add_argument("--holdout", type=float, default=0.0,
+                   help="measure on this stratified fraction of the training split instead of the "
+                        "test split (for choosing the method and its settings)")
+    p.add_argument("--train-limit", type=int, default=None,
+                   help="use only the first N training images (smoke tests)")
+    p.add_argument("--cache", type=Path, default=None,
+                   help="keep trained models here (safetensors) and reuse them on the next run")
+    return p.parse_args(argv)
+
+
+def trained(cfg: TrainConfig, data: DatasetBundle, cache: Path | None
+            ) -> tuple[MwTNet, Modularization, float]:
+    """``train`` + ``modularize`` (the pipeline the service runs), cached by config and data."""
+    key = hashlib.sha256(json.dumps(
+        [cfg.to_json(), data.name, int(data.train_y.sum()), len(data.train_y), len(data.test_y)],
+        sort_keys=True).encode()).hexdigest()[:16]
+    where = cache / key if cache is not None else None
+    if where is not None and (where / "manifest.json").is_file():
+        net, manifest = load_artifact(where)
+        return net, Modularization.from_json(manifest["modularization"]), manifest["train_seconds"]
+    result = train(cfg, data)
+    mod = modularize(result.model, data, device=cfg.device)
+    if where is not None:
+        save_artifact(where, result.model.cpu(), {"modularization": mod.to_json(),
+                                                  "train_seconds": result.train_seconds})
+    return result.model.cpu().eval(), mod, result.train_seconds
+
+
+def sources_for(cfg: TrainConfig, data: DatasetBundle, groups: list[list[int]], cache: Path | None
+                ) -> tuple[list[Source], list[DatasetBundle], list[dict[str, Any]]]:
+    """One trained, modularized model per class group; its module is all its classes."""
+    sources, subs, info = [], [], []
+    for g in groups:
+        sub = class_subset(data, g)
+        net, mod, seconds = trained(cfg, sub, cache)
+        sources.append(Source(net, mod, list(range(len(g))), sub.spec, sub.class_names))
+        subs.append(sub)
+        info.append({"classes": g, "own_acc": evaluate(net, sub, device=cfg.device),
+                     "krr": mod.model_krr, "train_s": seconds})
+    return sources, subs, info
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    base = load_dataset("digits", min_input_size=architecture_info(args.arch).min_input_size)
+    if args.train_limit:
+        base = replace(base, train_x=base.train_x[:args.train_limit],
+                       train_y=base.train_y[:args.train_limit])
+    data = holdout(base, args.holdout) if args.holdout else base
+    rows: list[dict[str, Any]] = []
+    singles: list[dict[str, Any]] = []
+    compose_s: list[float] = []
+    fit_s: list[float] = []
+    for seed in args.seeds:
+        cfg = TrainConfig(arch=args.arch, width=args.width, epochs=args.epochs, seed=seed,
+                          device=args.device, outlier_weight=args.outlier_weight)
+        (single,), (single_data,), (single_info,) = sources_for(cfg, data, SPLITS["single"],
+                                                                 args.cache)
+        # A 3-class composition from one model: its module, against the full model restricted.
+        _, three = compose_and_measure([replace(single, classes=[3, 5, 8])], [single_data],
+                                       0, combine="raw", device=args.device)
+        singles.append({"seed": seed, "acc": single_info["own_acc"], "krr": single_info["krr"],
+                        "tc358_acc": three["accuracy"],
+                        "tc358_baseline": three["baseline_accuracy"]})
+        for split in args.splits:
+            sources, subs, info = sources_for(cfg, data, SPLITS[split], args.cache)
+            for method in args.methods:
+                t0 = time.perf_counter()
+                _, m = compose_and_measure(sources, subs, args.per_class, combine=method,
+                                           device=args.device)
+                elapsed = time.perf_counter() - t0
+                if split == "halves" and method == DEFAULT_COMBINE:
+                    compose_s.append(elapsed)
+                    fit_s.append(m["fit_seconds"])
+                rows.append({
+                    "seed": seed, "split": split, "method": method, "acc": m["accuracy"],
+                    "raw_acc": m["raw_accuracy"], "baseline_acc": m["baseline_accuracy"],
+                    "single_acc": single_info["own_acc"],
+                    "loss_vs_single": single_info["own_acc"] - m["accuracy"],
+                    "labelled": m["calibration_samples"], "own_images": m["own_samples"],
+                    "params": m["params"], "combine_params": m["combine_params"],
+                    "flops": m["flops"], "latency_ms": m["latency_ms"], "compose_s": elapsed,
+                    "sources_own_acc": [i["own_acc"] for i in info],
+                    "sources_krr": [i["krr"] for i in info],
+                })
+    out = summarise(args, rows, singles, compose_s)
+    out["compose_fit_p50_s"] = statistics.median(fit_s) if fit_s else None
+    return out
+
+
+def _mean(values: list[float]) -> float:
+    return statistics.fmean(values) if values else float("nan")
+
+
+def summarise(args: argparse.Namespace, rows: list[dict[str, Any]], singles: list[dict[str, Any]],
+              compose_s: list[float]) -> dict[str, Any]:
+    """Means over seeds; the best method is ONE method for all splits (highest mean over them)."""
+    out: dict[str, Any] = {
+        "eval_split": f"holdout {args.holdout} of train" if args.holdout else "test",
+        "seeds": args.seeds, "arch": args.arch, "width": args.width, "epochs": args.epochs,
+        "outlier_weight": args.outlier_weight,
+        "single_acc": _mean([s["acc"] for s in singles]),
+        "single_krr": _mean([s["krr"] for s in singles]),
+        "tc358_acc": _mean([s["tc358_acc"] for s in singles]),
+        "tc358_baseline_acc": _mean([s["tc358_baseline"] for s in singles]),
+    }
+    for split in args.splits:
+        for method in args.methods:
+            accs = [r["acc"] for r in rows if r["split"] == split and r["method"] == method]
+            out[f"{split}_{method}_acc"] = _mean(accs)
+
+    def overall(method: str) -> float:
+        return _mean([out[f"{split}_{method}_acc"] for split in args.splits])
+
+    out["best_method"] = max(args.methods, key=overall)
+    zero = [m for m in args.methods if m in ZERO_LABEL_METHODS]
+    out["zero_label_best_method"] = max(zero, key=overall) if zero else None
+    out["default_method"] = DEFAULT_COMBINE
+    out["samples_per_class"] = args.per_class
+    out["compose_p50_s"] = statistics.median(compose_s) if compose_s else None
+    out["singles"] = singles
+    out["rows"] = rows
+    return out
+
+
+def render(result: dict[str, Any], console: Console) -> None:
+    table = Table(title=f"Composed ten-class digits ({result['eval_split']}), "
+                        f"{result['arch']} x{result['width']}, {result['epochs']} epochs; "
+                        f"single model {result['single_acc']:.2%}")
+    for col in ("seed", "split", "method", "acc", "raw", "modules vs models", "vs single",
+                "labelled", "params (combine)", "MFLOPs", "ms/img"):
+        table.add_column(col, justify="right")
+    for r in result["rows"]:
+        table.add_row(str(r["seed"]), r["split"], r["method"], f"{r['acc']:.2%}",
+                      f"{r['raw_acc']:.2%}", f"{r['baseline_acc']:.2%}",
+                      f"{-r['loss_vs_single'] * 100:+.2f}", str(r["labelled"]),
+                      f"{r['params']:,} ({r['combine_params']:,})", f"{r['flops'] / 1e6:.1f}",
+                      f"{r['latency_ms']:.1f}")
+    console.print(table)
+    means = Table(title="Means over seeds " + ", ".join(map(str, result["seeds"])))
+    means.add_column("method")
+    splits = [s for s in COMPOSED if any(k.startswith(f"{s}_") for k in result)]
+    for split in splits:
+        means.add_column(split, justify="right")
+    for method in sorted({r["method"] for r in result["rows"]}):
+        means.add_row(method, *[f"{result[f'{s}_{method}_acc']:.2%} "
+                                f"({(result[f'{s}_{method}_acc'] - result['single_acc']) * 100:+.2f})"
+                                for s in splits])
+    console.print(means)
+    for s in result["singles"]:
+        console.print(f"seed {s['seed']}: single model {s['acc']:.2%} (KRR {s['krr']:.3f}); "
+                      f"3-class module [3,5,8] {s['tc358_acc']:.2%} vs model {s['tc358_baseline']:.2%}")
+    console.print(f"best method {result['best_method']}, best zero-label "
+                  f"{result['zero_label_best_method']}; compose p50 {result['compose_p50_s']} s")
+
+
+if __name__ == "__main__":
+    raise SystemExit(bench_main(parse_args, run, render))

@@ -1,0 +1,30 @@
+"""Names and defaults of composition methods, and the composition error.
+
+Kept free of torch so the service can validate requests and build its schema at start-up
+without loading PyTorch; ``mwt_core.combine`` implements the methods named here.
+"""
+
+from __future__ import annotations
+
+METHODS: tuple[str, ...] = ("raw", "scale_bias", "log_softmax", "energy", "gauss", "head")
+ZERO_LABEL_METHODS: tuple[str, ...] = ("raw", "log_softmax", "energy", "gauss")
+LABELLED_METHODS: tuple[str, ...] = ("scale_bias", "head")
+# The best method measured by bench/compose.py on a held-out part of digits' training split
+# (README, "Composing models that learned different classes"); the API, both CLIs and the
+# bench take their default from here.
+DEFAULT_COMBINE = "head"
+DEFAULT_PER_CLASS = 20  # labelled training images per class for the labelled methods
+
+
+class CompositionError(ValueError):
+    """A request that cannot be composed: bad classes, sources of different input shapes, an
+    unknown combine method or one that lacks the images it needs. The API answers it with a
+    4xx and the CLIs with one line."""
+
+
+def check_method(method: str) -> str:
+    """``method`` if known, else a :class:`CompositionError` listing the known ones."""
+    if method not in METHODS:
+        raise CompositionError(
+            f"unknown combine method {method!r}; choose one of {', '.join(METHODS)}")
+    return method
