@@ -613,7 +613,13 @@ def download(
 
 
 def _class_items(text: str) -> list[int | str]:
-    return [int(c) if c.strip().isdigit() else c.strip() for c in text.split(",") if c.strip()]
+    from mwt_core.data.classes import ClassListError, class_items
+
+    try:
+        return class_items(text)
+    except ClassListError as exc:
+        _fail(str(exc))
+        raise  # unreachable: _fail exits
 
 
 @app.command()

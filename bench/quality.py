@@ -40,6 +40,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
     )
+    p.add_argument("--dataset", default="digits", help="dataset name or .npz path")
     p.add_argument("--arch", default="simcnn")
     p.add_argument("--width", type=float, default=0.25)
     p.add_argument("--epochs", type=int, default=200)
@@ -96,7 +97,7 @@ def _train(cfg: TrainConfig, data: Any, label: str, err: Console) -> TrainResult
 def run(args: argparse.Namespace) -> dict[str, Any]:
     err = Console(stderr=True)
     device = str(resolve_device(args.device))
-    data = load_dataset("digits", min_input_size=architecture_info(args.arch).min_input_size)
+    data = load_dataset(args.dataset, min_input_size=architecture_info(args.arch).min_input_size)
     if args.holdout:
         data = holdout(data, args.holdout)
     if args.train_limit is not None:
