@@ -109,6 +109,11 @@ def check_tau(tau: float) -> float:
     return tau
 
 
+# The paper's loss weights and mask-generator rate (DESIGN §1.2; mask_lr None: same as lr),
+# which the defaults above replace: for comparisons (`bench/quality.py --paper`).
+PAPER_SETTINGS: dict[str, Any] = {"mask_lr": None, "alpha": 0.5, "beta": 1.5, "gamma": 0.0}
+
+
 # Values of fields added after the first checkpoints were written, as those runs used them:
 # a checkpoint that lacks a key ran with this value, whatever today's default is.
 LEGACY_VALUES: dict[str, Any] = {"mask_lr": None, "gamma": 0.0, "weight_decay": 0.0}

@@ -28,7 +28,6 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from app import storage
 from app.db.models import (
-    Dataset,
     Job,
     JobKind,
     JobStatus,
@@ -667,4 +666,4 @@ def _finetune(
         s.commit()
 
 
-__all__ = ["JobLost", "claim", "run_job", "Dataset"]
+__all__ = ["JobLost", "claim", "run_job"]
