@@ -14,6 +14,7 @@ import pytest
 
 from app.client import MwtClient
 from app.testing import ServiceProcess, clean_env, free_port, wait_http
+from mwt_core.config import TrainConfig
 
 TINY = {
     "dataset": "digits",
@@ -200,7 +201,7 @@ def _check_client_cli(hub: MwtClient, model_id: int, job_id: str) -> None:
     )
     assert res.exit_code == 0, res.output
     submitted = json.loads(res.output)
-    assert submitted["params"]["mask_lr"] == 0.1 and submitted["params"]["gamma"] == 0.0
+    assert submitted["params"]["mask_lr"] == 0.1 and submitted["params"]["gamma"] == TrainConfig.gamma
     assert hub.wait(submitted["id"], timeout=300)["status"] == "succeeded"
     res = runner.invoke(cli, ["models", "--url", auth[1], "--key", "wrong"])
     assert res.exit_code != 0 and "Traceback" not in res.output

@@ -33,8 +33,8 @@ def run_json(*args: str) -> dict:
 
 # Short, but long enough to learn digits well above chance (0.1): the accuracy checks
 # below compare figures that a model predicting one class everywhere would get right anyway.
-TRAIN_ARGS = ("--width", "0.125", "--epochs", "4", "--batch-size", "32", "--train-limit", "800",
-              "--device", "cpu")
+TRAIN_ARGS = ("--width", "0.125", "--epochs", "6", "--batch-size", "32", "--train-limit", "1000",
+              "--no-augment", "--device", "cpu")
 
 
 @pytest.fixture(scope="session")
@@ -91,7 +91,7 @@ def test_train_writes_model_modules_and_manifest(trained):
     assert manifest["kind"] == "model" and manifest["dataset"] == "digits"
     assert manifest["class_names"] == [str(i) for i in range(10)]
     assert manifest["input_spec"]["size"] == 32 and manifest["input_spec"]["channels"] == 3
-    assert manifest["train_config"]["width"] == 0.125 and manifest["train_config"]["epochs"] == 4
+    assert manifest["train_config"]["width"] == 0.125 and manifest["train_config"]["epochs"] == 6
     for key in ("test_acc", "train_seconds", "krr", "cohesion", "coupling"):
         assert key in manifest["metrics"]
     assert manifest["modularization"]["tau"] == 0.9
@@ -107,7 +107,7 @@ def test_train_writes_model_modules_and_manifest(trained):
 def test_train_defaults_are_the_cores(trained):
     # Every setting the command was not given is mwt_core's default (one place for defaults).
     out, summary = trained
-    given = {"arch", "width", "epochs", "batch_size", "device"}
+    given = {"arch", "width", "epochs", "batch_size", "augment", "device"}
     config = read_manifest(out / "model")["train_config"]
     defaults = TrainConfig.__dataclass_fields__
     assert {k: v for k, v in config.items() if k not in given} == {
