@@ -66,7 +66,7 @@ def test_full_session(stack: tuple[MwtClient, ServiceProcess, Path]) -> None:
     model_id = final["model_id"]
     model = hub.model(model_id)
     assert model["status"] == "ready" and len(model["modules"]) == 10
-    assert model["config"]["mask_lr"] == TINY["mask_lr"] and model["config"]["gamma"] == 0.0
+    assert model["config"]["mask_lr"] == TINY["mask_lr"] and model["config"]["gamma"] == TrainConfig.gamma
     for metric in ("accuracy", "krr", "cohesion", "coupling", "params", "flops", "train_seconds"):
         assert model[metric] is not None, metric
 
