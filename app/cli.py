@@ -21,7 +21,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from mwt_core.config import DEFAULT_DATASET, ModularizeConfig, TrainConfig
+from mwt_core.config import DEFAULT_DATASET, PAPER_SETTINGS, ModularizeConfig, TrainConfig
 
 app = typer.Typer(
     name="mwt",
@@ -346,8 +346,8 @@ def submit(
     epochs: Annotated[int, typer.Option(help="Epochs.")] = _T.epochs,
     batch_size: Annotated[int, typer.Option(help="Batch size.")] = _T.batch_size,
     lr: Annotated[float, typer.Option(help="Learning rate.")] = _T.lr,
-    alpha: Annotated[float, typer.Option(help="Cohesion loss weight (the paper: 0.5).")] = _T.alpha,
-    beta: Annotated[float, typer.Option(help="Coupling loss weight (the paper: 1.5).")] = _T.beta,
+    alpha: Annotated[float, typer.Option(help=f"Cohesion loss weight (the paper: {PAPER_SETTINGS['alpha']}).")] = _T.alpha,
+    beta: Annotated[float, typer.Option(help=f"Coupling loss weight (the paper: {PAPER_SETTINGS['beta']}).")] = _T.beta,
     mask_lr: Annotated[
         float | None, typer.Option(help="Mask-generator learning rate (the paper: same as --lr).")
     ] = _T.mask_lr,

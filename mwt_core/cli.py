@@ -44,7 +44,13 @@ from mwt_core.artifacts import (
     save_artifact,
 )
 from mwt_core.checksums import sha256_file
-from mwt_core.config import DEFAULT_DATASET, ModularizeConfig, TrainConfig, check_tau
+from mwt_core.config import (
+    DEFAULT_DATASET,
+    PAPER_SETTINGS,
+    ModularizeConfig,
+    TrainConfig,
+    check_tau,
+)
 from mwt_core.data.classes import parse_classes
 from mwt_core.data.datasets import DatasetBundle, list_datasets
 from mwt_core.models import MwTNet, architecture_info, list_architectures
@@ -350,8 +356,8 @@ def train_cmd(
     width: Annotated[float, typer.Option(help="Channel width multiplier.")] = _T.width,
     epochs: Annotated[int, typer.Option(help="Training epochs.")] = _T.epochs,
     modular: Annotated[bool, typer.Option("--modular/--standard", help="MwT (mask generators and losses) or plain training.")] = _T.modular,
-    alpha: Annotated[float, typer.Option(help="Weight of the cohesion loss (the paper: 0.5).")] = _T.alpha,
-    beta: Annotated[float, typer.Option(help="Weight of the coupling loss (the paper: 1.5).")] = _T.beta,
+    alpha: Annotated[float, typer.Option(help=f"Weight of the cohesion loss (the paper: {PAPER_SETTINGS['alpha']}).")] = _T.alpha,
+    beta: Annotated[float, typer.Option(help=f"Weight of the coupling loss (the paper: {PAPER_SETTINGS['beta']}).")] = _T.beta,
     gamma: Annotated[float, typer.Option(help="Weight of the cross-class mask-overlap term (0: the paper's loss).")] = _T.gamma,
     lr: Annotated[float, typer.Option(help="SGD learning rate (cosine annealed).")] = _T.lr,
     mask_lr: Annotated[float | None, typer.Option(help="Learning rate of the mask generators (the paper: same as --lr).")] = _T.mask_lr,

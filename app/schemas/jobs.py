@@ -5,7 +5,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from mwt_core.config import DEFAULT_DATASET, LIMITS, ModularizeConfig, TrainConfig
+from mwt_core.config import DEFAULT_DATASET, LIMITS, PAPER_SETTINGS, ModularizeConfig, TrainConfig
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
 
@@ -39,10 +39,10 @@ class JobCreate(BaseModel):
         description="learning rate of the mask generators (null: same as lr, the paper's)",
     )
     alpha: float = Field(
-        _T.alpha, ge=0, le=_L.loss_weight, description="cohesion loss weight (the paper: 0.5)"
+        _T.alpha, ge=0, le=_L.loss_weight, description=f"cohesion loss weight (the paper: {PAPER_SETTINGS['alpha']})"
     )
     beta: float = Field(
-        _T.beta, ge=0, le=_L.loss_weight, description="coupling loss weight (the paper: 1.5)"
+        _T.beta, ge=0, le=_L.loss_weight, description=f"coupling loss weight (the paper: {PAPER_SETTINGS['beta']})"
     )
     gamma: float = Field(
         _T.gamma, ge=0, le=_L.loss_weight,
