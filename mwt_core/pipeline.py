@@ -256,7 +256,7 @@ def export_class_modules(model: MwTNet, mod: Modularization, model_manifest: dic
     run = _Run(progress, should_stop)
     names = [str(n) for n in model_manifest.get("class_names") or range(mod.num_classes)]
     dirnames = list(dirnames) if dirnames is not None else class_dirnames(names)
-    shape = tuple(InputSpec.from_json(model_manifest["input_spec"]).shape)
+    shape = InputSpec.from_json(model_manifest["input_spec"]).shape
     total = sum(int(m.numel()) for m in mod.class_masks[0])
     model.cpu().eval()
     modules_dir.mkdir(parents=True, exist_ok=True)
@@ -369,7 +369,7 @@ def run_pipeline(
         mod = modularize(model, modularize_on or data, tau=tau, device=cfg.device)
         modularize_s = time.perf_counter() - t0
     model = model.cpu().eval()
-    shape = tuple(data.spec.shape)
+    shape = data.spec.shape
     metrics: dict[str, Any] = {
         "test_acc": float(result.test_acc),
         "accuracy": float(result.test_acc),
@@ -436,7 +436,7 @@ def extract_classes(model: MwTNet, manifest: dict[str, Any], mod: Modularization
     if finetune_epochs < 0:
         raise ValueError(f"finetune_epochs must be >= 0, got {finetune_epochs}")
     run = _Run(progress, None)
-    shape = tuple(data.spec.shape)
+    shape = data.spec.shape
     run.emit(PipelineEvent("extracting the module"))
     module = extract_module(model, mod, classes, keep_mask_generators=mask_generators)
     run.emit(PipelineEvent("evaluating"))
