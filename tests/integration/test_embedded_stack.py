@@ -14,7 +14,6 @@ import pytest
 
 from app.client import MwtClient
 from app.testing import ServiceProcess, clean_env, free_port, wait_http
-from mwt_core.config import TrainConfig
 
 TINY = {
     "dataset": "digits",
@@ -66,7 +65,7 @@ def test_full_session(stack: tuple[MwtClient, ServiceProcess, Path]) -> None:
     model_id = final["model_id"]
     model = hub.model(model_id)
     assert model["status"] == "ready" and len(model["modules"]) == 10
-    assert model["config"]["mask_lr"] == TINY["mask_lr"] and model["config"]["gamma"] == TrainConfig.gamma
+    assert model["config"]["mask_lr"] == TINY["mask_lr"] and model["config"]["gamma"] == 0.0
     for metric in ("accuracy", "krr", "cohesion", "coupling", "params", "flops", "train_seconds"):
         assert model[metric] is not None, metric
 
@@ -201,7 +200,7 @@ def _check_client_cli(hub: MwtClient, model_id: int, job_id: str) -> None:
     )
     assert res.exit_code == 0, res.output
     submitted = json.loads(res.output)
-    assert submitted["params"]["mask_lr"] == 0.1 and submitted["params"]["gamma"] == TrainConfig.gamma
+    assert submitted["params"]["mask_lr"] == 0.1 and submitted["params"]["gamma"] == 0.0
     assert hub.wait(submitted["id"], timeout=300)["status"] == "succeeded"
     res = runner.invoke(cli, ["models", "--url", auth[1], "--key", "wrong"])
     assert res.exit_code != 0 and "Traceback" not in res.output
