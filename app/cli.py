@@ -22,6 +22,7 @@ from rich.console import Console
 from rich.table import Table
 
 from mwt_core.compose_options import DEFAULT_COMBINE, DEFAULT_PER_CLASS, METHODS
+from mwt_core.config import DEFAULT_DATASET, PAPER_SETTINGS, ModularizeConfig, TrainConfig
 
 app = typer.Typer(
     name="mwt",
@@ -333,27 +334,29 @@ def key(
 
 # ---------------------------------------------------------------------------- client
 
+_T = TrainConfig  # the same defaults as POST /jobs {} and `mwt train` (mwt_core.config)
+
 
 @app.command()
 def submit(
     url: UrlOpt = "http://127.0.0.1:8000",
     key: KeyOpt = None,
-    dataset: Annotated[str, typer.Option(help="Dataset name.")] = "digits",
-    arch: Annotated[str, typer.Option(help="Architecture.")] = "simcnn",
-    width: Annotated[float, typer.Option(help="Width multiplier.")] = 0.25,
-    epochs: Annotated[int, typer.Option(help="Epochs.")] = 30,
-    batch_size: Annotated[int, typer.Option(help="Batch size.")] = 128,
-    lr: Annotated[float, typer.Option(help="Learning rate.")] = 0.05,
-    alpha: Annotated[float, typer.Option(help="Cohesion loss weight.")] = 0.5,
-    beta: Annotated[float, typer.Option(help="Coupling loss weight.")] = 1.5,
+    dataset: Annotated[str, typer.Option(help="Dataset name.")] = DEFAULT_DATASET,
+    arch: Annotated[str, typer.Option(help="Architecture.")] = _T.arch,
+    width: Annotated[float, typer.Option(help="Width multiplier.")] = _T.width,
+    epochs: Annotated[int, typer.Option(help="Epochs.")] = _T.epochs,
+    batch_size: Annotated[int, typer.Option(help="Batch size.")] = _T.batch_size,
+    lr: Annotated[float, typer.Option(help="Learning rate.")] = _T.lr,
+    alpha: Annotated[float, typer.Option(help=f"Cohesion loss weight (the paper: {PAPER_SETTINGS['alpha']}).")] = _T.alpha,
+    beta: Annotated[float, typer.Option(help=f"Coupling loss weight (the paper: {PAPER_SETTINGS['beta']}).")] = _T.beta,
     mask_lr: Annotated[
-        float | None, typer.Option(help="Mask-generator learning rate (default: --lr).")
-    ] = None,
+        float | None, typer.Option(help="Mask-generator learning rate (the paper: same as --lr).")
+    ] = _T.mask_lr,
     gamma: Annotated[
-        float | None, typer.Option(help="Cross-class mask-overlap weight (default 0: the paper's loss).")
-    ] = None,
-    tau: Annotated[float, typer.Option(help="Modularization threshold.")] = 0.9,
-    seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
+        float, typer.Option(help="Cross-class mask-overlap weight (0: the paper's loss).")
+    ] = _T.gamma,
+    tau: Annotated[float, typer.Option(help="Modularization threshold.")] = ModularizeConfig.tau,
+    seed: Annotated[int, typer.Option(help="Random seed.")] = _T.seed,
     standard: Annotated[
         bool, typer.Option("--standard", help="Standard training (no modules).")
     ] = False,
@@ -615,7 +618,13 @@ def download(
 
 
 def _class_items(text: str) -> list[int | str]:
-    return [int(c) if c.strip().isdigit() else c.strip() for c in text.split(",") if c.strip()]
+    from mwt_core.data.classes import ClassListError, class_items
+
+    try:
+        return class_items(text)
+    except ClassListError as exc:
+        _fail(str(exc))
+        raise  # unreachable: _fail exits
 
 
 @app.command()

@@ -11,7 +11,6 @@ comp = hub.compose(job["model_id"], [3, 5, 8])      # accuracy on the test split
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import time
@@ -21,6 +20,8 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+
+from mwt_core.checksums import sha256_file
 
 DEFAULT_URL = "http://127.0.0.1:8000"
 TERMINAL = ("succeeded", "failed", "cancelled")
@@ -264,7 +265,7 @@ class MwtClient:
             with open(part, mode) as fh:
                 for chunk in resp.iter_bytes(1 << 20):
                     fh.write(chunk)
-        digest = _sha256(part)
+        digest = sha256_file(part)
         if expected and digest != expected:
             part.unlink(missing_ok=True)
             raise ChecksumError(f"checksum mismatch for {name}: expected {expected}, got {digest}")
@@ -309,10 +310,3 @@ def _filename(disposition: str | None) -> str | None:
             return Path(name).name or None
     return None
 
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(1 << 20):
-            digest.update(block)
-    return digest.hexdigest()

@@ -8,26 +8,17 @@ sha256 is recorded in the DB and served as the ETag.
 
 from __future__ import annotations
 
-import hashlib
 import io
 import os
 import shutil
 import tarfile
 from pathlib import Path, PurePosixPath
 
-CHUNK = 1 << 20
+from mwt_core.checksums import sha256_file
 
 
 class StorageError(RuntimeError):
     pass
-
-
-def sha256_file(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(CHUNK):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def resolve(root: Path, relative: str) -> Path:

@@ -1,4 +1,4 @@
-"""Reuse quality of MwT against standard training, on digits (DESIGN §1.4, §1.6).
+"""Reuse quality of MwT against standard training, on digits or --dataset (DESIGN §1.4, §1.6).
 
 Trains a standard and an MwT model with the same architecture, epochs and seed,
 modularizes the MwT model and, for the class subsets {0,1} and {3,5,8}, compares:
@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from dataclasses import replace
 from typing import Any
 
@@ -26,38 +25,45 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from mwt_core.config import DEFAULT_DATASET, PAPER_SETTINGS, ModularizeConfig, TrainConfig
 from mwt_core.data.datasets import holdout, load_dataset
 from mwt_core.devices import resolve_device
 from mwt_core.models import architecture_info
-from mwt_core.modularize import modularize
+from mwt_core.pipeline import PipelineEvent, PipelineResult, run_pipeline
 from mwt_core.reuse import evaluate, extract_module, finetune_head, restrict
-from mwt_core.training import TrainConfig, TrainResult, train
 
 SUBSETS = {"tc01": [0, 1], "tc358": [3, 5, 8]}
+
+
+_T = TrainConfig  # defaults: mwt_core.config
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
     )
-    p.add_argument("--arch", default="simcnn")
-    p.add_argument("--width", type=float, default=0.25)
-    p.add_argument("--epochs", type=int, default=200)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--tau", type=float, default=0.9)
-    p.add_argument("--device", default="auto")
+    p.add_argument("--dataset", default=DEFAULT_DATASET, help="dataset name or .npz path")
+    p.add_argument("--arch", default=_T.arch)
+    p.add_argument("--width", type=float, default=_T.width)
+    p.add_argument("--epochs", type=int, default=_T.epochs)
+    p.add_argument("--seed", type=int, default=_T.seed)
+    p.add_argument("--tau", type=float, default=ModularizeConfig.tau)
+    p.add_argument("--device", default=_T.device)
     p.add_argument("--finetune-epochs", type=int, default=5)
-    p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--lr", type=float, default=0.05)
-    p.add_argument("--mask-lr", type=float, default=None,
-                   help="learning rate of the mask generators (default: --lr)")
-    p.add_argument("--alpha", type=float, default=0.5, help="cohesion loss weight")
-    p.add_argument("--beta", type=float, default=1.5, help="coupling loss weight")
+    p.add_argument("--batch-size", type=int, default=_T.batch_size)
+    p.add_argument("--lr", type=float, default=_T.lr)
+    p.add_argument("--mask-lr", type=float, default=_T.mask_lr,
+                   help="learning rate of the mask generators (the paper: same as --lr)")
+    p.add_argument("--alpha", type=float, default=_T.alpha, help="cohesion loss weight")
+    p.add_argument("--beta", type=float, default=_T.beta, help="coupling loss weight")
     p.add_argument("--holdout", type=float, default=0.0,
                    help="evaluate on this stratified fraction of the training split instead of "
                         "the test split (for choosing settings)")
-    p.add_argument("--gamma", type=float, default=0.0,
+    p.add_argument("--gamma", type=float, default=_T.gamma,
                    help="cross-class mask-overlap weight (0: the paper's loss)")
+    p.add_argument("--paper", action="store_true",
+                   help=f"the paper's loss and mask-generator rate {PAPER_SETTINGS} "
+                        "(mask_lr None: same as --lr; overrides those four options)")
     p.add_argument(
         "--no-mask-generators",
         action="store_true",
@@ -69,10 +75,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=None,
         help="use only the first N training images (smoke tests)",
     )
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.paper:
+        for key, value in PAPER_SETTINGS.items():
+            setattr(args, key, value)
+    return args
 
 
-def _train(cfg: TrainConfig, data: Any, label: str, err: Console) -> TrainResult:
+def _train(cfg: TrainConfig, data: Any, label: str, tau: float, err: Console) -> PipelineResult:
+    """One pipeline run in memory: training, then (MwT) modularization."""
     with Progress(
         TextColumn("{task.description}"),
         BarColumn(),
@@ -82,21 +93,24 @@ def _train(cfg: TrainConfig, data: Any, label: str, err: Console) -> TrainResult
     ) as bar:
         task = bar.add_task(label, total=cfg.epochs)
 
-        def on_progress(p: Any) -> None:
-            if p.test_acc is not None:
+        def on_event(ev: PipelineEvent) -> None:
+            p = ev.training
+            if p is not None and p.test_acc is not None:
                 bar.update(
                     task,
                     completed=p.epoch,
                     description=f"{label} loss {p.loss:.3f} test {100 * p.test_acc:.1f}%",
                 )
+            elif ev.phase == "modularizing":
+                bar.update(task, description=f"{label}: modularizing (tau={tau})")
 
-        return train(cfg, data, progress=on_progress)
+        return run_pipeline(cfg, data, tau=tau, progress=on_event)
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     err = Console(stderr=True)
     device = str(resolve_device(args.device))
-    data = load_dataset("digits", min_input_size=architecture_info(args.arch).min_input_size)
+    data = load_dataset(args.dataset, min_input_size=architecture_info(args.arch).min_input_size)
     if args.holdout:
         data = holdout(data, args.holdout)
     if args.train_limit is not None:
@@ -117,17 +131,16 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         gamma=args.gamma,
     )
 
-    std = _train(replace(base, modular=False), data, "standard", err)
-    mwt = _train(replace(base, modular=True), data, "MwT", err)
-    with err.status(f"modularizing (tau={args.tau})"):
-        t0 = time.perf_counter()
-        mz = modularize(mwt.model, data, tau=args.tau, device=device)
-        modularize_s = time.perf_counter() - t0
+    std = _train(replace(base, modular=False), data, "standard", args.tau, err)
+    mwt = _train(replace(base, modular=True), data, "MwT", args.tau, err)
+    mz = mwt.modularization
+    assert mz is not None
+    modularize_s = float(mwt.metrics["modularize_seconds"])
 
     keep_gens = not args.no_mask_generators
     out: dict[str, Any] = {
-        "standard_acc": std.test_acc,
-        "mwt_acc": mwt.test_acc,
+        "standard_acc": std.training.test_acc,
+        "mwt_acc": mwt.training.test_acc,
         "krr": mz.model_krr,
         "cohesion": mz.cohesion,
         "coupling": mz.coupling,
@@ -168,12 +181,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     out.update(
         {
             # mwt_s: what MwT costs to deliver modules, i.e. training plus modularization.
-            "standard_s": std.train_seconds,
-            "mwt_s": mwt.train_seconds + modularize_s,
-            "mwt_train_s": mwt.train_seconds,
+            "standard_s": std.training.train_seconds,
+            "mwt_s": mwt.training.train_seconds + modularize_s,
+            "mwt_train_s": mwt.training.train_seconds,
             "modularize_s": modularize_s,
-            "standard_epoch_s": std.train_seconds / max(1, std.epochs_run),
-            "mwt_epoch_s": mwt.train_seconds / max(1, mwt.epochs_run),
+            "standard_epoch_s": std.training.train_seconds / max(1, std.training.epochs_run),
+            "mwt_epoch_s": mwt.training.train_seconds / max(1, mwt.training.epochs_run),
+            "dataset": args.dataset,
             "arch": args.arch,
             "width": args.width,
             "epochs": args.epochs,
@@ -200,7 +214,7 @@ def render(r: dict[str, Any], console: Console) -> None:
         return f"{100 * x:.2f}%"
 
     head = Table(
-        title=f"MwT vs standard: {r['arch']} x{r['width']} on digits, {r['epochs']} epochs, "
+        title=f"MwT vs standard: {r['arch']} x{r['width']} on {r['dataset']}, {r['epochs']} epochs, "
         f"seed {r['seed']}, tau {r['tau']}",
         title_justify="left",
     )

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from dataclasses import replace
 from typing import Any
 
@@ -28,13 +27,14 @@ from _main import bench_main
 from rich.console import Console
 from rich.table import Table
 
+from mwt_core.config import ModularizeConfig, TrainConfig
 from mwt_core.data.datasets import load_dataset
 from mwt_core.devices import resolve_device
 from mwt_core.metrics import count_flops, count_params, measure_latency
 from mwt_core.models import architecture_info
-from mwt_core.modularize import modularize
+from mwt_core.pipeline import PipelineEvent, PipelineResult, run_pipeline
 from mwt_core.reuse import extract_module
-from mwt_core.training import TrainConfig, TrainResult, train
+from mwt_core.training import train
 
 MODULE_CLASSES = {"module1": [0], "module3": [0, 1, 2]}
 
@@ -50,12 +50,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--train-size", type=int, default=5000)
     p.add_argument("--test-size", type=int, default=500)
     p.add_argument("--modularize-size", type=int, default=50000)
-    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--batch-size", type=int, default=TrainConfig.batch_size)
     p.add_argument("--latency-batch", type=int, default=256)
-    p.add_argument("--tau", type=float, default=0.9)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--tau", type=float, default=ModularizeConfig.tau)
+    p.add_argument("--seed", type=int, default=TrainConfig.seed)
     p.add_argument("--no-amp", action="store_true", help="no mixed precision on GPU")
-    p.add_argument("--gamma", type=float, default=0.0,
+    p.add_argument("--gamma", type=float, default=TrainConfig.gamma,
                    help="cross-class mask-overlap weight of the MwT run (0: the paper's loss)")
     p.add_argument(
         "--no-warmup",
@@ -65,12 +65,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _timed_train(cfg: TrainConfig, data: Any, warmup: bool, err: Console) -> TrainResult:
+def _timed_run(cfg: TrainConfig, data: Any, warmup: bool, err: Console,
+               modularize_on: Any = None, tau: float = ModularizeConfig.tau) -> PipelineResult:
+    """One pipeline run in memory (MwT: then modularized over ``modularize_on``)."""
     if warmup:
         n = min(len(data.train_y), 4 * cfg.batch_size)
         small = replace(
@@ -82,8 +79,14 @@ def _timed_train(cfg: TrainConfig, data: Any, warmup: bool, err: Console) -> Tra
         )
         with err.status(f"warm-up ({'MwT' if cfg.modular else 'standard'})"):
             train(replace(cfg, epochs=1), small)
-    with err.status(f"{'MwT' if cfg.modular else 'standard'} training, {cfg.epochs} epoch(s)"):
-        return train(cfg, data)
+    label = f"{'MwT' if cfg.modular else 'standard'} training, {cfg.epochs} epoch(s)"
+    with err.status(label) as status:
+
+        def on_event(ev: PipelineEvent) -> None:
+            if ev.phase == "modularizing":
+                status.update(f"modularizing {len(modularize_on.train_y)} images")
+
+        return run_pipeline(cfg, data, tau=tau, modularize_on=modularize_on, progress=on_event)
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -98,6 +101,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             seed=args.seed,
             min_input_size=architecture_info(args.arch).min_input_size,
         )
+        big = load_dataset(
+            "synthetic",
+            num_train=args.modularize_size,
+            num_test=1,
+            seed=args.seed + 1,
+            min_input_size=architecture_info(args.arch).min_input_size,
+        )
     base = TrainConfig(
         arch=args.arch,
         width=args.width,
@@ -108,29 +118,19 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         amp=not args.no_amp,
         gamma=args.gamma,
     )
-    std = _timed_train(replace(base, modular=False), data, not args.no_warmup, err)
-    mwt = _timed_train(replace(base, modular=True), data, not args.no_warmup, err)
+    std_run = _timed_run(replace(base, modular=False), data, not args.no_warmup, err)
+    mwt_run = _timed_run(replace(base, modular=True), data, not args.no_warmup, err,
+                         modularize_on=big, tau=args.tau)
+    del big
+    std, mwt = std_run.training, mwt_run.training
+    mz = mwt_run.modularization
+    assert mz is not None
     # ``train`` drops a trailing batch of one sample; count what it saw.
     n = args.train_size - (1 if args.train_size % args.batch_size == 1 else 0)
     std_epoch = std.train_seconds / args.epochs
     mwt_epoch = mwt.train_seconds / args.epochs
-
-    with err.status(f"generating {args.modularize_size} images for modularization"):
-        big = load_dataset(
-            "synthetic",
-            num_train=args.modularize_size,
-            num_test=1,
-            seed=args.seed + 1,
-            min_input_size=architecture_info(args.arch).min_input_size,
-        )
-    model = mwt.model
-    with err.status("modularizing"):
-        _sync(device)
-        t0 = time.perf_counter()
-        mz = modularize(model, big, tau=args.tau, device=str(device))
-        _sync(device)
-        modularize_s = time.perf_counter() - t0
-    del big
+    modularize_s = float(mwt_run.metrics["modularize_seconds"])
+    model = mwt_run.model
 
     shape = tuple(data.spec.shape)
     out: dict[str, Any] = {

@@ -8,7 +8,6 @@ checked on every load.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from pathlib import Path
@@ -19,6 +18,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from mwt_core.checksums import sha256_file
 from mwt_core.compose import ComposedClassifier, NormalizedInput
 from mwt_core.data.datasets import InputSpec
 from mwt_core.models import UnknownArchitecture, create_model
@@ -33,15 +33,6 @@ _BASE_KEYS = ("arch", "num_classes", "in_channels", "input_size", "width", "mask
 
 class ArtifactError(ValueError):
     """A missing, corrupt or inconsistent artifact."""
-
-
-def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
-    """Hex sha256 of a file, read in chunks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _atomic_write_bytes(path: Path, data: bytes) -> None:
@@ -114,6 +105,15 @@ def _build_module(model: nn.Module, config: dict[str, Any]) -> ModuleClassifier:
         raise ArtifactError(f"manifest module structure is invalid: {exc}") from exc
     net.config.update({k: config[k] for k in ("classes", "keep", "keep_mask_generators")})
     return ModuleClassifier(net, classes, config.get("krr"), restricted=True)
+
+
+# What save_artifact computes itself; the rest of a manifest is the caller's.
+GENERATED_KEYS = ("format_version", "kind", "config", "weights_file", "sha256", "size_bytes", "params")
+
+
+def caller_fields(manifest: dict[str, Any]) -> dict[str, Any]:
+    """The caller's part of a written manifest (to save the same network again with it)."""
+    return {k: v for k, v in manifest.items() if k not in GENERATED_KEYS}
 
 
 def save_artifact(directory: str | Path, net: nn.Module, manifest: dict[str, Any] | None = None

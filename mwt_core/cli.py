@@ -16,8 +16,6 @@ import dataclasses
 import functools
 import json
 import os
-import re
-import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -44,28 +42,37 @@ from mwt_core.artifacts import (
     load_artifact,
     read_manifest,
     save_artifact,
-    sha256_file,
 )
+from mwt_core.checksums import sha256_file
 from mwt_core.compose_options import DEFAULT_COMBINE, DEFAULT_PER_CLASS, METHODS
-from mwt_core.data.datasets import (
-    DatasetBundle,
-    DatasetError,
-    InputSpec,
-    list_datasets,
-    load_dataset,
-)
-from mwt_core.metrics import count_flops, count_params
-from mwt_core.models import MwTNet, architecture_info, list_architectures
-from mwt_core.modularize import Modularization, modularize
-from mwt_core.reuse import ModuleClassifier, evaluate, extract_module, finetune_head, restrict
-from mwt_core.training import (
-    CHECKPOINT_NAME,
+from mwt_core.config import (
+    DEFAULT_DATASET,
+    PAPER_SETTINGS,
+    SMALL_DATA_SETTINGS,
+    ModularizeConfig,
     TrainConfig,
-    TrainingCancelled,
-    load_checkpoint,
-    same_run,
-    train,
+    check_tau,
 )
+from mwt_core.data.classes import parse_classes
+from mwt_core.data.datasets import DatasetBundle, list_datasets
+from mwt_core.models import MwTNet, architecture_info, list_architectures
+from mwt_core.modularize import Modularization
+from mwt_core.pipeline import (
+    CheckpointMismatch,
+    Layout,
+    PipelineEvent,
+    PipelineResult,
+    class_dirnames,
+    data_for_manifest,
+    dataset_ref,
+    extract_classes,
+    load_training_data,
+    modularization_metrics,
+    remodularize,
+    run_pipeline,
+)
+from mwt_core.reuse import evaluate
+from mwt_core.training import TrainingCancelled
 
 app = typer.Typer(
     name="mwt",
@@ -181,10 +188,6 @@ def _num(n: float | int | None) -> str:
     return f"{n:.0f}"
 
 
-def _ratio(part: float, whole: float) -> float:
-    return float(part) / float(whole) if whole else float("nan")
-
-
 def _kv_table(title: str, rows: list[tuple[str, str]]) -> Table:
     table = Table(title=title, show_header=False, title_justify="left")
     table.add_column("what", style="bold")
@@ -202,76 +205,7 @@ def _require_dir(path: Path, what: str = "directory") -> Path:
     return path
 
 
-# --------------------------------------------------------------------------- data and artifacts
-
-
-def dataset_ref(name: str) -> str:
-    """What ``load_dataset`` needs to find ``name`` again (absolute path for files)."""
-    path = Path(name).expanduser()
-    if path.is_file():
-        return str(path.resolve())
-    return name
-
-
-def load_training_data(name: str, arch: str, data_dir: Path | None,
-                       train_limit: int | None = None, download: bool = False) -> DatasetBundle:
-    """``name`` shaped for ``arch`` (the contract's ``min_input_size`` rule)."""
-    data = load_dataset(name, data_dir, min_input_size=architecture_info(arch).min_input_size,
-                        download=download)
-    if train_limit is not None:
-        if train_limit < data.num_classes:
-            raise CliError(f"--train-limit must be at least the number of classes ({data.num_classes})")
-        data = dataclasses.replace(data, train_x=data.train_x[:train_limit],
-                                   train_y=data.train_y[:train_limit])
-    return data
-
-
-def data_for_manifest(manifest: dict[str, Any], data_dir: Path | None) -> DatasetBundle:
-    """The dataset an artifact was trained on, normalised with the artifact's input spec."""
-    ref = manifest.get("dataset_ref") or manifest.get("dataset")
-    if not isinstance(ref, str) or not ref:
-        raise ArtifactError("the manifest names no dataset; cannot evaluate this artifact")
-    config = manifest.get("config") or {}
-    arch = str(config.get("arch", ""))
-    data = load_training_data(ref, arch, data_dir, manifest.get("train_limit"))
-    if "input_spec" in manifest:
-        spec = InputSpec.from_json(manifest["input_spec"])
-        if spec.shape != data.spec.shape:
-            raise DatasetError(
-                f"dataset {ref!r} now gives {data.spec.shape} images but the artifact expects "
-                f"{spec.shape}; it is not the data this artifact was trained on"
-            )
-        data = dataclasses.replace(data, spec=spec)
-    expected = config.get("num_classes")
-    if expected is not None and int(expected) != data.num_classes:
-        raise DatasetError(
-            f"dataset {ref!r} has {data.num_classes} classes but the artifact was trained on {expected}"
-        )
-    return data
-
-
-def parse_classes(text: str, class_names: list[str]) -> list[int]:
-    """``"3,5,8"`` (indices) or ``"cat,dog"`` (names) -> class indices, in the given order."""
-    tokens = [t.strip() for t in text.split(",")]
-    if not text.strip() or any(not t for t in tokens):
-        raise CliError(
-            f"bad class list {text!r}: give comma-separated class indices or names, e.g. 3,5,8"
-        )
-    k = len(class_names)
-    classes: list[int] = []
-    for token in tokens:
-        if re.fullmatch(r"[+-]?\d+", token):
-            idx = int(token)
-            if not 0 <= idx < k:
-                raise CliError(f"class index {idx} is out of range 0..{k - 1}")
-        elif token in class_names:
-            idx = class_names.index(token)
-        else:
-            raise CliError(f"unknown class {token!r}; use an index 0..{k - 1} or one of the class names")
-        if idx in classes:
-            raise CliError(f"class {token!r} is listed twice in {text!r}")
-        classes.append(idx)
-    return classes
+# --------------------------------------------------------------------------- artifacts
 
 
 def _load_model_artifact(model_dir: Path, device: str = "cpu") -> tuple[MwTNet, dict[str, Any]]:
@@ -295,195 +229,99 @@ def _modularization_of(manifest: dict[str, Any], model_dir: Path) -> Modularizat
         raise ArtifactError(f"the manifest's modularization is invalid: {exc}") from exc
 
 
-def _manifest_input(manifest: dict[str, Any]) -> dict[str, Any]:
-    """The caller's part of a manifest (save_artifact recomputes the rest)."""
-    generated = {"format_version", "kind", "config", "weights_file", "sha256", "size_bytes", "params"}
-    return {k: v for k, v in manifest.items() if k not in generated}
+# --------------------------------------------------------------------------- training
 
 
-def _safe_dirname(name: str, index: int) -> str:
-    safe = re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("._-")
-    return safe[:64] if safe else str(index)
+class PipelineView:
+    """Shows a pipeline run on stderr: a bar while training, a spinner while modularizing
+    and saving, a bar while the class modules are written; notes as lines."""
+
+    def __init__(self, ui: Ui, mode: str) -> None:
+        self.ui = ui
+        self.mode = mode
+        self.kind: str | None = None
+        self.widget: Any = None
+        self.task: Any = None
+        self.last_acc: float | None = None
+
+    def __enter__(self) -> PipelineView:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._switch(None)
+
+    def _switch(self, kind: str | None, text: str = "") -> None:
+        if kind == self.kind:
+            return
+        if self.widget is not None:
+            if self.kind == "modules":  # the last module is written once the next phase starts
+                self.widget.update(self.task, completed=self.widget.tasks[0].total)
+            self.widget.stop()
+        self.kind, self.widget = kind, None
+        if kind in ("training", "modules"):
+            self.widget = self.ui.progress()
+            self.task = self.widget.add_task(text, total=None)
+            self.widget.start()
+        elif kind is not None:
+            self.widget = self.ui.err.status(text)
+            self.widget.start()
+
+    def __call__(self, ev: PipelineEvent) -> None:
+        if ev.note:
+            self.ui.note(ev.note)
+        p = ev.training
+        if p is not None:
+            self._switch("training", f"{self.mode} training")
+            if p.test_acc is not None:
+                self.last_acc = p.test_acc
+            acc = f" test {_pct(self.last_acc)}" if self.last_acc is not None else ""
+            self.widget.update(self.task, total=p.epochs * p.steps,
+                               completed=(p.epoch - 1) * p.steps + p.step,
+                               description=f"{self.mode} epoch {p.epoch}/{p.epochs} loss {p.loss:.3f}{acc}")
+        elif "module" in ev.info:
+            self._switch("modules", "exporting class modules")
+            self.widget.update(self.task, total=ev.info["modules"], completed=ev.info["module"] - 1)
+        elif ev.phase == "modularizing":
+            self._switch("modularizing", f"modularizing (tau={ev.info.get('tau')})")
+        elif ev.phase == "saving":
+            self._switch("saving", "saving the model")
+        else:
+            self._switch(ev.phase, ev.phase)
 
 
-def modularization_metrics(mod: Modularization) -> dict[str, Any]:
-    return {"krr": mod.model_krr, "cohesion": mod.cohesion, "coupling": mod.coupling, "tau": mod.tau}
-
-
-def module_manifest(base: dict[str, Any], module: ModuleClassifier, *, source_sha256: str | None,
-                    metrics: dict[str, Any], extra: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Manifest of a module cut from the model whose manifest is ``base``."""
-    names = list(base.get("class_names") or [])
-    manifest = {
-        "dataset": base.get("dataset"),
-        "dataset_ref": base.get("dataset_ref"),
-        "class_names": [names[c] if c < len(names) else str(c) for c in module.classes],
-        "classes": list(module.classes),
-        "dataset_class_names": names,
-        "input_spec": base.get("input_spec"),
-        "train_config": base.get("train_config"),
-        "source_model": {
-            "sha256": source_sha256,
-            "tau": (base.get("modularization") or {}).get("tau"),
-        },
-        "metrics": metrics,
-        "created_by": CREATED_BY,
-    }
-    if base.get("train_limit") is not None:
-        manifest["train_limit"] = base["train_limit"]
-    manifest.update(extra or {})
-    return manifest
-
-
-def export_class_modules(model: MwTNet, mod: Modularization, model_manifest: dict[str, Any],
-                         out: Path, ui: Ui) -> list[dict[str, Any]]:
-    """One module per class under ``out/<class name>/``, plus ``out/index.json``."""
-    out.mkdir(parents=True, exist_ok=True)
-    names = list(model_manifest.get("class_names") or [str(i) for i in range(mod.num_classes)])
-    shape = tuple(InputSpec.from_json(model_manifest["input_spec"]).shape)
-    used: set[str] = set()
-    index = []
-    with ui.progress() as bar:
-        task = bar.add_task("exporting class modules", total=mod.num_classes)
-        for c in range(mod.num_classes):
-            dirname = _safe_dirname(names[c], c)
-            if dirname in used:
-                dirname = f"{c}_{dirname}"
-            used.add(dirname)
-            module = extract_module(model, mod, [c])
-            metrics = {"krr": module.krr, "params": count_params(module),
-                       "flops": count_flops(module, shape)}
-            manifest = module_manifest(model_manifest, module, source_sha256=model_manifest.get("sha256"),
-                                       metrics=metrics)
-            written = save_artifact(out / dirname, module, manifest)
-            index.append({"class": c, "name": names[c], "dir": dirname, "krr": module.krr,
-                          "params": metrics["params"], "flops": metrics["flops"],
-                          "sha256": written["sha256"]})
-            bar.advance(task)
-    (out / "index.json").write_text(json.dumps(index, indent=2))
-    return index
-
-
-# --------------------------------------------------------------------------- training pipeline
-
-
-@dataclasses.dataclass
-class TrainOutcome:
-    model: MwTNet
-    data: DatasetBundle
-    modularization: Modularization | None
-    manifest: dict[str, Any]
-    summary: dict[str, Any]
-
-
-def _check_checkpoint(ckpt: Path, cfg: TrainConfig, restart_on_mismatch: bool, ui: Ui) -> bool:
-    """Whether to resume from ``ckpt``; refuses (or restarts) on another config."""
-    if not ckpt.exists():
-        return True
-    try:
-        state = load_checkpoint(ckpt)
-        same = same_run(state.get("config") or {}, cfg.to_json())
-        done = int(state.get("epoch", 0))
-    except Exception as exc:  # torch raises many kinds on a damaged file
-        if restart_on_mismatch:
-            ui.note(f"checkpoint {ckpt} is unreadable; starting over")
-            return False
-        raise CliError(f"checkpoint {ckpt} is unreadable ({_one_line(exc)}); "
-                       "delete it or pass --no-resume") from exc
-    if not same:
-        if restart_on_mismatch:
-            ui.note(f"checkpoint {ckpt} is for other settings; starting over")
-            return False
-        raise CliError(f"checkpoint {ckpt} was written for other settings; "
-                       "use another --out directory or pass --no-resume")
-    ui.note(f"resuming from {ckpt} (epoch {done}/{cfg.epochs})")
-    return True
-
-
-def run_training(cfg: TrainConfig, dataset: str, out: Path, ui: Ui, *, tau: float = 0.9,
+def run_training(cfg: TrainConfig, dataset: str, out: Path, ui: Ui, *, tau: float = ModularizeConfig.tau,
                  data_dir: Path | None = None, resume: bool = True,
                  restart_on_mismatch: bool = False, train_limit: int | None = None,
-                 export_modules: bool = True, download: bool = False) -> TrainOutcome:
-    """Train (resuming from ``out/checkpoint``), modularize, save ``out/model`` and modules."""
-    if not 0 < tau <= 1:
-        raise CliError(f"tau must be in (0, 1], got {tau}")
+                 download: bool = False) -> tuple[PipelineResult, dict[str, Any]]:
+    """Run the pipeline into ``out`` (``mwt train``'s layout) and summarise it."""
     data = load_training_data(dataset, cfg.arch, data_dir, train_limit, download=download)
-    out.mkdir(parents=True, exist_ok=True)
-    ckpt_dir = out / "checkpoint"
-    if resume:
-        resume = _check_checkpoint(ckpt_dir / CHECKPOINT_NAME, cfg, restart_on_mismatch, ui)
-
+    layout = Layout.run_dir(out)
     mode = "MwT" if cfg.modular else "standard"
-    last_acc: list[float] = []
-    with ui.progress() as bar:
-        task = bar.add_task(f"{mode} training", total=None)
-
-        def on_progress(p: Any) -> None:
-            if p.test_acc is not None:
-                last_acc[:] = [p.test_acc]
-            acc = f" test {_pct(last_acc[0])}" if last_acc else ""
-            bar.update(task, total=p.epochs * p.steps, completed=(p.epoch - 1) * p.steps + p.step,
-                       description=f"{mode} epoch {p.epoch}/{p.epochs} loss {p.loss:.3f}{acc}")
-
-        result = train(cfg, data, progress=on_progress, checkpoint_dir=ckpt_dir, resume=resume)
-    model = result.model
-    shape = tuple(data.spec.shape)
-
-    mod = None
-    modularize_s = None
-    if cfg.modular:
-        with ui.status(f"modularizing (tau={tau})"):
-            t0 = time.perf_counter()
-            mod = modularize(model, data, tau=tau, device=cfg.device)
-            modularize_s = time.perf_counter() - t0
-
-    metrics: dict[str, Any] = {
-        "test_acc": result.test_acc,
-        "train_seconds": result.train_seconds,
-        "epochs": cfg.epochs,
-        "params": count_params(model),
-        "flops": count_flops(model, shape),
-    }
-    manifest: dict[str, Any] = {
-        "dataset": data.name,
-        "dataset_ref": dataset_ref(dataset),
-        "class_names": list(data.class_names),
-        "input_spec": data.spec.to_json(),
-        "train_config": cfg.to_json(),
-        "metrics": metrics,
-        "created_by": CREATED_BY,
-    }
-    if train_limit is not None:
-        manifest["train_limit"] = train_limit
-    if mod is not None:
-        metrics.update(modularization_metrics(mod))
-        metrics["modularize_seconds"] = modularize_s
-        manifest["modularization"] = mod.to_json()
-    (out / "history.json").write_text(json.dumps(result.history, indent=2))
-    model_dir = out / "model"
-    with ui.status("saving the model"):
-        manifest = save_artifact(model_dir, model, manifest)
-
-    modules: list[dict[str, Any]] = []
-    if mod is not None and export_modules:
-        modules = export_class_modules(model, mod, manifest, out / "modules", ui)
-
+    try:
+        with PipelineView(ui, mode) as view:
+            r = run_pipeline(cfg, data, layout, tau=tau, resume=resume,
+                             restart_on_mismatch=restart_on_mismatch, dataset_ref=dataset_ref(dataset),
+                             manifest_extra={"train_limit": train_limit} if train_limit is not None else None,
+                             created_by=CREATED_BY, progress=view)
+    except CheckpointMismatch as exc:
+        raise CliError(f"{exc}; use another --out directory or pass --no-resume") from exc
+    (out / "history.json").write_text(json.dumps(r.training.history, indent=2))
+    assert r.manifest is not None
     summary = {
         "out": str(out),
-        "model_dir": str(model_dir),
-        "modules_dir": str(out / "modules") if modules else None,
+        "model_dir": str(layout.model_dir),
+        "modules_dir": str(layout.modules_dir) if r.modules else None,
         "arch": cfg.arch,
         "width": cfg.width,
         "dataset": data.name,
         "modular": cfg.modular,
-        "epochs_run": result.epochs_run,
-        **metrics,
-        "modules": [m["dir"] for m in modules],
-        "module_krr": [m["krr"] for m in modules],
-        "layer_coupling": mod.layer_coupling() if mod is not None else None,
-        "sha256": manifest["sha256"],
+        **r.metrics,
+        "modules": [m.dir.name for m in r.modules],
+        "module_krr": [m.metrics["krr"] for m in r.modules],
+        "layer_coupling": r.metrics.get("layer_coupling"),
+        "sha256": r.manifest["sha256"],
     }
-    return TrainOutcome(model, data, mod, manifest, summary)
+    return r, summary
 
 
 def _render_train(ui: Ui, s: dict[str, Any]) -> None:
@@ -509,29 +347,32 @@ def _render_train(ui: Ui, s: dict[str, Any]) -> None:
 # --------------------------------------------------------------------------- commands
 
 
+_T = TrainConfig  # every training default comes from the core's config (mwt_core.config)
+
+
 @app.command("train")
 @command_boundary
 def train_cmd(
-    arch: Annotated[str, typer.Option(help="Architecture (see `mwt archs`).")] = "simcnn",
-    dataset: Annotated[str, typer.Option(help="Dataset name (see `mwt datasets`) or a .npz path.")] = "digits",
-    width: Annotated[float, typer.Option(help="Channel width multiplier.")] = 0.25,
-    epochs: Annotated[int, typer.Option(help="Training epochs.")] = 200,
-    modular: Annotated[bool, typer.Option("--modular/--standard", help="MwT (mask generators and losses) or plain training.")] = True,
-    alpha: Annotated[float, typer.Option(help="Weight of the cohesion loss.")] = 0.5,
-    beta: Annotated[float, typer.Option(help="Weight of the coupling loss.")] = 1.5,
-    gamma: Annotated[float, typer.Option(help="Weight of the cross-class mask-overlap term (0: the paper's loss).")] = 0.0,
-    lr: Annotated[float, typer.Option(help="SGD learning rate (cosine annealed).")] = 0.05,
-    mask_lr: Annotated[float | None, typer.Option(help="Learning rate of the mask generators (default: --lr).")] = None,
-    weight_decay: Annotated[float, typer.Option(help="SGD weight decay.")] = TrainConfig.weight_decay,
-    batch_size: Annotated[int, typer.Option(help="Batch size.")] = 128,
-    seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
-    device: DeviceOpt = "auto",
-    amp: Annotated[bool, typer.Option("--amp/--no-amp", help="Mixed precision on GPU.")] = True,
-    augment: Annotated[bool, typer.Option("--augment/--no-augment", help="Random crop (+ flip where the dataset allows).")] = True,
+    arch: Annotated[str, typer.Option(help="Architecture (see `mwt archs`).")] = _T.arch,
+    dataset: Annotated[str, typer.Option(help="Dataset name (see `mwt datasets`) or a .npz path.")] = DEFAULT_DATASET,
+    width: Annotated[float, typer.Option(help="Channel width multiplier.")] = _T.width,
+    epochs: Annotated[int, typer.Option(help="Training epochs.")] = _T.epochs,
+    modular: Annotated[bool, typer.Option("--modular/--standard", help="MwT (mask generators and losses) or plain training.")] = _T.modular,
+    alpha: Annotated[float, typer.Option(help=f"Weight of the cohesion loss (the paper: {PAPER_SETTINGS['alpha']}).")] = _T.alpha,
+    beta: Annotated[float, typer.Option(help=f"Weight of the coupling loss (the paper: {PAPER_SETTINGS['beta']}).")] = _T.beta,
+    gamma: Annotated[float, typer.Option(help="Weight of the cross-class mask-overlap term (0: the paper's loss).")] = _T.gamma,
+    lr: Annotated[float, typer.Option(help="SGD learning rate (cosine annealed).")] = _T.lr,
+    mask_lr: Annotated[float | None, typer.Option(help="Learning rate of the mask generators (the paper: same as --lr).")] = _T.mask_lr,
+    weight_decay: Annotated[float, typer.Option(help="SGD weight decay.")] = _T.weight_decay,
+    batch_size: Annotated[int, typer.Option(help="Batch size.")] = _T.batch_size,
+    seed: Annotated[int, typer.Option(help="Random seed.")] = _T.seed,
+    device: DeviceOpt = _T.device,
+    amp: Annotated[bool, typer.Option("--amp/--no-amp", help="Mixed precision on GPU.")] = _T.amp,
+    augment: Annotated[bool, typer.Option("--augment/--no-augment", help="Random crop (+ flip where the dataset allows).")] = _T.augment,
     data_dir: DataDirOpt = None,
     download: Annotated[bool, typer.Option("--download", help="Download torchvision datasets missing from --data-dir.")] = False,
     out: Annotated[Path | None, typer.Option(help="Output directory (default: runs/<arch>-<dataset>-<mode>).")] = None,
-    tau: Annotated[float, typer.Option(help="Modularization threshold (MwT runs).")] = 0.9,
+    tau: Annotated[float, typer.Option(help="Modularization threshold (MwT runs).")] = ModularizeConfig.tau,
     resume: Annotated[bool, typer.Option("--resume/--no-resume", help="Continue from OUT/checkpoint if present.")] = True,
     train_limit: Annotated[int | None, typer.Option(help="Use only the first N training images (smoke tests).")] = None,
     as_json: JsonOpt = False,
@@ -543,17 +384,17 @@ def train_cmd(
                       gamma=gamma, modular=modular, seed=seed, device=device, amp=amp, augment=augment)
     if out is None:
         stem = Path(dataset).stem if dataset.lower().endswith(".npz") else dataset
-        out = Path("runs") / f"{cfg.arch}-{_safe_dirname(stem, 0)}-{'mwt' if modular else 'std'}"
-    outcome = run_training(cfg, dataset, out, ui, tau=tau, data_dir=data_dir, resume=resume,
-                           train_limit=train_limit, download=download)
-    ui.emit(outcome.summary, lambda: _render_train(ui, outcome.summary))
+        out = Path("runs") / f"{cfg.arch}-{class_dirnames([stem])[0]}-{'mwt' if modular else 'std'}"
+    _, summary = run_training(cfg, dataset, out, ui, tau=tau, data_dir=data_dir, resume=resume,
+                              train_limit=train_limit, download=download)
+    ui.emit(summary, lambda: _render_train(ui, summary))
 
 
 @app.command("modularize")
 @command_boundary
 def modularize_cmd(
     model_dir: Annotated[Path, typer.Argument(help="A model artifact directory (OUT/model of `mwt train`).")],
-    tau: Annotated[float, typer.Option(help="Modularization threshold.")] = 0.8,
+    tau: Annotated[float, typer.Option(help="Modularization threshold.")] = ModularizeConfig.tau,
     data_dir: DataDirOpt = None,
     device: DeviceOpt = "auto",
     modules_out: Annotated[Path | None, typer.Option(help="Also write one module per class here.")] = None,
@@ -561,30 +402,21 @@ def modularize_cmd(
 ) -> None:
     """Re-modularize a saved MwT model with another threshold; updates its manifest."""
     ui = Ui(as_json)
-    if not 0 < tau <= 1:
-        raise CliError(f"tau must be in (0, 1], got {tau}")
+    check_tau(tau)
     model, manifest = _load_model_artifact(model_dir)
     if not model.mask_units():
         raise CliError(f"{model_dir} was trained without MwT (--standard); it has no masks to modularize")
     data = data_for_manifest(manifest, data_dir)
     old = (manifest.get("modularization") or {}).get("tau")
-    with ui.status(f"modularizing (tau={tau})"):
-        t0 = time.perf_counter()
-        mod = modularize(model, data, tau=tau, device=device)
-        seconds = time.perf_counter() - t0
-    new = _manifest_input(manifest)
-    new["modularization"] = mod.to_json()
-    new["metrics"] = {**(manifest.get("metrics") or {}), **modularization_metrics(mod),
-                      "modularize_seconds": seconds}
-    model.cpu()
-    written = save_artifact(model_dir, model, new)
-    modules: list[dict[str, Any]] = []
-    if modules_out is not None:
-        modules = export_class_modules(model, mod, written, modules_out, ui)
+    with PipelineView(ui, "") as view:
+        r = remodularize(model, manifest, data, model_dir, tau=tau, device=device,
+                         modules_dir=modules_out, progress=view)
+    mod, seconds = r.modularization, r.seconds
     summary = {
         "model_dir": str(model_dir), "previous_tau": old, **modularization_metrics(mod),
         "module_krr": mod.krr, "per_class_cohesion": mod.per_class_cohesion,
-        "layer_coupling": mod.layer_coupling(), "modularize_seconds": seconds, "modules_dir": str(modules_out) if modules else None,
+        "layer_coupling": mod.layer_coupling(), "modularize_seconds": seconds,
+        "modules_dir": str(modules_out) if r.modules else None,
     }
 
     def render() -> None:
@@ -598,52 +430,21 @@ def modularize_cmd(
         table.add_row("model", _pct(mod.model_krr), f"{mod.cohesion:.4f}")
         ui.out.print(table)
         ui.out.print(f"coupling {mod.coupling:.4f}; manifest updated ({seconds:.1f} s)")
-        if modules:
-            ui.out.print(f"{len(modules)} class modules written to {modules_out}")
+        if r.modules:
+            ui.out.print(f"{len(r.modules)} class modules written to {modules_out}")
 
     ui.emit(summary, render)
 
 
-def run_extract(model: MwTNet, manifest: dict[str, Any], mod: Modularization, data: DatasetBundle,
-                classes: list[int], out: Path, ui: Ui, *, finetune_epochs: int = 0,
-                mask_generators: bool = True, device: str = "auto") -> dict[str, Any]:
-    """Cut, evaluate (and optionally fine-tune) the module of ``classes``; save it to ``out``."""
+def _extract(model: MwTNet, manifest: dict[str, Any], mod: Modularization, data: DatasetBundle,
+             classes: list[int], out: Path, ui: Ui, *, finetune_epochs: int = 0,
+             mask_generators: bool = True, device: str = "auto") -> dict[str, Any]:
     if finetune_epochs < 0:
         raise CliError(f"--finetune-epochs must be >= 0, got {finetune_epochs}")
-    shape = tuple(data.spec.shape)
-    with ui.status("extracting the module"):
-        module = extract_module(model, mod, classes, keep_mask_generators=mask_generators)
-    with ui.status("evaluating"):
-        zero_acc = evaluate(module, data, classes, device=device)
-        full_acc = evaluate(restrict(model, classes, data.num_classes), data, classes, device=device)
-    ft_acc = None
-    if finetune_epochs:
-        with ui.status(f"fine-tuning the head ({finetune_epochs} epochs)"):
-            module = finetune_head(module, data, epochs=finetune_epochs, device=device)
-            ft_acc = evaluate(module, data, classes, device=device)
-    module.cpu()
-    model.cpu()
-    params, full_params = count_params(module), count_params(model)
-    flops, full_flops = count_flops(module, shape), count_flops(model, shape)
-    acc = ft_acc if ft_acc is not None else zero_acc
-    metrics = {
-        "test_acc": acc, "zero_shot_acc": zero_acc, "finetuned_acc": ft_acc,
-        "full_model_acc": full_acc, "krr": module.krr, "params": params, "flops": flops,
-        "full_params": full_params, "full_flops": full_flops,
-    }
-    written = save_artifact(out, module, module_manifest(
-        manifest, module, source_sha256=manifest.get("sha256"), metrics=metrics,
-        extra={"finetune_epochs": finetune_epochs, "mask_generators": mask_generators}))
-    names = written["class_names"]
-    return {
-        "out": str(out), "classes": classes, "class_names": names, "krr": module.krr,
-        "accuracy": acc, "zero_shot_acc": zero_acc, "finetuned_acc": ft_acc,
-        "full_model_acc": full_acc, "accuracy_loss": full_acc - acc,
-        "params": params, "full_params": full_params, "params_ratio": _ratio(params, full_params),
-        "flops": flops, "full_flops": full_flops, "flops_ratio": _ratio(flops, full_flops),
-        "finetune_epochs": finetune_epochs, "mask_generators": mask_generators,
-        "sha256": written["sha256"],
-    }
+    with PipelineView(ui, "") as view:
+        return extract_classes(model, manifest, mod, data, classes, out,
+                               finetune_epochs=finetune_epochs, mask_generators=mask_generators,
+                               device=device, created_by=CREATED_BY, progress=view)
 
 
 def _extract_table(s: dict[str, Any], title: str) -> Table:
@@ -683,7 +484,7 @@ def extract_cmd(
     names = list(manifest.get("class_names") or [str(i) for i in range(mod.num_classes)])
     class_list = parse_classes(classes, names)
     data = data_for_manifest(manifest, data_dir)
-    s = run_extract(model, manifest, mod, data, class_list, out, ui, finetune_epochs=finetune_epochs,
+    s = _extract(model, manifest, mod, data, class_list, out, ui, finetune_epochs=finetune_epochs,
                     mask_generators=mask_generators, device=device)
 
     def render() -> None:
@@ -977,27 +778,26 @@ def archs_cmd(as_json: JsonOpt = False) -> None:
 @app.command("demo")
 @command_boundary
 def demo_cmd(
-    epochs: Annotated[int, typer.Option(help="Training epochs.")] = 30,
+    epochs: Annotated[int, typer.Option(help="Training epochs.")] = TrainConfig.epochs,
     out: Annotated[Path, typer.Option(help="Output directory.")] = Path(".mwt/demo"),
-    width: Annotated[float, typer.Option(help="SimCNN width multiplier.")] = 0.25,
-    tau: Annotated[float, typer.Option(help="Modularization threshold.")] = 0.9,
-    seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
+    width: Annotated[float, typer.Option(help="SimCNN width multiplier.")] = TrainConfig.width,
+    tau: Annotated[float, typer.Option(help="Modularization threshold.")] = ModularizeConfig.tau,
+    seed: Annotated[int, typer.Option(help="Random seed.")] = TrainConfig.seed,
     device: DeviceOpt = "auto",
     as_json: JsonOpt = False,
 ) -> None:
     """MwT in a few minutes: train SimCNN on digits, modularize, reuse the {3,5,8} module."""
     ui = Ui(as_json)
-    # digits gives 12 steps an epoch (CIFAR: 391): a faster mask-generator rate and stronger
-    # cohesion/coupling weights let the masks specialise in that budget. Chosen on a held-out
-    # fifth of the training split, never the test split (README, Benchmarks).
-    cfg = TrainConfig(arch="simcnn", width=width, epochs=epochs, modular=True, seed=seed, device=device,
-                      mask_lr=0.2, alpha=1.0, beta=3.0)
+    # digits gives 12 steps an epoch (CIFAR: 391): the settings chosen on a held-out fifth of
+    # its training split let the masks specialise in that budget (README, "Defaults and how
+    # they were chosen").
+    cfg = TrainConfig(arch="simcnn", width=width, epochs=epochs, modular=True, seed=seed,
+                      device=device, **SMALL_DATA_SETTINGS)
     ui.note(f"MwT demo: simcnn x{width} on digits, {epochs} epochs -> {out}")
-    outcome = run_training(cfg, "digits", out, ui, tau=tau, restart_on_mismatch=True)
-    assert outcome.modularization is not None
-    ex = run_extract(outcome.model, outcome.manifest, outcome.modularization, outcome.data, DEMO_CLASSES,
-                     out / "module_3_5_8", ui, device=device)
-    t = outcome.summary
+    r, t = run_training(cfg, "digits", out, ui, tau=tau, restart_on_mismatch=True)
+    assert r.modularization is not None and r.manifest is not None
+    ex = _extract(r.model, r.manifest, r.modularization, r.data, DEMO_CLASSES,
+                  out / "module_3_5_8", ui, device=device)
     summary = {
         "out": str(out), "epochs": epochs, "width": width, "test_acc": t["test_acc"],
         "train_seconds": t["train_seconds"], "krr": t["krr"], "cohesion": t["cohesion"],

@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from mwt_core.config import ModularizeConfig, check_tau
 from mwt_core.data.batches import ImageBatches
 from mwt_core.data.datasets import DatasetBundle
 from mwt_core.devices import resolve_device
@@ -135,12 +136,11 @@ def _pairwise_jaccard(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 def modularize(
-    model: MwTNet, data: DatasetBundle, tau: float = 0.9, device: str = "auto",
+    model: MwTNet, data: DatasetBundle, tau: float = ModularizeConfig.tau, device: str = "auto",
     batch_size: int = 512,
 ) -> Modularization:
     """Cut a trained masked model into one module mask per class, with its metrics."""
-    if not 0 < tau <= 1:
-        raise ValueError(f"tau must be in (0, 1], got {tau}")
+    check_tau(tau)
     if not model.mask_units():
         raise ValueError("this model has no mask generators (standard training); train it with MwT")
     dev = resolve_device(device)

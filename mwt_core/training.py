@@ -19,67 +19,19 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from mwt_core.config import LEGACY_VALUES, TrainConfig
 from mwt_core.data.batches import ImageBatches
 from mwt_core.data.datasets import DatasetBundle
 from mwt_core.devices import resolve_device
+from mwt_core.evaluation import accuracy
 from mwt_core.losses import mask_overlap, mask_similarity_losses, outlier_exposure, quadrant_mix
-from mwt_core.models import MwTNet, architecture_info, create_model
+from mwt_core.models import MwTNet, create_model
 
 CHECKPOINT_NAME = "last.pt"
 
 
 class TrainingCancelled(RuntimeError):
     """Raised when ``should_stop`` asked the run to end early."""
-
-
-@dataclass
-class TrainConfig:
-    """Everything that determines a training run (with the dataset)."""
-
-    arch: str = "simcnn"
-    width: float = 1.0
-    epochs: int = 200
-    batch_size: int = 128
-    lr: float = 0.05
-    momentum: float = 0.9
-    weight_decay: float = 0.0  # the paper trains without weight decay
-    mask_lr: float | None = None  # learning rate of the mask generators (None: same as lr)
-    alpha: float = 0.5
-    beta: float = 1.5
-    gamma: float = 0.0  # weight of the cross-class mask-overlap term; 0 is the paper's loss
-    # Weight of an outlier-exposure term (losses.outlier_exposure): synthetic images made of
-    # other images' quadrants are pushed to a uniform softmax, so the model scores low on
-    # what it has not seen and its modules compose across models; 0 (off) is the paper's loss.
-    outlier_weight: float = 0.0
-    modular: bool = True
-    seed: int = 0
-    device: str = "auto"
-    amp: bool = True
-    augment: bool = True
-
-    def __post_init__(self) -> None:
-        checks = [
-            (self.epochs >= 1, f"epochs must be >= 1, got {self.epochs}"),
-            (self.batch_size >= 2, f"batch_size must be >= 2, got {self.batch_size}"),
-            (self.lr > 0, f"lr must be > 0, got {self.lr}"),
-            (self.mask_lr is None or self.mask_lr > 0, f"mask_lr must be > 0, got {self.mask_lr}"),
-            (0 <= self.momentum < 1, f"momentum must be in [0, 1), got {self.momentum}"),
-            (self.weight_decay >= 0, f"weight_decay must be >= 0, got {self.weight_decay}"),
-            (self.alpha >= 0 and self.beta >= 0 and self.gamma >= 0,
-             "alpha, beta and gamma must be >= 0"),
-            (self.outlier_weight >= 0, f"outlier_weight must be >= 0, got {self.outlier_weight}"),
-        ]
-        for ok, message in checks:
-            if not ok:
-                raise ValueError(message)
-        architecture_info(self.arch)  # unknown names fail here, before any work
-
-    def to_json(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_json(cls, data: dict[str, Any]) -> TrainConfig:
-        return cls(**data)
 
 
 @dataclass
@@ -132,18 +84,6 @@ def param_groups(model: MwTNet, cfg: TrainConfig) -> list[dict[str, Any]]:
     return groups
 
 
-@torch.no_grad()
-def accuracy(model: torch.nn.Module, batches: ImageBatches, batch_size: int = 512) -> float:
-    """Top-1 accuracy of ``model`` over all of ``batches`` (eval mode, restored after)."""
-    was_training = model.training
-    model.eval()
-    correct = 0
-    for x, y in batches.ordered(batch_size):
-        correct += int((model(x).argmax(1) == y).sum())
-    model.train(was_training)
-    return correct / max(1, len(batches))
-
-
 def _autocast(device: torch.device, enabled: bool):
     if not (enabled and device.type == "cuda"):
         return torch.autocast(device_type=device.type, enabled=False)
@@ -167,8 +107,9 @@ def _set_rng_state(gen: torch.Generator, state: dict[str, Any]) -> None:
 
 def same_run(a: dict[str, Any], b: dict[str, Any]) -> bool:
     """Whether two configs describe the same run; the device may differ (a job retried
-    on another worker resumes there), and a key an older checkpoint lacks counts as its default."""
-    defaults = {f.name: f.default for f in fields(TrainConfig)}
+    on another worker resumes there). A key an older checkpoint lacks counts as the value
+    such runs used (``LEGACY_VALUES``), else as today's default."""
+    defaults = {f.name: f.default for f in fields(TrainConfig)} | LEGACY_VALUES
 
     def norm(cfg: dict[str, Any]) -> dict[str, Any]:
         return {k: v for k, v in {**defaults, **cfg}.items() if k != "device"}
@@ -278,7 +219,7 @@ def train(
                 progress(_report(cfg, epoch, step, steps, sums, seen, None, spent + time.perf_counter() - t0))
         scheduler.step()
         spent += time.perf_counter() - t0
-        test_acc = accuracy(model, test_set)
+        test_acc = accuracy(model, test_set.ordered(512))
         report = _report(cfg, epoch, steps - 1, steps, sums, seen, test_acc, spent)
         history.append({k: v for k, v in report.to_json().items() if k not in ("step", "steps")})
         if ckpt_path is not None:

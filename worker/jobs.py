@@ -20,7 +20,6 @@ import time
 import traceback
 import uuid
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 from sqlalchemy.orm import Session, sessionmaker
@@ -33,11 +32,7 @@ from app.services import datasets as datasets_svc
 from app.services import jobs as job_store
 from app.services.jobs import JobLost
 from app.settings import Settings, get_settings
-
-# The store's fenced writes under the names _train and _finetune call them by.
-_fenced = job_store.fenced
-_mark_succeeded = job_store.mark_succeeded
-_reserve_model = job_store.reserve_model
+from mwt_core.config import LEGACY_VALUES, ModularizeConfig, TrainConfig
 
 log = logging.getLogger(__name__)
 
@@ -261,206 +256,130 @@ def _describe(exc: BaseException) -> str:
 # ---------------------------------------------------------------------------------- train
 
 
-def _checkpoint_epoch(ckpt_dir: Path) -> int:
-    from mwt_core.training import CHECKPOINT_NAME, load_checkpoint
-
-    path = ckpt_dir / CHECKPOINT_NAME
-    if not path.is_file():
-        return 0
-    try:
-        return int(load_checkpoint(path)["epoch"])
-    except Exception:  # an unreadable checkpoint: training starts over
-        log.warning("checkpoint %s is unreadable; starting from scratch", path)
-        path.unlink(missing_ok=True)
-        return 0
+def _train_config(settings: Settings, p: dict[str, Any]) -> TrainConfig:
+    """The job's ``TrainConfig`` on this worker's device. The API wrote every setting into
+    the params; a key that a job queued by an older version lacks takes the value such jobs
+    ran with, not today's default."""
+    params = {**LEGACY_VALUES, **p}
+    fields = set(TrainConfig.__dataclass_fields__) - {"device"}
+    return TrainConfig(**{k: params[k] for k in fields if k in params}, device=settings.device)
 
 
-def _class_recall(model: Any, data: Any, device: str) -> list[float]:
-    """Per class: fraction of its test samples the full model classifies correctly."""
-    import torch
+class _ProgressSink:
+    """The pipeline's progress, written to the job row (through the job's context)."""
 
-    from mwt_core.devices import resolve_device
+    def __init__(self, ctx: JobContext) -> None:
+        self.ctx = ctx
 
-    dev = resolve_device(device)
-    model = model.to(dev).eval()
-    preds = []
-    with torch.no_grad():
-        for start in range(0, data.test_x.shape[0], 512):
-            x = data.spec.normalize(data.test_x[start : start + 512].to(dev))
-            preds.append(model(x).argmax(1).cpu())
-    pred = torch.cat(preds)
-    out = []
-    for c in range(data.num_classes):
-        sel = data.test_y == c
-        n = int(sel.sum())
-        out.append(float((pred[sel] == c).sum()) / n if n else 0.0)
-    return out
+    def __call__(self, event: Any) -> None:
+        if event.training is not None:
+            self.ctx.on_train_progress(event.training)
+        elif "module" in event.info:
+            self.ctx.report({"phase": event.phase, **event.info})
+            self.ctx.check()
+        elif event.note:
+            log.info("job %s: %s", self.ctx.job_id, event.note)
+        else:
+            self.ctx.phase(event.phase, **event.info)
 
 
 def _train(factory: sessionmaker[Session], settings: Settings, job: Job, ctx: JobContext) -> None:
-    from mwt_core.artifacts import save_artifact
-    from mwt_core.metrics import count_flops, count_params
     from mwt_core.models import architecture_info
-    from mwt_core.modularize import modularize
-    from mwt_core.reuse import extract_module
-    from mwt_core.training import TrainConfig, train
+    from mwt_core.pipeline import Layout, run_pipeline
 
     p = job.params
     ctx.phase("loading data")
-    cfg = TrainConfig(
-        arch=p["arch"],
-        width=float(p["width"]),
-        epochs=int(p["epochs"]),
-        batch_size=int(p["batch_size"]),
-        lr=float(p["lr"]),
-        momentum=float(p.get("momentum", 0.9)),
-        weight_decay=float(p.get("weight_decay", 0.0)),
-        mask_lr=None if p.get("mask_lr") is None else float(p["mask_lr"]),
-        alpha=float(p["alpha"]),
-        beta=float(p["beta"]),
-        gamma=float(p.get("gamma", 0.0)),
-        modular=bool(p["modular"]),
-        seed=int(p["seed"]),
-        device=settings.device,
-        amp=bool(p.get("amp", True)),
-        augment=bool(p.get("augment", True)),
-    )
-    min_size = architecture_info(cfg.arch).min_input_size
+    cfg = _train_config(settings, p)
     with factory() as s:
         source, _ = datasets_svc.resolve(s, settings, job.dataset or "")
-        data = datasets_svc.load_bundle(settings, s, job.dataset or "", min_input_size=min_size)
+        data = datasets_svc.load_bundle(
+            settings, s, job.dataset or "", min_input_size=architecture_info(cfg.arch).min_input_size
+        )
         if source != "upload":
             datasets_svc.record_builtin(s, data, source)
     cfg_json = cfg.to_json()
-    model_id = _reserve_model(factory, job, ctx.worker, data, cfg_json)
+    model_id = job_store.reserve_model(factory, job, ctx.worker, data, cfg_json)
+    with factory() as s:
+        model_row = s.get(Model, model_id)
+        assert model_row is not None
+        name, version = model_row.name, model_row.version
 
     root = settings.artifacts
     ckpt_dir = storage.job_dir(root, job.id) / "checkpoint"
     ckpt_dir.mkdir(parents=True, exist_ok=True)
     with factory() as s:
-        _fenced(s, job.id, ctx.worker, checkpoint_path=storage.relative(root, ckpt_dir))
+        job_store.fenced(s, job.id, ctx.worker, checkpoint_path=storage.relative(root, ckpt_dir))
         s.commit()
-    resumed_from = _checkpoint_epoch(ckpt_dir)
-    ctx.phase("training", epoch=resumed_from, epochs=cfg.epochs, resumed_from_epoch=resumed_from)
-
-    result = train(
+    layout = Layout(
+        model_dir=storage.model_artifact_dir(root, model_id),
+        modules_dir=storage.module_artifact_dir(root, model_id, 0).parent,
+        checkpoint_dir=ckpt_dir,
+        module_dirnames=tuple(str(c) for c in range(data.num_classes)),
+        write_index=False,
+    )
+    upload = job.dataset not in datasets_svc.builtin_infos(settings)
+    # Manifest keys are mwt_core's, so `mwt show/extract/evaluate` work on downloaded artifacts.
+    result = run_pipeline(
         cfg,
         data,
-        progress=ctx.on_train_progress,
-        checkpoint_dir=ckpt_dir,
-        resume=True,
+        layout,
+        tau=float(p.get("tau", ModularizeConfig.tau)),
+        restart_on_mismatch=True,  # a retried job starts over rather than fail on a bad checkpoint
+        dataset_ref=None if upload else data.name,
+        manifest_extra={
+            "registry": {
+                "model_id": model_id,
+                "model_name": name,
+                "model_version": version,
+                "job_id": job.id,
+            }
+        },
+        created_by="mwt-hub worker",
+        progress=_ProgressSink(ctx),
         should_stop=ctx.should_stop,
     )
     ctx.check()
-    net = result.model.cpu().eval()
-    shape = tuple(data.spec.shape)
-    recall = _class_recall(net, data, "cpu")
+    _publish(factory, settings, job, ctx, result, model_id, name, version)
 
-    mod = None
-    if cfg.modular:
-        ctx.phase("modularizing")
-        mod = modularize(net, data, tau=float(p.get("tau", 0.9)), device=settings.device)
-        net = net.cpu().eval()
 
-    ctx.phase("saving")
-    with factory() as s:
-        model_row = s.get(Model, model_id)
-        assert model_row is not None
-        name, version = model_row.name, model_row.version
-    mdir = storage.model_dir(root, model_id)
-    model_metrics = {
-        "accuracy": float(result.test_acc),
-        "train_seconds": float(result.train_seconds),
-        "params": int(count_params(net)),
-        "flops": int(count_flops(net, shape)),
-        "epochs_run": int(result.epochs_run),
-        "resumed_from_epoch": resumed_from,
-        "class_recall": recall,
-    }
-    if mod is not None:
-        model_metrics.update(
+# The model's metrics as the registry keeps them (the manifest records a few more).
+_MODEL_METRICS = (
+    "accuracy", "train_seconds", "params", "flops", "epochs_run", "resumed_from_epoch",
+    "class_recall", "krr", "cohesion", "coupling", "module_krr", "per_class_cohesion",
+    "layer_coupling",
+)
+
+
+def _publish(
+    factory: sessionmaker[Session], settings: Settings, job: Job, ctx: JobContext, result: Any,
+    model_id: int, name: str, version: int,
+) -> None:
+    """Archive the artifacts, verify them, then record job, model and modules in ONE transaction."""
+    root = settings.artifacts
+    art = result.layout.model_dir
+    model_metrics = {k: result.metrics[k] for k in _MODEL_METRICS if k in result.metrics}
+    model_sha, model_size = storage.pack(art)
+    module_rows: list[dict[str, Any]] = []
+    for m in result.modules:
+        sha, size = storage.pack(m.dir)
+        module_rows.append(
             {
-                "krr": mod.model_krr,
-                "cohesion": mod.cohesion,
-                "coupling": mod.coupling,
-                "module_krr": mod.krr,
-                "per_class_cohesion": mod.per_class_cohesion,
-                "layer_coupling": mod.layer_coupling(),
+                "class_index": m.class_index,
+                "class_name": m.class_name,
+                "kept_kernels": m.kept_kernels,
+                "total_kernels": m.total_kernels,
+                "artifact_path": storage.relative(root, m.dir),
+                "sha256": sha,
+                "size_bytes": size,
+                **m.metrics,
             }
         )
-    # Manifest keys follow mwt_core's CLI, so `mwt show/extract/evaluate` work on downloaded artifacts.
-    upload = job.dataset not in datasets_svc.builtin_infos(settings)
-    common = {
-        "dataset": data.name,
-        "dataset_ref": None if upload else data.name,
-        "input_spec": data.spec.to_json(),
-        "train_config": cfg_json,
-        "registry": {
-            "model_id": model_id,
-            "model_name": name,
-            "model_version": version,
-            "job_id": job.id,
-        },
-        "created_by": "mwt-hub worker",
-    }
-    art = mdir / "model"
-    model_manifest = {
-        **common,
-        "class_names": list(data.class_names),
-        "metrics": {**model_metrics, "test_acc": model_metrics["accuracy"], "epochs": cfg.epochs},
-        "history": result.history,
-    }
-    if mod is not None:
-        model_manifest["modularization"] = mod.to_json()
-    written = save_artifact(art, net, model_manifest)
-    model_sha, model_size = storage.write_tar(art, mdir / "model.tar")
-
-    module_rows: list[dict[str, Any]] = []
-    if mod is not None:
-        total = sum(int(m.numel()) for m in mod.class_masks[0])
-        for c in range(data.num_classes):
-            ctx.report({"phase": "saving", "module": c + 1, "modules": data.num_classes})
-            ctx.check()
-            module = extract_module(net, mod, [c])
-            mdir_c = mdir / "modules" / str(c)
-            metrics = {
-                "krr": float(mod.krr[c]),
-                "accuracy": recall[c],
-                "cohesion": float(mod.per_class_cohesion[c]),
-                "params": int(count_params(module)),
-                "flops": int(count_flops(module, shape)),
-            }
-            save_artifact(
-                mdir_c,
-                module,
-                {
-                    **common,
-                    "class_names": [str(data.class_names[c])],
-                    "classes": [c],
-                    "dataset_class_names": list(data.class_names),
-                    "source_model": {"sha256": written["sha256"], "tau": mod.tau},
-                    "metrics": metrics,
-                },
-            )
-            sha, size = storage.write_tar(mdir_c, mdir / "modules" / f"{c}.tar")
-            module_rows.append(
-                {
-                    "class_index": c,
-                    "class_name": str(data.class_names[c]),
-                    "kept_kernels": int(sum(int(m.sum()) for m in mod.class_masks[c])),
-                    "total_kernels": total,
-                    "artifact_path": storage.relative(root, mdir_c),
-                    "sha256": sha,
-                    "size_bytes": size,
-                    **metrics,
-                }
-            )
 
     # Verify what is on disk before the registry says "ready".
-    if storage.sha256_file(mdir / "model.tar") != model_sha:
+    if storage.sha256_file(storage.tar_path(art)) != model_sha:
         raise RuntimeError("model archive changed on disk while it was being registered")
-    for row in module_rows:
-        tar = mdir / "modules" / f"{row['class_index']}.tar"
+    for m, row in zip(result.modules, module_rows, strict=True):
+        tar = storage.tar_path(m.dir)
         if storage.sha256_file(tar) != row["sha256"]:
             raise RuntimeError(
                 f"module archive {tar} changed on disk while it was being registered"
@@ -483,7 +402,7 @@ def _train(factory: sessionmaker[Session], settings: Settings, job: Job, ctx: Jo
     now = utcnow()
     with factory() as s:
         # ONE transaction: job succeeded + model ready with metrics + its modules.
-        _mark_succeeded(
+        job_store.mark_succeeded(
             s, job.id, ctx.worker, now, _finite(final_progress), job_result, heartbeat_at=now
         )
         model_row = s.get(Model, model_id)
@@ -554,7 +473,7 @@ def _finetune(
         )
         s.add(comp)
         s.flush()
-        _mark_succeeded(
+        job_store.mark_succeeded(
             s, job.id, ctx.worker, now, {**ctx.progress, "phase": "done"},
             {"composition_id": comp.id,
              **{k: metrics[k] for k in ("accuracy", "baseline_accuracy", "krr")}},

@@ -5,39 +5,58 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from mwt_core.config import DEFAULT_DATASET, LIMITS, PAPER_SETTINGS, ModularizeConfig, TrainConfig
+
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
 
 
+_T = TrainConfig  # defaults: mwt_core.config, the one place they are written
+_L = LIMITS
+
+
 class JobCreate(BaseModel):
-    """A training job. Defaults are the paper's (200 epochs); use a few epochs to try things out."""
+    """A training job. Every setting defaults to mwt_core's ``TrainConfig`` (the README's
+    "Defaults and how they were chosen"); bounds are mwt_core's ``LIMITS``."""
 
     model_config = ConfigDict(extra="forbid")
 
     dataset: str = Field(
-        "digits", min_length=1, max_length=64, description="built-in or uploaded dataset name"
+        DEFAULT_DATASET, min_length=1, max_length=64, description="built-in or uploaded dataset name"
     )
     arch: str = Field(
-        "simcnn", min_length=1, max_length=32, description="see GET /api/v1/architectures"
+        _T.arch, min_length=1, max_length=32, description="see GET /api/v1/architectures"
     )
-    width: float = Field(1.0, gt=0, le=4, description="channel width multiplier")
-    epochs: int = Field(200, ge=1, le=2000)
-    batch_size: int = Field(128, ge=2, le=8192)
-    lr: float = Field(0.05, gt=0, le=10)
-    momentum: float = Field(0.9, ge=0, lt=1)
-    weight_decay: float = Field(0.0, ge=0, le=1, description="SGD weight decay (the paper: none)")
+    width: float = Field(_T.width, gt=0, le=_L.width, description="channel width multiplier")
+    epochs: int = Field(_T.epochs, ge=1, le=_L.epochs)
+    batch_size: int = Field(_T.batch_size, ge=2, le=_L.batch_size)
+    lr: float = Field(_T.lr, gt=0, le=_L.lr)
+    momentum: float = Field(_T.momentum, ge=0, lt=1)
+    weight_decay: float = Field(
+        _T.weight_decay, ge=0, le=_L.weight_decay, description="SGD weight decay (the paper: none)"
+    )
     mask_lr: float | None = Field(
-        None, gt=0, le=10, description="learning rate of the mask generators (default: lr)"
+        _T.mask_lr, gt=0, le=_L.lr,
+        description="learning rate of the mask generators (null: same as lr, the paper's)",
     )
-    alpha: float = Field(0.5, ge=0, le=100, description="cohesion loss weight")
-    beta: float = Field(1.5, ge=0, le=100, description="coupling loss weight")
+    alpha: float = Field(
+        _T.alpha, ge=0, le=_L.loss_weight, description=f"cohesion loss weight (the paper: {PAPER_SETTINGS['alpha']})"
+    )
+    beta: float = Field(
+        _T.beta, ge=0, le=_L.loss_weight, description=f"coupling loss weight (the paper: {PAPER_SETTINGS['beta']})"
+    )
     gamma: float = Field(
-        0.0, ge=0, le=100, description="weight of the cross-class mask-overlap term (0: the paper's loss)"
+        _T.gamma, ge=0, le=_L.loss_weight,
+        description="weight of the cross-class mask-overlap term (0: the paper's loss)",
     )
-    tau: float = Field(0.9, gt=0, le=1, description="modularization threshold")
-    seed: int = Field(0, ge=0, le=2**31 - 1)
-    modular: bool = Field(True, description="MwT training (false = standard training, no modules)")
-    augment: bool = True
-    amp: bool = True
+    outlier_weight: float = Field(
+        _T.outlier_weight, ge=0, le=_L.loss_weight,
+        description="weight of the outlier-exposure term on quadrant-mixed images (0: off, the paper's loss)",
+    )
+    tau: float = Field(ModularizeConfig.tau, gt=0, le=1, description="modularization threshold")
+    seed: int = Field(_T.seed, ge=0, le=_L.seed)
+    modular: bool = Field(_T.modular, description="MwT training (false = standard training, no modules)")
+    augment: bool = _T.augment
+    amp: bool = _T.amp
     name: str | None = Field(
         None, pattern=NAME_PATTERN, description="model name; default '<dataset>-<arch>'"
     )

@@ -37,28 +37,13 @@ if TYPE_CHECKING:
 
 def resolve_classes(model: Model, classes: list[int | str]) -> list[int]:
     """Class indices (or names) -> indices, validated against the model's classes."""
-    names = [str(n) for n in model.class_names]
-    out: list[int] = []
-    for c in classes:
-        if isinstance(c, int) or (
-            isinstance(c, str) and c.strip().lstrip("-").isdigit() and c not in names
-        ):
-            idx = int(c)
-            if not 0 <= idx < model.num_classes:
-                raise CompositionError(
-                    f"class index {idx} is out of range for model {model.id} (0..{model.num_classes - 1})"
-                )
-        else:
-            if c not in names:
-                shown = ", ".join(names[:20]) + (" ..." if len(names) > 20 else "")
-                raise CompositionError(
-                    f"model {model.id} has no class named {c!r}; its classes: {shown}"
-                )
-            idx = names.index(c)
-        out.append(idx)
-    if len(set(out)) != len(out):
-        raise CompositionError(f"classes must not repeat: {classes}")
-    return out
+    from mwt_core.data.classes import ClassListError
+    from mwt_core.data.classes import resolve_classes as resolve
+
+    try:
+        return resolve(classes, list(model.class_names), owner=f"model {model.id}")
+    except ClassListError as exc:
+        raise CompositionError(str(exc)) from None
 
 
 def standard_model_for(db: Any, picks: list[Pick]) -> Model | None:
@@ -226,10 +211,9 @@ def store(
     from mwt_core.artifacts import save_artifact
 
     token = token or uuid.uuid4().hex
-    base = settings.artifacts / "compositions" / token
-    art = base / "artifact"
+    art = settings.artifacts / "compositions" / token / storage.COMPOSITION_ARTIFACT
     save_artifact(art, module, manifest)
-    sha, size = storage.write_tar(art, base / "composition.tar")
+    sha, size = storage.pack(art)
     return storage.relative(settings.artifacts, art), sha, size
 
 
@@ -402,6 +386,4 @@ def composition_row(
 
 def tar_of(settings: Settings, artifact_path: str) -> Path:
     """The downloadable tar that belongs to an artifact directory."""
-    art = storage.resolve(settings.artifacts, artifact_path)
-    name = {"artifact": "composition.tar", "model": "model.tar"}.get(art.name)
-    return art.parent / name if name else art.parent / f"{art.name}.tar"
+    return storage.tar_path(storage.resolve(settings.artifacts, artifact_path))

@@ -30,6 +30,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from app.db.models import Job, JobKind, JobStatus, Model, ModelStatus, utcnow
 from app.schemas.jobs import JobOut, ProgressOut
+from mwt_core.config import ModularizeConfig
 
 log = logging.getLogger(__name__)
 
@@ -368,7 +369,7 @@ def reserve_model(
                 arch=job.arch or cfg_json["arch"],
                 width=float(cfg_json["width"]),
                 modular=bool(cfg_json["modular"]),
-                tau=float(p.get("tau", 0.9)) if cfg_json["modular"] else None,
+                tau=float(p.get("tau", ModularizeConfig.tau)) if cfg_json["modular"] else None,
                 num_classes=data.num_classes,
                 class_names=list(data.class_names),
                 input_spec=data.spec.to_json(),

@@ -33,6 +33,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from mwt_core.config import DEFAULT_DATASET
+
 __all__ = [
     "DATASET_NAMES",
     "MAX_CLASSES",
@@ -777,7 +779,7 @@ def _looks_like_path(name: str) -> bool:
 
 
 def load_dataset(
-    name: str | os.PathLike[str] = "digits",
+    name: str | os.PathLike[str] = DEFAULT_DATASET,
     data_dir: str | os.PathLike[str] | None = None,
     *,
     min_input_size: int = 0,

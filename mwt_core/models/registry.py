@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from mwt_core.config import LIMITS
 from mwt_core.models.base import MwTNet
 
 
@@ -68,8 +69,8 @@ def create_model(
         raise ValueError(f"num_classes must be at least 2, got {num_classes}")
     if in_channels < 1:
         raise ValueError(f"in_channels must be positive, got {in_channels}")
-    if not 0 < width <= 8:
-        raise ValueError(f"width must be in (0, 8], got {width}")
+    if not 0 < width <= LIMITS.width:
+        raise ValueError(f"width must be in (0, {LIMITS.width:g}], got {width}")
     if input_size < info.min_input_size:
         raise ValueError(
             f"{info.name} needs inputs of at least {info.min_input_size}x{info.min_input_size} "

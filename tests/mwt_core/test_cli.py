@@ -10,7 +10,10 @@ from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 from mwt_core.artifacts import load_artifact, read_manifest, save_artifact
-from mwt_core.cli import app, parse_classes
+from mwt_core.cli import app
+from mwt_core.config import ModularizeConfig, TrainConfig
+from mwt_core.data.classes import parse_classes
+from mwt_core.data.datasets import load_dataset
 from mwt_core.models import create_model
 
 runner = CliRunner()
@@ -28,14 +31,37 @@ def run_json(*args: str) -> dict:
     return json.loads(lines[0])
 
 
+# Short, but long enough to learn digits well above chance (0.1): the accuracy checks
+# below compare figures that a model predicting one class everywhere would get right anyway.
+TRAIN_ARGS = ("--width", "0.125", "--epochs", "6", "--batch-size", "32", "--train-limit", "1000",
+              "--no-augment", "--device", "cpu")
+
+
 @pytest.fixture(scope="session")
 def trained(tmp_path_factory) -> tuple[Path, dict]:
     out = tmp_path_factory.mktemp("cli") / "run"
-    summary = run_json(
-        "train", "--arch", "simcnn", "--dataset", "digits", "--width", "0.125", "--epochs", "1",
-        "--batch-size", "64", "--train-limit", "400", "--device", "cpu", "--out", out,
-    )
+    summary = run_json("train", "--arch", "simcnn", "--dataset", "digits", *TRAIN_ARGS, "--out", out)
     return out, summary
+
+
+@torch.no_grad()
+def _test_predictions(net: torch.nn.Module, classes: list[int] | None = None):
+    """Predicted and true labels on digits' test split, computed here by hand (normalising
+    with the artifact's input statistics), not through mwt_core's evaluation code."""
+    data = load_dataset("digits", min_input_size=32)
+    x, y = data.test_x, data.test_y
+    if classes is not None:
+        keep = torch.isin(y, torch.tensor(classes))
+        x, y = x[keep], torch.tensor([classes.index(int(c)) for c in y[keep]])
+    mean = torch.tensor(data.spec.mean).view(1, -1, 1, 1)
+    std = torch.tensor(data.spec.std).view(1, -1, 1, 1)
+    logits = net.eval()((x.float() / 255 - mean) / std)
+    return logits.argmax(1), y
+
+
+def _close(n: int) -> dict:
+    # Batching and memory layout change float sums slightly: allow one test image of difference.
+    return {"abs": 1.01 / n}
 
 
 @pytest.fixture()
@@ -65,7 +91,7 @@ def test_train_writes_model_modules_and_manifest(trained):
     assert manifest["kind"] == "model" and manifest["dataset"] == "digits"
     assert manifest["class_names"] == [str(i) for i in range(10)]
     assert manifest["input_spec"]["size"] == 32 and manifest["input_spec"]["channels"] == 3
-    assert manifest["train_config"]["width"] == 0.125 and manifest["train_config"]["epochs"] == 1
+    assert manifest["train_config"]["width"] == 0.125 and manifest["train_config"]["epochs"] == 6
     for key in ("test_acc", "train_seconds", "krr", "cohesion", "coupling"):
         assert key in manifest["metrics"]
     assert manifest["modularization"]["tau"] == 0.9
@@ -78,10 +104,39 @@ def test_train_writes_model_modules_and_manifest(trained):
     assert module.classes == [3]
 
 
+def test_train_defaults_are_the_cores(trained):
+    # Every setting the command was not given is mwt_core's default (one place for defaults).
+    out, summary = trained
+    given = {"arch", "width", "epochs", "batch_size", "augment", "device"}
+    config = read_manifest(out / "model")["train_config"]
+    defaults = TrainConfig.__dataclass_fields__
+    assert {k: v for k, v in config.items() if k not in given} == {
+        k: f.default for k, f in defaults.items() if k not in given}
+    assert summary["tau"] == ModularizeConfig.tau
+
+
+def test_reported_accuracy_is_the_saved_models(trained):
+    out, summary = trained
+    net, _ = load_artifact(out / "model")
+    pred, y = _test_predictions(net)
+    acc = float((pred == y).float().mean())
+    assert acc > 0.5, "the model should have learned digits well above chance (0.1)"
+    assert summary["test_acc"] == pytest.approx(acc, **_close(len(y)))
+    # Per-class recall (the modules' recorded accuracy) is the saved model's too.
+    for c, recall in enumerate(summary["class_recall"]):
+        n = int((y == c).sum())
+        assert recall == pytest.approx(float((pred[y == c] == c).sum()) / n, **_close(n)), c
+    index = json.loads((out / "modules" / "index.json").read_text())
+    for entry in index:
+        mm = read_manifest(out / "modules" / entry["dir"])
+        assert mm["metrics"]["accuracy"] == summary["class_recall"][entry["class"]]
+        assert mm["metrics"]["krr"] == pytest.approx(summary["module_krr"][entry["class"]])
+    assert summary["krr"] == pytest.approx(sum(summary["module_krr"]) / len(summary["module_krr"]))
+
+
 def test_train_resumes_finished_run(trained):
     out, summary = trained
-    again = run_json("train", "--width", "0.125", "--epochs", "1", "--batch-size", "64",
-                     "--train-limit", "400", "--device", "cpu", "--out", out)
+    again = run_json("train", *TRAIN_ARGS, "--out", out)
     assert again["epochs_run"] == 0
     assert again["test_acc"] == summary["test_acc"]
     assert again["params"] == summary["params"] and again["krr"] == summary["krr"]
@@ -97,14 +152,46 @@ def test_show_human_and_json(trained):
     assert data["metrics"]["krr"] == pytest.approx(read_manifest(out / "model")["metrics"]["krr"])
 
 
+class _Pick(torch.nn.Module):
+    def __init__(self, classes: list[int]) -> None:
+        super().__init__()
+        self.classes = classes
+
+    def forward(self, logits: torch.Tensor) -> torch.Tensor:
+        return logits[:, self.classes]
+
+
+# Zero-training module vs the full model restricted to the same classes: at most this far
+# below (a module drops only kernels that its classes use on fewer than tau of their samples).
+MODULE_MARGIN = 0.05
+
+
 def test_extract_evaluate_module(trained, tmp_path):
     out, summary = trained
     dst = tmp_path / "m358"
     s = run_json("extract", out / "model", "--classes", "3,5,8", "--out", dst,
                  "--finetune-epochs", "1", "--device", "cpu")
     assert s["classes"] == [3, 5, 8] and s["class_names"] == ["3", "5", "8"]
-    for key in ("krr", "accuracy", "zero_shot_acc", "finetuned_acc", "full_model_acc"):
-        assert 0.0 <= s[key] <= 1.0, key
+    # The full model's figure is its logits restricted to 3, 5, 8, computed here by hand.
+    net, _ = load_artifact(out / "model")
+    pred, y = _test_predictions(torch.nn.Sequential(net, _Pick([3, 5, 8])), [3, 5, 8])
+    full = float((pred == y).float().mean())
+    assert s["full_model_acc"] == pytest.approx(full, **_close(len(y)))
+    assert full > 1 / 3 + 0.2, "the model should tell 3, 5 and 8 apart well above chance"
+    # Zero-training module: the kernels its classes use on >= tau of their samples, with
+    # their mask generators, so it loses at most a few of the full model's images.
+    z = run_json("extract", out / "model", "--classes", "3,5,8", "--out", tmp_path / "z358",
+                 "--device", "cpu")
+    assert z["full_model_acc"] == s["full_model_acc"] and z["finetuned_acc"] is None
+    zero_pred, _ = _test_predictions(load_artifact(tmp_path / "z358")[0], [3, 5, 8])
+    zero = float((zero_pred == y).float().mean())
+    assert z["accuracy"] == z["zero_shot_acc"] == pytest.approx(zero, **_close(len(y)))
+    assert s["zero_shot_acc"] == z["zero_shot_acc"]
+    assert zero >= full - MODULE_MARGIN, (zero, full)
+    # The fine-tuned module saved to dst is the one whose accuracy is reported.
+    ft_pred, _ = _test_predictions(load_artifact(dst)[0], [3, 5, 8])
+    assert s["accuracy"] == s["finetuned_acc"] == pytest.approx(
+        float((ft_pred == y).float().mean()), **_close(len(y)))
     assert s["params"] <= s["full_params"] and s["flops"] <= s["full_flops"]
     assert s["full_params"] == summary["params"]
     manifest = read_manifest(dst)

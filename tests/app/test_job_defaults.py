@@ -1,0 +1,32 @@
+"""`POST /jobs {}` and `mwt submit` with no options train the same thing: mwt_core's defaults."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from fastapi.testclient import TestClient
+from typer.testing import CliRunner
+
+from app.cli import app as cli
+from app.client import MwtClient
+from mwt_core.config import ModularizeConfig, TrainConfig
+
+
+def test_empty_submit_and_mwt_submit_train_the_core_defaults(
+    client: TestClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    empty = client.post("/api/v1/jobs", json={})
+    assert empty.status_code == 202, empty.text
+    token = client.headers["Authorization"].removeprefix("Bearer ")
+    monkeypatch.setattr(
+        "app.cli._client",
+        lambda url, key: MwtClient("http://testserver", token, transport=client._transport),
+    )
+    res = CliRunner().invoke(cli, ["submit", "--json"])
+    assert res.exit_code == 0, res.output
+    from_cli = json.loads(res.output)["params"]
+    assert from_cli == empty.json()["params"]
+    defaults = {k: f.default for k, f in TrainConfig.__dataclass_fields__.items() if k != "device"}
+    assert {k: from_cli[k] for k in defaults} == defaults
+    assert from_cli["tau"] == ModularizeConfig.tau
