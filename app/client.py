@@ -147,7 +147,7 @@ class MwtClient:
             if resp.status_code >= 400:
                 resp.read()
                 raise ApiError(resp.status_code, _detail(resp), "GET", str(resp.request.url))
-            event, data = "message", []
+            event, data = "message", list[str]()
             for line in resp.iter_lines():
                 if line == "":
                     if data:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Iterator
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, disable_created_metrics
 from prometheus_client.core import GaugeMetricFamily, HistogramMetricFamily
@@ -48,7 +49,7 @@ class RegistryCollector(Collector):
     def __init__(self, factory: sessionmaker[Session]) -> None:
         self.factory = factory
 
-    def describe(self) -> list:  # type: ignore[type-arg]
+    def describe(self) -> list[Any]:
         return []
 
     def collect(self) -> Iterator[GaugeMetricFamily | HistogramMetricFamily]:

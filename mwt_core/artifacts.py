@@ -21,7 +21,7 @@ from torch import nn
 from mwt_core.checksums import sha256_file
 from mwt_core.compose import ComposedClassifier, NormalizedInput
 from mwt_core.data.datasets import InputSpec
-from mwt_core.models import UnknownArchitecture, create_model
+from mwt_core.models import MwTNet, UnknownArchitecture, create_model
 from mwt_core.reuse import ModuleClassifier
 from mwt_core.slimming import slim
 
@@ -44,7 +44,8 @@ def _atomic_write_bytes(path: Path, data: bytes) -> None:
 def structure_of(net: nn.Module) -> tuple[str, dict[str, Any]]:
     """``("model" | "module" | "composition", config)`` describing how to rebuild ``net``."""
     if isinstance(net, ModuleClassifier):
-        return "module", {**net.net.config, "krr": net.krr}
+        module_config: dict[str, Any] = net.net.config  # type: ignore[assignment]  # a slimmed MwTNet
+        return "module", {**module_config, "krr": net.krr}
     if isinstance(net, ComposedClassifier):
         parts = []
         for part in net.parts:
@@ -75,7 +76,7 @@ def build_net(kind: str, config: dict[str, Any]) -> nn.Module:
 
 def _build_composition(config: dict[str, Any]) -> ComposedClassifier:
     try:
-        parts = [
+        parts: list[nn.Module] = [
             NormalizedInput(build_net("module", p["module"]), InputSpec.from_json(p["input_spec"]))
             for p in config["parts"]
         ]
@@ -91,7 +92,7 @@ def _build_composition(config: dict[str, Any]) -> ComposedClassifier:
         raise ArtifactError(f"manifest composition structure is invalid: {exc}") from exc
 
 
-def _build_module(model: nn.Module, config: dict[str, Any]) -> ModuleClassifier:
+def _build_module(model: MwTNet, config: dict[str, Any]) -> ModuleClassifier:
     try:
         keep = []
         for idx, unit in zip(config["keep"], model.mask_units(), strict=True):

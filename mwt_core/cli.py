@@ -602,7 +602,7 @@ def export_cmd(
     with ui.status(f"exporting to {fmt}"):
         path = export_artifact(artifact_dir, fmt, out)
     meta = read_export_metadata(path)
-    s = {"artifact": str(artifact_dir), "format": fmt, "out": str(path),
+    s: dict[str, Any] = {"artifact": str(artifact_dir), "format": fmt, "out": str(path),
          "size_bytes": path.stat().st_size, "sha256": sha256_file(path), "metadata": meta}
 
     def render() -> None:
@@ -678,7 +678,7 @@ def show_cmd(
     config = manifest.get("config") or {}
     metrics = manifest.get("metrics") or {}
     mz = manifest.get("modularization") or {}
-    s = {
+    s: dict[str, Any] = {
         "artifact": str(artifact_dir), "kind": manifest.get("kind"), "arch": config.get("arch"),
         "width": config.get("width"), "masked": config.get("masked"), "dataset": manifest.get("dataset"),
         "class_names": manifest.get("class_names"), "classes": config.get("classes"),

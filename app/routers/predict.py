@@ -144,13 +144,13 @@ def _answer(
     except svc.PredictInputError as exc:
         raise HTTPException(exc.status_code, str(exc)) from None
     return PredictOut(
-        kind=kind,  # type: ignore[arg-type]
+        kind=kind,
         id=ident,
         sha256=sha256,
         class_names=clf.class_names,
-        scoring=clf.scoring,  # type: ignore[arg-type]
+        scoring=clf.scoring,
         input_spec=clf.spec.to_json(),
-        predictions=ranked,  # type: ignore[arg-type]
+        predictions=ranked,
     )
 
 

@@ -493,7 +493,7 @@ def job_out(job: Job, base: str = "/api/v1") -> JobOut:
     return JobOut(
         id=job.id,
         kind=job.kind,
-        status=job.status,  # type: ignore[arg-type]
+        status=job.status,
         queue=job.queue,
         dataset=job.dataset,
         arch=job.arch,

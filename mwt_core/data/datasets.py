@@ -123,6 +123,7 @@ class InputSpec:
         """Build from :meth:`to_json`'s dict (or that dict as a JSON string)."""
         if isinstance(data, (str, bytes)):
             data = json.loads(data)
+        assert isinstance(data, dict)
         return cls(
             channels=int(data["channels"]),
             size=int(data["size"]),
