@@ -200,7 +200,7 @@ async function pageJob(id) {
       try { drawHead(await api(`jobs/${id}/cancel`, { method: "POST" })); } catch (e) { showError(err, e); }
     } }, j.cancel_requested ? "Cancelling…" : "Cancel"));
     const p = j.progress || {};
-    head.replaceChildren(h("div", { class: "row" }, statusBadge(j.status), h("span", { id: "job-status", "data-status": j.status }, j.status),
+    head.replaceChildren(h("div", { class: "row" }, h("span", { class: `status ${j.status}`, id: "job-status", "data-status": j.status }, j.status),
       h("div", { style: "flex:1;min-width:120px" }, progressBar(j.percent)), h("span", {}, j.percent != null ? `${j.percent.toFixed(0)}%` : ""), active ? cancel : null),
     kv([["dataset / arch", `${j.dataset} / ${j.arch}`], ["phase", p.phase || "–"], ["epoch", p.epoch ? `${p.epoch} / ${p.epochs}` : "–"],
       ["ETA", active ? `${secs(j.eta_s)}${j.eta_at ? ` (${new Date(j.eta_at).toLocaleTimeString()})` : ""}` : "–"],
@@ -222,7 +222,13 @@ async function pageJob(id) {
     if (j.model_id) {  // the full per-epoch history, kept in the model's manifest
       try {
         const ins = await api(`models/${j.model_id}/insights`);
-        if (ins.history.length) { records.splice(0, records.length, ...historyRecords(ins.history)); curves.draw(); }
+        // Merge the per-epoch records (with test accuracy) into the live points.
+        for (const r of historyRecords(ins.history)) {
+          const same = records.find((x) => Math.abs(x.x - r.x) < 1e-9);
+          if (same) Object.assign(same, r); else records.push(r);
+        }
+        records.sort((a, b) => a.x - b.x);
+        curves.draw();
       } catch { /* the live points stay */ }
     }
   };
