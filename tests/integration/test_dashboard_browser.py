@@ -7,6 +7,7 @@ Screenshots of each page at 1280 and 390 px go to docs/screenshots/ (or $MWT_TES
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import os
 import re
@@ -173,8 +174,8 @@ def test_dashboard_walkthrough(server: tuple[str, str, Path], browser: Any, tmp_
     page.fill("#module-search [name=dataset]", "digits")
     page.fill("#module-search [name=class_name]", "3")
     page.click("#module-search button[type=submit]")
-    page.locator("table tbody tr").first.wait_for()
-    assert page.locator("table tbody tr").count() == 1
+    expect(page.locator("table tbody tr")).to_have_count(1)
+    expect(page.locator("table tbody tr td").nth(1)).to_have_text("3")
     page.locator("table tbody tr").first.click()
     page.wait_for_selector("#module-card")
     sha = page.inner_text("#module-sha").strip()
@@ -194,8 +195,21 @@ def test_dashboard_walkthrough(server: tuple[str, str, Path], browser: Any, tmp_
     page.click("#compose-btn")
     acc = page.locator("#composition-accuracy")
     acc.wait_for(timeout=120_000)
-    assert re.fullmatch(r"\d+\.\d%", acc.inner_text()), acc.inner_text()
-    expect(page.locator("#composition h2")).to_contain_text("3, 5, 8")
+    api = httpx.Client(base_url=f"{base}/api/v1", headers={"X-API-Key": key}, timeout=60)
+    comp = api.get("/compositions").json()["items"][0]
+    assert comp["class_names"] == ["3", "5", "8"]
+    assert acc.inner_text() == f"{100 * comp['accuracy']:.1f}%"
+    expect(page.locator("#composition > h2")).to_contain_text("3, 5, 8")
+    # Try it: an image of a 5 from the test split, through the predict endpoint.
+    sample = api.get("/datasets/digits/samples", params={"per_class": 1}).json()["images"][5][0]
+    png = tmp_path / "five.png"
+    png.write_bytes(base64.b64decode(sample.split(",", 1)[1]))
+    page.set_input_files("#composition #drop-zone input[type=file]", str(png))
+    expect(page.locator("#composition .predict-result")).to_contain_text("five.png")
+    top = api.post(
+        f"/compositions/{comp['id']}/predict", files={"files": ("five.png", png.read_bytes())}
+    ).json()["predictions"][0]["top"][0]["class_name"]
+    expect(page.locator("#composition .predict-result td").nth(1)).to_contain_text(top)
     _shot(page, "compose-desktop")
 
     # Bad inputs: a dataset that is not an .npz; a job with an impossible value.

@@ -250,11 +250,14 @@ async function pageModels() {
     max_krr: h("input", { name: "max_krr", type: "number", step: "any", min: 0, max: 1, placeholder: "0–1" }),
     status: h("select", { name: "status" }, ["ready", "training", "failed", "any"].map((s) => h("option", { value: s }, s))),
     sort: h("select", { name: "sort" }, ["-created", "-accuracy", "krr", "-version"].map((s) => h("option", { value: s }, s))) };
+  let seq = 0;
   const load = async () => {
     hideError(err);
+    const mine = ++seq;
     try {
       const params = Object.fromEntries(Object.entries(f).map(([k, i]) => [k, i.value]));
       const page = await api(`models${qs({ ...params, limit: 100 })}`);
+      if (mine !== seq) return; // a newer filter was applied meanwhile
       listBox.replaceChildren(page.items.length ? table([
         { label: "Model", get: (m) => h("a", { href: `#/models/${m.id}` }, `${m.name} v${m.version}`) },
         { label: "Status", get: (m) => statusBadge(m.status), narrow: false },
@@ -275,12 +278,12 @@ async function pageModels() {
 function modularityFigures(ins) {
   const out = [];
   if (ins.kept) {
-    out.push(h("div", { class: "card", id: "kept-heatmap" }, heatmap(ins.class_names, ins.layers,
+    out.push(h("div", { class: "card wide", id: "kept-heatmap" }, heatmap(ins.class_names, ins.layers,
       ins.kept.map((row) => row.map((k, l) => k / ins.layer_kernels[l])),
       { title: "Kernels kept per class and layer", xLabel: "layer (kernels kept / total)", yLabel: "class",
         text: ins.kept, legend: "kept fraction" }),
     h("p", { class: "muted" }, `Layer sizes: ${ins.layers.map((l, i) => `${l}=${ins.layer_kernels[i]}`).join(", ")}; τ = ${ins.tau}.`)));
-    out.push(h("div", { class: "card", id: "coupling-matrix" }, heatmap(ins.class_names, ins.class_names, ins.coupling,
+    out.push(h("div", { class: "card wide", id: "coupling-matrix" }, heatmap(ins.class_names, ins.class_names, ins.coupling,
       { title: "Coupling: kernels shared by two classes' modules", xLabel: "class", yLabel: "class",
         text: ins.coupling.map((r) => r.map((v) => v.toFixed(2))), legend: "Jaccard overlap" })));
   }
@@ -344,11 +347,14 @@ async function pageModules() {
     max_krr: h("input", { name: "max_krr", type: "number", step: "any", placeholder: "0–1" }),
     min_accuracy: h("input", { name: "min_accuracy", type: "number", step: "any", placeholder: "0–1" }),
     sort: h("select", { name: "sort" }, ["-accuracy", "krr", "-created", "id"].map((s) => h("option", { value: s }, s))) };
+  let seq = 0;
   const load = async () => {
     hideError(err);
+    const mine = ++seq;
     try {
       const params = Object.fromEntries(Object.entries(f).map(([k, i]) => [k, i.value]));
       const page = await api(`modules${qs({ ...params, limit: 100 })}`);
+      if (mine !== seq) return; // a newer search was started meanwhile
       listBox.replaceChildren(h("p", { class: "muted" }, `${page.total ?? page.items.length} module(s)`), page.items.length ? table([
         { label: "Module", get: (x) => h("a", { href: `#/modules/${x.id}` }, `#${x.id}`) },
         { label: "Class", get: (x) => x.class_name },

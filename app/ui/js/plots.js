@@ -13,6 +13,7 @@ function el(name, attrs = {}, text) {
 
 function fmt(v) {
   if (!Number.isFinite(v)) return "";
+  if (Number.isInteger(v) && Math.abs(v) < 1e6) return String(v);
   const a = Math.abs(v);
   if (a !== 0 && (a < 0.01 || a >= 1e4)) return v.toExponential(1);
   return a >= 100 ? v.toFixed(0) : a >= 10 ? v.toFixed(1) : v.toFixed(2);
