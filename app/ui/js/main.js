@@ -178,7 +178,7 @@ function curveBox(records, id) {
     box.replaceChildren(...Object.entries(CURVES).map(([k, c]) => h("div", { class: "card", "data-curve": k }, lineChart(
       c.keys.map((key) => ({ name: key, points: records.filter((r) => r[key] !== null && r[key] !== undefined).map((r) => [r.x, r[key]]) }))
         .filter((s) => s.points.length || c.keys.length === 1),
-      { title: c.title, xLabel: "epoch", yLabel: c.y, yMin: c.yMin, yMax: c.yMax }))));
+      { title: c.title, xLabel: "epoch", yLabel: c.y, xMin: 0, yMin: c.yMin, yMax: c.yMax }))));
   };
   draw();
   return { box, draw };
@@ -307,7 +307,7 @@ async function pageModel(id) {
   if (ins && ins.history.length) {
     const rec = historyRecords(ins.history);
     figs.push(...Object.values(CURVES).map((c) => h("div", { class: "card" }, lineChart(c.keys.map((k) => ({ name: k, points: rec.filter((r) => r[k] != null).map((r) => [r.x, r[k]]) })),
-      { title: c.title, xLabel: "epoch", yLabel: c.y, yMin: c.yMin, yMax: c.yMax }))));
+      { title: c.title, xLabel: "epoch", yLabel: c.y, xMin: 0, yMin: c.yMin, yMax: c.yMax }))));
   }
   if (ins) figs.push(...modularityFigures(ins));
   main.replaceChildren(

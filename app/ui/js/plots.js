@@ -35,7 +35,8 @@ function ticks(lo, hi, n = 5) {
  * opts: {title, xLabel, yLabel, yMin, yMax}
  */
 export function lineChart(series, opts = {}) {
-  const W = 560, H = 300, L = 56, R = 12, T = 28, B = 72;
+  // A narrower drawing on phones, so that its text is not scaled down to nothing.
+  const W = window.innerWidth < 600 ? 380 : 560, H = 300, L = 56, R = 12, T = 28, B = 72;
   const svg = el("svg", { viewBox: `0 0 ${W} ${H}`, class: "plot", role: "img", "aria-label": opts.title || "chart" });
   svg.append(el("text", { x: W / 2, y: 18, "text-anchor": "middle", class: "plot-title" }, opts.title || ""));
   const pts = series.flatMap((s) => s.points).filter(([x, y]) => Number.isFinite(x) && Number.isFinite(y));
@@ -43,7 +44,7 @@ export function lineChart(series, opts = {}) {
     svg.append(el("text", { x: W / 2, y: H / 2, "text-anchor": "middle", class: "plot-empty" }, "no data yet"));
     return svg;
   }
-  let [x0, x1] = [Math.min(...pts.map((p) => p[0])), Math.max(...pts.map((p) => p[0]))];
+  let [x0, x1] = [opts.xMin ?? Math.min(...pts.map((p) => p[0])), Math.max(...pts.map((p) => p[0]))];
   let y0 = opts.yMin ?? Math.min(...pts.map((p) => p[1]));
   let y1 = opts.yMax ?? Math.max(...pts.map((p) => p[1]));
   if (x1 === x0) { x0 -= 0.5; x1 += 0.5; }
