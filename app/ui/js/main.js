@@ -6,6 +6,10 @@ const main = document.getElementById("main");
 const state = { scopes: new Set(), name: "", cleanup: [] };
 
 // ---------- small DOM helpers ----------
+// replaceChildren that leaves out null/false parts (as h() does) instead of printing "null".
+function fill(node, ...kids) {
+  node.replaceChildren(...kids.flat().filter((k) => k !== null && k !== undefined && k !== false));
+}
 function h(tag, attrs = {}, ...kids) {
   const n = document.createElement(tag);
   for (const [k, v] of Object.entries(attrs || {})) {
@@ -82,7 +86,7 @@ function renderLogin(message) {
   h("h1", {}, "Sign in"),
   h("p", { class: "muted" }, "Paste an API key (`mwt serve` prints the admin key once; `mwt keys create` makes others). It is kept for this browser tab only."),
   h("label", {}, "API key", input), h("div", { class: "row" }, h("button", { type: "submit" }, "Continue")), err);
-  main.replaceChildren(form);
+  fill(main, form);
   if (message) showError(err, message);
   input.focus();
 }
@@ -109,11 +113,11 @@ async function pageJobs() {
   const err = errorBox();
   const listBox = h("div", {}, h("p", { class: "muted" }, "loading…"));
   const formBox = needs("write", h("section", { id: "submit-job" }));
-  main.replaceChildren(h("h1", {}, "Jobs"), err, formBox, h("h2", {}, "Recent jobs"), listBox);
+  fill(main, h("h1", {}, "Jobs"), err, formBox, h("h2", {}, "Recent jobs"), listBox);
   const refresh = async () => {
     try {
       const page = await api(`jobs${qs({ limit: 30 })}`);
-      listBox.replaceChildren(page.items.length ? table([
+      fill(listBox, page.items.length ? table([
         { label: "Job", get: (j) => h("a", { href: `#/jobs/${j.id}` }, j.id.slice(0, 8)) },
         { label: "Status", get: (j) => statusBadge(j.status) },
         { label: "Dataset", get: (j) => `${j.dataset ?? "–"} / ${j.arch ?? "–"}`, narrow: false },
@@ -161,7 +165,7 @@ async function pageJobs() {
         location.hash = `#/jobs/${job.id}`;
       } catch (e) { showError(ferr, e); }
     } }, JOB_FIELDS.filter((f) => props[f]).map(field), h("button", { type: "submit" }, "Submit job"));
-    formBox.replaceChildren(h("h2", {}, "Train a model"),
+    fill(formBox, h("h2", {}, "Train a model"),
       h("p", { class: "muted" }, "Defaults come from the API schema (the paper's settings); a few epochs are enough to try things out."), form, ferr);
   } catch (e) { showError(err, e); }
 }
@@ -175,7 +179,7 @@ const CURVES = {
 function curveBox(records, id) {
   const box = h("div", { class: "cards", id });
   const draw = () => {
-    box.replaceChildren(...Object.entries(CURVES).map(([k, c]) => h("div", { class: "card", "data-curve": k }, lineChart(
+    fill(box, ...Object.entries(CURVES).map(([k, c]) => h("div", { class: "card", "data-curve": k }, lineChart(
       c.keys.map((key) => ({ name: key, points: records.filter((r) => r[key] !== null && r[key] !== undefined).map((r) => [r.x, r[key]]) }))
         .filter((s) => s.points.length || c.keys.length === 1),
       { title: c.title, xLabel: "epoch", yLabel: c.y, xMin: 0, yMin: c.yMin, yMax: c.yMax }))));
@@ -190,7 +194,7 @@ async function pageJob(id) {
   const head = h("div");
   const records = [];
   const curves = curveBox(records, "job-curves");
-  main.replaceChildren(h("h1", {}, "Job ", h("code", {}, id.slice(0, 8))), err, head, h("h2", {}, "Training curves"), curves.box);
+  fill(main, h("h1", {}, "Job ", h("code", {}, id.slice(0, 8))), err, head, h("h2", {}, "Training curves"), curves.box);
   let job;
   try { job = await api(`jobs/${encodeURIComponent(id)}`); } catch (e) { showError(err, e); return; }
   const drawHead = (j) => {
@@ -200,7 +204,7 @@ async function pageJob(id) {
       try { drawHead(await api(`jobs/${id}/cancel`, { method: "POST" })); } catch (e) { showError(err, e); }
     } }, j.cancel_requested ? "Cancelling…" : "Cancel"));
     const p = j.progress || {};
-    head.replaceChildren(h("div", { class: "row" }, h("span", { class: `status ${j.status}`, id: "job-status", "data-status": j.status }, j.status),
+    fill(head, h("div", { class: "row" }, h("span", { class: `status ${j.status}`, id: "job-status", "data-status": j.status }, j.status),
       h("div", { style: "flex:1;min-width:120px" }, progressBar(j.percent)), h("span", {}, j.percent != null ? `${j.percent.toFixed(0)}%` : ""), active ? cancel : null),
     kv([["dataset / arch", `${j.dataset} / ${j.arch}`], ["phase", p.phase || "–"], ["epoch", p.epoch ? `${p.epoch} / ${p.epochs}` : "–"],
       ["ETA", active ? `${secs(j.eta_s)}${j.eta_at ? ` (${new Date(j.eta_at).toLocaleTimeString()})` : ""}` : "–"],
@@ -258,7 +262,7 @@ async function pageModels() {
       const params = Object.fromEntries(Object.entries(f).map(([k, i]) => [k, i.value]));
       const page = await api(`models${qs({ ...params, limit: 100 })}`);
       if (mine !== seq) return; // a newer filter was applied meanwhile
-      listBox.replaceChildren(page.items.length ? table([
+      fill(listBox, page.items.length ? table([
         { label: "Model", get: (m) => h("a", { href: `#/models/${m.id}` }, `${m.name} v${m.version}`) },
         { label: "Status", get: (m) => statusBadge(m.status), narrow: false },
         { label: "Dataset", get: (m) => `${m.dataset} / ${m.arch}` },
@@ -271,7 +275,7 @@ async function pageModels() {
   };
   const form = h("form", { class: "grid", onsubmit: (ev) => { ev.preventDefault(); load(); } },
     Object.entries(f).map(([k, i]) => h("label", {}, k.replace("_", " "), i)), h("button", { type: "submit" }, "Filter"));
-  main.replaceChildren(h("h1", {}, "Models"), form, err, listBox);
+  fill(main, h("h1", {}, "Models"), form, err, listBox);
   await load();
 }
 
@@ -292,7 +296,7 @@ function modularityFigures(ins) {
 
 async function pageModel(id) {
   const err = errorBox();
-  main.replaceChildren(h("h1", {}, `Model #${id}`), err);
+  fill(main, h("h1", {}, `Model #${id}`), err);
   let m;
   try { m = await api(`models/${id}`); } catch (e) { showError(err, e); return; }
   let ins = null;
@@ -310,7 +314,7 @@ async function pageModel(id) {
       { title: c.title, xLabel: "epoch", yLabel: c.y, xMin: 0, yMin: c.yMin, yMax: c.yMax }))));
   }
   if (ins) figs.push(...modularityFigures(ins));
-  main.replaceChildren(
+  fill(main, 
     h("h1", {}, `${m.name} v${m.version} `, statusBadge(m.status)), err,
     h("div", { class: "cards" },
       h("div", { class: "card", id: "model-metrics" }, h("h2", {}, "Metrics"), kv([
@@ -355,7 +359,7 @@ async function pageModules() {
       const params = Object.fromEntries(Object.entries(f).map(([k, i]) => [k, i.value]));
       const page = await api(`modules${qs({ ...params, limit: 100 })}`);
       if (mine !== seq) return; // a newer search was started meanwhile
-      listBox.replaceChildren(h("p", { class: "muted" }, `${page.total ?? page.items.length} module(s)`), page.items.length ? table([
+      fill(listBox, h("p", { class: "muted" }, `${page.total ?? page.items.length} module(s)`), page.items.length ? table([
         { label: "Module", get: (x) => h("a", { href: `#/modules/${x.id}` }, `#${x.id}`) },
         { label: "Class", get: (x) => x.class_name },
         { label: "Dataset", get: (x) => `${x.dataset} / ${x.arch}`, narrow: false },
@@ -367,7 +371,7 @@ async function pageModules() {
   };
   const form = h("form", { class: "grid", id: "module-search", onsubmit: (ev) => { ev.preventDefault(); load(); } },
     Object.entries(f).map(([k, i]) => h("label", {}, k.replace("_", " "), i)), h("button", { type: "submit" }, "Search"));
-  main.replaceChildren(h("h1", {}, "Modules"), h("p", { class: "muted" }, "Each module is the part of a model that recognises one class."), form, err, listBox);
+  fill(main, h("h1", {}, "Modules"), h("p", { class: "muted" }, "Each module is the part of a model that recognises one class."), form, err, listBox);
   await load();
 }
 
@@ -381,7 +385,7 @@ function predictZone(kind, id) {
     for (const f of files) form.append("files", f, f.name);
     try {
       const r = await api(`${kind}/${id}/predict${qs({ top_k: 3 })}`, { method: "POST", form });
-      out.replaceChildren(table([{ label: "Image", get: (p) => p.input },
+      fill(out, table([{ label: "Image", get: (p) => p.input },
         { label: "Prediction", get: (p) => p.top.map((t) => `${t.class_name} (${(100 * t.probability).toFixed(1)}%)`).join(", ") }], r.predictions));
     } catch (e) { out.textContent = ""; showError(err, e); }
   };
@@ -396,7 +400,7 @@ function predictZone(kind, id) {
 
 async function pageModule(id) {
   const err = errorBox();
-  main.replaceChildren(h("h1", {}, `Module #${id}`), err);
+  fill(main, h("h1", {}, `Module #${id}`), err);
   let x;
   try { x = await api(`modules/${id}`); } catch (e) { showError(err, e); return; }
   let ins = null;
@@ -405,7 +409,7 @@ async function pageModule(id) {
   const perLayer = ins && ins.kept ? h("div", { class: "card", id: "module-layers" }, barChart(ins.layers,
     [{ name: "kept", values: ins.kept[x.class_index] }, { name: "total", values: ins.layer_kernels }],
     { title: "Kernels per layer", yLabel: "kernels" })) : null;
-  main.replaceChildren(h("h1", {}, `Module: class “${x.class_name}” of model #${x.model_id}`), err,
+  fill(main, h("h1", {}, `Module: class “${x.class_name}” of model #${x.model_id}`), err,
     h("div", { class: "cards" },
       h("div", { class: "card", id: "module-card" }, kv([
         ["class", `${x.class_name} (index ${x.class_index})`], ["dataset / arch", `${x.dataset} / ${x.arch}`],
@@ -421,7 +425,7 @@ async function pageModule(id) {
 // ---------- Compose ----------
 async function pageCompose() {
   const err = errorBox();
-  main.replaceChildren(h("h1", {}, "Compose a classifier"), err);
+  fill(main, h("h1", {}, "Compose a classifier"), err);
   let models;
   try { models = (await api(`models${qs({ status: "ready", limit: 100, sort: "-created" })}`)).items.filter((m) => m.modular); } catch (e) { showError(err, e); return; }
   if (!models.length) { main.append(h("p", { class: "muted" }, "No modular model is ready yet: train one on the Jobs page.")); return; }
@@ -443,14 +447,14 @@ async function pageCompose() {
   const result = h("div", { id: "composition" });
   const cerr = errorBox();
   const go = needs("write", h("button", { type: "button", id: "compose-btn", onclick: async () => {
-    hideError(cerr); result.replaceChildren(h("p", { class: "muted" }, "composing and measuring on the test split…"));
+    hideError(cerr); fill(result, h("p", { class: "muted" }, "composing and measuring on the test split…"));
     const sources = [...picks.entries()].filter(([, s]) => s.size).map(([model_id, s]) => ({ model_id, classes: [...s] }));
     try {
       if (!sources.length) throw new ApiError(0, "pick at least one class first");
       const body = sources.length === 1 ? { model_id: sources[0].model_id, classes: sources[0].classes } : { sources };
       const c = await api("compositions", { method: "POST", body });
       await showComposition(c, result, models);
-    } catch (e) { result.replaceChildren(); showError(cerr, e); }
+    } catch (e) { fill(result, ); showError(cerr, e); }
   } }, "Compose"));
   main.append(h("p", { class: "muted" }, "Pick classes from one model (its modules are cut out, no training) or from several (their logits are calibrated)."),
     pickerBox, summary, go, cerr, result);
@@ -461,7 +465,7 @@ async function showComposition(c, box, models) {
   const srcModels = c.sources.map((s) => models.find((m) => m.id === s.model_id)).filter(Boolean);
   const srcParams = srcModels.reduce((a, m) => a + (m.params || 0), 0);
   const srcFlops = srcModels.reduce((a, m) => a + (m.flops || 0), 0);
-  box.replaceChildren(h("h2", {}, `Composition #${c.id}: ${c.class_names.join(", ")}`),
+  fill(box, h("h2", {}, `Composition #${c.id}: ${c.class_names.join(", ")}`),
     h("div", { class: "cards" },
       h("div", { class: "card", id: "composition-card" }, kv([
         ["accuracy", h("strong", { id: "composition-accuracy" }, pct(c.accuracy))],
@@ -500,7 +504,7 @@ async function pageDatasets(name) {
   const load = async () => {
     try {
       const ds = await api("datasets");
-      listBox.replaceChildren(table([
+      fill(listBox, table([
         { label: "Dataset", get: (d) => h("a", { href: `#/datasets/${encodeURIComponent(d.name)}` }, d.name) },
         { label: "Source", get: (d) => d.source, narrow: false },
         { label: "Classes", get: (d) => d.num_classes },
@@ -510,17 +514,17 @@ async function pageDatasets(name) {
       ], ds, (d) => { location.hash = `#/datasets/${encodeURIComponent(d.name)}`; }));
     } catch (e) { showError(err, e); }
   };
-  main.replaceChildren(h("h1", {}, "Datasets"), err, listBox, samples,
+  fill(main, h("h1", {}, "Datasets"), err, listBox, samples,
     h("h2", { class: state.scopes.has("write") ? null : "hidden-by-scope" }, "Upload a dataset"), uploadForm, umsg, uerr);
   await load();
   if (name) {
-    samples.replaceChildren(h("p", { class: "muted" }, "loading samples…"));
+    fill(samples, h("p", { class: "muted" }, "loading samples…"));
     try {
       const s = await api(`datasets/${encodeURIComponent(name)}/samples${qs({ per_class: 8 })}`);
-      samples.replaceChildren(h("h2", {}, `${s.dataset}: test images per class`), h("div", { class: "samples card" },
+      fill(samples, h("h2", {}, `${s.dataset}: test images per class`), h("div", { class: "samples card" },
         s.class_names.flatMap((c, i) => [h("strong", {}, c), h("div", {}, s.images[i].map((src) => h("img", { src, alt: `class ${c}` })))])),
       s.truncated ? h("p", { class: "muted" }, "Only the first classes are shown.") : null);
-    } catch (e) { samples.replaceChildren(); showError(err, e); }
+    } catch (e) { fill(samples, ); showError(err, e); }
   }
 }
 
