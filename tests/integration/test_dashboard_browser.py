@@ -266,5 +266,18 @@ def test_dashboard_walkthrough(server: tuple[str, str, Path], browser: Any, tmp_
             page.wait_for_selector(ready)
             _shot(page, f"{name}-desktop")
 
+    # A read-only key: what needs write is not offered (the API would answer 403).
+    read_key = api.post("/keys", json={"name": "viewer", "scopes": ["read"]}).json()["token"]
+    viewer = _new_page(browser, base, watch)
+    _sign_in(viewer, read_key)
+    viewer.wait_for_selector("table tbody tr")
+    expect(viewer.locator("#submit-job")).to_be_hidden()
+    viewer.goto("/#/compose")
+    viewer.wait_for_selector("#picker input")
+    expect(viewer.locator("#compose-btn")).to_be_hidden()
+    viewer.goto(job_url.removeprefix(base))
+    viewer.wait_for_selector("#job-status")
+    expect(viewer.locator("#cancel-job")).to_have_count(0)
+
     assert not watch.outside, f"requests tried to leave the machine: {watch.outside}"
     assert not watch.errors, watch.errors
