@@ -134,6 +134,8 @@ def create_app(settings: Settings | None = None, *, run_executor: bool | None = 
         + "\n\nTrain CNNs with Modularizing-while-Training, browse per-class modules, download them and "
         "compose classifiers for any subset of classes. Authenticate with `Authorization: Bearer <key>`.",
         lifespan=lifespan,
+        docs_url=None,  # served offline by app.routers.ui
+        redoc_url=None,
         max_body_size=settings.max_json_kb * 1024,
         telemetry={"tracing": False, "metrics": False, "logs": False},
     )
@@ -156,6 +158,9 @@ def create_app(settings: Settings | None = None, *, run_executor: bool | None = 
         app.include_router(module.router, prefix=API_PREFIX)
     app.include_router(datasets.build_router(settings), prefix=API_PREFIX)
     app.include_router(predict_router(settings), prefix=API_PREFIX)
+    from app.routers.ui import install as install_ui
+
+    install_ui(app, API_PREFIX)  # dashboard at /, offline /docs, the dashboard's read-only views
     _install_error_handlers(app)
     app.add_middleware(MetricsMiddleware, metrics=app.state.metrics)
     return app
