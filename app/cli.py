@@ -610,6 +610,7 @@ def download(
         d = _call(fn, module_id, out_dir, extract=extract)
     out.print(
         f"{d.path} ({d.size} bytes) sha256 {d.sha256} verified"
+        + (" (already downloaded; skipped)" if d.skipped else "")
         + (f", resumed at byte {d.resumed_from}" if d.resumed_from else "")
     )
     for f in d.files:
