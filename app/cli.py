@@ -13,6 +13,7 @@ import json
 import logging
 import os
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -99,24 +100,76 @@ def _pct(v: float | None) -> str:
     return "-" if v is None else f"{100 * v:.1f}%"
 
 
-def _table(title: str, columns: list[str], rows: list[list[Any]]) -> Table:
+@dataclass(frozen=True)
+class Col:
+    """A table column: ``kind`` "id" and "num" never wrap (a split id or number misleads);
+    "text" is cut with an ellipsis at ``max_width``. Columns with ``drop`` > 0 are left out,
+    highest first, while the table is wider than the terminal."""
+
+    name: str
+    kind: str = "text"
+    drop: int = 0
+    max_width: int | None = None
+
+
+def _compact(n: float | None, unit: str = "") -> str:
+    """793000 -> '793k', 11173962 -> '11.2M': a number that fits a narrow column."""
+    if n is None:
+        return "-"
+    for scale, suffix in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if abs(n) >= scale:
+            v = n / scale
+            text = f"{v:.1f}" if abs(v) < 100 else f"{v:.0f}"
+            return f"{text.removesuffix('.0')}{suffix}{unit}"
+    return f"{n:g}{unit}"
+
+
+def _short_id(v: str | None, n: int = 8) -> str:
+    """The first ``n`` characters of a uuid or digest (what `git` shows; unique in practice)."""
+    return "-" if v is None else str(v)[:n]
+
+
+def _build_table(title: str, columns: list[Col], rows: list[list[str]]) -> Table:
     t = Table(title=title, title_justify="left")
     for c in columns:
-        t.add_column(c, overflow="fold")  # narrow terminals wrap cells rather than cut them
+        if c.kind == "text":
+            t.add_column(c.name, no_wrap=True, overflow="ellipsis", max_width=c.max_width)
+        else:
+            t.add_column(c.name, no_wrap=True, overflow="ellipsis",
+                         justify="right" if c.kind == "num" else "left")
     for r in rows:
-        t.add_row(*["-" if v is None else str(v) for v in r])
+        t.add_row(*r)
     return t
 
 
+def _table(
+    title: str, columns: list[Col | str], rows: list[list[Any]], width: int | None = None
+) -> Table:
+    """A table that fits ``width`` (the terminal's) by leaving out droppable columns first."""
+    cols = [c if isinstance(c, Col) else Col(c) for c in columns]
+    cells = [["-" if v is None else str(v) for v in r] for r in rows]
+    width = width or out.width
+    keep = list(range(len(cols)))
+    while True:
+        table = _build_table(title, [cols[i] for i in keep], [[r[i] for i in keep] for r in cells])
+        droppable = [i for i in keep if cols[i].drop > 0]
+        if not droppable or out.measure(table, options=out.options.update_width(10_000)).maximum <= width:
+            return table
+        keep.remove(max(droppable, key=lambda i: cols[i].drop))
+
+
 def _print_page(
-    page: dict[str, Any], as_json: bool, title: str, columns: dict[str, Callable[[dict], Any]]
+    page: dict[str, Any],
+    as_json: bool,
+    title: str,
+    columns: list[tuple[Col, Callable[[dict], Any]]],
 ) -> None:
     """A list endpoint's page: raw JSON, or a table with one column per ``columns`` entry."""
     if as_json:
         out.print_json(json.dumps(page))
         return
-    rows = [[cell(item) for cell in columns.values()] for item in page["items"]]
-    out.print(_table(f"{title} ({page['total']})", list(columns), rows))
+    rows = [[cell(item) for _, cell in columns] for item in page["items"]]
+    out.print(_table(f"{title} ({page['total']})", [c for c, _ in columns], rows))
 
 
 def _settings(**overrides: Any) -> Any:
@@ -142,6 +195,15 @@ def _announce_key(token: str | None, key_file: Path | None = None) -> None:
     err.print(
         "\n[bold yellow]Admin API key (shown once, only its hash is stored):[/]\n"
         f"  export MWT_API_KEY={token}\n"
+    )
+
+
+def _banner(settings: Any) -> str:
+    """`mwt serve`'s start-up lines: one value a line so 80 columns never split a URL mid-way."""
+    return (
+        f"MwT Hub on http://{settings.api_host}:{settings.api_port}  (docs: /docs)\n"
+        f"  data: {settings.data_dir}\n"
+        f"  db:   {settings.database_url.split('@')[-1]}"
     )
 
 
@@ -184,10 +246,7 @@ def serve(
     finally:
         engine.dispose()
     api = create_app(settings)
-    err.print(
-        f"MwT Hub on http://{settings.api_host}:{settings.api_port}  (docs: /docs, data: {settings.data_dir}, "
-        f"db: {settings.database_url.split('@')[-1]})"
-    )
+    err.print(_banner(settings), soft_wrap=True)  # soft: a long path wraps whole, never split by rich
     uvicorn.run(api, host=settings.api_host, port=settings.api_port, log_level=settings.log_level)
 
 
@@ -476,17 +535,17 @@ def jobs(
         page,
         as_json,
         "jobs",
-        {
-            "id": lambda j: j["id"],
-            "kind": lambda j: j["kind"],
-            "status": lambda j: j["status"],
-            "dataset": lambda j: j["dataset"],
-            "arch": lambda j: j["arch"],
-            "done": lambda j: None if j.get("percent") is None else f"{j['percent']:.0f}%",
-            "attempts": lambda j: j["attempts"],
-            "model": lambda j: j.get("model_id"),
-            "error": lambda j: (j.get("error") or "")[:60],
-        },
+        [
+            (Col("id", "id"), lambda j: _short_id(j["id"])),
+            (Col("kind"), lambda j: j["kind"]),
+            (Col("status"), lambda j: j["status"]),
+            (Col("dataset", drop=2, max_width=12), lambda j: j["dataset"]),
+            (Col("arch", drop=3, max_width=10), lambda j: j["arch"]),
+            (Col("done", "num"), lambda j: None if j.get("percent") is None else f"{j['percent']:.0f}%"),
+            (Col("try", "num", drop=4), lambda j: j["attempts"]),
+            (Col("model", "num"), lambda j: j.get("model_id")),
+            (Col("error", drop=1, max_width=30), lambda j: j.get("error") or ""),
+        ],
     )
 
 
@@ -527,19 +586,21 @@ def models(
         page,
         as_json,
         "models",
-        {
-            "id": lambda m: m["id"],
-            "name": lambda m: m["name"],
-            "v": lambda m: m["version"],
-            "dataset": lambda m: m["dataset"],
-            "arch": lambda m: m["arch"],
-            "width": lambda m: m["width"],
-            "accuracy": lambda m: _pct(m["accuracy"]),
-            "KRR": lambda m: _pct(m["krr"]),
-            "cohesion": lambda m: None if m["cohesion"] is None else f"{m['cohesion']:.3f}",
-            "coupling": lambda m: None if m["coupling"] is None else f"{m['coupling']:.3f}",
-            "params": lambda m: m["params"],
-        },
+        [
+            (Col("id", "num"), lambda m: m["id"]),
+            (Col("name", max_width=20), lambda m: m["name"]),
+            (Col("v", "num"), lambda m: m["version"]),
+            (Col("dataset", drop=5, max_width=12), lambda m: m["dataset"]),
+            (Col("arch", drop=3, max_width=10), lambda m: m["arch"]),
+            (Col("width", "num", drop=4), lambda m: f"{m['width']:g}"),
+            (Col("accuracy", "num"), lambda m: _pct(m["accuracy"])),
+            (Col("KRR", "num"), lambda m: _pct(m["krr"])),
+            (Col("cohesion", "num", drop=1),
+             lambda m: None if m["cohesion"] is None else f"{m['cohesion']:.3f}"),
+            (Col("coupling", "num", drop=2),
+             lambda m: None if m["coupling"] is None else f"{m['coupling']:.3f}"),
+            (Col("params", "num"), lambda m: _compact(m["params"])),
+        ],
     )
 
 
@@ -548,11 +609,16 @@ def modules(
     url: UrlOpt = "http://127.0.0.1:8000",
     key: KeyOpt = None,
     dataset: Annotated[str | None, typer.Option()] = None,
+    arch: Annotated[str | None, typer.Option(help="Architecture of the module's model.")] = None,
     model_id: Annotated[int | None, typer.Option()] = None,
     class_name: Annotated[str | None, typer.Option()] = None,
     class_index: Annotated[int | None, typer.Option()] = None,
     max_krr: Annotated[float | None, typer.Option()] = None,
     min_accuracy: Annotated[float | None, typer.Option()] = None,
+    sort: Annotated[
+        str | None,
+        typer.Option(help="krr, accuracy, created or id; '-' prefix for descending (e.g. -accuracy)."),
+    ] = None,
     limit: Annotated[int, typer.Option()] = 50,
     as_json: JsonOpt = False,
 ) -> None:
@@ -561,6 +627,8 @@ def modules(
         page = _call(
             hub.modules,
             dataset=dataset,
+            arch=arch,
+            sort=sort,
             model_id=model_id,
             class_name=class_name,
             class_index=class_index,
@@ -572,18 +640,18 @@ def modules(
         page,
         as_json,
         "modules",
-        {
-            "id": lambda m: m["id"],
-            "model": lambda m: m["model_id"],
-            "class": lambda m: m["class_index"],
-            "name": lambda m: m["class_name"],
-            "dataset": lambda m: m["dataset"],
-            "KRR": lambda m: _pct(m["krr"]),
-            "accuracy": lambda m: _pct(m["accuracy"]),
-            "params": lambda m: m["params"],
-            "bytes": lambda m: m["size_bytes"],
-            "sha256": lambda m: m["sha256"][:12],
-        },
+        [
+            (Col("id", "num"), lambda m: m["id"]),
+            (Col("model", "num"), lambda m: m["model_id"]),
+            (Col("class", "num"), lambda m: m["class_index"]),
+            (Col("name", max_width=16), lambda m: m["class_name"]),
+            (Col("dataset", drop=3, max_width=12), lambda m: m["dataset"]),
+            (Col("KRR", "num"), lambda m: _pct(m["krr"])),
+            (Col("accuracy", "num"), lambda m: _pct(m["accuracy"])),
+            (Col("params", "num"), lambda m: _compact(m["params"])),
+            (Col("size", "num", drop=1), lambda m: _compact(m["size_bytes"], "B")),
+            (Col("sha256", "id", drop=2), lambda m: _short_id(m["sha256"])),
+        ],
     )
 
 
@@ -610,6 +678,7 @@ def download(
         d = _call(fn, module_id, out_dir, extract=extract)
     out.print(
         f"{d.path} ({d.size} bytes) sha256 {d.sha256} verified"
+        + (" (already downloaded; skipped)" if d.skipped else "")
         + (f", resumed at byte {d.resumed_from}" if d.resumed_from else "")
     )
     for f in d.files:
@@ -692,7 +761,16 @@ def compose(
         _table(
             f"composition {comp['id']} of model(s) "
             + ", ".join(str(src["model_id"]) for src in comp["sources"]),
-            ["classes", "accuracy", "full model", "loss", "KRR", "params", "FLOPs", "sha256"],
+            [
+                Col("classes", max_width=24),
+                Col("accuracy", "num"),
+                Col("full model", "num", drop=2),
+                Col("loss", "num", drop=3),
+                Col("KRR", "num"),
+                Col("params", "num"),
+                Col("FLOPs", "num"),
+                Col("sha256", "id", drop=1),
+            ],
             [
                 [
                     ",".join(comp["class_names"]),
@@ -700,9 +778,9 @@ def compose(
                     _pct(comp["baseline_accuracy"]),
                     _pct(comp["accuracy_loss"]),
                     _pct(comp["krr"]),
-                    comp["params"],
-                    comp["flops"],
-                    comp["sha256"][:12],
+                    _compact(comp["params"]),
+                    _compact(comp["flops"]),
+                    _short_id(comp["sha256"]),
                 ]
             ],
         )

@@ -45,6 +45,7 @@ class Download:
     size: int
     files: list[Path]  # extracted files (empty when extract=False)
     resumed_from: int = 0
+    skipped: bool = False  # the file on disk already had the expected sha256
 
 
 def _detail(resp: httpx.Response) -> str:
@@ -250,6 +251,10 @@ class MwtClient:
         name = _filename(head.headers.get("content-disposition")) or "artifact.tar"
         final = dest_dir / name
         part = dest_dir / f"{name}.part"
+        if expected and final.is_file() and sha256_file(final) == expected:
+            # Already downloaded and verified: reuse it rather than fetch the same bytes again.
+            return Download(final, expected, final.stat().st_size, _extract(final, dest_dir, extract),
+                            skipped=True)
         offset = part.stat().st_size if part.exists() else 0
         headers = {"Range": f"bytes={offset}-", "If-Range": f'"{etag}"'} if offset and etag else {}
         resumed = 0
@@ -270,12 +275,9 @@ class MwtClient:
             part.unlink(missing_ok=True)
             raise ChecksumError(f"checksum mismatch for {name}: expected {expected}, got {digest}")
         os.replace(part, final)
-        files: list[Path] = []
-        if extract:
-            from app.storage import safe_extract
-
-            files = safe_extract(final, dest_dir / final.stem)
-        return Download(final, digest, final.stat().st_size, files, resumed)
+        return Download(
+            final, digest, final.stat().st_size, _extract(final, dest_dir, extract), resumed
+        )
 
     def download_module(
         self, module_id: int, dest_dir: str | Path, extract: bool = True
@@ -298,6 +300,15 @@ class MwtClient:
         return self.download(
             f"/api/v1/compositions/{composition_id}/download", dest_dir, meta.get("sha256"), extract
         )
+
+
+def _extract(archive: Path, dest_dir: Path, extract: bool) -> list[Path]:
+    """Unpack ``archive`` next to itself (into ``dest_dir/<stem>``) when asked; the files."""
+    if not extract:
+        return []
+    from app.storage import safe_extract
+
+    return safe_extract(archive, dest_dir / archive.stem)
 
 
 def _filename(disposition: str | None) -> str | None:

@@ -624,34 +624,101 @@ def evaluate_cmd(
     device: DeviceOpt = "auto",
     as_json: JsonOpt = False,
 ) -> None:
-    """Accuracy of a model or module artifact on its dataset's test split."""
+    """Accuracy of a model, module or composition artifact on its dataset's test split."""
     ui = Ui(as_json)
     _require_dir(artifact_dir, "artifact directory")
     with ui.status("loading"):
         net, manifest = load_artifact(artifact_dir)
-        data = data_for_manifest(manifest, data_dir)
-    kind = manifest.get("kind")
-    classes = None
-    if kind == "module":
-        classes = [int(c) for c in manifest["config"]["classes"]]
-    with ui.status("evaluating"):
-        acc = evaluate(net, data, classes, device=device)
-    samples = (int(data.test_y.numel()) if classes is None
-               else int(torch.isin(data.test_y, torch.tensor(classes)).sum()))
+        kind = manifest.get("kind")
+        classes = None
+        if kind == "module":
+            classes = [int(c) for c in manifest["config"]["classes"]]
+        elif kind == "composition":
+            classes = _composition_classes(manifest)
+        data = data_for_manifest(_with_arch(manifest), data_dir)
     recorded = (manifest.get("metrics") or {}).get("test_acc")
-    s = {"artifact": str(artifact_dir), "kind": kind, "dataset": manifest.get("dataset"),
-         "classes": classes, "accuracy": acc, "samples": samples, "recorded_test_acc": recorded}
+    s: dict[str, Any] = {"artifact": str(artifact_dir), "kind": kind, "dataset": manifest.get("dataset"),
+         "classes": classes, "recorded_test_acc": recorded}
+    if classes is not None and len(classes) == 1:
+        # One output always wins an argmax, so "accuracy" would read 100%: score the module
+        # one-vs-rest instead (threshold-free AUROC of its logit on the whole test split) and
+        # show the registry's figure for the class, the full model's recall on it.
+        with ui.status("evaluating one-vs-rest"):
+            auroc = _one_vs_rest_auroc(net, data, classes[0], device)
+        class_recall = (manifest.get("metrics") or {}).get("accuracy")
+        s.update(accuracy=None, one_vs_rest_auroc=auroc, samples=int(data.test_y.numel()),
+                 positives=int((data.test_y == classes[0]).sum()),
+                 full_model_class_recall=class_recall)
+    else:
+        with ui.status("evaluating"):
+            acc = evaluate(net, data, classes, device=device)
+        samples = (int(data.test_y.numel()) if classes is None
+                   else int(torch.isin(data.test_y, torch.tensor(classes)).sum()))
+        s.update(accuracy=acc, samples=samples)
 
     def render() -> None:
-        rows = [("artifact", f"{artifact_dir} ({kind})"), ("dataset", str(manifest.get("dataset"))),
-                ("accuracy", f"{_pct(acc)} on {samples} test images")]
+        rows = [("artifact", f"{artifact_dir} ({kind})"), ("dataset", str(manifest.get("dataset")))]
         if classes is not None:
-            rows.insert(2, ("classes", ", ".join(manifest.get("class_names") or map(str, classes))))
-        if recorded is not None:
+            rows.append(("classes", ", ".join(manifest.get("class_names") or map(str, classes))))
+        if s["accuracy"] is not None:
+            rows.append(("accuracy", f"{_pct(s['accuracy'])} on {s['samples']} test images"))
+        else:
+            rows.append(("accuracy", "n/a: a one-output module always wins an argmax"))
+            rows.append(("one-vs-rest AUROC", f"{s['one_vs_rest_auroc']:.4f} ({s['positives']} of "
+                                              f"{s['samples']} test images are the class)"))
+            if s["full_model_class_recall"] is not None:
+                rows.append(("full model's recall on the class", _pct(s["full_model_class_recall"])))
+        if recorded is not None and s["accuracy"] is not None:  # a one-output "100%" misleads
             rows.append(("recorded at creation", _pct(recorded)))
         ui.out.print(_kv_table("evaluation", rows))
 
     ui.emit(s, render)
+
+
+def _composition_classes(manifest: dict[str, Any]) -> list[int]:
+    """The dataset classes a saved composition outputs, in output order (its sources' classes)."""
+    sources = manifest.get("sources") or []
+    classes = [int(c) for src in sources for c in src.get("classes") or []]
+    if not manifest.get("dataset") or len(set(classes)) != len(classes):
+        raise CliError("this composition joins different datasets or repeats a class across its "
+                       "sources; one test split cannot score it (its recorded figures: `mwt show`)")
+    return classes
+
+
+def _with_arch(manifest: dict[str, Any]) -> dict[str, Any]:
+    """A composition's manifest with its first part's architecture in ``config`` (the data
+    loader needs one to size the images); other artifacts unchanged."""
+    if manifest.get("kind") != "composition":
+        return manifest
+    parts = (manifest.get("config") or {}).get("parts") or []
+    arch = parts[0].get("module", {}).get("arch") if parts else None
+    return {**manifest, "config": {"arch": arch or ""}}
+
+
+@torch.no_grad()
+def _one_vs_rest_auroc(net: torch.nn.Module, data: DatasetBundle, cls: int, device: str) -> float:
+    """P(the module's logit is higher on an image of ``cls`` than on another image), ties 1/2."""
+    from mwt_core.data.batches import ImageBatches
+    from mwt_core.devices import resolve_device
+
+    dev = resolve_device(device)
+    net.eval().to(dev)
+    scores = torch.cat([net(xb)[:, 0].cpu() for xb, _ in
+                        ImageBatches(data.test_x, data.test_y, data.spec, dev).ordered(512)])
+    pos, neg = scores[data.test_y == cls], scores[data.test_y != cls]
+    if not len(pos) or not len(neg):
+        raise CliError(f"the test split needs images of class {cls} and of other classes")
+    # Rank form of the Mann-Whitney statistic (average ranks for ties): O(n log n).
+    order = torch.cat([pos, neg]).double()
+    ranks = _average_ranks(order)
+    return float((ranks[: len(pos)].sum() - len(pos) * (len(pos) + 1) / 2) / (len(pos) * len(neg)))
+
+
+def _average_ranks(x: torch.Tensor) -> torch.Tensor:
+    """1-based ranks of ``x``, tied values sharing their average rank."""
+    values, inverse, counts = torch.unique(x, return_inverse=True, return_counts=True)
+    ends = torch.cumsum(counts, 0).double()
+    return (ends - (counts.double() - 1) / 2)[inverse]
 
 
 def _verify(directory: Path, manifest: dict[str, Any]) -> tuple[bool, str]:
@@ -711,9 +778,12 @@ def show_cmd(
                                      f"lr {tc.get('lr')}, batch {tc.get('batch_size')}, seed {tc.get('seed')}"))
         for key, value in metrics.items():
             if key == "sources" and isinstance(value, list):
-                for src in value:
+                # The metrics' sources hold the figures; the manifest's, where they came from.
+                origins = manifest.get("sources") or []
+                for i, src in enumerate(value):
+                    src = {**(origins[i] if i < len(origins) else {}), **src}
                     acc = src.get("zero_training_accuracy")
-                    rows.append((f"source model {src.get('model_id')}",
+                    rows.append((f"source {_source_label(src)}",
                                  f"classes {src.get('classes')}, KRR {_pct(src.get('krr'))}, "
                                  f"module accuracy {_pct(acc)}"))
                 continue
@@ -729,6 +799,16 @@ def show_cmd(
     ui.emit(s, render)
     if not ok:
         _fail(f"{artifact_dir}: {why}")
+
+
+def _source_label(src: dict[str, Any]) -> str:
+    """Where a composition's source came from: the registry's model id (service), the model
+    directory (`mwt compose`), else the model's sha256."""
+    if src.get("model_id") is not None:
+        return f"model {src['model_id']}"
+    if src.get("model_dir"):
+        return str(src["model_dir"])
+    return f"model {str(src.get('sha256') or '?')[:12]}"
 
 
 def _architecture_text(summary: dict[str, Any], config: dict[str, Any]) -> str:

@@ -125,6 +125,7 @@ def patch(model_id: PathId, body: ModelPatch, db: DbDep, _: WriteKey) -> ModelOu
     return model_out(m)
 
 
+@router.head("/{model_id}/download", include_in_schema=False)  # the client's resume check
 @router.get(
     "/{model_id}/download",
     summary="Download the full model (tar: weights.safetensors + manifest.json, which holds the "

@@ -338,8 +338,8 @@ def test_compose_across_two_model_dirs(trained, tmp_path, standard_model):
              "--out", second)
     a, b = trained[0] / "model", second / "model"
     ts = tmp_path / "comp.pt"
-    s = run_json("compose", f"{a}:3,5", f"{b}:8", "--out", tmp_path / "comp", "--calibrate", "5",
-                 "--torchscript", ts, "--device", "cpu")
+    s = first = run_json("compose", f"{a}:3,5", f"{b}:8", "--out", tmp_path / "comp", "--calibrate", "5",
+                         "--torchscript", ts, "--device", "cpu")
     assert s["class_names"] == ["3", "5", "8"] and s["calibration_samples"] == 15
     assert [src["classes"] for src in s["sources"]] == [[3, 5], [8]]
     from mwt_core.data.datasets import load_dataset
@@ -357,6 +357,34 @@ def test_compose_across_two_model_dirs(trained, tmp_path, standard_model):
                  "--combine", "raw")
     assert s["class_names"] == ["0:3", "1:3"] and s["accuracy"] == s["uncalibrated_accuracy"]
     assert s["combine"] == "raw" and load_artifact(tmp_path / "comp2")[1]["config"]["combine"] == "raw"
+    # A saved composition evaluates on its classes' test images (it once failed: no arch) ...
+    ev = run_json("evaluate", tmp_path / "comp", "--device", "cpu")
+    assert ev["kind"] == "composition" and ev["classes"] == [3, 5, 8]
+    assert ev["samples"] == first["test_samples"]
+    assert ev["accuracy"] == pytest.approx(first["accuracy"], **_close(ev["samples"]))
+    # ... but not when two sources give the same class (one test split cannot score it).
+    result = run("evaluate", tmp_path / "comp2", "--device", "cpu")
+    assert result.exit_code == 1 and "repeats a class" in result.output
+    # `show` names each source by where it came from (it printed "source model None").
+    shown = run("show", tmp_path / "comp", "--json")
+    assert shown.exit_code == 0, shown.output
+    from mwt_core.cli import _source_label
+
+    labels = [_source_label(src) for src in json.loads(shown.stdout)["metrics"]["sources"]]
+    assert labels == [str(a), str(b)]
+    human = run("show", tmp_path / "comp")
+    assert human.exit_code == 0 and "None" not in human.output and "source" in human.output
+    # A service composition's figures (metrics) and origins (registry ids) sit apart.
+    svc = tmp_path / "svc"
+    shutil.copytree(tmp_path / "comp", svc)
+    m = json.loads((svc / "manifest.json").read_text())
+    m["sources"] = [{"model_id": 41, "classes": [3, 5]}, {"model_id": 42, "classes": [8]}]
+    m["metrics"]["sources"] = [{k: v for k, v in src.items() if k != "model_dir"}
+                               for src in m["metrics"]["sources"]]
+    (svc / "manifest.json").write_text(json.dumps(m))
+    human = run("show", svc)
+    assert human.exit_code == 0, human.output
+    assert "source model 41" in human.output and "source model 42" in human.output
     for args, message in [
         ([f"{a}", "--out", tmp_path / "x"], "write MODEL_DIR:CLASSES"),
         ([f"{a}:3,12", "--out", tmp_path / "x"], "out of range"),
@@ -368,3 +396,30 @@ def test_compose_across_two_model_dirs(trained, tmp_path, standard_model):
     ]:
         result = run("compose", *args)
         assert result.exit_code == 1 and message in result.output, (args, result.output)
+
+
+def test_evaluate_one_class_module_scores_one_vs_rest(trained):
+    """A one-output module always wins an argmax: evaluate reports its one-vs-rest AUROC
+    (checked here by counting pairs by hand) and the registry's figure, the full model's recall."""
+    out, _ = trained
+    index = json.loads((out / "modules" / "index.json").read_text())
+    directory = out / "modules" / index[3]["dir"]
+    ev = run_json("evaluate", directory, "--device", "cpu")
+    assert ev["accuracy"] is None and ev["classes"] == [3]
+    net, manifest = load_artifact(directory)
+    data = load_dataset("digits", min_input_size=32)
+    mean = torch.tensor(data.spec.mean).view(1, -1, 1, 1)
+    std = torch.tensor(data.spec.std).view(1, -1, 1, 1)
+    with torch.no_grad():
+        scores = net.eval()((data.test_x.float() / 255 - mean) / std)[:, 0]
+    pos, neg = scores[data.test_y == 3], scores[data.test_y != 3]
+    wins = (pos[:, None] > neg[None, :]).sum() + 0.5 * (pos[:, None] == neg[None, :]).sum()
+    assert ev["one_vs_rest_auroc"] == pytest.approx(float(wins) / (len(pos) * len(neg)), abs=1e-4)
+    assert ev["one_vs_rest_auroc"] > 0.6  # the module's logit does pick out its class
+    # The registry's per-class figure: the full model's recall on the class, by hand.
+    full, _ = load_artifact(out / "model")
+    pred, y = _test_predictions(full)
+    recall = float((pred[y == 3] == 3).float().mean())
+    assert ev["full_model_class_recall"] == pytest.approx(recall, **_close(int((y == 3).sum())))
+    human = run("evaluate", directory, "--device", "cpu")
+    assert human.exit_code == 0 and "100.0%" not in human.output and "one-vs-rest" in human.output
