@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import math
 import statistics
 import time
 from dataclasses import replace
@@ -52,6 +53,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--arch", default="simcnn")
     p.add_argument("--width", type=float, default=0.25)
     p.add_argument("--epochs", type=int, default=10)
+    p.add_argument("--budget", choices=("steps", "epochs"), default="steps",
+                   help="steps: every source model gets the single model's optimiser steps "
+                        "(epochs scaled by dataset size, capped by --max-epochs); epochs: every "
+                        "model trains --epochs epochs (a 2-class model then gets a fifth of the "
+                        "updates)")
+    p.add_argument("--max-epochs", type=int, default=60,
+                   help="cap on a source model's epochs under --budget steps")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--device", default="cpu")
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
@@ -89,17 +97,33 @@ def trained(cfg: TrainConfig, data: DatasetBundle, cache: Path | None
     return result.model.cpu().eval(), mod, result.train_seconds
 
 
-def sources_for(cfg: TrainConfig, data: DatasetBundle, groups: list[list[int]], cache: Path | None
+def budget_epochs(cfg: TrainConfig, n_full: int, n_subset: int, budget: str, max_epochs: int
+                  ) -> int:
+    """Epochs for a model trained on ``n_subset`` of the ``n_full`` training images.
+
+    ``steps``: as many optimiser steps as the single model's ``cfg.epochs`` over all images
+    (a model owner trains to convergence; with equal epochs a 2-class model on a fifth of the
+    images gets a fifth of the updates and is under-trained, which is not what composition
+    is meant to measure), at most ``max_epochs``. ``epochs``: ``cfg.epochs`` for every model.
+    """
+    if budget == "epochs" or n_subset >= n_full:
+        return cfg.epochs
+    return min(max_epochs, math.ceil(cfg.epochs * n_full / n_subset))
+
+
+def sources_for(cfg: TrainConfig, data: DatasetBundle, groups: list[list[int]], cache: Path | None,
+                budget: str = "epochs", max_epochs: int = 60
                 ) -> tuple[list[Source], list[DatasetBundle], list[dict[str, Any]]]:
     """One trained, modularized model per class group; its module is all its classes."""
     sources, subs, info = [], [], []
     for g in groups:
         sub = class_subset(data, g)
-        net, mod, seconds = trained(cfg, sub, cache)
+        epochs = budget_epochs(cfg, len(data.train_y), len(sub.train_y), budget, max_epochs)
+        net, mod, seconds = trained(replace(cfg, epochs=epochs), sub, cache)
         sources.append(Source(net, mod, list(range(len(g))), sub.spec, sub.class_names))
         subs.append(sub)
         info.append({"classes": g, "own_acc": evaluate(net, sub, device=cfg.device),
-                     "krr": mod.model_krr, "train_s": seconds})
+                     "krr": mod.model_krr, "train_s": seconds, "epochs": epochs})
     return sources, subs, info
 
 
@@ -125,7 +149,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                         "tc358_acc": three["accuracy"],
                         "tc358_baseline": three["baseline_accuracy"]})
         for split in args.splits:
-            sources, subs, info = sources_for(cfg, data, SPLITS[split], args.cache)
+            sources, subs, info = sources_for(cfg, data, SPLITS[split], args.cache, args.budget,
+                                              args.max_epochs)
             for method in args.methods:
                 t0 = time.perf_counter()
                 _, m = compose_and_measure(sources, subs, args.per_class, combine=method,
@@ -144,6 +169,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     "flops": m["flops"], "latency_ms": m["latency_ms"], "compose_s": elapsed,
                     "sources_own_acc": [i["own_acc"] for i in info],
                     "sources_krr": [i["krr"] for i in info],
+                    "sources_epochs": [i["epochs"] for i in info],
                 })
     out = summarise(args, rows, singles, compose_s)
     out["compose_fit_p50_s"] = statistics.median(fit_s) if fit_s else None
@@ -160,7 +186,7 @@ def summarise(args: argparse.Namespace, rows: list[dict[str, Any]], singles: lis
     out: dict[str, Any] = {
         "eval_split": f"holdout {args.holdout} of train" if args.holdout else "test",
         "seeds": args.seeds, "arch": args.arch, "width": args.width, "epochs": args.epochs,
-        "outlier_weight": args.outlier_weight,
+        "budget": args.budget, "outlier_weight": args.outlier_weight,
         "single_acc": _mean([s["acc"] for s in singles]),
         "single_krr": _mean([s["krr"] for s in singles]),
         "tc358_acc": _mean([s["tc358_acc"] for s in singles]),
