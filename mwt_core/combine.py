@@ -43,6 +43,7 @@ __all__ = ["DEFAULT_COMBINE", "DEFAULT_PER_CLASS", "LABELLED_METHODS", "METHODS"
            "ZERO_LABEL_METHODS", "ComposedClassifier", "CompositionError", "fit"]
 
 FEATURE_METHODS: tuple[str, ...] = ("gauss", "head")
+ZERO_LABEL_FITTED: tuple[str, ...] = ("energy", "gauss")  # fitted on each source's own images
 CombineError = CompositionError  # one error for everything a composition can refuse
 
 
@@ -53,7 +54,11 @@ class CombineSettings:
     energy_temperature: float = 0.5  # weight of the standardised energy next to log-probabilities
     gauss_temperature: float = 1.0  # weight of the standardised distance
     shrinkage: float = 0.01  # covariance + shrinkage * mean variance * I (few images, many dims)
-    own_per_class: int = 200  # a source's own training images per class used for its statistics
+    # A source's own training images per class for the zero-label statistics (energy, gauss).
+    own_per_class: int = 200
+    # Where ``head`` takes its feature standardisation from: "labelled" (the calibration images
+    # it is fitted on, already forwarded: no extra pass) or "own" (each source's own images).
+    head_standardise: str = "labelled"
     head_weight_decay: float = 1e-3
     head_steps: int = 300
     head_lr: float = 0.01
@@ -188,7 +193,7 @@ class ComposedClassifier(nn.Module):
 
 
 @torch.no_grad()
-def _outputs(composed: ComposedClassifier, x: torch.Tensor, batch_size: int = 512
+def _outputs(composed: ComposedClassifier, x: torch.Tensor, batch_size: int = 256
              ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     device = composed.scale.device
     logits: list[list[torch.Tensor]] = [[] for _ in composed.parts]
@@ -206,10 +211,11 @@ def _outputs(composed: ComposedClassifier, x: torch.Tensor, batch_size: int = 51
 def fit_zero_label(composed: ComposedClassifier, own: list[tuple[torch.Tensor, torch.Tensor]],
                    settings: CombineSettings = SETTINGS) -> ComposedClassifier:
     """Fit each source's statistics on its own training images ``own[i] = ([0, 1] images,
-    labels by position in the part)``: class means and precision (``gauss``, ``head``), the
-    feature standardisation (``head``), and the mean and spread of the source's score."""
+    labels by position in the part)``: class means and precision (``gauss``), the feature
+    standardisation (``head`` with ``head_standardise="own"``), and the mean and spread of the
+    source's score (``energy``, ``gauss``). Methods that need none of these return at once."""
     composed.eval()
-    if composed.combine not in ("energy", "gauss", "head"):
+    if not needs_own(composed.combine, settings):
         return composed
     if len(own) != len(composed.parts):
         raise CombineError(f"{len(composed.parts)} parts but own images of {len(own)} sources")
@@ -221,11 +227,7 @@ def fit_zero_label(composed: ComposedClassifier, own: list[tuple[torch.Tensor, t
         logits, feats = _outputs_of_part(composed, i, part, x)
         y = y.to(logits.device)
         if composed.combine == "head":
-            getattr(composed, f"feature_mean_{i}").copy_(feats.mean(0))
-            # A feature (nearly) constant on the source's own images carries no information;
-            # a floor on its spread keeps float noise in it from being blown up.
-            spread = feats.std(0)
-            getattr(composed, f"feature_std_{i}").copy_(spread.clamp(min=0.05 * float(spread.mean()) + 1e-6))
+            _standardise(composed, i, feats)
             continue
         if composed.combine == "gauss":
             f = feats
@@ -250,6 +252,15 @@ def fit_zero_label(composed: ComposedClassifier, own: list[tuple[torch.Tensor, t
         composed.score_stats[i, 0] = score.mean()
         composed.score_stats[i, 1] = score.std().clamp(min=1e-6) / temperature
     return composed
+
+
+def _standardise(composed: ComposedClassifier, i: int, feats: torch.Tensor) -> None:
+    """Set source ``i``'s feature standardisation (``head``) from features ``feats``."""
+    getattr(composed, f"feature_mean_{i}").copy_(feats.mean(0))
+    # A feature (nearly) constant on these images carries no information; a floor on its
+    # spread keeps float noise in it from being blown up.
+    spread = feats.std(0)
+    getattr(composed, f"feature_std_{i}").copy_(spread.clamp(min=0.05 * float(spread.mean()) + 1e-6))
 
 
 def _outputs_of_part(composed: ComposedClassifier, i: int, part: nn.Module, x: torch.Tensor,
@@ -293,6 +304,9 @@ def fit_head(composed: ComposedClassifier, x: torch.Tensor, y: torch.Tensor,
         raise CombineError(f"fit_head needs a 'head' composition, not {composed.combine!r}")
     composed.eval()
     logits, feats = _outputs(composed, x)
+    if settings.head_standardise == "labelled":  # from the same pass: no extra forward
+        for i, f in enumerate(feats):
+            _standardise(composed, i, f)
     target = y.to(composed.scale.device)
     params = list(composed.head.parameters())
     opt = torch.optim.Adam(params, lr=settings.head_lr)
@@ -305,13 +319,18 @@ def fit_head(composed: ComposedClassifier, x: torch.Tensor, y: torch.Tensor,
     return composed
 
 
+def needs_own(method: str, settings: CombineSettings = SETTINGS) -> bool:
+    """Whether ``method`` fits statistics on each source's own training images."""
+    return method in ZERO_LABEL_FITTED or (method == "head" and settings.head_standardise == "own")
+
+
 def fit(composed: ComposedClassifier, own: list[tuple[torch.Tensor, torch.Tensor]] | None,
         labelled: tuple[torch.Tensor, torch.Tensor] | None,
         settings: CombineSettings = SETTINGS) -> ComposedClassifier:
     """Fit whatever ``composed.combine`` needs: own training images per source (zero-label
     statistics) and/or labelled images of the union (``scale_bias``, ``head``)."""
     method = composed.combine
-    if method in ("energy", "gauss", "head"):
+    if needs_own(method, settings):
         if own is None:
             raise CombineError(f"combine={method!r} needs each source's own training images")
         fit_zero_label(composed, own, settings)
