@@ -30,7 +30,14 @@ from rich.console import Console
 from rich.table import Table
 
 from mwt_core.artifacts import load_artifact, save_artifact
-from mwt_core.combine import DEFAULT_COMBINE, DEFAULT_PER_CLASS, METHODS, ZERO_LABEL_METHODS
+from mwt_core.combine import (
+    DEFAULT_COMBINE,
+    DEFAULT_PER_CLASS,
+    METHODS,
+    SETTINGS,
+    ZERO_LABEL_METHODS,
+    CombineSettings,
+)
 from mwt_core.compose import Source, class_subset, compose_and_measure
 from mwt_core.data.datasets import DatasetBundle, holdout, load_dataset
 from mwt_core.models import MwTNet, architecture_info
@@ -73,6 +80,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--holdout", type=float, default=0.0,
                    help="measure on this stratified fraction of the training split instead of the "
                         "test split (for choosing the method and its settings)")
+    p.add_argument("--set", nargs="*", default=[], metavar="FIELD=VALUE",
+                   help="override mwt_core.combine.CombineSettings fields for every composition "
+                        "(e.g. head_weight_decay=0.01 head_standardise=own), to compare settings "
+                        "on --holdout")
     p.add_argument("--timing-repeats", type=int, default=5,
                    help="compose calls timed for compose_p50_s (0: skip the timing)")
     p.add_argument("--train-limit", type=int, default=None,
@@ -149,12 +160,24 @@ def compose_timing(cfg: TrainConfig, data: DatasetBundle, cache: Path | None, re
             "compose_wall_s": wall, "compose_cpu_s": cpu, "compose_torch_threads": torch.get_num_threads()}
 
 
+def combine_settings(pairs: list[str]) -> CombineSettings:
+    """``SETTINGS`` with ``FIELD=VALUE`` overrides (values cast to the field's type)."""
+    out = SETTINGS
+    for pair in pairs:
+        field, sep, value = pair.partition("=")
+        if not sep or not hasattr(SETTINGS, field):
+            raise SystemExit(f"error: --set wants FIELD=VALUE with a CombineSettings field, got {pair!r}")
+        out = replace(out, **{field: type(getattr(SETTINGS, field))(value)})
+    return out
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     base = load_dataset("digits", min_input_size=architecture_info(args.arch).min_input_size)
     if args.train_limit:
         base = replace(base, train_x=base.train_x[:args.train_limit],
                        train_y=base.train_y[:args.train_limit])
     data = holdout(base, args.holdout) if args.holdout else base
+    settings = combine_settings(args.set)
     rows: list[dict[str, Any]] = []
     singles: list[dict[str, Any]] = []
     fit_s: list[float] = []
@@ -175,7 +198,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             for method in args.methods:
                 t0 = time.perf_counter()
                 _, m = compose_and_measure(sources, subs, args.per_class, combine=method,
-                                           device=args.device)
+                                           device=args.device, settings=settings)
                 elapsed = time.perf_counter() - t0
                 if split == "halves" and method == DEFAULT_COMBINE:
                     fit_s.append(m["fit_seconds"])
@@ -211,7 +234,7 @@ def summarise(args: argparse.Namespace, rows: list[dict[str, Any]], singles: lis
     out: dict[str, Any] = {
         "eval_split": f"holdout {args.holdout} of train" if args.holdout else "test",
         "seeds": args.seeds, "arch": args.arch, "width": args.width, "epochs": args.epochs,
-        "budget": args.budget, "outlier_weight": args.outlier_weight,
+        "budget": args.budget, "settings": args.set, "outlier_weight": args.outlier_weight,
         "single_acc": _mean([s["acc"] for s in singles]),
         "single_krr": _mean([s["krr"] for s in singles]),
         "tc358_acc": _mean([s["tc358_acc"] for s in singles]),
