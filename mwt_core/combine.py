@@ -15,6 +15,9 @@ per-source scale and bias) win where they should not. The methods here:
 - ``head``: the raw logits plus a linear correction on every module's penultimate features
   (standardised by the source's own training images) and logits, fitted on a few labelled
   images per class; it starts at zero (exactly ``raw``) and weight decay keeps it near there.
+- ``gauss_head``: ``gauss``, plus a linear correction fitted on a few labelled images per class
+  whose inputs are the per-source log-probabilities and standardised distances (``gauss``'s
+  scores, not the features); it starts at zero (exactly ``gauss``).
 
 Every method's forward is tensor operations only (TorchScript- and ONNX-traceable); what
 they fit lives in buffers and parameters, so a composition saves as safetensors and
@@ -42,8 +45,11 @@ from mwt_core.compose_options import (
 __all__ = ["DEFAULT_COMBINE", "DEFAULT_PER_CLASS", "LABELLED_METHODS", "METHODS",
            "ZERO_LABEL_METHODS", "ComposedClassifier", "CompositionError", "fit"]
 
-FEATURE_METHODS: tuple[str, ...] = ("gauss", "head")
-ZERO_LABEL_FITTED: tuple[str, ...] = ("energy", "gauss")  # fitted on each source's own images
+FEATURE_METHODS: tuple[str, ...] = ("gauss", "head", "gauss_head")
+GAUSS_METHODS: tuple[str, ...] = ("gauss", "gauss_head")  # class means + precision per source
+HEAD_METHODS: tuple[str, ...] = ("head", "gauss_head")  # a linear correction fitted on labels
+# fitted on each source's own images
+ZERO_LABEL_FITTED: tuple[str, ...] = ("energy", "gauss", "gauss_head")
 CombineError = CompositionError  # one error for everything a composition can refuse
 
 
@@ -111,7 +117,7 @@ class ComposedClassifier(nn.Module):
         self.bias = nn.Parameter(torch.zeros(n))
         # Outputs per part; only the feature methods need them (their buffers' shapes).
         self.sizes = [_classes_of(p) for p in parts] if combine in FEATURE_METHODS else []
-        if combine in ("energy", "gauss"):
+        if combine in ("energy", *GAUSS_METHODS):
             # Per source: the score's mean and its spread divided by the temperature.
             self.register_buffer("score_stats", torch.tensor([[0.0, 1.0]] * n))
         self._taps: list[_Tap] = []
@@ -119,7 +125,7 @@ class ComposedClassifier(nn.Module):
         if combine in FEATURE_METHODS:
             dims = [head_linear(p).in_features for p in parts]
             for i, (k, d) in enumerate(zip(self.sizes, dims, strict=True)):
-                if combine == "gauss":
+                if combine in GAUSS_METHODS:
                     # Whitening L (precision = L L') and the whitened class means: distances
                     # are then plain squared norms, without the cancellation of f'Pf - 2f'Pm.
                     self.register_buffer(f"whiten_{i}", torch.eye(d))
@@ -133,6 +139,9 @@ class ComposedClassifier(nn.Module):
                 self._taps.append(tap)
         if combine == "head":
             self.head = nn.Linear(sum(dims) + sum(self.sizes), sum(self.sizes))
+        if combine == "gauss_head":  # inputs: gauss's outputs and its per-source scores
+            self.head = nn.Linear(sum(self.sizes) + n, sum(self.sizes))
+        if combine in HEAD_METHODS:
             nn.init.zeros_(self.head.weight)
             nn.init.zeros_(self.head.bias)
 
@@ -178,14 +187,19 @@ class ComposedClassifier(nn.Module):
             std = [(f - getattr(self, f"feature_mean_{i}")) / getattr(self, f"feature_std_{i}")
                    for i, f in enumerate(feats)]
             return z + self.head(torch.cat([*std, z], 1))
-        outs = []
+        outs, scores = [], []
         for i, lg in enumerate(logits):
             out = F.log_softmax(lg, 1)
             if self.combine != "log_softmax":
                 score = self.source_score(i, lg, feats[i] if feats else None)
-                out = out + (score - self.score_stats[i, 0]) / self.score_stats[i, 1]
+                score = (score - self.score_stats[i, 0]) / self.score_stats[i, 1]
+                out = out + score
+                scores.append(score)
             outs.append(out)
-        return torch.cat(outs, 1)
+        z = torch.cat(outs, 1)
+        if self.combine == "gauss_head":
+            return z + self.head(torch.cat([z, *scores], 1))
+        return z
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         logits, feats = self.source_outputs(x)
@@ -229,7 +243,7 @@ def fit_zero_label(composed: ComposedClassifier, own: list[tuple[torch.Tensor, t
         if composed.combine == "head":
             _standardise(composed, i, feats)
             continue
-        if composed.combine == "gauss":
+        if composed.combine in GAUSS_METHODS:
             f = feats
             k = composed.sizes[i]
             present = torch.stack([(y == c).any() for c in range(k)])
@@ -247,7 +261,7 @@ def fit_zero_label(composed: ComposedClassifier, own: list[tuple[torch.Tensor, t
             whiten = torch.linalg.solve_triangular(chol, eye, upper=False).T.float()
             getattr(composed, f"whiten_{i}").copy_(whiten)
             getattr(composed, f"means_{i}").copy_(means @ whiten)
-        score = composed.source_score(i, logits, feats if composed.combine == "gauss"
+        score = composed.source_score(i, logits, feats if composed.combine in GAUSS_METHODS
                                       else None).flatten()
         composed.score_stats[i, 0] = score.mean()
         composed.score_stats[i, 1] = score.std().clamp(min=1e-6) / temperature
@@ -300,11 +314,11 @@ def fit_head(composed: ComposedClassifier, x: torch.Tensor, y: torch.Tensor,
     Full-batch Adam for a fixed number of steps (nothing is early-stopped on test data); the
     weight decay pulls towards zero, i.e. towards the raw composition it starts at.
     """
-    if composed.combine != "head":
+    if composed.combine not in HEAD_METHODS:
         raise CombineError(f"fit_head needs a 'head' composition, not {composed.combine!r}")
     composed.eval()
     logits, feats = _outputs(composed, x)
-    if settings.head_standardise == "labelled":  # from the same pass: no extra forward
+    if composed.combine == "head" and settings.head_standardise == "labelled":  # from the same pass: no extra forward
         for i, f in enumerate(feats):
             _standardise(composed, i, f)
     target = y.to(composed.scale.device)

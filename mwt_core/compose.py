@@ -257,7 +257,7 @@ def compose_and_measure(
         "calibration_per_class": calibration_per_class if cal is not None else 0,
         "calibration_samples": len(cal[1]) if cal is not None else 0,
         "own_samples": sum(len(y) for _, y in own) if own is not None else 0,
-        "combine_params": int(count_params(composed.head)) if combine == "head" else (
+        "combine_params": int(count_params(composed.head)) if hasattr(composed, "head") else (
             2 * len(sources) if combine == "scale_bias" else 0),
         "krr": kept / total if total else None,
         "params": int(count_params(composed)),
