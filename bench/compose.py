@@ -17,18 +17,27 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import math
 import statistics
 import time
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+import torch
 from _main import bench_main
 from rich.console import Console
 from rich.table import Table
 
 from mwt_core.artifacts import load_artifact, save_artifact
-from mwt_core.combine import DEFAULT_COMBINE, DEFAULT_PER_CLASS, METHODS, ZERO_LABEL_METHODS
+from mwt_core.combine import (
+    DEFAULT_COMBINE,
+    DEFAULT_PER_CLASS,
+    METHODS,
+    SETTINGS,
+    ZERO_LABEL_METHODS,
+    CombineSettings,
+)
 from mwt_core.compose import Source, class_subset, compose_and_measure
 from mwt_core.data.datasets import DatasetBundle, holdout, load_dataset
 from mwt_core.models import MwTNet, architecture_info
@@ -52,6 +61,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--arch", default="simcnn")
     p.add_argument("--width", type=float, default=0.25)
     p.add_argument("--epochs", type=int, default=10)
+    p.add_argument("--budget", choices=("steps", "epochs"), default="steps",
+                   help="steps: every source model gets the single model's optimiser steps "
+                        "(epochs scaled by dataset size, capped by --max-epochs); epochs: every "
+                        "model trains --epochs epochs (a 2-class model then gets a fifth of the "
+                        "updates)")
+    p.add_argument("--max-epochs", type=int, default=60,
+                   help="cap on a source model's epochs under --budget steps")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--device", default="cpu")
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
@@ -64,6 +80,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--holdout", type=float, default=0.0,
                    help="measure on this stratified fraction of the training split instead of the "
                         "test split (for choosing the method and its settings)")
+    p.add_argument("--set", nargs="*", default=[], metavar="FIELD=VALUE",
+                   help="override mwt_core.combine.CombineSettings fields for every composition "
+                        "(e.g. head_weight_decay=0.01 head_standardise=own), to compare settings "
+                        "on --holdout")
+    p.add_argument("--timing-repeats", type=int, default=5,
+                   help="compose calls timed for compose_p50_s (0: skip the timing)")
     p.add_argument("--train-limit", type=int, default=None,
                    help="use only the first N training images (smoke tests)")
     p.add_argument("--cache", type=Path, default=None,
@@ -89,18 +111,64 @@ def trained(cfg: TrainConfig, data: DatasetBundle, cache: Path | None
     return result.model.cpu().eval(), mod, result.train_seconds
 
 
-def sources_for(cfg: TrainConfig, data: DatasetBundle, groups: list[list[int]], cache: Path | None
+def budget_epochs(cfg: TrainConfig, n_full: int, n_subset: int, budget: str, max_epochs: int
+                  ) -> int:
+    """Epochs for a model trained on ``n_subset`` of the ``n_full`` training images.
+
+    ``steps``: as many optimiser steps as the single model's ``cfg.epochs`` over all images
+    (a model owner trains to convergence; with equal epochs a 2-class model on a fifth of the
+    images gets a fifth of the updates and is under-trained, which is not what composition
+    is meant to measure), at most ``max_epochs``. ``epochs``: ``cfg.epochs`` for every model.
+    """
+    if budget == "epochs" or n_subset >= n_full:
+        return cfg.epochs
+    return min(max_epochs, math.ceil(cfg.epochs * n_full / n_subset))
+
+
+def sources_for(cfg: TrainConfig, data: DatasetBundle, groups: list[list[int]], cache: Path | None,
+                budget: str = "epochs", max_epochs: int = 60
                 ) -> tuple[list[Source], list[DatasetBundle], list[dict[str, Any]]]:
     """One trained, modularized model per class group; its module is all its classes."""
     sources, subs, info = [], [], []
     for g in groups:
         sub = class_subset(data, g)
-        net, mod, seconds = trained(cfg, sub, cache)
+        epochs = budget_epochs(cfg, len(data.train_y), len(sub.train_y), budget, max_epochs)
+        net, mod, seconds = trained(replace(cfg, epochs=epochs), sub, cache)
         sources.append(Source(net, mod, list(range(len(g))), sub.spec, sub.class_names))
         subs.append(sub)
         info.append({"classes": g, "own_acc": evaluate(net, sub, device=cfg.device),
-                     "krr": mod.model_krr, "train_s": seconds})
+                     "krr": mod.model_krr, "train_s": seconds, "epochs": epochs})
     return sources, subs, info
+
+
+def compose_timing(cfg: TrainConfig, data: DatasetBundle, cache: Path | None, repeats: int
+                   ) -> dict[str, Any]:
+    """Wall and CPU seconds of the service's compose call (``compose_and_measure`` with the
+    default method and labelled images per class, as ``app.services.compose.build_across``
+    calls it) across the halves models trained ``cfg.epochs`` epochs each (the issue's "two
+    10-epoch models"), ``repeats`` times after one warm-up call; medians."""
+    sources, subs, _ = sources_for(cfg, data, SPLITS["halves"], cache, "epochs")
+    labels = [n for sub in subs for n in sub.class_names]
+    wall, cpu = [], []
+    for i in range(repeats + 1):
+        t0, c0 = time.perf_counter(), time.process_time()
+        compose_and_measure(sources, subs, DEFAULT_PER_CLASS, labels=labels, combine=DEFAULT_COMBINE)
+        if i:  # the first call pays one-off costs (allocator, lazy imports)
+            wall.append(time.perf_counter() - t0)
+            cpu.append(time.process_time() - c0)
+    return {"compose_p50_s": statistics.median(wall), "compose_cpu_p50_s": statistics.median(cpu),
+            "compose_wall_s": wall, "compose_cpu_s": cpu, "compose_torch_threads": torch.get_num_threads()}
+
+
+def combine_settings(pairs: list[str]) -> CombineSettings:
+    """``SETTINGS`` with ``FIELD=VALUE`` overrides (values cast to the field's type)."""
+    out = SETTINGS
+    for pair in pairs:
+        field, sep, value = pair.partition("=")
+        if not sep or not hasattr(SETTINGS, field):
+            raise SystemExit(f"error: --set wants FIELD=VALUE with a CombineSettings field, got {pair!r}")
+        out = replace(out, **{field: type(getattr(SETTINGS, field))(value)})
+    return out
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -109,9 +177,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         base = replace(base, train_x=base.train_x[:args.train_limit],
                        train_y=base.train_y[:args.train_limit])
     data = holdout(base, args.holdout) if args.holdout else base
+    settings = combine_settings(args.set)
     rows: list[dict[str, Any]] = []
     singles: list[dict[str, Any]] = []
-    compose_s: list[float] = []
     fit_s: list[float] = []
     for seed in args.seeds:
         cfg = TrainConfig(arch=args.arch, width=args.width, epochs=args.epochs, seed=seed,
@@ -125,14 +193,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                         "tc358_acc": three["accuracy"],
                         "tc358_baseline": three["baseline_accuracy"]})
         for split in args.splits:
-            sources, subs, info = sources_for(cfg, data, SPLITS[split], args.cache)
+            sources, subs, info = sources_for(cfg, data, SPLITS[split], args.cache, args.budget,
+                                              args.max_epochs)
             for method in args.methods:
                 t0 = time.perf_counter()
                 _, m = compose_and_measure(sources, subs, args.per_class, combine=method,
-                                           device=args.device)
+                                           device=args.device, settings=settings)
                 elapsed = time.perf_counter() - t0
                 if split == "halves" and method == DEFAULT_COMBINE:
-                    compose_s.append(elapsed)
                     fit_s.append(m["fit_seconds"])
                 rows.append({
                     "seed": seed, "split": split, "method": method, "acc": m["accuracy"],
@@ -144,9 +212,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     "flops": m["flops"], "latency_ms": m["latency_ms"], "compose_s": elapsed,
                     "sources_own_acc": [i["own_acc"] for i in info],
                     "sources_krr": [i["krr"] for i in info],
+                    "sources_epochs": [i["epochs"] for i in info],
                 })
-    out = summarise(args, rows, singles, compose_s)
+    out = summarise(args, rows, singles)
     out["compose_fit_p50_s"] = statistics.median(fit_s) if fit_s else None
+    out["compose_p50_s"] = None
+    if args.timing_repeats > 0:
+        cfg = TrainConfig(arch=args.arch, width=args.width, epochs=args.epochs, seed=args.seeds[0],
+                          device=args.device, outlier_weight=args.outlier_weight)
+        out.update(compose_timing(cfg, data, args.cache, args.timing_repeats))
     return out
 
 
@@ -154,13 +228,13 @@ def _mean(values: list[float]) -> float:
     return statistics.fmean(values) if values else float("nan")
 
 
-def summarise(args: argparse.Namespace, rows: list[dict[str, Any]], singles: list[dict[str, Any]],
-              compose_s: list[float]) -> dict[str, Any]:
+def summarise(args: argparse.Namespace, rows: list[dict[str, Any]], singles: list[dict[str, Any]]
+              ) -> dict[str, Any]:
     """Means over seeds; the best method is ONE method for all splits (highest mean over them)."""
     out: dict[str, Any] = {
         "eval_split": f"holdout {args.holdout} of train" if args.holdout else "test",
         "seeds": args.seeds, "arch": args.arch, "width": args.width, "epochs": args.epochs,
-        "outlier_weight": args.outlier_weight,
+        "budget": args.budget, "settings": args.set, "outlier_weight": args.outlier_weight,
         "single_acc": _mean([s["acc"] for s in singles]),
         "single_krr": _mean([s["krr"] for s in singles]),
         "tc358_acc": _mean([s["tc358_acc"] for s in singles]),
@@ -179,7 +253,6 @@ def summarise(args: argparse.Namespace, rows: list[dict[str, Any]], singles: lis
     out["zero_label_best_method"] = max(zero, key=overall) if zero else None
     out["default_method"] = DEFAULT_COMBINE
     out["samples_per_class"] = args.per_class
-    out["compose_p50_s"] = statistics.median(compose_s) if compose_s else None
     out["singles"] = singles
     out["rows"] = rows
     return out
@@ -187,7 +260,7 @@ def summarise(args: argparse.Namespace, rows: list[dict[str, Any]], singles: lis
 
 def render(result: dict[str, Any], console: Console) -> None:
     table = Table(title=f"Composed ten-class digits ({result['eval_split']}), "
-                        f"{result['arch']} x{result['width']}, {result['epochs']} epochs; "
+                        f"{result['arch']} x{result['width']}, {result['epochs']} epochs (budget {result['budget']}); "
                         f"single model {result['single_acc']:.2%}")
     for col in ("seed", "split", "method", "acc", "raw", "modules vs models", "vs single",
                 "labelled", "params (combine)", "MFLOPs", "ms/img"):
@@ -213,7 +286,8 @@ def render(result: dict[str, Any], console: Console) -> None:
         console.print(f"seed {s['seed']}: single model {s['acc']:.2%} (KRR {s['krr']:.3f}); "
                       f"3-class module [3,5,8] {s['tc358_acc']:.2%} vs model {s['tc358_baseline']:.2%}")
     console.print(f"best method {result['best_method']}, best zero-label "
-                  f"{result['zero_label_best_method']}; compose p50 {result['compose_p50_s']} s")
+                  f"{result['zero_label_best_method']}; compose p50 {result['compose_p50_s']} s wall, "
+                  f"{result.get('compose_cpu_p50_s')} s CPU")
 
 
 if __name__ == "__main__":

@@ -15,6 +15,9 @@ per-source scale and bias) win where they should not. The methods here:
 - ``head``: the raw logits plus a linear correction on every module's penultimate features
   (standardised by the source's own training images) and logits, fitted on a few labelled
   images per class; it starts at zero (exactly ``raw``) and weight decay keeps it near there.
+- ``gauss_head``: ``gauss``, plus a linear correction fitted on a few labelled images per class
+  whose inputs are the per-source log-probabilities and standardised distances (``gauss``'s
+  scores, not the features); it starts at zero (exactly ``gauss``).
 
 Every method's forward is tensor operations only (TorchScript- and ONNX-traceable); what
 they fit lives in buffers and parameters, so a composition saves as safetensors and
@@ -42,7 +45,11 @@ from mwt_core.compose_options import (
 __all__ = ["DEFAULT_COMBINE", "DEFAULT_PER_CLASS", "LABELLED_METHODS", "METHODS",
            "ZERO_LABEL_METHODS", "ComposedClassifier", "CompositionError", "fit"]
 
-FEATURE_METHODS: tuple[str, ...] = ("gauss", "head")
+FEATURE_METHODS: tuple[str, ...] = ("gauss", "head", "gauss_head")
+GAUSS_METHODS: tuple[str, ...] = ("gauss", "gauss_head")  # class means + precision per source
+HEAD_METHODS: tuple[str, ...] = ("head", "gauss_head")  # a linear correction fitted on labels
+# fitted on each source's own images
+ZERO_LABEL_FITTED: tuple[str, ...] = ("energy", "gauss", "gauss_head")
 CombineError = CompositionError  # one error for everything a composition can refuse
 
 
@@ -53,7 +60,11 @@ class CombineSettings:
     energy_temperature: float = 0.5  # weight of the standardised energy next to log-probabilities
     gauss_temperature: float = 1.0  # weight of the standardised distance
     shrinkage: float = 0.01  # covariance + shrinkage * mean variance * I (few images, many dims)
-    own_per_class: int = 200  # a source's own training images per class used for its statistics
+    # A source's own training images per class for the zero-label statistics (energy, gauss).
+    own_per_class: int = 200
+    # Where ``head`` takes its feature standardisation from: "labelled" (the calibration images
+    # it is fitted on, already forwarded: no extra pass) or "own" (each source's own images).
+    head_standardise: str = "labelled"
     head_weight_decay: float = 1e-3
     head_steps: int = 300
     head_lr: float = 0.01
@@ -106,7 +117,7 @@ class ComposedClassifier(nn.Module):
         self.bias = nn.Parameter(torch.zeros(n))
         # Outputs per part; only the feature methods need them (their buffers' shapes).
         self.sizes = [_classes_of(p) for p in parts] if combine in FEATURE_METHODS else []
-        if combine in ("energy", "gauss"):
+        if combine in ("energy", *GAUSS_METHODS):
             # Per source: the score's mean and its spread divided by the temperature.
             self.register_buffer("score_stats", torch.tensor([[0.0, 1.0]] * n))
         self._taps: list[_Tap] = []
@@ -114,7 +125,7 @@ class ComposedClassifier(nn.Module):
         if combine in FEATURE_METHODS:
             dims = [head_linear(p).in_features for p in parts]
             for i, (k, d) in enumerate(zip(self.sizes, dims, strict=True)):
-                if combine == "gauss":
+                if combine in GAUSS_METHODS:
                     # Whitening L (precision = L L') and the whitened class means: distances
                     # are then plain squared norms, without the cancellation of f'Pf - 2f'Pm.
                     self.register_buffer(f"whiten_{i}", torch.eye(d))
@@ -128,6 +139,9 @@ class ComposedClassifier(nn.Module):
                 self._taps.append(tap)
         if combine == "head":
             self.head = nn.Linear(sum(dims) + sum(self.sizes), sum(self.sizes))
+        if combine == "gauss_head":  # inputs: gauss's outputs and its per-source scores
+            self.head = nn.Linear(sum(self.sizes) + n, sum(self.sizes))
+        if combine in HEAD_METHODS:
             nn.init.zeros_(self.head.weight)
             nn.init.zeros_(self.head.bias)
 
@@ -173,14 +187,19 @@ class ComposedClassifier(nn.Module):
             std = [(f - getattr(self, f"feature_mean_{i}")) / getattr(self, f"feature_std_{i}")
                    for i, f in enumerate(feats)]
             return z + self.head(torch.cat([*std, z], 1))
-        outs = []
+        outs, scores = [], []
         for i, lg in enumerate(logits):
             out = F.log_softmax(lg, 1)
             if self.combine != "log_softmax":
                 score = self.source_score(i, lg, feats[i] if feats else None)
-                out = out + (score - self.score_stats[i, 0]) / self.score_stats[i, 1]
+                score = (score - self.score_stats[i, 0]) / self.score_stats[i, 1]
+                out = out + score
+                scores.append(score)
             outs.append(out)
-        return torch.cat(outs, 1)
+        z = torch.cat(outs, 1)
+        if self.combine == "gauss_head":
+            return z + self.head(torch.cat([z, *scores], 1))
+        return z
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         logits, feats = self.source_outputs(x)
@@ -188,7 +207,7 @@ class ComposedClassifier(nn.Module):
 
 
 @torch.no_grad()
-def _outputs(composed: ComposedClassifier, x: torch.Tensor, batch_size: int = 512
+def _outputs(composed: ComposedClassifier, x: torch.Tensor, batch_size: int = 256
              ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     device = composed.scale.device
     logits: list[list[torch.Tensor]] = [[] for _ in composed.parts]
@@ -206,10 +225,11 @@ def _outputs(composed: ComposedClassifier, x: torch.Tensor, batch_size: int = 51
 def fit_zero_label(composed: ComposedClassifier, own: list[tuple[torch.Tensor, torch.Tensor]],
                    settings: CombineSettings = SETTINGS) -> ComposedClassifier:
     """Fit each source's statistics on its own training images ``own[i] = ([0, 1] images,
-    labels by position in the part)``: class means and precision (``gauss``, ``head``), the
-    feature standardisation (``head``), and the mean and spread of the source's score."""
+    labels by position in the part)``: class means and precision (``gauss``), the feature
+    standardisation (``head`` with ``head_standardise="own"``), and the mean and spread of the
+    source's score (``energy``, ``gauss``). Methods that need none of these return at once."""
     composed.eval()
-    if composed.combine not in ("energy", "gauss", "head"):
+    if not needs_own(composed.combine, settings):
         return composed
     if len(own) != len(composed.parts):
         raise CombineError(f"{len(composed.parts)} parts but own images of {len(own)} sources")
@@ -221,13 +241,9 @@ def fit_zero_label(composed: ComposedClassifier, own: list[tuple[torch.Tensor, t
         logits, feats = _outputs_of_part(composed, i, part, x)
         y = y.to(logits.device)
         if composed.combine == "head":
-            getattr(composed, f"feature_mean_{i}").copy_(feats.mean(0))
-            # A feature (nearly) constant on the source's own images carries no information;
-            # a floor on its spread keeps float noise in it from being blown up.
-            spread = feats.std(0)
-            getattr(composed, f"feature_std_{i}").copy_(spread.clamp(min=0.05 * float(spread.mean()) + 1e-6))
+            _standardise(composed, i, feats)
             continue
-        if composed.combine == "gauss":
+        if composed.combine in GAUSS_METHODS:
             f = feats
             k = composed.sizes[i]
             present = torch.stack([(y == c).any() for c in range(k)])
@@ -245,11 +261,20 @@ def fit_zero_label(composed: ComposedClassifier, own: list[tuple[torch.Tensor, t
             whiten = torch.linalg.solve_triangular(chol, eye, upper=False).T.float()
             getattr(composed, f"whiten_{i}").copy_(whiten)
             getattr(composed, f"means_{i}").copy_(means @ whiten)
-        score = composed.source_score(i, logits, feats if composed.combine == "gauss"
+        score = composed.source_score(i, logits, feats if composed.combine in GAUSS_METHODS
                                       else None).flatten()
         composed.score_stats[i, 0] = score.mean()
         composed.score_stats[i, 1] = score.std().clamp(min=1e-6) / temperature
     return composed
+
+
+def _standardise(composed: ComposedClassifier, i: int, feats: torch.Tensor) -> None:
+    """Set source ``i``'s feature standardisation (``head``) from features ``feats``."""
+    getattr(composed, f"feature_mean_{i}").copy_(feats.mean(0))
+    # A feature (nearly) constant on these images carries no information; a floor on its
+    # spread keeps float noise in it from being blown up.
+    spread = feats.std(0)
+    getattr(composed, f"feature_std_{i}").copy_(spread.clamp(min=0.05 * float(spread.mean()) + 1e-6))
 
 
 def _outputs_of_part(composed: ComposedClassifier, i: int, part: nn.Module, x: torch.Tensor,
@@ -289,10 +314,13 @@ def fit_head(composed: ComposedClassifier, x: torch.Tensor, y: torch.Tensor,
     Full-batch Adam for a fixed number of steps (nothing is early-stopped on test data); the
     weight decay pulls towards zero, i.e. towards the raw composition it starts at.
     """
-    if composed.combine != "head":
+    if composed.combine not in HEAD_METHODS:
         raise CombineError(f"fit_head needs a 'head' composition, not {composed.combine!r}")
     composed.eval()
     logits, feats = _outputs(composed, x)
+    if composed.combine == "head" and settings.head_standardise == "labelled":  # from the same pass: no extra forward
+        for i, f in enumerate(feats):
+            _standardise(composed, i, f)
     target = y.to(composed.scale.device)
     params = list(composed.head.parameters())
     opt = torch.optim.Adam(params, lr=settings.head_lr)
@@ -305,13 +333,18 @@ def fit_head(composed: ComposedClassifier, x: torch.Tensor, y: torch.Tensor,
     return composed
 
 
+def needs_own(method: str, settings: CombineSettings = SETTINGS) -> bool:
+    """Whether ``method`` fits statistics on each source's own training images."""
+    return method in ZERO_LABEL_FITTED or (method == "head" and settings.head_standardise == "own")
+
+
 def fit(composed: ComposedClassifier, own: list[tuple[torch.Tensor, torch.Tensor]] | None,
         labelled: tuple[torch.Tensor, torch.Tensor] | None,
         settings: CombineSettings = SETTINGS) -> ComposedClassifier:
     """Fit whatever ``composed.combine`` needs: own training images per source (zero-label
     statistics) and/or labelled images of the union (``scale_bias``, ``head``)."""
     method = composed.combine
-    if method in ("energy", "gauss", "head"):
+    if needs_own(method, settings):
         if own is None:
             raise CombineError(f"combine={method!r} needs each source's own training images")
         fit_zero_label(composed, own, settings)

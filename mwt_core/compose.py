@@ -19,14 +19,15 @@ from torch import nn
 from mwt_core.combine import (
     DEFAULT_COMBINE,
     DEFAULT_PER_CLASS,
-    FEATURE_METHODS,
     LABELLED_METHODS,
     SETTINGS,
+    CombineSettings,
     ComposedClassifier,
     CompositionError,
     check_method,
     fit,
     fit_scale_bias,
+    needs_own,
 )
 from mwt_core.data.datasets import DatasetBundle, InputSpec
 from mwt_core.metrics import count_flops, count_params, measure_latency
@@ -181,6 +182,7 @@ def compose_and_measure(
     combine: str = DEFAULT_COMBINE,
     standard: tuple[nn.Module, InputSpec, list[int]] | None = None,
     test: tuple[torch.Tensor, torch.Tensor] | None = None,
+    settings: CombineSettings = SETTINGS,
 ) -> tuple[ComposedClassifier, dict[str, Any]]:
     """Compose ``sources`` (``data[i]`` is source i's dataset) with ``combine``, fit and measure it.
 
@@ -192,6 +194,11 @@ def compose_and_measure(
     is what cutting the models into modules costs; ``standard`` (a standard model of the same
     dataset, its input spec and the composed classes in its index space) adds the paper's
     accuracy loss against a standard model. ``raw_accuracy`` is the raw logits' accuracy.
+    ``settings``: the methods' fixed settings (the bench compares variants).
+
+    Cost: every image is forwarded once per part and network (modules, full models): the
+    calibration images once for both standardisation and fit, the test images once for the
+    composition's accuracy, its raw accuracy and each module's own (zero-training) accuracy.
     """
     started = time.perf_counter()
     if len(data) != len(sources):
@@ -211,22 +218,26 @@ def compose_and_measure(
     ).eval()
     pairs = [(d, s.classes) for d, s in zip(data, sources, strict=True)]
     test_x, test_y = test if test is not None else labelled_union(pairs, "test")
-    own = own_images(sources, data) if combine in ("energy", *FEATURE_METHODS) else None
+    own = (own_images(sources, data, settings.own_per_class)
+           if needs_own(combine, settings) else None)
     cal = None
     if combine in LABELLED_METHODS:
         cal = labelled_union(pairs, "train", per_class=calibration_per_class)
     try:
-        fit(composed, own, cal)
-        fit(baseline, own, cal)
+        fit(composed, own, cal, settings)
+        fit(baseline, own, cal, settings)
         fitted_s = time.perf_counter() - started
-        acc, raw_acc = accuracies(composed, test_x, test_y)
-        base, raw_base = accuracies(baseline, test_x, test_y)
+        acc, raw_acc, own_accs = accuracies(composed, test_x, test_y, with_sources=True)
+        base, raw_base, _ = accuracies(baseline, test_x, test_y)
     finally:
         baseline.release()  # the full models may be shared (a server's cache): unhook them
+    if test is not None:  # a test set of its own: its labels need not be the union's blocks
+        own_accs = [evaluate(part, d, s.classes, device=device)
+                    for s, d, part in zip(sources, data, modules_of(composed), strict=True)]
     per_source = [
         {"classes": list(s.classes), "krr": s.modularization.krr_of(s.classes),
-         "zero_training_accuracy": evaluate(part, d, s.classes, device=device)}
-        for s, d, part in zip(sources, data, modules_of(composed), strict=True)
+         "zero_training_accuracy": a}
+        for s, a in zip(sources, own_accs, strict=True)
     ]
     kept = total = 0.0
     for s in sources:  # KRR over all the sources' kernels together
@@ -246,7 +257,7 @@ def compose_and_measure(
         "calibration_per_class": calibration_per_class if cal is not None else 0,
         "calibration_samples": len(cal[1]) if cal is not None else 0,
         "own_samples": sum(len(y) for _, y in own) if own is not None else 0,
-        "combine_params": int(count_params(composed.head)) if combine == "head" else (
+        "combine_params": int(count_params(composed.head)) if hasattr(composed, "head") else (
             2 * len(sources) if combine == "scale_bias" else 0),
         "krr": kept / total if total else None,
         "params": int(count_params(composed)),
@@ -269,19 +280,33 @@ def head_out(net: nn.Module) -> int:
     return [m for m in net.modules() if isinstance(m, nn.Linear)][-1].out_features
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def accuracies(composed: ComposedClassifier, x: torch.Tensor, y: torch.Tensor,
-               batch_size: int = 512) -> tuple[float, float]:
-    """Accuracy of the composition and of its raw logits side by side, from one pass."""
+               batch_size: int = 256, with_sources: bool = False
+               ) -> tuple[float, float, list[float]]:
+    """Accuracy of the composition and of its raw logits side by side, from one pass; with
+    ``with_sources``, also each part's accuracy on the images of its own classes (labels
+    ``y`` by output position, part i owning a contiguous block of outputs): the module's
+    own accuracy, measured without a second pass."""
     composed.eval()
     device = composed.scale.device
     correct = raw = 0
+    n = len(composed.parts)
+    hits, seen = [0] * n, [0] * n
     for start in range(0, len(y), batch_size):
         logits, feats = composed.source_outputs(x[start:start + batch_size].to(device))
         yb = y[start:start + batch_size]
         correct += int((composed.combined(logits, feats).argmax(1).cpu() == yb).sum())
         raw += int((torch.cat(logits, 1).argmax(1).cpu() == yb).sum())
-    return correct / max(1, len(y)), raw / max(1, len(y))
+        if with_sources:
+            offset = 0
+            for i, lg in enumerate(logits):
+                mine = (yb >= offset) & (yb < offset + lg.shape[1])
+                hits[i] += int((lg[mine.to(lg.device)].argmax(1).cpu() == yb[mine] - offset).sum())
+                seen[i] += int(mine.sum())
+                offset += lg.shape[1]
+    per_part = [h / max(1, s) for h, s in zip(hits, seen, strict=True)] if with_sources else []
+    return correct / max(1, len(y)), raw / max(1, len(y)), per_part
 
 
 def distinct_labels(groups: list[tuple[str, list[str]]]) -> list[str]:

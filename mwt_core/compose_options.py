@@ -6,9 +6,10 @@ without loading PyTorch; ``mwt_core.combine`` implements the methods named here.
 
 from __future__ import annotations
 
-METHODS: tuple[str, ...] = ("raw", "scale_bias", "log_softmax", "energy", "gauss", "head")
+METHODS: tuple[str, ...] = ("raw", "scale_bias", "log_softmax", "energy", "gauss", "head",
+                            "gauss_head")
 ZERO_LABEL_METHODS: tuple[str, ...] = ("raw", "log_softmax", "energy", "gauss")
-LABELLED_METHODS: tuple[str, ...] = ("scale_bias", "head")
+LABELLED_METHODS: tuple[str, ...] = ("scale_bias", "head", "gauss_head")
 # The best method measured by bench/compose.py on a held-out part of digits' training split
 # (README, "Composing models that learned different classes"); the API, both CLIs and the
 # bench take their default from here.

@@ -55,7 +55,10 @@ def test_compose_across_models(
     from mwt_core.compose_options import DEFAULT_COMBINE
 
     assert m["combine"] == DEFAULT_COMBINE and m["raw_accuracy"] == m["uncalibrated_accuracy"]
-    assert m["combine_params"] > 0 and m["latency_ms"] > 0 and m["own_samples"] > 0
+    from mwt_core.combine import needs_own
+
+    assert m["combine_params"] > 0 and m["latency_ms"] > 0
+    assert (m["own_samples"] > 0) == needs_own(DEFAULT_COMBINE)  # only what the method needs
     # The same request finds the same composition at once, from the registry: no model is
     # loaded for it. Another method or calibration is another composition.
     app.state.model_cache.forget(a.id)

@@ -71,7 +71,8 @@ def test_bench_rejects_unknown_arch(script):
 def test_compose_bench_tiny():
     """bench/compose.py end to end on tiny models: every key, one row per seed x split x method."""
     r = _last_json_line("compose.py", "--epochs", "1", "--width", "0.125", "--train-limit", "300",
-                        "--seeds", "0", "--methods", "raw", "head", "--holdout", "0.2")
+                        "--seeds", "0", "--methods", "raw", "head", "--holdout", "0.2",
+                        "--timing-repeats", "1", "--max-epochs", "3")
     keys = {"single_acc", "best_method", "zero_label_best_method", "samples_per_class",
             "compose_p50_s"} | {f"{s}_{m}_acc" for s in ("halves", "thirds", "pairs")
                                 for m in ("raw", "head")}
@@ -80,3 +81,8 @@ def test_compose_bench_tiny():
     assert len(r["rows"]) == 3 * 2 and r["samples_per_class"] == 20 and r["compose_p50_s"] > 0
     head = [row for row in r["rows"] if row["method"] == "head"]
     assert all(0 < row["labelled"] <= 200 and row["combine_params"] > 0 for row in head)
+    # --budget steps (default): fewer images per model, more epochs (the single model's steps).
+    epochs = {row["split"]: row["sources_epochs"] for row in head}
+    # (--budget epochs would give 1 everywhere; pairs' 5 is capped by --max-epochs 3)
+    assert set(epochs["pairs"]) == {3} and all(1 < e <= 3 for e in epochs["halves"])
+    assert len(r["compose_wall_s"]) == 1 and r["compose_cpu_p50_s"] > 0

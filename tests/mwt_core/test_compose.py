@@ -161,9 +161,20 @@ def test_default_method_beats_raw_on_models_of_disjoint_classes(halves, digits32
     # The composition's labels are the digits in order, so its answers index the union's test split.
     x, y = labelled_union([(s, list(range(5))) for s in subs])
     assert accuracy(composed, x, y) == pytest.approx(m["accuracy"])
+    # Each module's own accuracy comes from the same test pass; it must match a separate one.
+    from mwt_core.compose import modules_of
+    from mwt_core.reuse import evaluate
+
+    for src, part, sub in zip(m["sources"], modules_of(composed), subs, strict=True):
+        assert src["zero_training_accuracy"] == pytest.approx(evaluate(part, sub, list(range(5))))
+    # Only the methods that fit on the sources' own images forward them (compose latency).
+    from mwt_core.combine import needs_own
+
+    assert (m["own_samples"] > 0) == needs_own(DEFAULT_COMBINE)
 
 
-@pytest.mark.parametrize("method", ["raw", "scale_bias", "log_softmax", "energy", "gauss", "head"])
+@pytest.mark.parametrize("method", ["raw", "scale_bias", "log_softmax", "energy", "gauss", "head",
+                                    "gauss_head"])
 def test_every_method_round_trips_and_traces(halves, method, tmp_path):
     from mwt_core.artifacts import load_artifact, save_artifact
     from mwt_core.compose import compose_and_measure
