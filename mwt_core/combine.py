@@ -26,6 +26,7 @@ they fit lives in buffers and parameters, so a composition saves as safetensors 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -106,7 +107,9 @@ class ComposedClassifier(nn.Module):
     method (``scale_bias`` uses them) so artifacts of every method share their layout.
     """
 
-    def __init__(self, parts: list[nn.Module], labels: list[str], combine: str = "scale_bias"
+    score_stats: torch.Tensor  # a buffer of the score methods: per source (mean, spread)
+
+    def __init__(self, parts: Sequence[nn.Module], labels: list[str], combine: str = "scale_bias"
                  ) -> None:
         super().__init__()
         self.parts = nn.ModuleList(parts)

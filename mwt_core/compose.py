@@ -53,6 +53,9 @@ class Source:
 class NormalizedInput(nn.Module):
     """Normalise raw [0, 1] images with one source's mean and std before its module."""
 
+    mean: torch.Tensor
+    std: torch.Tensor
+
     def __init__(self, net: nn.Module, spec: InputSpec) -> None:
         super().__init__()
         self.net = net
@@ -245,7 +248,7 @@ def compose_and_measure(
         kept += s.modularization.krr_of(s.classes) * n
         total += n
     composed = composed.cpu().eval()
-    shape = tuple(sources[0].spec.shape)
+    shape = sources[0].spec.shape
     metrics: dict[str, Any] = {
         "combine": combine,
         "accuracy": acc,

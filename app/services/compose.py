@@ -30,6 +30,7 @@ if TYPE_CHECKING:
     from torch import nn
 
     from mwt_core.data.datasets import DatasetBundle
+    from mwt_core.models import MwTNet
     from mwt_core.modularize import Modularization
 
 
@@ -78,7 +79,7 @@ def load_standard(settings: Settings, model: Model) -> nn.Module:
 
 @dataclass
 class LoadedModel:
-    net: nn.Module
+    net: MwTNet
     modularization: Modularization
     manifest: dict[str, Any]
     lock: threading.Lock
@@ -86,6 +87,7 @@ class LoadedModel:
 
 def load_model(settings: Settings, model: Model) -> LoadedModel:
     from mwt_core.artifacts import load_artifact
+    from mwt_core.models import MwTNet
     from mwt_core.modularize import Modularization
 
     if model.artifact_path is None:
@@ -97,6 +99,8 @@ def load_model(settings: Settings, model: Model) -> LoadedModel:
             f"model {model.id} was trained without MwT: it has no modules to compose"
         )
     modularization = Modularization.from_json(manifest["modularization"])
+    if not isinstance(net, MwTNet):
+        raise CompositionError(f"model {model.id}'s artifact is not a full model ({manifest.get('kind')})")
     return LoadedModel(net, modularization, manifest, threading.Lock())
 
 
@@ -171,7 +175,7 @@ def build(
             "accuracy_loss": baseline - accuracy,
             "krr": float(getattr(module, "krr", None) or loaded.modularization.krr_of(classes)),
             "params": int(count_params(module)),
-            "flops": int(count_flops(module, tuple(data.spec.shape))),
+            "flops": int(count_flops(module, data.spec.shape)),
             "test_samples": int(sum(int((data.test_y == c).sum()) for c in classes)),
         }
     )
