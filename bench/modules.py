@@ -8,7 +8,7 @@ CPU with ``--threads`` threads, at each ``--batch``:
 - 1-class and 3-class modules, with and without mask generators, and a composition of
   three 1-class modules: latency ratio and FLOPs ratio against the model, and their gap.
 
-Latencies are medians over ``--rounds`` rounds in which every network runs once, so a
+Latencies (process CPU time with one thread, see ``--clock``) are medians over ``--rounds`` rounds in which every network runs once, so a
 load change on the machine hits all of them alike. Prints a table, then one final JSON line.
 
     python bench/modules.py --model-dir /tmp/speed_models/simcnn
@@ -54,6 +54,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--rounds", type=int, default=7)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--clock", choices=["auto", "cpu", "wall"], default="auto",
+                   help="auto: process CPU time with one thread, wall clock otherwise")
     return p.parse_args(argv)
 
 
@@ -73,8 +75,8 @@ def _trained(args: argparse.Namespace) -> tuple[nn.Module, Modularization, dict[
 
 
 @torch.inference_mode()
-def _latencies(nets: dict[str, nn.Module], shape: tuple[int, ...], batch: int, rounds: int
-               ) -> dict[str, float]:
+def _latencies(nets: dict[str, nn.Module], shape: tuple[int, ...], batch: int, rounds: int,
+               clock: Any) -> dict[str, float]:
     x = torch.randn(batch, *shape)  # NCHW, as images arrive
     times: dict[str, list[float]] = {k: [] for k in nets}
     for net in nets.values():  # warm-up: oneDNN primitive creation
@@ -83,15 +85,19 @@ def _latencies(nets: dict[str, nn.Module], shape: tuple[int, ...], batch: int, r
     repeats = max(1, 64 // batch)  # small batches: time several calls per sample
     for _ in range(rounds):
         for name, net in nets.items():
-            t0 = time.perf_counter()
+            t0 = clock()
             for _ in range(repeats):
                 net(x)
-            times[name].append((time.perf_counter() - t0) / repeats)
+            times[name].append((clock() - t0) / repeats)
     return {k: statistics.median(v) for k, v in times.items()}
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     torch.set_num_threads(args.threads)
+    # One thread: the process's CPU time is its latency on an idle core, and does not
+    # count the time other processes on a shared machine take the core away.
+    use_cpu = args.clock == "cpu" or (args.clock == "auto" and args.threads == 1)
+    clock = time.process_time if use_cpu else time.perf_counter
     model, mz, manifest = _trained(args)
     model.eval()
     cfg = manifest.get("train_config") or {}
@@ -110,11 +116,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     out: dict[str, Any] = {
         "arch": model.config.get("arch", cfg.get("arch")), "width": model.config.get("width"),
         "epochs": cfg.get("epochs"), "test_acc": manifest.get("test_acc"), "model_krr": mz.model_krr,
-        "threads": torch.get_num_threads(), "rounds": args.rounds, "flops": flops, "krr": krr,
+        "threads": torch.get_num_threads(), "rounds": args.rounds,
+        "clock": "process CPU time" if use_cpu else "wall clock", "flops": flops, "krr": krr,
         "batches": {},
     }
     for batch in args.batch:
-        lat = _latencies(nets, shape, batch, args.rounds)
+        lat = _latencies(nets, shape, batch, args.rounds, clock)
         rows = {}
         for k in nets:
             lr, fr = lat[k] / lat["model"], flops[k] / flops["model"]
@@ -133,7 +140,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 def render(r: dict[str, Any], console: Console) -> None:
     for batch, rows in r["batches"].items():
         t = Table(title=f"{r['arch']} x{r['width']} ({r['epochs']} epochs, test acc {r['test_acc']:.3f}, "
-                        f"model KRR {r['model_krr']:.2f}), CPU {r['threads']} thread(s), batch {batch}",
+                        f"model KRR {r['model_krr']:.2f}), CPU {r['threads']} thread(s), batch {batch}, "
+                        f"{r['clock']}",
                   title_justify="left")
         for col in ("network", "KRR", "MFLOPs/img", "latency ms", "latency x", "FLOPs x", "gap"):
             t.add_column(col, justify="right")
