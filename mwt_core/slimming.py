@@ -18,6 +18,7 @@ from __future__ import annotations
 import copy
 import operator
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -26,6 +27,8 @@ from torch.fx.passes.shape_prop import ShapeProp
 
 from mwt_core.models import MwTNet
 from mwt_core.models.masking import ConvUnit, set_keep
+
+NetT = TypeVar("NetT", bound=nn.Module)
 
 
 class SlimmingError(ValueError):
@@ -299,7 +302,7 @@ def slim(
     return channels_last(slimmed)
 
 
-def channels_last(net: nn.Module) -> nn.Module:
+def channels_last(net: NetT) -> NetT:
     """``net`` with every convolution in channels_last (NHWC) layout, in place.
 
     Slimmed layers have channel counts such as 11 or 37; in NCHW, oneDNN's convolutions
