@@ -63,6 +63,9 @@ class TrainConfig:
     device: str = "auto"
     amp: bool = True
     augment: bool = True
+    # torch.compile the training step (opt-in: compiling costs tens of seconds up front);
+    # on CUDA with one batch shape throughout, also CUDA graphs ("reduce-overhead").
+    compile: bool = False
 
     def __post_init__(self) -> None:
         lim = LIMITS
@@ -129,5 +132,5 @@ SMALL_DATA_SETTINGS: dict[str, Any] = {"mask_lr": 0.2, "alpha": 1.0, "beta": 3.0
 # Values of fields added after the first checkpoints were written, as those runs used them:
 # a checkpoint that lacks a key ran with this value, whatever today's default is.
 LEGACY_VALUES: dict[str, Any] = {"mask_lr": None, "gamma": 0.0, "weight_decay": 0.0,
-                                 "outlier_weight": 0.0}
+                                 "outlier_weight": 0.0, "compile": False}
 

@@ -27,18 +27,22 @@ def mask_similarity_losses(
         zero = labels.new_zeros((), dtype=torch.float32)
         return zero, zero
     same_pairs, diff_pairs = _pair_weights(labels)
+    # Masked means with tensor-valued guards: no host synchronisation (a Python ``if`` on
+    # a tensor would wait for the device every step and break CUDA graphs / torch.compile).
+    # Without same-label pairs every product is masked out, so the cohesion term is
+    # multiplied by 0 instead of being skipped; the clamp only avoids 0 / 0.
     n_same = same_pairs.sum()
-    n_diff = diff_pairs.sum()
+    n_diff = diff_pairs.sum().clamp(min=1)  # no different-label pair: the sum is 0 too
+    has_same = (n_same > 0).float()
+    n_same = n_same.clamp(min=1)
 
     cohesion = masks[0].new_zeros((), dtype=torch.float32)
     coupling = masks[0].new_zeros((), dtype=torch.float32)
     for mask in masks:
         unit = F.normalize(mask.float(), dim=1, eps=1e-8)
         sim = unit @ unit.T
-        if n_same > 0:
-            cohesion = cohesion + (1.0 - (sim * same_pairs).sum() / n_same)
-        if n_diff > 0:
-            coupling = coupling + (sim * diff_pairs).sum() / n_diff
+        cohesion = cohesion + has_same * (1.0 - (sim * same_pairs).sum() / n_same)
+        coupling = coupling + (sim * diff_pairs).sum() / n_diff
     return cohesion / len(masks), coupling / len(masks)
 
 

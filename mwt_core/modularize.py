@@ -4,7 +4,9 @@ One pass over the training set collects, per masked layer, the binary activity o
 every kernel for every sample. From these, per class and kernel, the activation
 frequency; then the module masks (frequency >= tau, lowered per layer in steps of
 0.05 until a layer keeps something), KRR, cohesion and coupling. All of it is
-matrix arithmetic: no Python loop over samples or pairs.
+matrix arithmetic: no Python loop over samples or pairs. Memory stays bounded: the
+activity is one byte per sample and kernel, and per-class counts and pairwise Jaccard
+means are computed in blocks (never an N x N or N x K float matrix in one piece).
 """
 
 from __future__ import annotations
@@ -101,18 +103,24 @@ class Modularization:
 
 @torch.no_grad()
 def collect_activity(model: MwTNet, batches: ImageBatches, batch_size: int = 512) -> list[torch.Tensor]:
-    """Per masked layer, the ``N x K_l`` boolean activity (mask > 0) of every sample."""
+    """Per masked layer, the ``N x K_l`` boolean activity (mask > 0) of every sample.
+
+    One byte per sample and kernel, on the CPU, written in place batch by batch: the
+    float masks of a batch are the only other memory, whatever ``N``.
+    """
     was_training = model.training
     model.eval()
-    per_layer: list[list[torch.Tensor]] = []
+    units = model.mask_units()
+    n = len(batches)
+    per_layer = [torch.empty(n, u.out_channels, dtype=torch.bool) for u in units]
+    start = 0
     for x, _ in batches.ordered(batch_size):
-        _, masks = model.forward_with_masks(x)
-        if not per_layer:
-            per_layer = [[] for _ in masks]
+        _, masks = model.forward_with_masks(x, units)
         for store, m in zip(per_layer, masks, strict=True):
-            store.append(m > 0)
+            store[start:start + m.shape[0]].copy_(m > 0)
+        start += x.shape[0]
     model.train(was_training)
-    return [torch.cat(chunks) for chunks in per_layer]
+    return per_layer
 
 
 def module_masks(freq: torch.Tensor, tau: float) -> torch.Tensor:
@@ -135,42 +143,108 @@ def _pairwise_jaccard(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return torch.where(union > 0, inter / union.clamp(min=1), torch.ones_like(inter))
 
 
+# Elements of one float block in the chunked computations (64 MiB): bounds the memory of
+# frequency counts and of the pairwise Jaccard means whatever the class sizes.
+BLOCK_ELEMENTS = 1 << 24
+
+
+def class_frequencies(activity: torch.Tensor, labels: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """``classes x K`` fraction of each class's samples for which each kernel is active.
+
+    Counted in row chunks (exact: 0/1 sums in float32 up to 2**24 samples per class).
+    """
+    n, k = activity.shape
+    counts = torch.zeros(num_classes, k)
+    step = max(1, BLOCK_ELEMENTS // max(1, k))
+    for start in range(0, n, step):
+        counts.index_add_(0, labels[start:start + step], activity[start:start + step].float())
+    sizes = torch.bincount(labels, minlength=num_classes).float().clamp(min=1)
+    return counts / sizes[:, None]
+
+
+def mean_pairwise_jaccard(rows: torch.Tensor) -> float:
+    """Mean Jaccard index over pairs ``i != j`` of the rows of a bool matrix (1.0 below 2 rows).
+
+    Identical rows are merged first (trained masks repeat a lot), then the upper triangle
+    of the weighted pair matrix is computed block by block, so memory is
+    ``O(block x unique rows)`` instead of ``O(n^2)``.
+    """
+    n = rows.shape[0]
+    if n < 2:
+        return 1.0
+    uniq, counts = torch.unique(rows, dim=0, return_counts=True)
+    a = uniq.float()
+    w = counts.double()
+    sizes = a.sum(1)
+    u = a.shape[0]
+    # Pairs of equal rows (Jaccard 1): c * (c - 1) ordered pairs per unique row.
+    total = float((w * (w - 1)).sum())
+    step = max(1, BLOCK_ELEMENTS // max(1, u))
+    for start in range(0, u, step):
+        stop = min(start + step, u)
+        # Block rows against rows from ``start`` on (the upper triangle): intersections
+        # are exact integer counts in float32.
+        inter = a[start:stop] @ a[start:].T
+        union = (sizes[start:stop, None] + sizes[None, start:]).sub_(inter).clamp_(min=1)
+        # Two empty rows have union 0, but at most one unique row is empty: that case is
+        # only ever on the diagonal, which is zeroed (counted above).
+        jac = inter.div_(union).double()
+        del inter, union
+        jac[:, :stop - start].diagonal().zero_()
+        # The block's own square is symmetric and holds both orders of each pair; the
+        # columns past it hold one order, so count them twice. Weighted by repeat counts.
+        per_row = jac[:, :stop - start] @ w[start:stop] + 2.0 * (jac[:, stop - start:] @ w[stop:])
+        total += float(w[start:stop] @ per_row)
+    return total / (n * (n - 1))
+
+
 def modularize(
     model: MwTNet, data: DatasetBundle, tau: float = ModularizeConfig.tau, device: str = "auto",
     batch_size: int = 512,
 ) -> Modularization:
     """Cut a trained masked model into one module mask per class, with its metrics."""
-    check_tau(tau)
+    return modularize_sweep(model, data, [tau], device, batch_size)[0]
+
+
+def modularize_sweep(
+    model: MwTNet, data: DatasetBundle, taus: list[float], device: str = "auto",
+    batch_size: int = 512,
+) -> list[Modularization]:
+    """:func:`modularize` at several thresholds from one pass over the training set."""
+    for tau in taus:
+        check_tau(tau)
     if not model.mask_units():
         raise ValueError("this model has no mask generators (standard training); train it with MwT")
     dev = resolve_device(device)
     model = model.to(dev)
     batches = ImageBatches(data.train_x, data.train_y, data.spec, dev)
     activity = collect_activity(model, batches, batch_size)
-    labels = batches.labels
-    k = data.num_classes
-    onehot = torch.nn.functional.one_hot(labels, k).float()  # N x C
-    counts = onehot.sum(0).clamp(min=1)
+    labels = data.train_y.to(torch.long).cpu()
+    return [modularize_activity(activity, labels, data.num_classes, tau) for tau in taus]
 
-    layer_keep = []
-    for act in activity:
-        freq = (onehot.T @ act.float()) / counts[:, None]  # C x K
-        layer_keep.append(module_masks(freq, tau))
+
+def modularize_activity(activity: list[torch.Tensor], labels: torch.Tensor, num_classes: int,
+                        tau: float) -> Modularization:
+    """Module masks and metrics from collected activity (per layer ``N x K_l`` bool)."""
+    if not 0 < tau <= 1:
+        raise ValueError(f"tau must be in (0, 1], got {tau}")
+    k = num_classes
+    labels = labels.to(torch.long).cpu()
+    activity = [a.cpu() for a in activity]
+    freqs = [class_frequencies(act, labels, k) for act in activity]
+    layer_keep = [module_masks(freq, tau) for freq in freqs]
     keep_all = torch.cat(layer_keep, dim=1)  # C x sum(K): each class module's kernels
-    act_all = torch.cat(activity, dim=1)  # N x sum(K)
     total = keep_all.shape[1]
 
     krr = (keep_all.sum(1).float() / total).tolist()
     per_class_cohesion = []
     for c in range(k):
         # Pairs of samples of class c, compared on that module's kept kernels only.
-        rows = act_all[labels == c][:, keep_all[c]]
-        n = rows.shape[0]
-        if n < 2:
-            per_class_cohesion.append(1.0)
-            continue
-        jac = _pairwise_jaccard(rows, rows)
-        per_class_cohesion.append(float((jac.sum() - jac.diagonal().sum()) / (n * (n - 1))))
+        idx = (labels == c).nonzero().flatten()
+        rows = torch.cat([act.index_select(0, idx)[:, keep[c]]
+                          for act, keep in zip(activity, layer_keep, strict=True)], dim=1)
+        per_class_cohesion.append(mean_pairwise_jaccard(rows))
+        del rows
     jac = _pairwise_jaccard(keep_all, keep_all)
     coupling = float((jac.sum() - jac.diagonal().sum()) / (k * (k - 1)))
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 import copy
 import operator
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -26,6 +27,8 @@ from torch.fx.passes.shape_prop import ShapeProp
 
 from mwt_core.models import MwTNet
 from mwt_core.models.masking import ConvUnit, set_keep
+
+NetT = TypeVar("NetT", bound=nn.Module)
 
 
 class SlimmingError(ValueError):
@@ -296,14 +299,27 @@ def slim(
         _slice_param(graph.head, "bias", idx, 0)
         graph.head.out_features = len(idx)
     slimmed.config = {**model.config, "slimmed": True}
-    if _channels_last(model):
-        # Slicing yields plain NCHW weights; mixing layouts costs more time than slimming saves.
-        slimmed = slimmed.to(memory_format=torch.channels_last)
-    return slimmed
+    return channels_last(slimmed)
 
 
-def _channels_last(model: nn.Module) -> bool:
-    convs = [m.weight for m in model.modules() if isinstance(m, nn.Conv2d)]
-    return bool(convs) and all(
-        w.is_contiguous(memory_format=torch.channels_last) and not w.is_contiguous() for w in convs
-    )
+def channels_last(net: NetT) -> NetT:
+    """``net`` with every convolution in channels_last (NHWC) layout, in place.
+
+    Slimmed layers have channel counts such as 11 or 37; in NCHW, oneDNN's convolutions
+    for those are slower than for the full model's multiples of 8 (a module with fewer
+    FLOPs can take longer than its model), in NHWC their time follows their FLOPs. A
+    conv whose weight's layout is ambiguous (one input channel: NCHW and NHWC strides
+    describe the same memory) would let an NCHW image decide the layout and keep the
+    whole network in NCHW, so such weights get explicit NHWC strides, which makes every
+    conv output NHWC whatever the input. Values are unchanged: only strides differ.
+    """
+    net.to(memory_format=torch.channels_last)
+    for m in net.modules():
+        if isinstance(m, nn.Conv2d) and m.weight.dim() == 4:
+            w = m.weight
+            out_c, in_c, kh, kw = w.shape
+            nhwc = (in_c * kh * kw, 1, kw * in_c, in_c)
+            if w.stride() != nhwc:
+                m.weight.data = w.detach().contiguous(memory_format=torch.channels_last).as_strided(
+                    w.shape, nhwc)
+    return net

@@ -26,6 +26,7 @@ from mwt_core.devices import resolve_device
 from mwt_core.evaluation import accuracy
 from mwt_core.losses import mask_overlap, mask_similarity_losses, outlier_exposure, quadrant_mix
 from mwt_core.models import MwTNet, create_model
+from mwt_core.models.masking import ConvUnit
 
 CHECKPOINT_NAME = "last.pt"
 
@@ -92,7 +93,7 @@ def _autocast(device: torch.device, enabled: bool):
 
 
 def _rng_state(gen: torch.Generator) -> dict[str, Any]:
-    state = {"torch": torch.get_rng_state(), "gen": gen.get_state()}
+    state: dict[str, Any] = {"torch": torch.get_rng_state(), "gen": gen.get_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -142,12 +143,18 @@ def train(
 ) -> TrainResult:
     """Train ``cfg.arch`` on ``data`` (MwT when ``cfg.modular``), return the model and metrics."""
     device = resolve_device(cfg.device)
+    if device.type == "cuda":
+        # Fixed input shapes: let cuDNN pick the fastest kernels; TF32 for fp32 matmuls/convs.
+        torch.backends.cudnn.benchmark = True
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
     torch.manual_seed(cfg.seed)
     gen = torch.Generator(device=device)
     gen.manual_seed(cfg.seed)
 
     # channels_last lets oneDNN (CPU) and cuDNN (GPU) pick their faster conv kernels.
-    model = build_model_for(cfg, data).to(device, memory_format=torch.channels_last)
+    model = build_model_for(cfg, data).to(device)
+    model = model.to(memory_format=torch.channels_last)
     train_set = ImageBatches(data.train_x, data.train_y, data.spec, device)
     test_set = ImageBatches(data.test_x, data.test_y, data.spec, device)
     optimizer = torch.optim.SGD(
@@ -177,50 +184,48 @@ def train(
     # A trailing batch of one sample would break batch norm; drop it.
     steps = n // cfg.batch_size + (1 if n % cfg.batch_size >= 2 else 0)
     test_acc = history[-1]["test_acc"] if history else 0.0
+    # Walk the module tree once, not every step.
+    units = model.mask_units() if cfg.modular else []
+    static_shapes = n % cfg.batch_size < 2  # every step sees a full batch
+    forward = _loss_step(model, units, cfg, device, static_shapes, gen)
     model.train()
     for epoch in range(start_epoch, cfg.epochs):
         t0 = time.perf_counter()
         sums = torch.zeros(6, device=device)  # loss, ce, coh, coup, correct, kernel_rate
-        seen = 0
+        seen = rated = 0
         perm = torch.randperm(n, device=device, generator=gen)
         for step in range(steps):
             idx = perm[step * cfg.batch_size:(step + 1) * cfg.batch_size]
             x, y = train_set.batch(idx, augment=cfg.augment, generator=gen)
-            with _autocast(device, cfg.amp):
-                if cfg.modular:
-                    logits, masks = model.forward_with_masks(x)
-                else:
-                    logits, masks = model(x), []
-                ce = F.cross_entropy(logits.float(), y)
-                cohesion, coupling = mask_similarity_losses(masks, y)
-                loss = ce + cfg.alpha * cohesion + cfg.beta * coupling
-                if cfg.gamma > 0 and masks:
-                    loss = loss + cfg.gamma * mask_overlap(masks, y)
-                if cfg.outlier_weight > 0:
-                    outliers = quadrant_mix(x, y, generator=gen)
-                    loss = loss + cfg.outlier_weight * outlier_exposure(model(outliers).float())
+            loss, ce, cohesion, coupling, logits, masks = forward(x, y)
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             scaler.step(optimizer)
             scaler.update()
 
+            last_step = step == steps - 1
+            reporting = step % progress_every == 0 or last_step
             with torch.no_grad():
                 b = y.shape[0]
                 seen += b
-                rate = (torch.stack([(m > 0).float().mean() for m in masks]).mean()
-                        if masks else torch.zeros((), device=device))
+                # The kernel rate is a report, not a loss: sample it on reporting steps only.
+                if reporting and masks:
+                    rate = torch.stack([(m > 0).float().mean() for m in masks]).mean()
+                    rated += b
+                else:
+                    rate = torch.zeros((), device=device)
                 sums += torch.stack([loss.detach() * b, ce.detach() * b, cohesion.detach() * b,
                                      coupling.detach() * b, (logits.argmax(1) == y).sum().float(),
                                      rate * b])
-            last_step = step == steps - 1
-            if should_stop is not None and (step % progress_every == 0 or last_step) and should_stop():
+            if should_stop is not None and reporting and should_stop():
                 raise TrainingCancelled(f"stopped at epoch {epoch + 1}, step {step + 1}")
             if progress is not None and step % progress_every == 0 and not last_step:
-                progress(_report(cfg, epoch, step, steps, sums, seen, None, spent + time.perf_counter() - t0))
+                progress(_report(cfg, epoch, step, steps, sums, seen, None, spent + time.perf_counter() - t0,
+                                 rated))
         scheduler.step()
         spent += time.perf_counter() - t0
         test_acc = accuracy(model, test_set.ordered(512))
-        report = _report(cfg, epoch, steps - 1, steps, sums, seen, test_acc, spent)
+        report = _report(cfg, epoch, steps - 1, steps, sums, seen, test_acc, spent, rated)
         history.append({k: v for k, v in report.to_json().items() if k not in ("step", "steps")})
         if ckpt_path is not None:
             save_checkpoint(ckpt_path, {
@@ -236,9 +241,51 @@ def train(
                        epochs_run=cfg.epochs - start_epoch, history=history)
 
 
+def _loss_step(model: MwTNet, units: list[ConvUnit], cfg: TrainConfig, device: torch.device,
+               static_shapes: bool, gen: torch.Generator | None = None
+               ) -> Callable[[torch.Tensor, torch.Tensor], tuple[Any, ...]]:
+    """The forward half of a training step: ``(loss, ce, cohesion, coupling, logits, masks)``.
+
+    Free of host synchronisation (no ``.item()`` or tensor-valued ``if``), so with
+    ``cfg.compile`` it compiles to one graph and, on CUDA with static shapes, replays as
+    a CUDA graph.
+    """
+
+    def step(x: torch.Tensor, y: torch.Tensor) -> tuple[Any, ...]:
+        with _autocast(device, cfg.amp):
+            if cfg.modular:
+                logits, masks = model.forward_with_masks(x, units)
+            else:
+                logits, masks = model(x), []
+            ce = F.cross_entropy(logits.float(), y)
+            cohesion, coupling = mask_similarity_losses(masks, y)
+            loss = ce + cfg.alpha * cohesion + cfg.beta * coupling
+            if cfg.gamma > 0 and masks:
+                loss = loss + cfg.gamma * mask_overlap(masks, y)
+            if cfg.outlier_weight > 0:
+                outliers = quadrant_mix(x, y, generator=gen)
+                loss = loss + cfg.outlier_weight * outlier_exposure(model(outliers).float())
+        return loss, ce, cohesion, coupling, logits, masks
+
+    if not cfg.compile or not hasattr(torch, "compile"):
+        return step
+    graphs = device.type == "cuda" and static_shapes
+    compiled = torch.compile(step, mode="reduce-overhead" if graphs else None, dynamic=False)
+    if not graphs:
+        return compiled
+
+    def graphed_step(x: torch.Tensor, y: torch.Tensor) -> tuple[Any, ...]:
+        # A new step: outputs of the previous replay (already consumed) may be overwritten.
+        torch.compiler.cudagraph_mark_step_begin()
+        return compiled(x, y)
+
+    return graphed_step
+
+
 def _report(cfg: TrainConfig, epoch: int, step: int, steps: int, sums: torch.Tensor, seen: int,
-            test_acc: float | None, elapsed: float) -> Progress:
+            test_acc: float | None, elapsed: float, rated: int) -> Progress:
     loss, ce, coh, coup, correct, rate = (sums / max(1, seen)).tolist()
+    rate = rate * seen / max(1, rated)  # the rate was sampled on reporting steps only
     done = epoch + (step + 1) / steps
     eta = elapsed / done * (cfg.epochs - done) if done > 0 else math.inf
     return Progress(

@@ -57,6 +57,9 @@ class JobCreate(BaseModel):
     modular: bool = Field(_T.modular, description="MwT training (false = standard training, no modules)")
     augment: bool = _T.augment
     amp: bool = _T.amp
+    compile: bool = Field(
+        _T.compile, description="torch.compile the training step (opt-in; compiling takes a while up front)"
+    )
     name: str | None = Field(
         None, pattern=NAME_PATTERN, description="model name; default '<dataset>-<arch>'"
     )

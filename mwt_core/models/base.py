@@ -21,9 +21,12 @@ class MwTNet(nn.Module):
     def kernel_counts(self) -> list[int]:
         return [u.out_channels for u in self.mask_units()]
 
-    def forward_with_masks(self, x: Any) -> tuple[Any, list[Any]]:
-        """Logits plus the ``B x K_l`` mask of every masked unit, in forward order."""
-        units = self.mask_units()
+    def forward_with_masks(self, x: Any, units: list[ConvUnit] | None = None) -> tuple[Any, list[Any]]:
+        """Logits plus the ``B x K_l`` mask of every masked unit, in forward order.
+
+        ``units`` is ``mask_units()`` cached by a caller that runs many steps.
+        """
+        units = self.mask_units() if units is None else units
         for u in units:
             u.last_mask = None
         logits = self(x)

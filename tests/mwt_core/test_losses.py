@@ -122,3 +122,53 @@ def test_outlier_exposure_is_zero_only_for_uniform_logits_and_quadrant_mix_mixes
     # The other three quadrants come from images of other labels (all labels differ here).
     for q in (mixed[:, 0, :4, 4:], mixed[:, 0, 4:, :4], mixed[:, 0, 4:, 4:]):
         assert (q[:, 0, 0] != torch.arange(4.0)).all()
+
+
+def _reference_losses(masks, labels):
+    """The losses as first written (Python ``if`` on pair counts): the values to keep."""
+    same = labels[:, None] == labels[None, :]
+    upper = torch.ones_like(same).triu(diagonal=1)
+    same_pairs, diff_pairs = (same & upper).float(), (~same & upper).float()
+    n_same, n_diff = same_pairs.sum(), diff_pairs.sum()
+    coh = coup = torch.zeros(())
+    for mask in masks:
+        unit = torch.nn.functional.normalize(mask.float(), dim=1, eps=1e-8)
+        sim = unit @ unit.T
+        if n_same > 0:
+            coh = coh + (1.0 - (sim * same_pairs).sum() / n_same)
+        if n_diff > 0:
+            coup = coup + (sim * diff_pairs).sum() / n_diff
+    return coh / len(masks), coup / len(masks)
+
+
+@pytest.mark.parametrize("labels", [
+    [0, 1, 0, 2, 1, 0, 3, 3],  # mixed
+    [0, 1, 2, 3, 4, 5, 6, 7],  # no same-label pair
+    [2, 2, 2, 2, 2, 2, 2, 2],  # no different-label pair
+    [0, 1],  # smallest batch
+])
+def test_sync_free_losses_equal_the_original_formulas(labels):
+    g = torch.Generator().manual_seed(len(labels))
+    y = torch.tensor(labels)
+    # Sparse masks (exact zeros, one all-zero row) as a trained generator gives.
+    masks = [torch.relu(torch.rand(len(y), k, generator=g) - 0.5) for k in (5, 3, 8)]
+    masks[1][0] = 0
+    masks = [m.requires_grad_() for m in masks]
+    coh, coup = mask_similarity_losses(masks, y)
+    ref_coh, ref_coup = _reference_losses([m.detach() for m in masks], y)
+    assert torch.equal(coh.detach(), ref_coh) or torch.isclose(coh, ref_coh, atol=1e-7)
+    assert torch.equal(coup.detach(), ref_coup) or torch.isclose(coup, ref_coup, atol=1e-7)
+    (coh + coup).backward()
+    assert all(torch.isfinite(m.grad).all() for m in masks)
+
+
+def test_losses_never_convert_a_tensor_to_a_python_value(monkeypatch):
+    # A bool/int/float/item conversion of a tensor waits for the device: none is allowed.
+    calls = []
+    for name in ("__bool__", "item", "tolist", "__int__", "__float__"):
+        real = getattr(torch.Tensor, name)
+        monkeypatch.setattr(torch.Tensor, name,
+                            lambda self, *a, _n=name, _r=real, **k: calls.append(_n) or _r(self, *a, **k))
+    mask_similarity_losses([torch.rand(6, 4), torch.rand(6, 3)], torch.tensor([0, 1, 0, 2, 1, 0]))
+    monkeypatch.undo()
+    assert calls == []

@@ -250,3 +250,45 @@ def test_union_json_roundtrip_and_errors(trained_digits, digits32):
         modularize(model, data, tau=0.0)
     with pytest.raises(ValueError, match="no mask generators"):
         modularize(create_model("simcnn", 10, width=0.125, masked=False), digits32)
+
+
+# ------------------------------------------------------------------ 3. bounded memory, one pass
+
+
+@pytest.mark.parametrize("block", [1, 7, 1 << 24])
+def test_blockwise_pairwise_jaccard_matches_brute_force(monkeypatch, block):
+    # Tiny blocks force many row blocks (and the diagonal square of each); repeated rows
+    # (merged before the pairs are formed) and empty rows included.
+    g = torch.Generator().manual_seed(block)
+    rows = torch.rand(23, 6, generator=g) < 0.5
+    rows[5] = rows[2]
+    rows[9] = rows[2]
+    rows[11] = False
+    rows[17] = False
+    monkeypatch.setattr(mz, "BLOCK_ELEMENTS", block)
+    expected = _mean_pairwise([_bits(r) for r in rows.tolist()])
+    assert mz.mean_pairwise_jaccard(rows) == pytest.approx(expected, abs=1e-7)  # float32 ratios
+    assert mz.mean_pairwise_jaccard(rows[:1]) == 1.0
+
+
+def test_class_frequencies_in_chunks(monkeypatch):
+    g = torch.Generator().manual_seed(0)
+    act = torch.rand(50, 9, generator=g) < 0.3
+    labels = torch.randint(0, 4, (50,), generator=g)
+    monkeypatch.setattr(mz, "BLOCK_ELEMENTS", 10)  # one sample per chunk
+    freq = mz.class_frequencies(act, labels, 4)
+    onehot = torch.nn.functional.one_hot(labels, 4).float()
+    assert torch.allclose(freq, (onehot.T @ act.float()) / onehot.sum(0)[:, None], atol=0)
+
+
+def test_tau_sweep_runs_the_model_once(trained_digits, monkeypatch):
+    model, data = trained_digits
+    calls = []
+    real = mz.collect_activity
+    monkeypatch.setattr(mz, "collect_activity", lambda *a, **k: calls.append(1) or real(*a, **k))
+    sweep = mz.modularize_sweep(model, data, [0.9, 0.5], device="cpu")
+    assert len(calls) == 1
+    for tau, result in zip([0.9, 0.5], sweep, strict=True):
+        single = modularize(model, data, tau=tau, device="cpu")
+        assert _as_lists(result) == _as_lists(single) and result.cohesion == single.cohesion
+    assert sweep[0].model_krr < sweep[1].model_krr

@@ -1,3 +1,5 @@
+import copy
+
 import pytest
 import torch
 
@@ -93,3 +95,35 @@ def test_unsupported_op_is_reported():
     odd.config = {"in_channels": 3, "input_size": 32}
     with pytest.raises(SlimmingError, match="sigmoid"):
         analyse(odd)
+
+
+@pytest.mark.parametrize("in_channels", [1, 3])
+@pytest.mark.parametrize("generators", [True, False])
+def test_modules_run_channels_last_whatever_the_input_layout(in_channels, generators):
+    # In NCHW, convs with slimmed channel counts (11, 37...) are slower on CPU than the
+    # model's wider ones; in NHWC their time follows their FLOPs. A one-channel image is
+    # both NCHW and NHWC, so the stem's weight must fix the layout, not the image.
+    torch.manual_seed(0)
+    net = create_model("simcnn", 10, in_channels=in_channels, input_size=32, width=0.25).eval()
+    _randomise_bn(net)
+    keep = [torch.rand(u.out_channels) < 0.5 for u in net.mask_units()]
+    module = slim(net, keep, keep_mask_generators=generators, classes=[2, 7]).eval()
+    layouts = []
+    for m in module.modules():
+        if isinstance(m, torch.nn.Conv2d):
+            m.register_forward_hook(lambda mod, inp, out: layouts.append(
+                out.is_contiguous(memory_format=torch.channels_last) and out.stride(1) == 1))
+    # The reference: the full net with the dropped kernels forced to zero (and, for a
+    # static module, no generators: kept kernels always pass).
+    reference_net = copy.deepcopy(net)
+    units = reference_net.mask_units()
+    set_keep(units, keep)
+    if not generators:
+        for u in units:
+            u.gate = None
+    x = torch.randn(4, in_channels, 32, 32)  # plain NCHW input, as a client sends it
+    with torch.no_grad():
+        out = module(x)
+        reference = reference_net(x)[:, [2, 7]]
+    assert layouts and all(layouts), layouts
+    assert torch.allclose(out, reference, atol=1e-5, rtol=0)

@@ -135,3 +135,62 @@ def test_mwt_losses_lower_coupling_against_standard_training():
     # Both runs learnt the task (4 classes: chance is 0.25), so the comparison is between
     # trained networks, not between an untrained and a trained one.
     assert min(accuracy.values()) > 0.8, accuracy
+
+
+def _count_host_syncs(monkeypatch, data, cfg):
+    """Tensor-to-Python conversions (each one waits for the device) and module-tree walks
+    during a whole ``train`` run without progress reports."""
+    from mwt_core.models import MwTNet
+
+    counts = {"sync": 0, "walks": 0}
+    for name in ("__bool__", "item", "tolist", "__int__", "__float__", "__index__"):
+        real = getattr(torch.Tensor, name)
+
+        def counted(self, *a, _real=real, **k):
+            counts["sync"] += 1
+            return _real(self, *a, **k)
+
+        monkeypatch.setattr(torch.Tensor, name, counted)
+    real_units = MwTNet.mask_units
+
+    def walk(self):
+        counts["walks"] += 1
+        return real_units(self)
+
+    monkeypatch.setattr(MwTNet, "mask_units", walk)
+    try:
+        train(cfg, data, progress_every=10**6)
+    finally:
+        monkeypatch.undo()
+    return counts
+
+
+def test_training_step_does_not_synchronise_the_host(digits32, monkeypatch):
+    # One epoch of 2 steps and one of 6 steps (same test split, same end-of-epoch work):
+    # if the step converted a tensor to a Python value (``if n_same > 0``, ``.item()``) or
+    # walked the module tree, the longer run would count more.
+    cfg = _small(digits32, epochs=1)
+    short = _count_host_syncs(monkeypatch, _subset(digits32, 128), cfg)
+    long = _count_host_syncs(monkeypatch, _subset(digits32, 384), cfg)
+    assert long == short, (short, long)
+
+
+def test_compiled_step_is_one_graph_and_trains_like_the_eager_one(digits32, monkeypatch):
+    # torch.compile of the step is opt-in. ``fullgraph=True`` fails on any graph break (a
+    # host sync or an untraceable op in the step); the ``aot_eager`` backend traces forward
+    # and backward like inductor but skips its C++ build, which takes minutes on this CPU.
+    real_compile = torch.compile
+    compiled_fns = []
+
+    def strict_compile(fn, **kw):
+        compiled_fns.append(fn)
+        return real_compile(fn, backend="aot_eager", fullgraph=True, dynamic=kw.get("dynamic"))
+
+    monkeypatch.setattr(torch, "compile", strict_compile)
+    data = _subset(digits32, 128)
+    eager = train(_small(digits32, epochs=1), data).history[-1]
+    assert compiled_fns == []
+    compiled = train(_small(digits32, epochs=1, compile=True), data).history[-1]
+    assert len(compiled_fns) == 1
+    assert compiled["loss"] == pytest.approx(eager["loss"], rel=1e-3)
+    assert compiled["cohesion"] == pytest.approx(eager["cohesion"], rel=1e-3)

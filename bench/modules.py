@@ -1,0 +1,161 @@
+"""Module inference cost against the model it came from (DESIGN §1.4 "size and cost", §1.5).
+
+For a trained model (an mwt artifact with its modularization, see ``--model-dir``;
+trained here on digits at 32x32 with the TrainConfig defaults when not given), on the
+CPU with ``--threads`` threads, at each ``--batch``:
+
+- the model's latency as loaded (NCHW) and in channels_last (the baseline of the ratios);
+- 1-class and 3-class modules, with and without mask generators, and a composition of
+  three 1-class modules: latency ratio and FLOPs ratio against the model, and their gap.
+
+Latencies (process CPU time with one thread, see ``--clock``) are medians over ``--rounds`` rounds in which every network runs once, so a
+load change on the machine hits all of them alike. Prints a table, then one final JSON line.
+
+    python bench/modules.py --model-dir /tmp/speed_models/simcnn
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from _main import bench_main
+from rich.console import Console
+from rich.table import Table
+from torch import nn
+
+from mwt_core.artifacts import load_artifact, save_artifact
+from mwt_core.compose import Source, compose
+from mwt_core.data.datasets import InputSpec, load_dataset
+from mwt_core.metrics import count_flops
+from mwt_core.modularize import Modularization, modularize
+from mwt_core.reuse import extract_module
+from mwt_core.slimming import channels_last
+from mwt_core.training import TrainConfig, train
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
+    p.add_argument("--model-dir", default=None,
+                   help="trained mwt model artifact with a 'modularization' in its manifest; "
+                        "if missing, one is trained and saved there")
+    p.add_argument("--arch", default="simcnn", help="architecture to train when --model-dir is empty")
+    p.add_argument("--width", type=float, default=0.25)
+    p.add_argument("--epochs", type=int, default=30)
+    p.add_argument("--batch", type=int, nargs="+", default=[256, 1])
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--rounds", type=int, default=7)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--clock", choices=["auto", "cpu", "wall"], default="auto",
+                   help="auto: process CPU time with one thread, wall clock otherwise")
+    return p.parse_args(argv)
+
+
+def _trained(args: argparse.Namespace) -> tuple[nn.Module, Modularization, dict[str, Any]]:
+    if args.model_dir and (Path(args.model_dir) / "manifest.json").is_file():
+        model, manifest = load_artifact(args.model_dir)
+        return model, Modularization.from_json(manifest["modularization"]), manifest
+    data = load_dataset("digits", min_input_size=32)
+    cfg = TrainConfig(arch=args.arch, width=args.width, epochs=args.epochs, device="cpu", seed=args.seed)
+    result = train(cfg, data)
+    mz = modularize(result.model, data, device="cpu")
+    manifest = {"modularization": mz.to_json(), "test_acc": result.test_acc,
+                "train_config": cfg.to_json(), "input_spec": data.spec.to_json()}
+    if args.model_dir:
+        save_artifact(args.model_dir, result.model, manifest)
+    return result.model.cpu().eval(), mz, manifest
+
+
+@torch.inference_mode()
+def _latencies(nets: dict[str, nn.Module], shape: tuple[int, ...], batch: int, rounds: int,
+               clock: Any) -> dict[str, float]:
+    x = torch.randn(batch, *shape)  # NCHW, as images arrive
+    times: dict[str, list[float]] = {k: [] for k in nets}
+    for net in nets.values():  # warm-up: oneDNN primitive creation
+        net(x)
+        net(x)
+    repeats = max(1, 64 // batch)  # small batches: time several calls per sample
+    for _ in range(rounds):
+        for name, net in nets.items():
+            t0 = clock()
+            for _ in range(repeats):
+                net(x)
+            times[name].append((clock() - t0) / repeats)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    torch.set_num_threads(args.threads)
+    # One thread: the process's CPU time is its latency on an idle core, and does not
+    # count the time other processes on a shared machine take the core away.
+    use_cpu = args.clock == "cpu" or (args.clock == "auto" and args.threads == 1)
+    clock = time.process_time if use_cpu else time.perf_counter
+    model, mz, manifest = _trained(args)
+    model.eval()
+    cfg = manifest.get("train_config") or {}
+    spec = InputSpec.from_json(manifest["input_spec"]) if manifest.get("input_spec") else None
+    shape = (model.config["in_channels"], model.config["input_size"], model.config["input_size"])
+    nets: dict[str, nn.Module] = {"model_nchw": model, "model": channels_last(copy.deepcopy(model))}
+    krr: dict[str, float] = {}
+    for classes in ([0], [0, 1, 2]):
+        for gens in (True, False):
+            key = f"module{len(classes)}_{'gen' if gens else 'static'}"
+            nets[key] = extract_module(model, mz, classes, keep_mask_generators=gens)
+            krr[key] = mz.krr_of(classes)
+    spec = spec or InputSpec(shape[0], shape[1], (0.5,) * shape[0], (0.5,) * shape[0])
+    nets["compose3_gen"] = compose([Source(model, mz, [c], spec) for c in (0, 1, 2)])
+    flops = {k: count_flops(n, shape) for k, n in nets.items()}
+    out: dict[str, Any] = {
+        "arch": model.config.get("arch", cfg.get("arch")), "width": model.config.get("width"),
+        "epochs": cfg.get("epochs"), "test_acc": manifest.get("test_acc"), "model_krr": mz.model_krr,
+        "threads": torch.get_num_threads(), "rounds": args.rounds,
+        "clock": "process CPU time" if use_cpu else "wall clock", "flops": flops, "krr": krr,
+        "batches": {},
+    }
+    for batch in args.batch:
+        lat = _latencies(nets, shape, batch, args.rounds, clock)
+        rows = {}
+        for k in nets:
+            lr, fr = lat[k] / lat["model"], flops[k] / flops["model"]
+            rows[k] = {"latency_s": lat[k], "latency_ratio": lr, "flops_ratio": fr, "gap": lr - fr}
+        out["batches"][str(batch)] = rows
+    modules = [k for k in nets if k.startswith(("module", "compose"))]
+    b256 = out["batches"].get("256", next(iter(out["batches"].values())))
+    out["targets"] = {
+        "module1_latency_le_0.7": all(b256[k]["latency_ratio"] <= 0.7 for k in modules
+                                      if k.startswith("module1")),
+        "all_within_0.15_of_flops": all(abs(b256[k]["gap"]) <= 0.15 for k in modules),
+    }
+    return out
+
+
+def render(r: dict[str, Any], console: Console) -> None:
+    for batch, rows in r["batches"].items():
+        t = Table(title=f"{r['arch']} x{r['width']} ({r['epochs']} epochs, test acc {r['test_acc']:.3f}, "
+                        f"model KRR {r['model_krr']:.2f}), CPU {r['threads']} thread(s), batch {batch}, "
+                        f"{r['clock']}",
+                  title_justify="left")
+        for col in ("network", "KRR", "MFLOPs/img", "latency ms", "latency x", "FLOPs x", "gap"):
+            t.add_column(col, justify="right")
+        for k, row in rows.items():
+            t.add_row(k, f"{r['krr'][k]:.2f}" if k in r["krr"] else "", f"{r['flops'][k] / 1e6:.2f}",
+                      f"{1000 * row['latency_s']:.2f}", f"{row['latency_ratio']:.2f}",
+                      f"{row['flops_ratio']:.2f}", f"{row['gap']:+.2f}")
+        console.print(t)
+    console.print(f"targets (batch 256): {r['targets']}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    return bench_main(parse_args, run, render, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
