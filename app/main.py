@@ -9,13 +9,15 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from typing import Any
 
 from fastapi import FastAPI, Request, status
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from sqlalchemy.exc import DataError, IntegrityError, OperationalError
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from app import __doc__ as app_doc
 from app.auth import KeyCache
@@ -39,7 +41,59 @@ def _describe_validation(exc: RequestValidationError) -> str:
     return "invalid request: " + "; ".join(parts)
 
 
-def _install_error_handlers(app: FastAPI) -> None:
+def _path_scrubber(settings: Settings) -> Callable[[str], str]:
+    """A function that replaces the server's directories in a message by their setting names.
+
+    Error details often carry an exception's text (``FileNotFoundError: /srv/mwt/...``):
+    clients must not learn the server's layout, and the relative part is all they can use.
+    """
+    named: dict[str, str] = {}
+    for label, d in (
+        ("<MWT_ARTIFACT_DIR>", settings.artifacts),
+        ("<MWT_DATASET_DIR>", settings.datasets),
+        ("<MWT_DATA_DIR>", settings.data_dir),
+    ):
+        for form in (str(d), str(d.resolve()), d.as_posix(), d.resolve().as_posix()):
+            if form not in (".", "/", "") and form not in named:
+                named[form] = label
+    ordered = sorted(named, key=len, reverse=True)  # longest first: the most precise name wins
+
+    def scrub(message: str) -> str:
+        for form in ordered:
+            message = message.replace(form, named[form])
+        return message
+
+    return scrub
+
+
+def _allowed_methods(app: FastAPI, scope: dict[str, Any]) -> list[str]:
+    """Every method some route serves at this path (Starlette's 405 names only the first route's)."""
+    methods: set[str] = set()
+    path = scope.get("path", "")
+    for route in app.router.routes:
+        regex = getattr(route, "path_regex", None)
+        if regex is not None and regex.match(path):
+            methods |= set(getattr(route, "methods", None) or ())
+    if "GET" in methods:
+        methods.add("HEAD")
+    return sorted(methods)
+
+
+def _install_error_handlers(app: FastAPI, settings: Settings) -> None:
+    scrub = _path_scrubber(settings)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> Response:
+        headers = dict(exc.headers or {})
+        if exc.status_code == status.HTTP_405_METHOD_NOT_ALLOWED:
+            headers["Allow"] = ", ".join(_allowed_methods(app, dict(request.scope)))
+        if exc.status_code in (status.HTTP_204_NO_CONTENT, status.HTTP_304_NOT_MODIFIED):
+            return Response(status_code=exc.status_code, headers=headers)
+        detail = exc.detail
+        if isinstance(detail, str):
+            detail = scrub(detail)
+        return JSONResponse(status_code=exc.status_code, content={"detail": detail}, headers=headers)
+
     @app.exception_handler(RequestValidationError)
     async def validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
         errors = [
@@ -48,7 +102,7 @@ def _install_error_handlers(app: FastAPI) -> None:
         ]
         return JSONResponse(
             status_code=status.HTTP_422_UNPROCESSABLE_CONTENT,
-            content={"detail": _describe_validation(exc), "errors": errors},
+            content={"detail": scrub(_describe_validation(exc)), "errors": errors},
         )
 
     @app.exception_handler(IntegrityError)
@@ -154,6 +208,6 @@ def create_app(settings: Settings | None = None, *, run_executor: bool | None = 
     for module in (meta, keys, jobs, models, modules, compositions):
         app.include_router(module.router, prefix=API_PREFIX)
     app.include_router(datasets.build_router(settings), prefix=API_PREFIX)
-    _install_error_handlers(app)
+    _install_error_handlers(app, settings)
     app.add_middleware(MetricsMiddleware, metrics=app.state.metrics)
     return app

@@ -13,12 +13,13 @@ from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 
 from app.auth import ReadKey, WriteKey
-from app.db.models import Dataset, Model
+from app.db.models import Dataset, Job, Model
 from app.deps import DbDep, SettingsDep
 from app.routers._common import not_found
 from app.schemas.datasets import DatasetOut
 from app.services import datasets as svc
-from app.settings import Settings
+from app.services import jobs as jobs_svc
+from app.settings import MiB, Settings
 
 UPLOAD_HELP = (
     "np.savez file with uint8 x_train/x_test (N,H,W | N,H,W,C | N,C,H,W; C in 1 or 3), "
@@ -137,7 +138,7 @@ def build_router(settings: Settings) -> APIRouter:
                 raise HTTPException(
                     status.HTTP_422_UNPROCESSABLE_CONTENT, "the uploaded file is empty"
                 )
-            bundle = _validate(tmp, dataset_name, file.filename or "upload")
+            bundle = _validate(tmp, dataset_name, file.filename or "upload", s)
             os.replace(tmp, final)
         finally:
             tmp.unlink(missing_ok=True)
@@ -175,6 +176,16 @@ def build_router(settings: Settings) -> APIRouter:
             )
         if row is None:
             raise not_found("dataset", repr(name))
+        active = db.scalars(
+            select(Job.id).where(Job.dataset == name, Job.status.in_(jobs_svc.ACTIVE))
+        ).all()
+        if active:
+            # The job would fail as an internal error when it opens the file.
+            raise HTTPException(
+                status.HTTP_409_CONFLICT,
+                f"dataset {name!r} is used by queued or running job(s) {', '.join(active)}; "
+                "cancel them or wait for them to finish",
+            )
         users = db.scalars(select(Model.id).where(Model.dataset == name)).all()
         if users:
             raise HTTPException(
@@ -189,9 +200,16 @@ def build_router(settings: Settings) -> APIRouter:
     return router
 
 
-def _validate(path: Path, name: str, filename: str) -> object:
+def _validate(path: Path, name: str, filename: str, settings: Settings) -> object:
     from mwt_core.data.datasets import DatasetError, load_npz
 
+    try:
+        # Sizes from the member headers first: load_npz inflates whole arrays.
+        svc.check_npz_sizes(path, settings.max_dataset_mb * MiB)
+    except svc.DatasetTooLarge as exc:
+        raise HTTPException(status.HTTP_413_CONTENT_TOO_LARGE, f"invalid dataset: {exc}") from None
+    except ValueError as exc:
+        raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, f"invalid dataset: {exc}") from None
     try:
         return load_npz(path, name=name)
     except DatasetError as exc:

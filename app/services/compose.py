@@ -40,7 +40,7 @@ def resolve_classes(model: Model, classes: list[int | str]) -> list[int]:
     out: list[int] = []
     for c in classes:
         if isinstance(c, int) or (
-            isinstance(c, str) and c.strip().lstrip("-").isdigit() and c not in names
+            isinstance(c, str) and c.strip().lstrip("-").isdecimal() and c not in names
         ):
             idx = int(c)
             if not 0 <= idx < model.num_classes:
