@@ -15,12 +15,17 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Annotated
 
+import anyio
 from fastapi import Depends, HTTPException, Request, status
+from fastapi.responses import JSONResponse, Response
 from sqlalchemy import func, select, update
+from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, sessionmaker
+from starlette.types import ASGIApp, Receive, Send
+from starlette.types import Scope as AsgiScope
 
 from app.db.models import ApiKey, Scope, utcnow
-from app.settings import Settings
+from app.settings import Settings, weak_key_reason
 
 TOKEN_PREFIX = "mwt_"
 _IMPLIED = {
@@ -88,6 +93,8 @@ def ensure_admin_key(factory: sessionmaker[Session], settings: Settings) -> str 
         if active:
             return None
         token = settings.bootstrap_admin_key
+        if token and (reason := weak_key_reason(token)):
+            raise ValueError(f"MWT_BOOTSTRAP_ADMIN_KEY is refused: {reason}")
         if token:
             existing = session.scalar(select(ApiKey).where(ApiKey.key_hash == hash_token(token)))
             if existing is not None:  # revoked earlier: do not resurrect it silently
@@ -158,6 +165,10 @@ def _token_from(request: Request) -> str | None:
 
 
 def authenticate(request: Request) -> Principal:
+    """The caller's key (401 if missing, unknown or revoked); verified once per request."""
+    known = getattr(request.state, "principal", None)
+    if isinstance(known, Principal):  # verified by KeyFirstMiddleware before the body was read
+        return known
     token = _token_from(request)
     if not token:
         raise HTTPException(
@@ -209,3 +220,47 @@ def require(scope: Scope | str) -> Callable[..., Principal]:
 ReadKey = Annotated[Principal, Depends(require(Scope.read))]
 WriteKey = Annotated[Principal, Depends(require(Scope.write))]
 AdminKey = Annotated[Principal, Depends(require(Scope.admin))]
+
+
+class KeyFirstMiddleware:
+    """Verify the API key of every ``/api/v1`` request before the app reads its body.
+
+    FastAPI parses a multipart body before it runs the route's dependencies, so an upload
+    route's key check alone would run only after the whole (up to MWT_MAX_UPLOAD_MB) body
+    arrived: anyone could hold a temporary file and a worker thread open. Here a request
+    without a valid key is answered 401 from its headers; the principal is kept in the
+    request state for the route's own scope check (``authenticate`` reuses it).
+    """
+
+    def __init__(self, app: ASGIApp, prefix: str, open_paths: Iterable[str] = ()) -> None:
+        self.app = app
+        self.prefix = prefix
+        self.open_paths = frozenset(open_paths)  # served without a key (health probes)
+
+    async def __call__(self, scope: AsgiScope, receive: Receive, send: Send) -> None:
+        if (
+            scope["type"] != "http"
+            or not scope["path"].startswith(self.prefix + "/")
+            or scope["path"] in self.open_paths
+        ):
+            await self.app(scope, receive, send)
+            return
+        request = Request(scope)
+        try:
+            principal = await anyio.to_thread.run_sync(authenticate, request)
+        except HTTPException as exc:
+            response: Response = JSONResponse(
+                {"detail": exc.detail}, status_code=exc.status_code, headers=exc.headers
+            )
+            await response(scope, receive, send)
+            return
+        except OperationalError:
+            response = JSONResponse(
+                {"detail": "the registry database is unavailable; retry shortly"},
+                status_code=status.HTTP_503_SERVICE_UNAVAILABLE,
+                headers={"Retry-After": "5"},
+            )
+            await response(scope, receive, send)
+            return
+        scope.setdefault("state", {})["principal"] = principal
+        await self.app(scope, receive, send)

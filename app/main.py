@@ -20,7 +20,7 @@ from sqlalchemy.exc import DataError, IntegrityError, OperationalError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from app import __doc__ as app_doc
-from app.auth import KeyCache
+from app.auth import KeyCache, KeyFirstMiddleware
 from app.db.session import make_engine, make_sessionmaker
 from app.observability import Metrics, MetricsMiddleware
 from app.services.compose import ModelCache
@@ -199,6 +199,9 @@ def create_app(settings: Settings | None = None, *, run_executor: bool | None = 
     app.state.model_cache = ModelCache(settings.compose_cache_models)
     app.state.bundle_cache = BundleCache()
     app.state.metrics = Metrics(factory)
+    from app.routers.jobs import StreamSlots
+
+    app.state.stream_slots = StreamSlots(settings.sse_max_streams, settings.sse_max_streams_per_key)
     app.dependency_overrides[get_settings] = lambda: settings
 
     from app.routers import compositions, datasets, health, jobs, keys, meta, models, modules
@@ -209,5 +212,10 @@ def create_app(settings: Settings | None = None, *, run_executor: bool | None = 
         app.include_router(module.router, prefix=API_PREFIX)
     app.include_router(datasets.build_router(settings), prefix=API_PREFIX)
     _install_error_handlers(app, settings)
+    app.add_middleware(
+        KeyFirstMiddleware,
+        prefix=API_PREFIX,
+        open_paths=[API_PREFIX + getattr(r, "path", "") for r in health.router.routes],
+    )
     app.add_middleware(MetricsMiddleware, metrics=app.state.metrics)
     return app
