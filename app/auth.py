@@ -13,12 +13,12 @@ import threading
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Annotated
+from typing import Annotated, Any
 
 import anyio
 from fastapi import Depends, HTTPException, Request, status
 from fastapi.responses import JSONResponse, Response
-from sqlalchemy import func, select, update
+from sqlalchemy import Select, func, select, update
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 from starlette.types import ASGIApp, Receive, Send
@@ -215,6 +215,28 @@ def require(scope: Scope | str) -> Callable[..., Principal]:
 
     dependency.__name__ = f"require_{needed}"
     return dependency
+
+
+def ensure_owner(principal: Principal, owner_key_id: int | None, what: str) -> None:
+    """A write key changes only what it created; an admin key changes anything (else 403)."""
+    if principal.has(Scope.admin.value) or (
+        owner_key_id is not None and owner_key_id == principal.key_id
+    ):
+        return
+    raise HTTPException(
+        status.HTTP_403_FORBIDDEN,
+        f"{what} was created by another API key; only that key or an admin key may change it",
+    )
+
+
+def visible_to(stmt: Select[Any], owner_column: Any, principal: Principal, settings: Settings) -> Select[Any]:
+    """Filter a listing to the caller's own rows when MWT_PRIVATE_LISTING is on (admins see all).
+
+    By default the registry is shared: every read key lists everything.
+    """
+    if settings.private_listing and not principal.has(Scope.admin.value):
+        return stmt.where(owner_column == principal.key_id)
+    return stmt
 
 
 ReadKey = Annotated[Principal, Depends(require(Scope.read))]

@@ -552,6 +552,7 @@ def _finetune(
             [(model_id, classes, [str(class_names[c]) for c in classes])], metrics, stored,
             finetuned=True, key=compose_svc.classes_key(classes), job_id=job.id,
         )
+        comp.api_key_id = job.api_key_id  # owned by whoever asked for the fine-tune
         s.add(comp)
         s.flush()
         _mark_succeeded(

@@ -12,7 +12,7 @@ from fastapi import APIRouter, File, Form, HTTPException, UploadFile, status
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 
-from app.auth import ReadKey, WriteKey
+from app.auth import ReadKey, WriteKey, ensure_owner, visible_to
 from app.db.models import Dataset, Job, Model
 from app.deps import DbDep, SettingsDep
 from app.routers._common import not_found
@@ -66,13 +66,17 @@ def build_router(settings: Settings) -> APIRouter:
     router = APIRouter(prefix="/datasets", tags=["datasets"])
 
     @router.get("", response_model=list[DatasetOut], summary="Built-in and uploaded datasets")
-    def list_datasets(db: DbDep, s: SettingsDep, _: ReadKey) -> list[DatasetOut]:
+    def list_datasets(db: DbDep, s: SettingsDep, principal: ReadKey) -> list[DatasetOut]:
         rows = {r.name: r for r in db.scalars(select(Dataset))}
+        mine = {
+            r.name
+            for r in db.scalars(visible_to(select(Dataset), Dataset.api_key_id, principal, s))
+        }
         out = [_builtin_out(info, rows.get(name)) for name, info in svc.builtin_infos(s).items()]
         out += [
             _upload_out(r)
             for r in sorted(rows.values(), key=lambda r: r.name)
-            if r.source == "upload"
+            if r.source == "upload" and r.name in mine
         ]
         return out
 
@@ -98,7 +102,7 @@ def build_router(settings: Settings) -> APIRouter:
     def upload(
         db: DbDep,
         s: SettingsDep,
-        _: WriteKey,
+        principal: WriteKey,
         file: Annotated[UploadFile, File(description=UPLOAD_HELP)],
         name: Annotated[str | None, Form(max_length=64)] = None,
     ) -> DatasetOut:
@@ -154,6 +158,7 @@ def build_router(settings: Settings) -> APIRouter:
             input_size=bundle.spec.size,
             train_size=int(bundle.train_y.shape[0]),
             test_size=int(bundle.test_y.shape[0]),
+            api_key_id=principal.key_id,
         )
         db.add(row)
         try:
@@ -168,7 +173,7 @@ def build_router(settings: Settings) -> APIRouter:
     @router.delete(
         "/{name}", status_code=status.HTTP_204_NO_CONTENT, summary="Delete an uploaded dataset"
     )
-    def delete(name: str, db: DbDep, s: SettingsDep, _: WriteKey) -> None:
+    def delete(name: str, db: DbDep, s: SettingsDep, principal: WriteKey) -> None:
         row = db.scalar(select(Dataset).where(Dataset.name == name))
         if name in svc.builtin_infos(s):
             raise HTTPException(
@@ -176,6 +181,7 @@ def build_router(settings: Settings) -> APIRouter:
             )
         if row is None:
             raise not_found("dataset", repr(name))
+        ensure_owner(principal, row.api_key_id, f"dataset {name!r}")
         active = db.scalars(
             select(Job.id).where(Job.dataset == name, Job.status.in_(jobs_svc.ACTIVE))
         ).all()

@@ -14,7 +14,7 @@ from fastapi.responses import StreamingResponse
 from sqlalchemy import select
 from starlette.background import BackgroundTask
 
-from app.auth import ReadKey, WriteKey
+from app.auth import ReadKey, WriteKey, ensure_owner, visible_to
 from app.db.models import Job, JobKind, JobStatus
 from app.deps import DbDep, DispatcherDep, SettingsDep
 from app.routers._common import PagingDep, not_found, page
@@ -92,7 +92,8 @@ def submit(
 @router.get("", response_model=Page[JobOut], summary="List jobs, newest first")
 def list_jobs(
     db: DbDep,
-    _: ReadKey,
+    settings: SettingsDep,
+    principal: ReadKey,
     p: PagingDep,
     status_: Annotated[
         list[JobStatus] | None, Query(alias="status", description="repeatable")
@@ -102,7 +103,7 @@ def list_jobs(
     arch: str | None = None,
     model_id: QueryId = None,
 ) -> Page[JobOut]:
-    stmt = select(Job).order_by(Job.created_at.desc(), Job.id)
+    stmt = visible_to(select(Job).order_by(Job.created_at.desc(), Job.id), Job.api_key_id, principal, settings)
     if status_:
         stmt = stmt.where(Job.status.in_([s.value for s in status_]))
     if kind:
@@ -130,7 +131,11 @@ def show(job_id: str, db: DbDep, _: ReadKey) -> JobOut:
     status_code=status.HTTP_202_ACCEPTED,
     summary="Cancel a job",
 )
-def cancel(job_id: str, db: DbDep, _: WriteKey) -> JobOut:
+def cancel(job_id: str, db: DbDep, principal: WriteKey) -> JobOut:
+    job = db.get(Job, job_id)
+    if job is None:
+        raise not_found("job", job_id)
+    ensure_owner(principal, job.api_key_id, f"job {job_id}")
     try:
         job = svc.cancel_job(db, job_id)
     except LookupError:

@@ -118,8 +118,10 @@ def create_job(
     (``created`` False); used for a different request -> IdempotencyConflict.
     """
     fingerprint = params_fingerprint(kind.value, params)
+    # An Idempotency-Key is scoped to the API key that sent it.
+    same_key = (Job.idempotency_key == idempotency_key, Job.api_key_id.is_not_distinct_from(api_key_id))
     if idempotency_key:
-        existing = session.scalar(select(Job).where(Job.idempotency_key == idempotency_key))
+        existing = session.scalar(select(Job).where(*same_key))
         if existing is not None:
             return _same_request(existing, kind, fingerprint), False
     job = Job(
@@ -142,7 +144,7 @@ def create_job(
     except IntegrityError:
         # Two retries of one submit raced: the other insert won.
         session.rollback()
-        existing = session.scalar(select(Job).where(Job.idempotency_key == idempotency_key))
+        existing = session.scalar(select(Job).where(*same_key))
         if existing is None:
             raise
         return _same_request(existing, kind, fingerprint), False
@@ -376,6 +378,7 @@ def reserve_model(
                 tags=dict(p.get("tags") or {}),
                 job_id=job.id,
                 epochs=int(cfg_json["epochs"]),
+                api_key_id=job.api_key_id,  # the model belongs to whoever submitted the job
             )
             s.add(model)
             try:
