@@ -18,6 +18,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from sqlalchemy.exc import DataError, IntegrityError, OperationalError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 
 from app import __doc__ as app_doc
 from app.auth import KeyCache, KeyFirstMiddleware
@@ -69,11 +70,10 @@ def _path_scrubber(settings: Settings) -> Callable[[str], str]:
 def _allowed_methods(app: FastAPI, scope: dict[str, Any]) -> list[str]:
     """Every method some route serves at this path (Starlette's 405 names only the first route's)."""
     methods: set[str] = set()
-    path = scope.get("path", "")
-    for route in app.router.routes:
-        regex = getattr(route, "path_regex", None)
-        if regex is not None and regex.match(path):
-            methods |= set(getattr(route, "methods", None) or ())
+    for method in ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"):
+        probe = {**scope, "method": method}
+        if any(route.matches(probe)[0] == Match.FULL for route in app.router.routes):
+            methods.add(method)
     if "GET" in methods:
         methods.add("HEAD")
     return sorted(methods)
@@ -141,6 +141,72 @@ def _install_error_handlers(app: FastAPI, settings: Settings) -> None:
             status_code=status.HTTP_500_INTERNAL_SERVER_ERROR,
             content={"detail": "internal error; the server log has the details"},
         )
+
+
+_BODY_METHODS = {"post", "put", "patch"}
+_WRITE_METHODS = _BODY_METHODS | {"delete"}
+
+
+def _document_errors(app: FastAPI, settings: Settings) -> None:
+    """Make the OpenAPI document say what the API answers.
+
+    Errors come from shared machinery rather than each route (the key check, request
+    validation, the database handlers, the body limit, artifact downloads), so they are
+    documented by the same rules that raise them: every error body is ``ErrorOut``, and
+    ``limit`` carries the bound ``paging`` enforces (a setting, so not known to the routers).
+    """
+    from fastapi.openapi.utils import get_openapi
+
+    from app.schemas.common import ErrorOut, error_responses
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema:
+            return app.openapi_schema
+        doc = get_openapi(
+            title=app.title, version=app.version, description=app.description, routes=app.routes
+        )
+        components = doc.setdefault("components", {}).setdefault("schemas", {})
+        err_schema = ErrorOut.model_json_schema(ref_template="#/components/schemas/{model}")
+        for name, sub in err_schema.pop("$defs", {}).items():
+            components.setdefault(name, sub)
+        components["ErrorOut"] = err_schema
+        components.pop("HTTPValidationError", None)
+        components.pop("ValidationError", None)
+        ref = {"$ref": "#/components/schemas/ErrorOut"}
+        for path, ops in doc.get("paths", {}).items():
+            if not path.startswith(API_PREFIX + "/"):
+                continue
+            for method, op in ops.items():
+                codes = {401, 403, 422, 503}
+                if "{" in path:
+                    codes.add(404)
+                if method in _WRITE_METHODS:
+                    codes.add(409)  # a concurrent change of the same rows (IntegrityError)
+                if method in _BODY_METHODS:
+                    codes.add(413)  # the body limit (MWT_MAX_JSON_KB / MWT_MAX_UPLOAD_MB)
+                if "multipart/form-data" in op.get("requestBody", {}).get("content", {}):
+                    codes.add(400)  # a body that is not valid multipart
+                if path.endswith(("/download", "/torchscript", "/manifest")):
+                    codes |= {409, 410}
+                responses = op.setdefault("responses", {})
+                for code, spec in error_responses(*sorted(codes)).items():
+                    responses.setdefault(str(code), {"description": spec["description"]})
+                for code, spec in responses.items():
+                    if code[0] in "45":
+                        spec["content"] = {"application/json": {"schema": ref}}
+                if path.endswith(("/download", "/torchscript")):
+                    responses.setdefault("206", {"description": "the requested byte range"})
+                    responses.setdefault("304", {"description": "not modified (If-None-Match)"})
+                    responses.setdefault(
+                        "416", {"description": "the requested range is not satisfiable"}
+                    )
+                for param in op.get("parameters", []):
+                    if param.get("name") == "limit" and param.get("in") == "query":
+                        param["schema"]["maximum"] = settings.page_size_max
+        app.openapi_schema = doc
+        return doc
+
+    app.openapi = openapi  # type: ignore[method-assign]
 
 
 def create_app(settings: Settings | None = None, *, run_executor: bool | None = None) -> FastAPI:
@@ -212,6 +278,7 @@ def create_app(settings: Settings | None = None, *, run_executor: bool | None = 
         app.include_router(module.router, prefix=API_PREFIX)
     app.include_router(datasets.build_router(settings), prefix=API_PREFIX)
     _install_error_handlers(app, settings)
+    _document_errors(app, settings)
     app.add_middleware(
         KeyFirstMiddleware,
         prefix=API_PREFIX,

@@ -3,7 +3,7 @@ from __future__ import annotations
 import datetime as dt
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, field_validator
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
 
@@ -35,9 +35,10 @@ class JobCreate(BaseModel):
     )
     tau: float = Field(0.9, gt=0, le=1, description="modularization threshold")
     seed: int = Field(0, ge=0, le=2**31 - 1)
-    modular: bool = Field(True, description="MwT training (false = standard training, no modules)")
-    augment: bool = True
-    amp: bool = True
+    # Strict: JSON true/false only ("amp": 0 or "yes" is a mistake to report, not to guess).
+    modular: StrictBool = Field(True, description="MwT training (false = standard training, no modules)")
+    augment: StrictBool = True
+    amp: StrictBool = True
     name: str | None = Field(
         None, pattern=NAME_PATTERN, description="model name; default '<dataset>-<arch>'"
     )

@@ -359,3 +359,48 @@ def test_mwt_serve_with_a_weak_key_exits_with_one_line(tmp_path: Path) -> None:
     assert out.returncode == 1
     assert "MWT_BOOTSTRAP_ADMIN_KEY is refused" in out.stderr + out.stdout
     assert "Traceback" not in out.stderr
+
+
+# --------------------------------------------------- 10. the spec matches the API
+
+
+def test_openapi_matches_the_api(client: TestClient, settings: Settings) -> None:
+    doc = client.get("/openapi.json").json()
+    schemas = doc["components"]["schemas"]
+    assert "HTTPValidationError" not in schemas and "ErrorOut" in schemas
+    err = {"$ref": "#/components/schemas/ErrorOut"}
+    submit = doc["paths"]["/api/v1/jobs"]["post"]["responses"]
+    assert submit["422"]["content"]["application/json"]["schema"] == err
+    # A 422 answered by the API has the declared shape.
+    bad = client.post("/api/v1/jobs", json={**TINY, "epochs": "many"})
+    assert bad.status_code == 422 and set(bad.json()) <= {"detail", "errors"}
+    assert set(schemas["ErrorOut"]["required"]) == {"detail"}
+    # Codes the routes raise are documented.
+    assert {"404", "409"} <= set(doc["paths"]["/api/v1/datasets/{name}"]["delete"]["responses"])
+    assert "413" in doc["paths"]["/api/v1/datasets"]["post"]["responses"]
+    torchscript = doc["paths"]["/api/v1/compositions/{composition_id}/torchscript"]["get"]
+    assert {"404", "409", "410"} <= set(torchscript["responses"])
+    assert "429" in doc["paths"]["/api/v1/jobs/{job_id}/events"]["get"]["responses"]
+    # limit: the bound in the spec is the one enforced.
+    limit = next(
+        p for p in doc["paths"]["/api/v1/jobs"]["get"]["parameters"] if p["name"] == "limit"
+    )
+    top = limit["schema"]["maximum"]
+    assert top == settings.page_size_max
+    assert client.get(f"/api/v1/jobs?limit={top}").status_code == 200
+    assert client.get(f"/api/v1/jobs?limit={top + 1}").status_code == 422
+
+
+def test_booleans_are_strict(client: TestClient) -> None:
+    for value in (0, 1, "yes", "true"):
+        r = client.post("/api/v1/jobs", json={**TINY, "amp": value})
+        assert r.status_code == 422 and "amp" in r.json()["detail"], value
+    assert client.post("/api/v1/jobs", json={**TINY, "amp": False}).status_code == 202
+
+
+def test_405_allow_lists_every_method(client: TestClient) -> None:
+    r = client.put("/api/v1/jobs")
+    assert r.status_code == 405
+    assert {"GET", "POST"} <= {m.strip() for m in r.headers["allow"].split(",")}
+    r = client.put("/api/v1/models/1")
+    assert {"GET", "PATCH", "DELETE"} <= {m.strip() for m in r.headers["allow"].split(",")}
