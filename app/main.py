@@ -184,8 +184,15 @@ def _document_errors(app: FastAPI, settings: Settings) -> None:
                     codes.add(409)  # a concurrent change of the same rows (IntegrityError)
                 if method in _BODY_METHODS:
                     codes.add(413)  # the body limit (MWT_MAX_JSON_KB / MWT_MAX_UPLOAD_MB)
-                if "multipart/form-data" in op.get("requestBody", {}).get("content", {}):
-                    codes.add(400)  # a body that is not valid multipart
+                if "requestBody" in op:
+                    codes.add(400)  # a body that cannot be parsed at all (not UTF-8, not multipart)
+                    body_ref = (
+                        op["requestBody"].get("content", {}).get("application/json", {})
+                        .get("schema", {}).get("$ref", "")
+                    )
+                    body = components.get(body_ref.rsplit("/", 1)[-1], {})
+                    if "model_id" in body.get("properties", {}):
+                        codes.add(404)  # the body names a model that may not exist
                 if path.endswith(("/download", "/torchscript", "/manifest")):
                     codes |= {409, 410}
                 responses = op.setdefault("responses", {})

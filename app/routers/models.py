@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Annotated, Literal
 
 from fastapi import APIRouter, HTTPException, Query, Request, Response, status
+from pydantic import StringConstraints
 from sqlalchemy import select
 from sqlalchemy.orm import selectinload
 
@@ -13,7 +14,7 @@ from app.auth import ReadKey, WriteKey, ensure_owner, visible_to
 from app.db.models import Composition, Job, Model
 from app.deps import DbDep, SettingsDep
 from app.files import artifact_response
-from app.routers._common import PagingDep, not_found, page, sorted_by
+from app.routers._common import PagingDep, not_found, page, sort_pattern, sorted_by
 from app.routers.modules import module_out
 from app.schemas.common import Page, PathId
 from app.schemas.models import ModelDetail, ModelOut, ModelPatch
@@ -52,9 +53,16 @@ def list_models(
     ] = "ready",
     min_accuracy: Annotated[float | None, Query(ge=0, le=1)] = None,
     max_krr: Annotated[float | None, Query(ge=0, le=1)] = None,
-    tag: Annotated[list[str] | None, Query(description="key=value, repeatable")] = None,
+    tag: Annotated[
+        list[Annotated[str, StringConstraints(pattern=r"^[^=]+=")]] | None,
+        Query(description="key=value, repeatable"),
+    ] = None,
     sort: Annotated[
-        str, Query(description="created|accuracy|krr|version, '-' prefix for descending")
+        str,
+        Query(
+            description="created|accuracy|krr|version, '-' prefix for descending",
+            pattern=sort_pattern(SORTS),
+        ),
     ] = "-created",
 ) -> Page[ModelOut]:
     stmt = visible_to(select(Model), Model.api_key_id, principal, settings)

@@ -11,7 +11,7 @@ NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
 class JobCreate(BaseModel):
     """A training job. Defaults are the paper's (200 epochs); use a few epochs to try things out."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)  # JSON types as declared: no 0 for false
 
     dataset: str = Field(
         "digits", min_length=1, max_length=64, description="built-in or uploaded dataset name"
