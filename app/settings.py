@@ -75,7 +75,17 @@ class Settings(BaseSettings):
         7 * 24 * 3600, ge=60, description="Broker visibility timeout; must exceed the longest job."
     )
     max_job_attempts: int = Field(
-        3, ge=1, le=100, description="A job is failed after this many starts."
+        3,
+        ge=1,
+        le=100,
+        description="A job is failed after losing its worker this many times in a row without "
+        "writing a new checkpoint in between (a job that kills its worker every time).",
+    )
+    max_job_starts: int = Field(
+        20,
+        ge=1,
+        le=1000,
+        description="Hard ceiling on a job's starts, even when it progresses between losses.",
     )
     heartbeat_interval_s: float = Field(
         5.0, gt=0, description="How often a running job writes its heartbeat."

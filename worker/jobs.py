@@ -76,6 +76,7 @@ class JobContext:
         self.progress: dict[str, Any] = dict(job.progress or {})
         self.cancelled = False
         self.lost = False
+        self.checkpointing = False  # set by the training path: epoch ends follow a checkpoint
         self._dirty = False
         self._last_write = time.monotonic()
         self._last_progress = time.monotonic()
@@ -149,6 +150,9 @@ class JobContext:
         """``progress`` callback of ``mwt_core.training.train``."""
         data = p.to_json() if hasattr(p, "to_json") else dict(p)
         data["phase"] = "training"
+        if self.checkpointing and data.get("test_acc") is not None:
+            # train() reports an epoch end right after saving its checkpoint: progress made.
+            data["checkpoint_epoch"] = data.get("epoch")
         # Epoch ends (with a test accuracy) are always written at once.
         self.report(data, force=data.get("test_acc") is not None)
 
@@ -341,6 +345,7 @@ def _train(factory: sessionmaker[Session], settings: Settings, job: Job, ctx: Jo
         _fenced(s, job.id, ctx.worker, checkpoint_path=storage.relative(root, ckpt_dir))
         s.commit()
     resumed_from = _checkpoint_epoch(ckpt_dir)
+    ctx.checkpointing = True
     ctx.phase("training", epoch=resumed_from, epochs=cfg.epochs, resumed_from_epoch=resumed_from)
 
     result = train(

@@ -162,7 +162,15 @@ class Job(Base):
     result: Mapped[dict[str, Any] | None]
     error: Mapped[str | None] = mapped_column(Text)
     attempts: Mapped[int] = mapped_column(default=0)
-    max_attempts: Mapped[int] = mapped_column(default=3)
+    max_attempts: Mapped[int] = mapped_column(
+        default=3, doc="losses in a row without a new checkpoint before the job is failed"
+    )
+    stalled_losses: Mapped[int] = mapped_column(
+        default=0, server_default="0", doc="losses in a row of attempts that wrote no checkpoint (-1: the running attempt wrote one)"
+    )
+    max_starts: Mapped[int] = mapped_column(
+        default=20, server_default="20", doc="hard ceiling on starts, progress or not"
+    )
     cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False)
     idempotency_key: Mapped[str | None] = mapped_column(String(200))
     checkpoint_path: Mapped[str | None] = mapped_column(String(512))

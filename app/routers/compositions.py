@@ -169,6 +169,7 @@ def _start_finetune(
         params=params,
         queue=settings.light_queue,
         max_attempts=settings.max_job_attempts,
+        max_starts=settings.max_job_starts,
         dataset=model.dataset,
         arch=model.arch,
         api_key_id=principal.key_id,

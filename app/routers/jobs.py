@@ -73,6 +73,7 @@ def submit(
             params=params,
             queue=settings.train_queue,
             max_attempts=settings.max_job_attempts,
+            max_starts=settings.max_job_starts,
             dataset=body.dataset,
             arch=arch,
             idempotency_key=idempotency_key,

@@ -1,5 +1,6 @@
 """Owners: models, compositions and datasets record the API key that created them;
-Idempotency-Key is unique per API key, not across keys
+Idempotency-Key is unique per API key, not across keys; jobs count losses without progress
+(stalled_losses) under a hard ceiling on starts (max_starts)
 
 Backfill: a model or composition made by a job takes that job's key; a composition
 without a job (or whose job has no key) takes its model's owner. Datasets uploaded
@@ -50,6 +51,10 @@ def upgrade() -> None:
         "WHERE api_key_id IS NULL"
     )
     with op.batch_alter_table("jobs") as batch:
+        batch.add_column(
+            sa.Column("stalled_losses", sa.Integer(), nullable=False, server_default="0")
+        )
+        batch.add_column(sa.Column("max_starts", sa.Integer(), nullable=False, server_default="20"))
         batch.drop_constraint(op.f("uq_jobs_idempotency_key"), type_="unique")
         batch.create_unique_constraint(
             "uq_jobs_key_idempotency", ["api_key_id", "idempotency_key"]
@@ -65,6 +70,8 @@ def downgrade() -> None:
     )
     with op.batch_alter_table("jobs") as batch:
         batch.drop_constraint("uq_jobs_key_idempotency", type_="unique")
+        batch.drop_column("max_starts")
+        batch.drop_column("stalled_losses")
         batch.create_unique_constraint(op.f("uq_jobs_idempotency_key"), ["idempotency_key"])
     for table in OWNED:
         with op.batch_alter_table(table) as batch:
