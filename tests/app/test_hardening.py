@@ -250,7 +250,12 @@ def test_event_streams_are_capped_and_do_not_hold_db_sessions(
             t0 = time.monotonic()
             assert http.get("/api/v1/models", headers={"X-API-Key": c}).status_code == 200
             assert time.monotonic() - t0 < 2
-            assert app.state.engine.pool.checkedout() < len(opened)
+            # (sampled: a stream's poll holds a connection for a moment, a held session always)
+            samples = []
+            for _ in range(20):
+                samples.append(app.state.engine.pool.checkedout())
+                time.sleep(0.02)
+            assert min(samples) < len(opened), samples
         finally:
             for cm in opened:
                 cm.__exit__(None, None, None)
