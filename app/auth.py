@@ -13,14 +13,19 @@ import threading
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Annotated
+from typing import Annotated, Any
 
+import anyio
 from fastapi import Depends, HTTPException, Request, status
-from sqlalchemy import func, select, update
+from fastapi.responses import JSONResponse, Response
+from sqlalchemy import Select, func, select, update
+from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, sessionmaker
+from starlette.types import ASGIApp, Receive, Send
+from starlette.types import Scope as AsgiScope
 
 from app.db.models import ApiKey, Scope, utcnow
-from app.settings import Settings
+from app.settings import Settings, weak_key_reason
 
 TOKEN_PREFIX = "mwt_"
 _IMPLIED = {
@@ -88,6 +93,8 @@ def ensure_admin_key(factory: sessionmaker[Session], settings: Settings) -> str 
         if active:
             return None
         token = settings.bootstrap_admin_key
+        if token and (reason := weak_key_reason(token)):
+            raise ValueError(f"MWT_BOOTSTRAP_ADMIN_KEY is refused: {reason}")
         if token:
             existing = session.scalar(select(ApiKey).where(ApiKey.key_hash == hash_token(token)))
             if existing is not None:  # revoked earlier: do not resurrect it silently
@@ -158,6 +165,10 @@ def _token_from(request: Request) -> str | None:
 
 
 def authenticate(request: Request) -> Principal:
+    """The caller's key (401 if missing, unknown or revoked); verified once per request."""
+    known = getattr(request.state, "principal", None)
+    if isinstance(known, Principal):  # verified by KeyFirstMiddleware before the body was read
+        return known
     token = _token_from(request)
     if not token:
         raise HTTPException(
@@ -206,6 +217,72 @@ def require(scope: Scope | str) -> Callable[..., Principal]:
     return dependency
 
 
+def ensure_owner(principal: Principal, owner_key_id: int | None, what: str) -> None:
+    """A write key changes only what it created; an admin key changes anything (else 403)."""
+    if principal.has(Scope.admin.value) or (
+        owner_key_id is not None and owner_key_id == principal.key_id
+    ):
+        return
+    raise HTTPException(
+        status.HTTP_403_FORBIDDEN,
+        f"{what} was created by another API key; only that key or an admin key may change it",
+    )
+
+
+def visible_to(stmt: Select[Any], owner_column: Any, principal: Principal, settings: Settings) -> Select[Any]:
+    """Filter a listing to the caller's own rows when MWT_PRIVATE_LISTING is on (admins see all).
+
+    By default the registry is shared: every read key lists everything.
+    """
+    if settings.private_listing and not principal.has(Scope.admin.value):
+        return stmt.where(owner_column == principal.key_id)
+    return stmt
+
+
 ReadKey = Annotated[Principal, Depends(require(Scope.read))]
 WriteKey = Annotated[Principal, Depends(require(Scope.write))]
 AdminKey = Annotated[Principal, Depends(require(Scope.admin))]
+
+
+class KeyFirstMiddleware:
+    """Verify the API key of every ``/api/v1`` request before the app reads its body.
+
+    FastAPI parses a multipart body before it runs the route's dependencies, so an upload
+    route's key check alone would run only after the whole (up to MWT_MAX_UPLOAD_MB) body
+    arrived: anyone could hold a temporary file and a worker thread open. Here a request
+    without a valid key is answered 401 from its headers; the principal is kept in the
+    request state for the route's own scope check (``authenticate`` reuses it).
+    """
+
+    def __init__(self, app: ASGIApp, prefix: str, open_paths: Iterable[str] = ()) -> None:
+        self.app = app
+        self.prefix = prefix
+        self.open_paths = frozenset(open_paths)  # served without a key (health probes)
+
+    async def __call__(self, scope: AsgiScope, receive: Receive, send: Send) -> None:
+        if (
+            scope["type"] != "http"
+            or not scope["path"].startswith(self.prefix + "/")
+            or scope["path"] in self.open_paths
+        ):
+            await self.app(scope, receive, send)
+            return
+        request = Request(scope)
+        try:
+            principal = await anyio.to_thread.run_sync(authenticate, request)
+        except HTTPException as exc:
+            response: Response = JSONResponse(
+                {"detail": exc.detail}, status_code=exc.status_code, headers=exc.headers
+            )
+            await response(scope, receive, send)
+            return
+        except OperationalError:
+            response = JSONResponse(
+                {"detail": "the registry database is unavailable; retry shortly"},
+                status_code=status.HTTP_503_SERVICE_UNAVAILABLE,
+                headers={"Retry-After": "5"},
+            )
+            await response(scope, receive, send)
+            return
+        scope.setdefault("state", {})["principal"] = principal
+        await self.app(scope, receive, send)

@@ -173,9 +173,14 @@ def _print_page(
 
 
 def _settings(**overrides: Any) -> Any:
+    from pydantic import ValidationError
+
     from app.settings import Settings
 
-    return Settings(**{k: v for k, v in overrides.items() if v is not None})
+    try:
+        return Settings(**{k: v for k, v in overrides.items() if v is not None})
+    except ValidationError as exc:  # one line per bad setting, no traceback
+        _fail("; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors()))
 
 
 def _logging(level: str) -> None:

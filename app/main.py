@@ -9,16 +9,19 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from typing import Any
 
 from fastapi import FastAPI, Request, status
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from sqlalchemy.exc import DataError, IntegrityError, OperationalError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 
 from app import __doc__ as app_doc
-from app.auth import KeyCache
+from app.auth import KeyCache, KeyFirstMiddleware
 from app.db.session import make_engine, make_sessionmaker
 from app.observability import Metrics, MetricsMiddleware
 from app.services.compose import ModelCache
@@ -39,7 +42,58 @@ def _describe_validation(exc: RequestValidationError) -> str:
     return "invalid request: " + "; ".join(parts)
 
 
-def _install_error_handlers(app: FastAPI) -> None:
+def _path_scrubber(settings: Settings) -> Callable[[str], str]:
+    """A function that replaces the server's directories in a message by their setting names.
+
+    Error details often carry an exception's text (``FileNotFoundError: /srv/mwt/...``):
+    clients must not learn the server's layout, and the relative part is all they can use.
+    """
+    named: dict[str, str] = {}
+    for label, d in (
+        ("<MWT_ARTIFACT_DIR>", settings.artifacts),
+        ("<MWT_DATASET_DIR>", settings.datasets),
+        ("<MWT_DATA_DIR>", settings.data_dir),
+    ):
+        for form in (str(d), str(d.resolve()), d.as_posix(), d.resolve().as_posix()):
+            if form not in (".", "/", "") and form not in named:
+                named[form] = label
+    ordered = sorted(named, key=len, reverse=True)  # longest first: the most precise name wins
+
+    def scrub(message: str) -> str:
+        for form in ordered:
+            message = message.replace(form, named[form])
+        return message
+
+    return scrub
+
+
+def _allowed_methods(app: FastAPI, scope: dict[str, Any]) -> list[str]:
+    """Every method some route serves at this path (Starlette's 405 names only the first route's)."""
+    methods: set[str] = set()
+    for method in ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"):
+        probe = {**scope, "method": method}
+        if any(route.matches(probe)[0] == Match.FULL for route in app.router.routes):
+            methods.add(method)
+    if "GET" in methods:
+        methods.add("HEAD")
+    return sorted(methods)
+
+
+def _install_error_handlers(app: FastAPI, settings: Settings) -> None:
+    scrub = _path_scrubber(settings)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> Response:
+        headers = dict(exc.headers or {})
+        if exc.status_code == status.HTTP_405_METHOD_NOT_ALLOWED:
+            headers["Allow"] = ", ".join(_allowed_methods(app, dict(request.scope)))
+        if exc.status_code in (status.HTTP_204_NO_CONTENT, status.HTTP_304_NOT_MODIFIED):
+            return Response(status_code=exc.status_code, headers=headers)
+        detail = exc.detail
+        if isinstance(detail, str):
+            detail = scrub(detail)
+        return JSONResponse(status_code=exc.status_code, content={"detail": detail}, headers=headers)
+
     @app.exception_handler(RequestValidationError)
     async def validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
         errors = [
@@ -48,7 +102,7 @@ def _install_error_handlers(app: FastAPI) -> None:
         ]
         return JSONResponse(
             status_code=status.HTTP_422_UNPROCESSABLE_CONTENT,
-            content={"detail": _describe_validation(exc), "errors": errors},
+            content={"detail": scrub(_describe_validation(exc)), "errors": errors},
         )
 
     @app.exception_handler(IntegrityError)
@@ -87,6 +141,79 @@ def _install_error_handlers(app: FastAPI) -> None:
             status_code=status.HTTP_500_INTERNAL_SERVER_ERROR,
             content={"detail": "internal error; the server log has the details"},
         )
+
+
+_BODY_METHODS = {"post", "put", "patch"}
+_WRITE_METHODS = _BODY_METHODS | {"delete"}
+
+
+def _document_errors(app: FastAPI, settings: Settings) -> None:
+    """Make the OpenAPI document say what the API answers.
+
+    Errors come from shared machinery rather than each route (the key check, request
+    validation, the database handlers, the body limit, artifact downloads), so they are
+    documented by the same rules that raise them: every error body is ``ErrorOut``, and
+    ``limit`` carries the bound ``paging`` enforces (a setting, so not known to the routers).
+    """
+    from fastapi.openapi.utils import get_openapi
+
+    from app.schemas.common import ErrorOut, error_responses
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema:
+            return app.openapi_schema
+        doc = get_openapi(
+            title=app.title, version=app.version, description=app.description, routes=app.routes
+        )
+        components = doc.setdefault("components", {}).setdefault("schemas", {})
+        err_schema = ErrorOut.model_json_schema(ref_template="#/components/schemas/{model}")
+        for name, sub in err_schema.pop("$defs", {}).items():
+            components.setdefault(name, sub)
+        components["ErrorOut"] = err_schema
+        components.pop("HTTPValidationError", None)
+        components.pop("ValidationError", None)
+        ref = {"$ref": "#/components/schemas/ErrorOut"}
+        for path, ops in doc.get("paths", {}).items():
+            if not path.startswith(API_PREFIX + "/"):
+                continue
+            for method, op in ops.items():
+                codes = {401, 403, 422, 503}
+                if "{" in path:
+                    codes.add(404)
+                if method in _WRITE_METHODS:
+                    codes.add(409)  # a concurrent change of the same rows (IntegrityError)
+                if method in _BODY_METHODS:
+                    codes.add(413)  # the body limit (MWT_MAX_JSON_KB / MWT_MAX_UPLOAD_MB)
+                if "requestBody" in op:
+                    codes.add(400)  # a body that cannot be parsed at all (not UTF-8, not multipart)
+                    body_ref = (
+                        op["requestBody"].get("content", {}).get("application/json", {})
+                        .get("schema", {}).get("$ref", "")
+                    )
+                    body = components.get(body_ref.rsplit("/", 1)[-1], {})
+                    if "model_id" in body.get("properties", {}):
+                        codes.add(404)  # the body names a model that may not exist
+                if path.endswith(("/download", "/torchscript", "/manifest")):
+                    codes |= {409, 410}
+                responses = op.setdefault("responses", {})
+                for code, spec in error_responses(*sorted(codes)).items():
+                    responses.setdefault(str(code), {"description": spec["description"]})
+                for code, spec in responses.items():
+                    if code[0] in "45":
+                        spec["content"] = {"application/json": {"schema": ref}}
+                if path.endswith(("/download", "/torchscript")):
+                    responses.setdefault("206", {"description": "the requested byte range"})
+                    responses.setdefault("304", {"description": "not modified (If-None-Match)"})
+                    responses.setdefault(
+                        "416", {"description": "the requested range is not satisfiable"}
+                    )
+                for param in op.get("parameters", []):
+                    if param.get("name") == "limit" and param.get("in") == "query":
+                        param["schema"]["maximum"] = settings.page_size_max
+        app.openapi_schema = doc
+        return doc
+
+    app.openapi = openapi  # type: ignore[method-assign]
 
 
 def create_app(settings: Settings | None = None, *, run_executor: bool | None = None) -> FastAPI:
@@ -147,6 +274,9 @@ def create_app(settings: Settings | None = None, *, run_executor: bool | None = 
     app.state.model_cache = ModelCache(settings.compose_cache_models)
     app.state.bundle_cache = BundleCache()
     app.state.metrics = Metrics(factory)
+    from app.routers.jobs import StreamSlots
+
+    app.state.stream_slots = StreamSlots(settings.sse_max_streams, settings.sse_max_streams_per_key)
     app.dependency_overrides[get_settings] = lambda: settings
 
     from app.routers import compositions, datasets, health, jobs, keys, meta, models, modules
@@ -161,6 +291,12 @@ def create_app(settings: Settings | None = None, *, run_executor: bool | None = 
     from app.routers.ui import install as install_ui
 
     install_ui(app, API_PREFIX)  # dashboard at /, offline /docs, the dashboard's read-only views
-    _install_error_handlers(app)
+    _install_error_handlers(app, settings)
+    _document_errors(app, settings)
+    app.add_middleware(
+        KeyFirstMiddleware,
+        prefix=API_PREFIX,
+        open_paths=[API_PREFIX + getattr(r, "path", "") for r in health.router.routes],
+    )
     app.add_middleware(MetricsMiddleware, metrics=app.state.metrics)
     return app

@@ -17,6 +17,28 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 MiB = 1024 * 1024
 
 
+MIN_KEY_LENGTH = 20
+MIN_KEY_DISTINCT = 8
+
+
+def weak_key_reason(token: str) -> str | None:
+    """Why an operator-chosen admin key is too easy to guess, or None if it is acceptable.
+
+    Rule: at least MIN_KEY_LENGTH characters, at least MIN_KEY_DISTINCT different ones,
+    no whitespace. A generated ``secrets.token_urlsafe(32)`` (43 characters) passes.
+    """
+    if len(token) < MIN_KEY_LENGTH or len(set(token)) < MIN_KEY_DISTINCT or any(
+        c.isspace() for c in token
+    ):
+        return (
+            f"an admin key needs at least {MIN_KEY_LENGTH} characters, at least "
+            f"{MIN_KEY_DISTINCT} of them different, and no whitespace (got {len(token)} "
+            f"character(s), {len(set(token))} different); generate one with "
+            "`python -c 'import secrets; print(secrets.token_urlsafe(32))'`"
+        )
+    return None
+
+
 class Settings(BaseSettings):
     """Every knob of the service. Environment variable = ``MWT_`` + upper-case field name."""
 
@@ -53,7 +75,17 @@ class Settings(BaseSettings):
         7 * 24 * 3600, ge=60, description="Broker visibility timeout; must exceed the longest job."
     )
     max_job_attempts: int = Field(
-        3, ge=1, le=100, description="A job is failed after this many starts."
+        3,
+        ge=1,
+        le=100,
+        description="A job is failed after losing its worker this many times in a row without "
+        "writing a new checkpoint in between (a job that kills its worker every time).",
+    )
+    max_job_starts: int = Field(
+        20,
+        ge=1,
+        le=1000,
+        description="Hard ceiling on a job's starts, even when it progresses between losses.",
     )
     heartbeat_interval_s: float = Field(
         5.0, gt=0, description="How often a running job writes its heartbeat."
@@ -113,6 +145,34 @@ class Settings(BaseSettings):
         8, ge=0, description="Predict: loaded classifiers kept in memory (LRU; 0 = none)."
     )
     page_size_max: int = Field(500, ge=1)
+    max_dataset_mb: int = Field(
+        1024,
+        ge=1,
+        description="Largest uploaded dataset once decompressed (sum of its arrays), checked from "
+        "the .npz member headers before anything is inflated.",
+    )
+    sse_max_streams: int = Field(
+        64, ge=1, description="Live progress streams open at once in one API process (all keys)."
+    )
+    sse_max_streams_per_key: int = Field(
+        8, ge=1, description="Live progress streams open at once per API key."
+    )
+    sse_max_duration_s: float = Field(
+        3600.0,
+        gt=0,
+        description="A progress stream ends after this long (the client reconnects if it still cares).",
+    )
+    sse_queued_timeout_s: float = Field(
+        600.0,
+        gt=0,
+        description="A progress stream on a job still queued after this long ends (event `end`, "
+        "status queued).",
+    )
+    private_listing: bool = Field(
+        False,
+        description="Lists of jobs, models, compositions and uploaded datasets show a non-admin key "
+        "only what it created (default: the registry is shared, every read key sees everything).",
+    )
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 
     @field_validator("database_url")
@@ -128,6 +188,15 @@ class Settings(BaseSettings):
     @classmethod
     def _empty_is_none(cls, v: str | None) -> str | None:
         return v or None
+
+    @field_validator("bootstrap_admin_key")
+    @classmethod
+    def _strong_bootstrap_key(cls, v: str | None) -> str | None:
+        if v:
+            reason = weak_key_reason(v)
+            if reason:
+                raise ValueError(f"MWT_BOOTSTRAP_ADMIN_KEY is refused: {reason}")
+        return v
 
     @model_validator(mode="after")
     def _derive_paths(self) -> Settings:

@@ -36,9 +36,18 @@ def run_migrations_offline() -> None:
         context.run_migrations()
 
 
+def _no_sqlite_cascades(connection: Connection) -> None:
+    """SQLite batch migrations copy a table, drop it and rename the copy: with foreign keys
+    on, the drop would cascade-delete the rows of every table that references it. The
+    pragma is ignored inside a transaction, so it is set before the migration's opens."""
+    if connection.dialect.name == "sqlite":
+        connection.exec_driver_sql("PRAGMA foreign_keys=OFF")
+        connection.commit()
+
+
 def run_migrations_online() -> None:
     connection = config.attributes.get("connection")
-    if connection is not None:
+    if connection is not None:  # the caller's connection: its transaction is its own
         _configure(connection)
         with context.begin_transaction():
             context.run_migrations()
@@ -46,6 +55,7 @@ def run_migrations_online() -> None:
     engine = make_engine(_url())
     try:
         with engine.connect() as conn:
+            _no_sqlite_cascades(conn)
             _configure(conn)
             with context.begin_transaction():
                 context.run_migrations()

@@ -9,10 +9,13 @@ On shutdown, running children are stopped and their jobs requeued without spendi
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import multiprocessing
+import os
 import signal
 import socket
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -28,6 +31,54 @@ from app.settings import Settings
 from worker.reaper import reap
 
 log = logging.getLogger(__name__)
+
+
+PARENT_POLL_S = 1.0
+
+
+def exit_with_parent(parent_pid: int, poll_s: float = PARENT_POLL_S) -> None:
+    """Make this (job) process exit when ``parent_pid`` (the executor's process) dies.
+
+    A job process outlives a SIGKILLed ``mwt serve`` otherwise: the restarted executor
+    would requeue its job and start a second training beside the orphan. On Linux the
+    kernel sends SIGKILL at once (``prctl(PR_SET_PDEATHSIG)``); everywhere a daemon thread
+    also watches ``os.getppid()`` (the parent changes when the original one dies) and
+    ends the process within ``poll_s``.
+    """
+    if sys.platform.startswith("linux"):
+        try:
+            libc = ctypes.CDLL(None, use_errno=True)
+            if libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
+                log.warning("prctl(PR_SET_PDEATHSIG) failed (errno %d)", ctypes.get_errno())
+        except (OSError, AttributeError) as exc:
+            log.warning("prctl unavailable (%s); relying on the parent watchdog", exc)
+    if os.getppid() != parent_pid:  # died before the signal was armed
+        os._exit(PARENT_GONE_EXIT)
+
+    def watch() -> None:
+        while True:
+            time.sleep(poll_s)
+            if os.getppid() != parent_pid:
+                # No cleanup: the job is requeued by whoever owns the registry next.
+                os._exit(PARENT_GONE_EXIT)
+
+    threading.Thread(target=watch, name="mwt-parent-watch", daemon=True).start()
+
+
+PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+PARENT_GONE_EXIT = 70
+
+
+def _child_entry(
+    target: Callable[..., None],
+    parent_pid: int,
+    job_id: str,
+    settings_data: dict[str, Any],
+    log_level: str,
+) -> None:
+    """Every job process starts here: bound to its parent's life, then the job's target."""
+    exit_with_parent(parent_pid)
+    target(job_id, settings_data, log_level)
 
 
 def _child_main(job_id: str, settings_data: dict[str, Any], log_level: str) -> None:
@@ -155,8 +206,14 @@ class Executor:
             ).all()
         for job_id in [j for j in queued if j not in busy][:free]:
             proc = self._mp.Process(
-                target=self.target,
-                args=(job_id, self.settings.model_dump(), self.settings.log_level),
+                target=_child_entry,
+                args=(
+                    self.target,
+                    os.getpid(),
+                    job_id,
+                    self.settings.model_dump(),
+                    self.settings.log_level,
+                ),
                 name=f"mwt-job-{job_id[:8]}",
                 daemon=True,
             )

@@ -71,6 +71,7 @@ class JobContext:
         self.progress: dict[str, Any] = dict(job.progress or {})
         self.cancelled = False
         self.lost = False
+        self.checkpointing = False  # set by the training path: epoch ends follow a checkpoint
         self._dirty = False
         self._last_write = time.monotonic()
         self._last_progress = time.monotonic()
@@ -144,6 +145,9 @@ class JobContext:
         """``progress`` callback of ``mwt_core.training.train``."""
         data = p.to_json() if hasattr(p, "to_json") else dict(p)
         data["phase"] = "training"
+        if self.checkpointing and data.get("test_acc") is not None:
+            # train() reports an epoch end right after saving its checkpoint: progress made.
+            data["checkpoint_epoch"] = data.get("epoch")
         # Epoch ends (with a test accuracy) are always written at once.
         self.report(data, force=data.get("test_acc") is not None)
 
@@ -310,6 +314,7 @@ def _train(factory: sessionmaker[Session], settings: Settings, job: Job, ctx: Jo
     with factory() as s:
         job_store.fenced(s, job.id, ctx.worker, checkpoint_path=storage.relative(root, ckpt_dir))
         s.commit()
+    ctx.checkpointing = True  # the pipeline checkpoints every epoch: epoch ends are progress
     layout = Layout(
         model_dir=storage.model_artifact_dir(root, model_id),
         modules_dir=storage.module_artifact_dir(root, model_id, 0).parent,
@@ -471,6 +476,7 @@ def _finetune(
             [(model_id, classes, [str(class_names[c]) for c in classes])], metrics, stored,
             finetuned=True, key=compose_svc.classes_key(classes), job_id=job.id,
         )
+        comp.api_key_id = job.api_key_id  # owned by whoever asked for the fine-tune
         s.add(comp)
         s.flush()
         job_store.mark_succeeded(

@@ -137,11 +137,19 @@ class Dataset(Base):
     train_size: Mapped[int]
     test_size: Mapped[int]
     created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+    api_key_id: Mapped[int | None] = mapped_column(
+        ForeignKey("api_keys.id", ondelete="SET NULL"), doc="the key that created it (its owner)"
+    )
 
 
 class Job(Base):
     __tablename__ = "jobs"
-    __table_args__ = (Index("ix_jobs_status_created", "status", "created_at"),)
+    __table_args__ = (
+        Index("ix_jobs_status_created", "status", "created_at"),
+        # An Idempotency-Key belongs to the API key that sent it: another key's submit with
+        # the same header is its own request.
+        UniqueConstraint("api_key_id", "idempotency_key", name="uq_jobs_key_idempotency"),
+    )
 
     id: Mapped[str] = mapped_column(String(32), primary_key=True)
     kind: Mapped[str] = mapped_column(String(16), default=JobKind.train.value)
@@ -154,9 +162,17 @@ class Job(Base):
     result: Mapped[dict[str, Any] | None]
     error: Mapped[str | None] = mapped_column(Text)
     attempts: Mapped[int] = mapped_column(default=0)
-    max_attempts: Mapped[int] = mapped_column(default=3)
+    max_attempts: Mapped[int] = mapped_column(
+        default=3, doc="losses in a row without a new checkpoint before the job is failed"
+    )
+    stalled_losses: Mapped[int] = mapped_column(
+        default=0, server_default="0", doc="losses in a row of attempts that wrote no checkpoint (-1: the running attempt wrote one)"
+    )
+    max_starts: Mapped[int] = mapped_column(
+        default=20, server_default="20", doc="hard ceiling on starts, progress or not"
+    )
     cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False)
-    idempotency_key: Mapped[str | None] = mapped_column(String(200), unique=True)
+    idempotency_key: Mapped[str | None] = mapped_column(String(200))
     checkpoint_path: Mapped[str | None] = mapped_column(String(512))
     worker: Mapped[str | None] = mapped_column(String(200))
     heartbeat_at: Mapped[dt.datetime | None]
@@ -211,6 +227,9 @@ class Model(Base):
     job_id: Mapped[str | None] = mapped_column(String(32))
     created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
     ready_at: Mapped[dt.datetime | None]
+    api_key_id: Mapped[int | None] = mapped_column(
+        ForeignKey("api_keys.id", ondelete="SET NULL"), doc="the key that created it (its owner)"
+    )
 
     modules: Mapped[list[Module]] = relationship(
         back_populates="model",
@@ -290,6 +309,9 @@ class Composition(Base):
     size_bytes: Mapped[int | None] = mapped_column(BigInteger)
     job_id: Mapped[str | None] = mapped_column(String(32))
     created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+    api_key_id: Mapped[int | None] = mapped_column(
+        ForeignKey("api_keys.id", ondelete="SET NULL"), doc="the key that created it (its owner)"
+    )
 
     model: Mapped[Model] = relationship(back_populates="compositions")
     sources: Mapped[list[CompositionSource]] = relationship(

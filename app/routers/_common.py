@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Mapping
 from typing import Annotated, Any, TypeVar
 
@@ -45,6 +46,11 @@ def page(session: Session, stmt: Select[Any], p: Paging, out: Callable[[Any], T]
     return Page[T](
         items=[out(i) for i in items], total=total, limit=p.limit, offset=p.offset, next_offset=nxt
     )
+
+
+def sort_pattern(columns: Mapping[str, Any]) -> str:
+    """The regex of a valid ``sort`` value, so the OpenAPI document states what sorted_by takes."""
+    return "^-?(" + "|".join(re.escape(c) for c in columns) + ")$"
 
 
 def sorted_by(stmt: Select[Any], sort: str, columns: Mapping[str, Any], tiebreak: Any) -> Select[Any]:

@@ -9,7 +9,7 @@ from fastapi.responses import JSONResponse
 from sqlalchemy import select
 
 from app import storage
-from app.auth import Principal, ReadKey, WriteKey
+from app.auth import Principal, ReadKey, WriteKey, ensure_owner, visible_to
 from app.db.models import Composition, JobKind, Model, ModelStatus
 from app.deps import DbDep, DispatcherDep, SettingsDep
 from app.files import artifact_response
@@ -107,6 +107,7 @@ def create(
         key=key,
         labels=labels,
     )
+    comp.api_key_id = principal.key_id
     _commit(db, settings, comp)
     response.headers["Location"] = f"/api/v1/compositions/{comp.id}"
     return composition_out(comp)
@@ -182,6 +183,7 @@ def _start_finetune(
         params=params,
         queue=settings.light_queue,
         max_attempts=settings.max_job_attempts,
+        max_starts=settings.max_job_starts,
         dataset=model.dataset,
         arch=model.arch,
         api_key_id=principal.key_id,
@@ -197,13 +199,16 @@ def _start_finetune(
 @router.get("", response_model=Page[CompositionOut], summary="List compositions")
 def list_compositions(
     db: DbDep,
-    _: ReadKey,
+    settings: SettingsDep,
+    principal: ReadKey,
     p: PagingDep,
     model_id: QueryId = None,
     finetuned: bool | None = None,
     min_accuracy: Annotated[float | None, Query(ge=0, le=1)] = None,
 ) -> Page[CompositionOut]:
-    stmt = select(Composition).order_by(Composition.id.desc())
+    stmt = visible_to(
+        select(Composition).order_by(Composition.id.desc()), Composition.api_key_id, principal, settings
+    )
     if model_id is not None:
         stmt = stmt.where(svc.uses_model(model_id))
     if finetuned is not None:
@@ -288,8 +293,9 @@ def torchscript(
 @router.delete(
     "/{composition_id}", status_code=status.HTTP_204_NO_CONTENT, summary="Delete a composition"
 )
-def delete(composition_id: PathId, db: DbDep, settings: SettingsDep, _: WriteKey) -> None:
+def delete(composition_id: PathId, db: DbDep, settings: SettingsDep, principal: WriteKey) -> None:
     c = _get(db, composition_id)
+    ensure_owner(principal, c.api_key_id, f"composition {composition_id}")
     rel = c.artifact_path
     db.delete(c)
     db.commit()

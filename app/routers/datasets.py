@@ -12,13 +12,14 @@ from fastapi import APIRouter, File, Form, HTTPException, UploadFile, status
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 
-from app.auth import ReadKey, WriteKey
-from app.db.models import Dataset, Model
+from app.auth import ReadKey, WriteKey, ensure_owner, visible_to
+from app.db.models import Dataset, Job, Model
 from app.deps import DbDep, SettingsDep
 from app.routers._common import not_found
 from app.schemas.datasets import DatasetOut
 from app.services import datasets as svc
-from app.settings import Settings
+from app.services import jobs as jobs_svc
+from app.settings import MiB, Settings
 
 UPLOAD_HELP = (
     "np.savez file with uint8 x_train/x_test (N,H,W | N,H,W,C | N,C,H,W; C in 1 or 3), "
@@ -65,13 +66,17 @@ def build_router(settings: Settings) -> APIRouter:
     router = APIRouter(prefix="/datasets", tags=["datasets"])
 
     @router.get("", response_model=list[DatasetOut], summary="Built-in and uploaded datasets")
-    def list_datasets(db: DbDep, s: SettingsDep, _: ReadKey) -> list[DatasetOut]:
+    def list_datasets(db: DbDep, s: SettingsDep, principal: ReadKey) -> list[DatasetOut]:
         rows = {r.name: r for r in db.scalars(select(Dataset))}
+        mine = {
+            r.name
+            for r in db.scalars(visible_to(select(Dataset), Dataset.api_key_id, principal, s))
+        }
         out = [_builtin_out(info, rows.get(name)) for name, info in svc.builtin_infos(s).items()]
         out += [
             _upload_out(r)
             for r in sorted(rows.values(), key=lambda r: r.name)
-            if r.source == "upload"
+            if r.source == "upload" and r.name in mine
         ]
         return out
 
@@ -97,7 +102,7 @@ def build_router(settings: Settings) -> APIRouter:
     def upload(
         db: DbDep,
         s: SettingsDep,
-        _: WriteKey,
+        principal: WriteKey,
         file: Annotated[UploadFile, File(description=UPLOAD_HELP)],
         name: Annotated[str | None, Form(max_length=64)] = None,
     ) -> DatasetOut:
@@ -137,7 +142,7 @@ def build_router(settings: Settings) -> APIRouter:
                 raise HTTPException(
                     status.HTTP_422_UNPROCESSABLE_CONTENT, "the uploaded file is empty"
                 )
-            bundle = _validate(tmp, dataset_name, file.filename or "upload")
+            bundle = _validate(tmp, dataset_name, file.filename or "upload", s)
             os.replace(tmp, final)
         finally:
             tmp.unlink(missing_ok=True)
@@ -153,6 +158,7 @@ def build_router(settings: Settings) -> APIRouter:
             input_size=bundle.spec.size,
             train_size=int(bundle.train_y.shape[0]),
             test_size=int(bundle.test_y.shape[0]),
+            api_key_id=principal.key_id,
         )
         db.add(row)
         try:
@@ -167,7 +173,7 @@ def build_router(settings: Settings) -> APIRouter:
     @router.delete(
         "/{name}", status_code=status.HTTP_204_NO_CONTENT, summary="Delete an uploaded dataset"
     )
-    def delete(name: str, db: DbDep, s: SettingsDep, _: WriteKey) -> None:
+    def delete(name: str, db: DbDep, s: SettingsDep, principal: WriteKey) -> None:
         row = db.scalar(select(Dataset).where(Dataset.name == name))
         if name in svc.builtin_infos(s):
             raise HTTPException(
@@ -175,6 +181,17 @@ def build_router(settings: Settings) -> APIRouter:
             )
         if row is None:
             raise not_found("dataset", repr(name))
+        ensure_owner(principal, row.api_key_id, f"dataset {name!r}")
+        active = db.scalars(
+            select(Job.id).where(Job.dataset == name, Job.status.in_(jobs_svc.ACTIVE))
+        ).all()
+        if active:
+            # The job would fail as an internal error when it opens the file.
+            raise HTTPException(
+                status.HTTP_409_CONFLICT,
+                f"dataset {name!r} is used by queued or running job(s) {', '.join(active)}; "
+                "cancel them or wait for them to finish",
+            )
         users = db.scalars(select(Model.id).where(Model.dataset == name)).all()
         if users:
             raise HTTPException(
@@ -189,9 +206,16 @@ def build_router(settings: Settings) -> APIRouter:
     return router
 
 
-def _validate(path: Path, name: str, filename: str) -> object:
+def _validate(path: Path, name: str, filename: str, settings: Settings) -> object:
     from mwt_core.data.datasets import DatasetError, load_npz
 
+    try:
+        # Sizes from the member headers first: load_npz inflates whole arrays.
+        svc.check_npz_sizes(path, settings.max_dataset_mb * MiB)
+    except svc.DatasetTooLarge as exc:
+        raise HTTPException(status.HTTP_413_CONTENT_TOO_LARGE, f"invalid dataset: {exc}") from None
+    except ValueError as exc:
+        raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, f"invalid dataset: {exc}") from None
     try:
         return load_npz(path, name=name)
     except DatasetError as exc:

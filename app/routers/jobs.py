@@ -3,20 +3,22 @@
 from __future__ import annotations
 
 import json
+import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Annotated
 
 import anyio
 from fastapi import APIRouter, Header, HTTPException, Query, Request, Response, status
 from fastapi.responses import StreamingResponse
 from sqlalchemy import select
+from starlette.background import BackgroundTask
 
-from app.auth import ReadKey, WriteKey
+from app.auth import ReadKey, WriteKey, ensure_owner, visible_to
 from app.db.models import Job, JobKind, JobStatus
 from app.deps import DbDep, DispatcherDep, SettingsDep
 from app.routers._common import PagingDep, not_found, page
-from app.schemas.common import Page, QueryId
+from app.schemas.common import Page, QueryId, error_responses
 from app.schemas.jobs import JobCreate, JobOut
 from app.services import datasets as datasets_svc
 from app.services import jobs as svc
@@ -71,6 +73,7 @@ def submit(
             params=params,
             queue=settings.train_queue,
             max_attempts=settings.max_job_attempts,
+            max_starts=settings.max_job_starts,
             dataset=body.dataset,
             arch=arch,
             idempotency_key=idempotency_key,
@@ -90,7 +93,8 @@ def submit(
 @router.get("", response_model=Page[JobOut], summary="List jobs, newest first")
 def list_jobs(
     db: DbDep,
-    _: ReadKey,
+    settings: SettingsDep,
+    principal: ReadKey,
     p: PagingDep,
     status_: Annotated[
         list[JobStatus] | None, Query(alias="status", description="repeatable")
@@ -100,7 +104,7 @@ def list_jobs(
     arch: str | None = None,
     model_id: QueryId = None,
 ) -> Page[JobOut]:
-    stmt = select(Job).order_by(Job.created_at.desc(), Job.id)
+    stmt = visible_to(select(Job).order_by(Job.created_at.desc(), Job.id), Job.api_key_id, principal, settings)
     if status_:
         stmt = stmt.where(Job.status.in_([s.value for s in status_]))
     if kind:
@@ -128,7 +132,11 @@ def show(job_id: str, db: DbDep, _: ReadKey) -> JobOut:
     status_code=status.HTTP_202_ACCEPTED,
     summary="Cancel a job",
 )
-def cancel(job_id: str, db: DbDep, _: WriteKey) -> JobOut:
+def cancel(job_id: str, db: DbDep, principal: WriteKey) -> JobOut:
+    job = db.get(Job, job_id)
+    if job is None:
+        raise not_found("job", job_id)
+    ensure_owner(principal, job.api_key_id, f"job {job_id}")
     try:
         job = svc.cancel_job(db, job_id)
     except LookupError:
@@ -138,19 +146,75 @@ def cancel(job_id: str, db: DbDep, _: WriteKey) -> JobOut:
     return svc.job_out(job)
 
 
+class StreamSlots:
+    """Counts the progress streams open in this process, in all and per key.
+
+    Each stream holds a connection and polls the registry: without a cap a single read key
+    could open hundreds and starve every other request of threads and DB connections.
+    """
+
+    def __init__(self, total: int, per_key: int) -> None:
+        self.total = total
+        self.per_key = per_key
+        self._lock = threading.Lock()
+        self._open: dict[int, int] = {}
+
+    def acquire(self, key_id: int) -> Callable[[], None]:
+        """Take a slot for ``key_id`` (HTTP 429 when full); returns its (idempotent) release."""
+        with self._lock:
+            if sum(self._open.values()) >= self.total:
+                raise HTTPException(
+                    status.HTTP_429_TOO_MANY_REQUESTS,
+                    f"{self.total} progress streams are open on this server (MWT_SSE_MAX_STREAMS); "
+                    "retry later or poll GET /jobs/{id}",
+                    headers={"Retry-After": "5"},
+                )
+            if self._open.get(key_id, 0) >= self.per_key:
+                raise HTTPException(
+                    status.HTTP_429_TOO_MANY_REQUESTS,
+                    f"this API key already has {self.per_key} progress streams open "
+                    "(MWT_SSE_MAX_STREAMS_PER_KEY); close one or poll GET /jobs/{id}",
+                    headers={"Retry-After": "5"},
+                )
+            self._open[key_id] = self._open.get(key_id, 0) + 1
+        released = threading.Event()
+
+        def release() -> None:
+            with self._lock:
+                if released.is_set():
+                    return
+                released.set()
+                left = self._open.get(key_id, 0) - 1
+                if left > 0:
+                    self._open[key_id] = left
+                else:
+                    self._open.pop(key_id, None)
+
+        return release
+
+    def open_streams(self) -> int:
+        with self._lock:
+            return sum(self._open.values())
+
+
 @router.get(
     "/{job_id}/events",
     summary="Live progress as Server-Sent Events",
-    description="Events: `progress` (the job as JSON, whenever it changes) and a final `end`. "
-    "Comments (`: keep-alive`) are sent every 15 s.",
+    description="Events: `progress` (the job as JSON, whenever it changes) and a final `end` "
+    "(the job's last state; `ended` says why the stream stopped: `finished`, `deleted`, "
+    "`queued_too_long` or `max_duration`). Comments (`: keep-alive`) are sent every 15 s. "
+    "Streams are capped per key and per server (429 past the cap); a stream lasts at most "
+    "MWT_SSE_MAX_DURATION_S and ends when the job stays queued past MWT_SSE_QUEUED_TIMEOUT_S.",
     response_class=StreamingResponse,
-    responses={200: {"content": {"text/event-stream": {}}}},
+    responses={
+        200: {"content": {"text/event-stream": {}}},
+        **error_responses(404, 429),
+    },
 )
-def events(
-    job_id: str, request: Request, db: DbDep, settings: SettingsDep, _: ReadKey
+async def events(
+    job_id: str, request: Request, settings: SettingsDep, principal: ReadKey
 ) -> StreamingResponse:
-    if db.get(Job, job_id) is None:
-        raise not_found("job", job_id)
+    # No DbDep here: a dependency's session would stay checked out until the stream ends.
     factory = request.app.state.sessionmaker
 
     def snapshot() -> JobOut | None:
@@ -158,35 +222,57 @@ def events(
             job = s.get(Job, job_id)
             return svc.job_out(job) if job is not None else None
 
+    if await anyio.to_thread.run_sync(snapshot) is None:
+        raise not_found("job", job_id)
+    release = request.app.state.stream_slots.acquire(principal.key_id)
+
+    def end(out: JobOut, why: str) -> bytes:
+        data = json.loads(out.model_dump_json(exclude={"links"}))
+        return f"event: end\ndata: {json.dumps({**data, 'ended': why}, separators=(',', ':'))}\n\n".encode()
+
     async def stream() -> AsyncIterator[bytes]:
-        last = None
-        last_sent = time.monotonic()
-        yield b"retry: 2000\n\n"
-        while True:
-            out = await anyio.to_thread.run_sync(snapshot)
-            if out is None:
-                yield b'event: end\ndata: {"status": "deleted"}\n\n'
-                return
-            data = out.model_dump_json(exclude={"links"})
-            key = json.dumps(
-                [out.status, out.progress.model_dump() if out.progress else None, out.attempts]
-            )
-            if key != last:
-                last = key
-                last_sent = time.monotonic()
-                yield f"event: progress\ndata: {data}\n\n".encode()
-            if JobStatus(out.status).terminal:
-                yield f"event: end\ndata: {data}\n\n".encode()
-                return
-            if time.monotonic() - last_sent > 15:
-                last_sent = time.monotonic()
-                yield b": keep-alive\n\n"
-            if await request.is_disconnected():
-                return
-            await anyio.sleep(settings.sse_poll_s)
+        try:
+            last = None
+            started = last_sent = time.monotonic()
+            yield b"retry: 2000\n\n"
+            while True:
+                out = await anyio.to_thread.run_sync(snapshot)
+                if out is None:
+                    yield b'event: end\ndata: {"status":"deleted","ended":"deleted"}\n\n'
+                    return
+                data = out.model_dump_json(exclude={"links"})
+                key = json.dumps(
+                    [out.status, out.progress.model_dump() if out.progress else None, out.attempts]
+                )
+                if key != last:
+                    last = key
+                    last_sent = time.monotonic()
+                    yield f"event: progress\ndata: {data}\n\n".encode()
+                if JobStatus(out.status).terminal:
+                    yield end(out, "finished")
+                    return
+                now = time.monotonic()
+                if (
+                    out.status == JobStatus.queued.value
+                    and now - started > settings.sse_queued_timeout_s
+                ):
+                    yield end(out, "queued_too_long")
+                    return
+                if now - started > settings.sse_max_duration_s:
+                    yield end(out, "max_duration")
+                    return
+                if now - last_sent > 15:
+                    last_sent = now
+                    yield b": keep-alive\n\n"
+                if await request.is_disconnected():
+                    return
+                await anyio.sleep(settings.sse_poll_s)
+        finally:
+            release()
 
     return StreamingResponse(
         stream(),
         media_type="text/event-stream",
         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+        background=BackgroundTask(release),  # also when the stream never started
     )

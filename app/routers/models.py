@@ -5,15 +5,16 @@ from __future__ import annotations
 from typing import Annotated, Literal
 
 from fastapi import APIRouter, HTTPException, Query, Request, Response, status
+from pydantic import StringConstraints
 from sqlalchemy import select
 from sqlalchemy.orm import selectinload
 
 from app import storage
-from app.auth import ReadKey, WriteKey
+from app.auth import ReadKey, WriteKey, ensure_owner, visible_to
 from app.db.models import Composition, Job, Model
 from app.deps import DbDep, SettingsDep
 from app.files import artifact_response
-from app.routers._common import PagingDep, not_found, page, sorted_by
+from app.routers._common import PagingDep, not_found, page, sort_pattern, sorted_by
 from app.routers._export import EXPORT_DESCRIPTION, FormatQuery, export_response
 from app.routers.modules import module_out
 from app.schemas.common import Page, PathId
@@ -41,7 +42,8 @@ def model_out(m: Model) -> ModelOut:
 @router.get("", response_model=Page[ModelOut], summary="List and filter models")
 def list_models(
     db: DbDep,
-    _: ReadKey,
+    settings: SettingsDep,
+    principal: ReadKey,
     p: PagingDep,
     dataset: str | None = None,
     arch: str | None = None,
@@ -52,12 +54,19 @@ def list_models(
     ] = "ready",
     min_accuracy: Annotated[float | None, Query(ge=0, le=1)] = None,
     max_krr: Annotated[float | None, Query(ge=0, le=1)] = None,
-    tag: Annotated[list[str] | None, Query(description="key=value, repeatable")] = None,
+    tag: Annotated[
+        list[Annotated[str, StringConstraints(pattern=r"^[^=]+=")]] | None,
+        Query(description="key=value, repeatable"),
+    ] = None,
     sort: Annotated[
-        str, Query(description="created|accuracy|krr|version, '-' prefix for descending")
+        str,
+        Query(
+            description="created|accuracy|krr|version, '-' prefix for descending",
+            pattern=sort_pattern(SORTS),
+        ),
     ] = "-created",
 ) -> Page[ModelOut]:
-    stmt = select(Model)
+    stmt = visible_to(select(Model), Model.api_key_id, principal, settings)
     if status_ != "any":
         stmt = stmt.where(Model.status == status_)
     if dataset:
@@ -107,8 +116,9 @@ def show(model_id: PathId, db: DbDep, _: ReadKey) -> ModelDetail:
 
 
 @router.patch("/{model_id}", response_model=ModelOut, summary="Set or remove tags")
-def patch(model_id: PathId, body: ModelPatch, db: DbDep, _: WriteKey) -> ModelOut:
+def patch(model_id: PathId, body: ModelPatch, db: DbDep, principal: WriteKey) -> ModelOut:
     m = _get(db, model_id)
+    ensure_owner(principal, m.api_key_id, f"model {model_id}")
     tags = dict(m.tags)
     for k, v in body.tags.items():
         if not k or len(k) > 64 or (v is not None and len(v) > 256):
@@ -178,12 +188,13 @@ def delete(
     request: Request,
     db: DbDep,
     settings: SettingsDep,
-    _: WriteKey,
+    principal: WriteKey,
     force: Annotated[
         bool, Query(description="also delete what depends on it and cancel its jobs")
     ] = False,
 ) -> None:
     m = _get(db, model_id)
+    ensure_owner(principal, m.api_key_id, f"model {model_id}")
     active = db.scalars(
         select(Job.id).where(
             Job.status.in_(jobs_svc.ACTIVE),
@@ -204,6 +215,11 @@ def delete(
             status.HTTP_409_CONFLICT,
             f"model {model_id} is used by {' and '.join(parts)}; delete those first or pass force=true",
         )
+    # force reaches what depends on the model: it must be the caller's too (or the caller admin).
+    for c in dependents:
+        ensure_owner(principal, c.api_key_id, f"composition {c.id} (built on model {model_id})")
+    for job in db.scalars(select(Job).where(Job.id.in_(active))):
+        ensure_owner(principal, job.api_key_id, f"job {job.id} (using model {model_id})")
     jobs_svc.request_cancel(db, active)
     comp_paths = [c.artifact_path for c in dependents if c.artifact_path]
     for c in dependents:

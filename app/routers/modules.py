@@ -13,7 +13,7 @@ from app.auth import ReadKey
 from app.db.models import Model, ModelStatus, Module
 from app.deps import DbDep, SettingsDep
 from app.files import artifact_response
-from app.routers._common import PagingDep, not_found, page, sorted_by
+from app.routers._common import PagingDep, not_found, page, sort_pattern, sorted_by
 from app.routers._export import EXPORT_DESCRIPTION, FormatQuery, export_response
 from app.schemas.common import Page, PathId, QueryId, QueryIndex
 from app.schemas.modules import ModuleOut
@@ -52,7 +52,11 @@ def query(
         Query(ge=0, le=1, description="the model's test accuracy on this class at least"),
     ] = None,
     sort: Annotated[
-        str, Query(description="krr|accuracy|created|id, '-' prefix for descending")
+        str,
+        Query(
+            description="krr|accuracy|created|id, '-' prefix for descending",
+            pattern=sort_pattern(SORTS),
+        ),
     ] = "id",
 ) -> Page[ModuleOut]:
     stmt = (

@@ -21,7 +21,7 @@ MAX_SOURCES = 16
 
 
 class FinetuneOptions(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
     epochs: int = Field(5, ge=1, le=200)
     lr: float = Field(0.01, gt=0, le=10)
     batch_size: int = Field(64, ge=2, le=8192)
@@ -29,7 +29,7 @@ class FinetuneOptions(BaseModel):
 
 
 class SourceIn(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
     model_id: DbId
     classes: ClassList
 
@@ -37,7 +37,7 @@ class SourceIn(BaseModel):
 class CompositionCreate(BaseModel):
     """Either ``model_id`` + ``classes`` (one model) or ``sources`` (one or several models)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
     model_id: DbId | None = None
     classes: ClassList | None = None
     sources: list[SourceIn] | None = Field(

@@ -3,7 +3,7 @@ from __future__ import annotations
 import datetime as dt
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, field_validator
 
 from mwt_core.config import DEFAULT_DATASET, LIMITS, PAPER_SETTINGS, ModularizeConfig, TrainConfig
 
@@ -18,7 +18,7 @@ class JobCreate(BaseModel):
     """A training job. Every setting defaults to mwt_core's ``TrainConfig`` (the README's
     "Defaults and how they were chosen"); bounds are mwt_core's ``LIMITS``."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)  # JSON types as declared: no 0 for false
 
     dataset: str = Field(
         DEFAULT_DATASET, min_length=1, max_length=64, description="built-in or uploaded dataset name"
@@ -54,10 +54,11 @@ class JobCreate(BaseModel):
     )
     tau: float = Field(ModularizeConfig.tau, gt=0, le=1, description="modularization threshold")
     seed: int = Field(_T.seed, ge=0, le=_L.seed)
-    modular: bool = Field(_T.modular, description="MwT training (false = standard training, no modules)")
-    augment: bool = _T.augment
-    amp: bool = _T.amp
-    compile: bool = Field(
+    # Strict: JSON true/false only ("amp": 0 or "yes" is a mistake to report, not to guess).
+    modular: StrictBool = Field(_T.modular, description="MwT training (false = standard training, no modules)")
+    augment: StrictBool = _T.augment
+    amp: StrictBool = _T.amp
+    compile: StrictBool = Field(
         _T.compile, description="torch.compile the training step (opt-in; compiling takes a while up front)"
     )
     name: str | None = Field(

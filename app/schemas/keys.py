@@ -8,7 +8,7 @@ from app.schemas.common import OrmModel
 
 
 class KeyCreate(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
     name: str = Field(min_length=1, max_length=100)
     scopes: list[str] = Field(
         default_factory=lambda: ["read"], description="read, write and/or admin"

@@ -49,5 +49,5 @@ class ModelDetail(ModelOut):
 
 
 class ModelPatch(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
     tags: dict[str, str | None] = Field(description="set tags; a null value removes the tag")

@@ -30,6 +30,57 @@ class DatasetUnavailable(ValueError):
     pass
 
 
+class DatasetTooLarge(ValueError):
+    """The arrays of an upload would take more memory than allowed once inflated."""
+
+
+def check_npz_sizes(path: Path, limit_bytes: int) -> int:
+    """Sum of the decoded sizes of an ``.npz``'s arrays, read from the ``.npy`` headers only.
+
+    ``np.load`` inflates a compressed member whole when it is accessed, so a few MB of
+    zeros can become gigabytes. Each member's header (magic, shape, dtype) sits in its first
+    bytes: reading it inflates a few hundred bytes, and the data is never touched.
+    Raises DatasetTooLarge past ``limit_bytes`` and ValueError for what is not an ``.npz``
+    of plain arrays. Returns the total.
+    """
+    import zipfile
+
+    import numpy as np
+    from numpy.lib import format as npy
+
+    total = 0
+    try:
+        with zipfile.ZipFile(path) as archive:
+            for info in archive.infolist():
+                if not info.filename.endswith(".npy"):
+                    continue
+                with archive.open(info) as member:
+                    version = npy.read_magic(member)
+                    if version == (1, 0):
+                        shape, _, dtype = npy.read_array_header_1_0(member)
+                    elif version in ((2, 0), (3, 0)):
+                        shape, _, dtype = npy.read_array_header_2_0(member)
+                    else:
+                        raise ValueError(f"{info.filename}: unsupported .npy version {version}")
+                if dtype.hasobject:
+                    raise ValueError(
+                        f"{info.filename[:-4]} holds Python objects, which need pickle; "
+                        "store plain numeric arrays (and a unicode string array for class_names)"
+                    )
+                total += int(np.prod(shape, dtype=object)) * dtype.itemsize
+                if total > limit_bytes:
+                    raise DatasetTooLarge(
+                        f"its arrays would take more than {limit_bytes // (1024 * 1024)} MiB "
+                        f"once decompressed ({info.filename[:-4]} has shape {tuple(shape)}, "
+                        f"{dtype}); the limit is MWT_MAX_DATASET_MB"
+                    )
+    except zipfile.BadZipFile:
+        # Not a zip: a plain .npy (not compressed, so bounded by the upload limit) or junk;
+        # load_npz says which.
+        return 0
+    return total
+
+
 def builtin_infos(settings: Settings) -> dict[str, object]:
     from mwt_core.data.datasets import list_datasets
 
@@ -55,8 +106,9 @@ def resolve(session: Session, settings: Settings, name: str) -> tuple[str, Datas
     if info is not None:
         if not info.available:  # type: ignore[attr-defined]
             raise DatasetUnavailable(
-                f"dataset {name!r} is built in but its files are not in {settings.datasets}; "
-                f"download it there (e.g. with torchvision) or pick another dataset"
+                f"dataset {name!r} is built in but its files are not in the server's data "
+                "directory (MWT_DATASET_DIR); download them there (e.g. with torchvision) or "
+                "pick another dataset"
             )
         return info.source, None  # type: ignore[attr-defined]
     row = session.scalar(select(Dataset).where(Dataset.name == name, Dataset.source == "upload"))

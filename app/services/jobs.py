@@ -30,11 +30,15 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from app.db.models import Job, JobKind, JobStatus, Model, ModelStatus, utcnow
 from app.schemas.jobs import JobOut, ProgressOut
+from app.settings import Settings
 from mwt_core.config import ModularizeConfig
 
 log = logging.getLogger(__name__)
 
 ACTIVE = (JobStatus.queued.value, JobStatus.running.value)  # not yet terminal
+# jobs.stalled_losses while an attempt runs: it wrote a checkpoint (so its loss does not
+# count); otherwise the column counts the losses in a row of attempts that wrote none.
+CHECKPOINTED = -1
 
 
 class IdempotencyConflict(ValueError):
@@ -108,6 +112,7 @@ def create_job(
     params: dict[str, Any],
     queue: str,
     max_attempts: int,
+    max_starts: int | None = None,
     dataset: str | None = None,
     arch: str | None = None,
     idempotency_key: str | None = None,
@@ -115,12 +120,15 @@ def create_job(
 ) -> tuple[Job, bool]:
     """Insert a queued job and commit. Returns ``(job, created)``.
 
-    With an idempotency key already used for the same request the existing job is returned
+    ``max_attempts`` bounds losses without progress, ``max_starts`` (default: the setting's
+    default) all starts. With an idempotency key already used for the same request the existing job is returned
     (``created`` False); used for a different request -> IdempotencyConflict.
     """
     fingerprint = params_fingerprint(kind.value, params)
+    # An Idempotency-Key is scoped to the API key that sent it.
+    same_key = (Job.idempotency_key == idempotency_key, Job.api_key_id.is_not_distinct_from(api_key_id))
     if idempotency_key:
-        existing = session.scalar(select(Job).where(Job.idempotency_key == idempotency_key))
+        existing = session.scalar(select(Job).where(*same_key))
         if existing is not None:
             return _same_request(existing, kind, fingerprint), False
     job = Job(
@@ -133,6 +141,11 @@ def create_job(
         params={**params, "_fingerprint": fingerprint},
         attempts=0,
         max_attempts=max_attempts,
+        max_starts=max(
+            max_starts if max_starts is not None else Settings.model_fields["max_job_starts"].default,
+            max_attempts,
+        ),
+        stalled_losses=0,
         idempotency_key=idempotency_key or None,
         api_key_id=api_key_id,
         created_at=utcnow(),
@@ -143,7 +156,7 @@ def create_job(
     except IntegrityError:
         # Two retries of one submit raced: the other insert won.
         session.rollback()
-        existing = session.scalar(select(Job).where(Job.idempotency_key == idempotency_key))
+        existing = session.scalar(select(Job).where(*same_key))
         if existing is None:
             raise
         return _same_request(existing, kind, fingerprint), False
@@ -236,13 +249,14 @@ def claim(factory: sessionmaker[Session], job_id: str, worker: str) -> Job | Non
         s.commit()
         job = s.get(Job, job_id)
         assert job is not None
-        if job.attempts > job.max_attempts:
+        if job.attempts > job.max_starts:
             finish(
                 s,
                 job_id,
                 worker,
                 JobStatus.failed,
-                error=f"gave up: the job was started {job.attempts - 1} time(s), the limit is {job.max_attempts}",
+                error=f"gave up: the job was started {job.attempts - 1} time(s), the hard ceiling "
+                f"is max_starts={job.max_starts}",
             )
             return None
         return job
@@ -258,6 +272,8 @@ def heartbeat(
     values: dict[str, Any] = {"heartbeat_at": utcnow()}
     if progress is not None:
         values["progress"] = progress
+        if progress.get("checkpoint_epoch") is not None:
+            values["stalled_losses"] = CHECKPOINTED  # this attempt made progress
     with factory() as s:
         matched = _matched(
             s,
@@ -377,6 +393,7 @@ def reserve_model(
                 tags=dict(p.get("tags") or {}),
                 job_id=job.id,
                 epochs=int(cfg_json["epochs"]),
+                api_key_id=job.api_key_id,  # the model belongs to whoever submitted the job
             )
             s.add(model)
             try:
@@ -411,6 +428,15 @@ def release_job(
         ):
             return None
         attempts = job.attempts if count_attempt else max(0, job.attempts - 1)
+        # A loss counts against the job only when no checkpoint was written since the last
+        # one (heartbeat() resets the count on each new checkpoint): a job that kills its
+        # worker every time is stopped, one on unlucky machines resumes. max_starts caps both.
+        if not count_attempt:
+            stalled = max(job.stalled_losses, 0)
+        elif job.stalled_losses == CHECKPOINTED:
+            stalled = 0
+        else:
+            stalled = job.stalled_losses + 1
         cond = [Job.id == job_id, Job.status == JobStatus.running.value, Job.worker == job.worker]
         values: dict[str, Any]
         if job.cancel_requested:
@@ -418,20 +444,29 @@ def release_job(
                 "cancelled",
                 {"status": JobStatus.cancelled.value, "error": "cancelled by user"},
             )
-        elif attempts >= job.max_attempts:
+        elif stalled >= job.max_attempts:
             action = "failed"
             values = {
                 "status": JobStatus.failed.value,
-                "error": f"{reason}; gave up after {attempts} attempt(s) (max_attempts={job.max_attempts})",
+                "error": f"{reason}; gave up after {attempts} attempt(s): lost {stalled} time(s) "
+                f"in a row without writing a new checkpoint (max_attempts={job.max_attempts})",
+            }
+        elif attempts >= job.max_starts:
+            action = "failed"
+            values = {
+                "status": JobStatus.failed.value,
+                "error": f"{reason}; gave up after {attempts} attempt(s): the hard ceiling on "
+                f"starts (max_starts={job.max_starts}), although it was progressing",
             }
         else:
             action = "requeued"
             values = {
                 "status": JobStatus.queued.value,
-                "error": f"{reason}; requeued to resume from the last checkpoint "
-                f"(attempt {attempts + 1} of {job.max_attempts})",
+                "error": f"{reason}; requeued to resume from the last checkpoint (start "
+                f"{attempts + 1} of at most {job.max_starts}; {stalled} of {job.max_attempts} "
+                "losses without progress)",
             }
-        values.update(worker=None, attempts=attempts)
+        values.update(worker=None, attempts=attempts, stalled_losses=stalled)
         if action == "requeued":
             values["dispatched_at"] = None  # not sent for this attempt yet
         else:

@@ -5,7 +5,9 @@ queue, Postgres registry.
 
 - a tiny digits job trains end to end, its modules are downloaded and verified, {3,5,8} is composed;
 - the worker is SIGKILLed mid-training: the job is never left running, it resumes from its checkpoint
-  on a new worker; a job on its last attempt is failed with the reason instead.
+  on a new worker; a job on its last attempt is failed with the reason instead;
+- ten SIGKILLs across jobs: every job that progresses between kills succeeds, a job that "kills its
+  worker" at every start fails for making no progress, nothing is left running, no model is lost.
 """
 
 from __future__ import annotations
@@ -185,7 +187,10 @@ def test_worker_killed_on_last_attempt_fails_cleanly(stack: Stack) -> None:
     engine = make_engine(stack.database_url)
     try:
         with make_sessionmaker(engine)() as s:  # make this the job's last allowed attempt
-            s.execute(update(Job).where(Job.id == job["id"]).values(max_attempts=1))
+            # (a ceiling on starts: a loss after a checkpoint does not count against max_attempts)
+            s.execute(
+                update(Job).where(Job.id == job["id"]).values(max_attempts=1, max_starts=1)
+            )
             s.commit()
     finally:
         engine.dispose()
@@ -194,4 +199,60 @@ def test_worker_killed_on_last_attempt_fails_cleanly(stack: Stack) -> None:
     assert final["status"] == "failed"
     assert "lost (no heartbeat" in final["error"] and "gave up after 1 attempt(s)" in final["error"]
     assert hub.model(final["model_id"])["status"] == "failed"
+    assert hub.jobs(status="running")["total"] == 0
+
+
+def test_ten_worker_kills_across_jobs(stack: Stack) -> None:
+    """Issue 14: the worker is SIGKILLed ten times. Seven kills hit three progressing jobs, each
+    right after it wrote a new checkpoint; three hit a fourth job at each of its starts before
+    any checkpoint (a job that crashes its worker). Before the fix every job was failed at its
+    third loss, progress or not."""
+    hub = stack.hub
+    if stack.workers[-1].proc.poll() is not None:  # the previous test killed it
+        stack.start_worker()
+    progressing = [hub.submit_job(**TINY, epochs=6, seed=10 + i)["id"] for i in range(3)]
+    # Small batches: many steps per epoch, so it is still before its first checkpoint when killed.
+    crasher = hub.submit_job(**{**TINY, "batch_size": 8}, epochs=6, seed=99)["id"]
+    killed_at: dict[str, int] = {}
+    progress_kills = crash_kills = 0
+    deadline = time.monotonic() + 1200
+    terminal = ("succeeded", "failed", "cancelled")
+    while progress_kills + crash_kills < 10 and time.monotonic() < deadline:
+        jobs = {j: hub.job(j) for j in [*progressing, crasher]}
+        if all(j["status"] in terminal for j in jobs.values()):
+            break
+        victim = None
+        for job_id, job in jobs.items():
+            if job["status"] != "running":
+                continue
+            progress = job.get("progress") or {}
+            if job_id == crasher and crash_kills < 3 and not progress.get("checkpoint_epoch"):
+                victim, crash_kills = job_id, crash_kills + 1
+                break
+            if job_id != crasher and progress_kills < 7 and _checkpointed(job):
+                epoch = progress["epoch"]
+                if killed_at.get(job_id, 0) < epoch < progress.get("epochs", 6):
+                    killed_at[job_id] = epoch
+                    victim, progress_kills = job_id, progress_kills + 1
+                    break
+        if victim is None:
+            time.sleep(0.2)
+            continue
+        stack.workers[-1].kill()
+        stack.start_worker()
+    assert (progress_kills, crash_kills) == (7, 3), (progress_kills, crash_kills, killed_at)
+    finals = {
+        j: _wait(hub, j, lambda x: x["status"] in terminal, timeout=600)
+        for j in [*progressing, crasher]
+    }
+    for job_id in progressing:
+        final = finals[job_id]
+        assert final["status"] == "succeeded", final
+        model = hub.model(final["model_id"])
+        assert model["status"] == "ready" and hub.modules(model_id=model["id"])["total"] == 10
+    assert sum(finals[j]["attempts"] - 1 for j in progressing) == 7
+    assert all(finals[j]["result"]["resumed_from_epoch"] > 0 for j in killed_at)
+    crashed = finals[crasher]
+    assert crashed["status"] == "failed" and crashed["attempts"] == 3, crashed
+    assert "without writing a new checkpoint" in crashed["error"], crashed["error"]
     assert hub.jobs(status="running")["total"] == 0

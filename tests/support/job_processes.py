@@ -54,3 +54,28 @@ def claim_report_and_hang(job_id: str, settings_data: dict[str, Any], log_level:
     with JobContext(factory, settings, job, worker, on_stall=exit_hung_process) as ctx:
         ctx.report({"phase": "training", "epoch": 1}, force=True)
         time.sleep(3600)
+
+
+def record_pid_and_hang(job_id: str, settings_data: dict[str, Any], log_level: str) -> None:
+    """Executor target for tests: write this process's pid to ``<data_dir>/<job_id>.pid``, hang."""
+    import time
+    from pathlib import Path
+
+    settings = Settings(**settings_data)
+    (Path(settings.data_dir) / f"{job_id}.pid").write_text(str(os.getpid()))
+    time.sleep(3600)
+
+
+def watchdog_only_child(parent_pid: int, pid_file: str) -> None:
+    """Spawned by a test's parent process: bind to the parent with the portable watchdog
+    alone (as on a platform without ``prctl``), record this pid, hang."""
+    import sys
+    import time
+    from pathlib import Path
+
+    from worker.executor import exit_with_parent
+
+    sys.platform = "unknown"  # skip the Linux death signal: only the watchdog is left
+    exit_with_parent(parent_pid, poll_s=0.2)
+    Path(pid_file).write_text(str(os.getpid()))
+    time.sleep(3600)
