@@ -6,7 +6,7 @@ import hashlib
 import os
 import tempfile
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 from fastapi import APIRouter, File, Form, HTTPException, UploadFile, status
 from sqlalchemy import select
@@ -20,6 +20,9 @@ from app.schemas.datasets import DatasetOut
 from app.services import datasets as svc
 from app.services import jobs as jobs_svc
 from app.settings import MiB, Settings
+
+if TYPE_CHECKING:
+    from mwt_core.data.datasets import DatasetBundle
 
 UPLOAD_HELP = (
     "np.savez file with uint8 x_train/x_test (N,H,W | N,H,W,C | N,C,H,W; C in 1 or 3), "
@@ -206,7 +209,7 @@ def build_router(settings: Settings) -> APIRouter:
     return router
 
 
-def _validate(path: Path, name: str, filename: str, settings: Settings) -> object:
+def _validate(path: Path, name: str, filename: str, settings: Settings) -> DatasetBundle:
     from mwt_core.data.datasets import DatasetError, load_npz
 
     try:
