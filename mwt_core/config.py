@@ -14,23 +14,9 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from mwt_core.limits import LIMITS
+
 DEFAULT_DATASET = "digits"  # built in (scikit-learn), so a fresh install trains without downloads
-
-
-@dataclass(frozen=True)
-class Limits:
-    """Upper bounds of the settings (the lower bounds are in the checks below)."""
-
-    width: float = 4.0  # channel width multiplier; 4x VGG16 already has 16x its parameters
-    epochs: int = 2000
-    batch_size: int = 8192
-    lr: float = 10.0  # also bounds mask_lr
-    weight_decay: float = 1.0
-    loss_weight: float = 100.0  # alpha, beta and gamma
-    seed: int = 2**31 - 1
-
-
-LIMITS = Limits()
 
 
 @dataclass

@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from mwt_core.config import LIMITS
+from mwt_core.limits import LIMITS
 from mwt_core.models.base import MwTNet
 
 
