@@ -58,7 +58,8 @@ def test_modules_sort_and_arch_reach_the_api(use_app: TestClient, seeded: Model)
     res = runner.invoke(cli, ["modules", "--json", "--arch", "no-such-arch"])
     assert json.loads(res.output)["total"] == 0
     res = runner.invoke(cli, ["modules", "--sort", "size"])
-    assert res.exit_code == 1 and "sort must be one of" in res.output
+    # The API names the field and the sort keys it takes (a schema pattern since the hardening).
+    assert res.exit_code == 1 and "query.sort" in res.output and "krr|accuracy" in res.output
 
 
 # ---------------------------------------------------------------------------- 80 columns
