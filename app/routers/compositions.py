@@ -139,8 +139,8 @@ def _load(
     from mwt_core.models import architecture_info
 
     try:
-        loaded = request.app.state.model_cache.get(settings, model)
-        data = request.app.state.bundle_cache.get(
+        loaded = request.app.state.model_cache.load(settings, model)
+        data = request.app.state.bundle_cache.load(
             settings, db, model.dataset, architecture_info(model.arch).min_input_size
         )
     except svc.CompositionError as exc:

@@ -143,7 +143,7 @@ def dataset_samples(
     per_class: Annotated[int, Query(ge=1, le=MAX_SAMPLES_PER_CLASS)] = 6,
 ) -> SamplesOut:
     try:
-        bundle = request.app.state.bundle_cache.get(settings, db, name, 0)
+        bundle = request.app.state.bundle_cache.load(settings, db, name, 0)
     except datasets_svc.DatasetNotFound as exc:
         raise HTTPException(status.HTTP_404_NOT_FOUND, str(exc)) from None
     except datasets_svc.DatasetUnavailable as exc:

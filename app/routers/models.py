@@ -226,7 +226,7 @@ def delete(
         db.delete(c)
     db.delete(m)
     db.commit()
-    request.app.state.model_cache.forget(model_id)
+    request.app.state.model_cache.forget_model(model_id)
     storage.remove_tree(storage.model_dir(settings.artifacts, model_id))
     for rel in comp_paths:
         storage.remove_tree(storage.resolve(settings.artifacts, rel).parent)

@@ -123,7 +123,7 @@ def _answer(
 ) -> PredictOut:
     """Load (or reuse) the classifier, prepare the inputs by its spec and rank its classes."""
     try:
-        clf = cache.get(settings, (kind, ident, sha256), artifact_path)
+        clf = cache.load(settings, (kind, ident, sha256), artifact_path)
     except (FileNotFoundError, ValueError) as exc:
         raise HTTPException(
             status.HTTP_410_GONE, f"{kind} {ident}'s artifact cannot be loaded: {exc}"

@@ -11,7 +11,6 @@ from __future__ import annotations
 import hashlib
 import threading
 import uuid
-from collections import OrderedDict
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +20,7 @@ from sqlalchemy import ColumnElement, select
 
 from app import storage
 from app.db.models import Composition, CompositionSource, Model, ModelStatus
+from app.lru import Lru
 from app.settings import Settings
 from mwt_core.compose_options import CompositionError
 
@@ -104,32 +104,14 @@ def load_model(settings: Settings, model: Model) -> LoadedModel:
     return LoadedModel(net, modularization, manifest, threading.Lock())
 
 
-class ModelCache:
+class ModelCache(Lru[tuple[int, str], LoadedModel]):
     """Recently used models, loaded once per process (compositions must answer fast)."""
 
-    def __init__(self, size: int) -> None:
-        self.size = size
-        self._lock = threading.Lock()
-        self._items: OrderedDict[tuple[int, str], LoadedModel] = OrderedDict()
+    def load(self, settings: Settings, model: Model) -> LoadedModel:
+        return self.get((model.id, model.sha256 or ""), lambda: load_model(settings, model))
 
-    def get(self, settings: Settings, model: Model) -> LoadedModel:
-        key = (model.id, model.sha256 or "")
-        with self._lock:
-            if key in self._items:
-                self._items.move_to_end(key)
-                return self._items[key]
-        loaded = load_model(settings, model)
-        if self.size > 0:
-            with self._lock:
-                self._items[key] = loaded
-                while len(self._items) > self.size:
-                    self._items.popitem(last=False)
-        return loaded
-
-    def forget(self, model_id: int) -> None:
-        with self._lock:
-            for key in [k for k in self._items if k[0] == model_id]:
-                del self._items[key]
+    def forget_model(self, model_id: int) -> None:
+        self.forget(lambda key: key[0] == model_id)
 
 
 def build(

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import re
-import threading
-from collections import OrderedDict
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -13,6 +11,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from app.db.models import Dataset
+from app.lru import Lru
 from app.settings import Settings
 
 if TYPE_CHECKING:
@@ -171,30 +170,15 @@ def record_builtin(
         factory_session.rollback()
 
 
-class BundleCache:
+class BundleCache(Lru[tuple[str, int], "DatasetBundle"]):
     """A few loaded datasets kept in memory (compositions evaluate on the test split)."""
 
     def __init__(self, size: int = 4) -> None:
-        self.size = size
-        self._lock = threading.Lock()
-        self._items: OrderedDict[tuple[str, int], DatasetBundle] = OrderedDict()
+        super().__init__(max(1, size))
 
-    def get(
+    def load(
         self, settings: Settings, session: Session, name: str, min_input_size: int
     ) -> DatasetBundle:
-        key = (name, min_input_size)
-        with self._lock:
-            if key in self._items:
-                self._items.move_to_end(key)
-                return self._items[key]
-        bundle = load_bundle(settings, session, name, min_input_size)
-        with self._lock:
-            self._items[key] = bundle
-            while len(self._items) > max(1, self.size):
-                self._items.popitem(last=False)
-        return bundle
-
-    def forget(self, name: str) -> None:
-        with self._lock:
-            for key in [k for k in self._items if k[0] == name]:
-                del self._items[key]
+        return self.get(
+            (name, min_input_size), lambda: load_bundle(settings, session, name, min_input_size)
+        )

@@ -10,12 +10,11 @@ artifact's kind, id and sha256, so a replaced artifact is never answered from th
 from __future__ import annotations
 
 import io
-import threading
-from collections import OrderedDict
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from app import storage
+from app.lru import Lru
 from app.settings import Settings
 
 if TYPE_CHECKING:
@@ -60,29 +59,11 @@ def load_classifier(settings: Settings, artifact_path: str) -> Classifier:
     return Classifier(wrapped, spec, class_names_of(manifest, outputs), scoring(outputs))
 
 
-class ClassifierCache:
+class ClassifierCache(Lru[tuple[str, int, str], Classifier]):
     """Recently used classifiers (LRU, at most ``size``), keyed by ``(kind, id, sha256)``."""
 
-    def __init__(self, size: int) -> None:
-        self.size = size
-        self._lock = threading.Lock()
-        self._items: OrderedDict[tuple[str, int, str], Classifier] = OrderedDict()
-
-    def get(self, settings: Settings, key: tuple[str, int, str], artifact_path: str) -> Classifier:
-        with self._lock:
-            if key in self._items:
-                self._items.move_to_end(key)
-                return self._items[key]
-        loaded = load_classifier(settings, artifact_path)
-        if self.size > 0:
-            with self._lock:
-                self._items[key] = loaded
-                while len(self._items) > self.size:
-                    self._items.popitem(last=False)
-        return loaded
-
-    def __len__(self) -> int:
-        return len(self._items)
+    def load(self, settings: Settings, key: tuple[str, int, str], artifact_path: str) -> Classifier:
+        return self.get(key, lambda: load_classifier(settings, artifact_path))
 
 
 def decode_image(data: bytes, name: str, spec: InputSpec, settings: Settings) -> torch.Tensor:

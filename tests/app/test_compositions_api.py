@@ -61,8 +61,8 @@ def test_compose_across_models(
     assert (m["own_samples"] > 0) == needs_own(DEFAULT_COMBINE)  # only what the method needs
     # The same request finds the same composition at once, from the registry: no model is
     # loaded for it. Another method or calibration is another composition.
-    app.state.model_cache.forget(a.id)
-    app.state.model_cache.forget(b.id)
+    app.state.model_cache.forget_model(a.id)
+    app.state.model_cache.forget_model(b.id)
     again = client.post("/api/v1/compositions", json=body)
     assert again.status_code == 200 and again.json()["id"] == comp["id"]
     assert not app.state.model_cache._items, "a repeated composition must not load models"
