@@ -202,6 +202,7 @@ def test_worker_killed_on_last_attempt_fails_cleanly(stack: Stack) -> None:
     assert hub.jobs(status="running")["total"] == 0
 
 
+@pytest.mark.timeout(1500)  # its own deadline is 1200 s; the suite-wide 600 s cut it short
 def test_ten_worker_kills_across_jobs(stack: Stack) -> None:
     """Issue 14: the worker is SIGKILLed ten times. Seven kills hit three progressing jobs, each
     right after it wrote a new checkpoint; three hit a fourth job at each of its starts before
