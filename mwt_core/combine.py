@@ -245,8 +245,9 @@ def _exact(part: nn.Module, logits: torch.Tensor, feats: torch.Tensor | None
     lin = head_linear(part)
     z = F.linear(f, lin.weight.double(), None if lin.bias is None else lin.bias.double())
     inner = getattr(part, "net", part)  # NormalizedInput wraps a ModuleClassifier
-    if not getattr(inner, "restricted", True):  # a whole model, its logits restricted
-        z = z.index_select(1, inner.class_index)
+    index = getattr(inner, "class_index", None)
+    if not getattr(inner, "restricted", True) and isinstance(index, torch.Tensor):
+        z = z.index_select(1, index)  # a whole model, its logits restricted to the classes
     return (z if z.shape == logits.shape else logits.double()), f
 
 

@@ -49,15 +49,19 @@ def module_tag(manifest: dict[str, Any]) -> str:
     return str((manifest.get("source_model") or {}).get("sha256") or "?")[:8]
 
 
-def load_module_parts(directories: Sequence[str | Path], data_dir: Path | None = None
+def load_module_parts(directories: Sequence[str | Path], data_dir: Path | None = None,
+                      loaded: dict[tuple[str, str], DatasetBundle] | None = None
                       ) -> tuple[list[Part], list[DatasetBundle], list[dict[str, Any]]]:
     """Each module directory (sha256-checked) as a part, with the dataset its manifest names
-    (from ``data_dir``; each dataset loaded once) as its model was trained on it, and its
-    manifest."""
+    (from ``data_dir``) as its model was trained on it, and its manifest. ``loaded`` keeps
+    the datasets read by ``(name, architecture)`` (each is read once; pass one dict to share
+    them between calls)."""
     if not directories:
         raise CompositionError("give at least one module directory")
-    loaded: dict[tuple[str, str], DatasetBundle] = {}
-    parts, datas, manifests = [], [], []
+    loaded = {} if loaded is None else loaded
+    parts: list[Part] = []
+    datas: list[DatasetBundle] = []
+    manifests: list[dict[str, Any]] = []
     for directory in directories:
         net, manifest = load_artifact(directory)
         if any(m.get("sha256") == manifest.get("sha256") for m in manifests):
