@@ -11,7 +11,7 @@ import hashlib
 import secrets
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from typing import Annotated, Any
 
@@ -232,7 +232,7 @@ def authenticate(request: Request) -> Principal:
     return principal
 
 
-def require(scope: Scope | str) -> Callable[..., Principal]:
+def require(scope: Scope | str) -> Callable[..., Awaitable[Principal]]:
     """Dependency factory: the caller's key must hold ``scope`` (or a scope implying it)."""
     needed = Scope(scope).value
 
