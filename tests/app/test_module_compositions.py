@@ -107,6 +107,7 @@ def test_client_rebuilds_the_registrys_composition_of_modules(
             r = client.post("/api/v1/compositions", json={"modules": ids, "combine": combine})
             assert r.status_code == 201, r.json()
             comp = r.json()
+            assert hub.compose_modules(ids, combine=combine)["id"] == comp["id"]  # found again
             m = comp["metrics"]
             assert m["combine"] == combine and [s["module_id"] for s in m["sources"]] == ids
             assert comp["class_names"] == [s["class_names"][0] for s in comp["sources"]]
