@@ -17,6 +17,10 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 MiB = 1024 * 1024
 
 
+# The queue recorded for a job when no broker runs: the in-process executor takes every job
+# in order, so naming a Celery queue (``gpu``) there would tell the user something untrue.
+EMBEDDED_QUEUE = "embedded"
+
 MIN_KEY_LENGTH = 20
 MIN_KEY_DISTINCT = 8
 
@@ -67,7 +71,11 @@ class Settings(BaseSettings):
     result_backend: str | None = Field(
         None, description="Celery result backend; None = results are not stored."
     )
-    train_queue: str = Field("gpu", description="Celery queue for training jobs.")
+    train_queue: str = Field(
+        "gpu",
+        description="Celery queue for training jobs (without a broker jobs report queue "
+        f"`{EMBEDDED_QUEUE}`).",
+    )
     light_queue: str = Field(
         "cpu", description="Celery queue for light jobs (fine-tuning compositions)."
     )
@@ -218,6 +226,12 @@ class Settings(BaseSettings):
     def embedded(self) -> bool:
         """True when jobs run in the project's own executor (no broker)."""
         return self.broker_url is None
+
+    def queue_for(self, kind: Literal["train", "light"]) -> str:
+        """The queue a new job of this kind goes to: the Celery queue, or ``embedded``."""
+        if self.embedded:
+            return EMBEDDED_QUEUE
+        return self.train_queue if kind == "train" else self.light_queue
 
     @property
     def is_sqlite(self) -> bool:

@@ -32,6 +32,7 @@ from app.db.models import Job, JobKind, JobStatus, Model, ModelStatus, utcnow
 from app.schemas.jobs import JobOut, ProgressOut
 from app.settings import Settings
 from mwt_core.config import ModularizeConfig
+from mwt_core.progress import progress_record
 
 log = logging.getLogger(__name__)
 
@@ -513,7 +514,7 @@ def job_out(job: Job, base: str = "/api/v1") -> JobOut:
     progress = None
     eta_s = eta_at = None
     if job.progress:
-        clean = {k: _finite(v) for k, v in job.progress.items()}
+        clean = {k: _finite(v) for k, v in progress_record(job.progress).items()}
         progress = ProgressOut(**clean)
         if job.status == JobStatus.running.value and progress.eta_s is not None:
             eta_s = progress.eta_s

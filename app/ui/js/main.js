@@ -171,7 +171,7 @@ async function pageJobs() {
 }
 
 const CURVES = {
-  loss: { title: "Loss and its parts", y: "loss", keys: ["loss", "ce", "cohesion", "coupling"] },
+  loss: { title: "Loss and its parts", y: "loss", keys: ["loss", "ce", "cohesion_loss", "coupling_loss"] },
   acc: { title: "Accuracy", y: "accuracy", keys: ["train_acc", "test_acc"], yMin: 0, yMax: 1 },
   kr: { title: "Kernel rate", y: "kept fraction", keys: ["kernel_rate"], yMin: 0, yMax: 1 },
 };
