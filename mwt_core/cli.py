@@ -397,16 +397,19 @@ def modularize_cmd(
     tau: Annotated[float, typer.Option(help="Modularization threshold.")] = ModularizeConfig.tau,
     data_dir: DataDirOpt = None,
     device: DeviceOpt = "auto",
-    modules_out: Annotated[Path | None, typer.Option(help="Also write one module per class here.")] = None,
+    modules_out: Annotated[Path | None, typer.Option(help="Write one module per class here (default: re-cut the modules `mwt train` wrote beside the model, if any).")] = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Re-modularize a saved MwT model with another threshold; updates its manifest."""
+    """Re-modularize a saved MwT model with another threshold; updates its manifest and re-cuts
+    its class modules (those beside it, or into --modules-out)."""
     ui = Ui(as_json)
     check_tau(tau)
     model, manifest = _load_model_artifact(model_dir)
     if not model.mask_units():
         raise CliError(f"{model_dir} was trained without MwT (--standard); it has no masks to modularize")
     data = data_for_manifest(manifest, data_dir)
+    # Modules cut at the old threshold would no longer match the manifest: re-cut them too.
+    modules_out = modules_out if modules_out is not None else Layout.modules_beside(model_dir)
     old = (manifest.get("modularization") or {}).get("tau")
     with PipelineView(ui, "") as view:
         r = remodularize(model, manifest, data, model_dir, tau=tau, device=device,
@@ -431,7 +434,9 @@ def modularize_cmd(
         ui.out.print(table)
         ui.out.print(f"coupling {mod.coupling:.4f}; manifest updated ({seconds:.1f} s)")
         if r.modules:
-            ui.out.print(f"{len(r.modules)} class modules written to {modules_out}")
+            ui.out.print(f"{len(r.modules)} class modules re-cut at tau {tau:g} in {modules_out}")
+        else:
+            ui.out.print("no class modules beside the model to re-cut (--modules-out DIR writes them)")
 
     ui.emit(summary, render)
 

@@ -303,6 +303,15 @@ class Layout:
         """``mwt train``'s layout: ``out/model``, ``out/modules``, ``out/checkpoint``."""
         return cls(out / "model", out / "modules", out / "checkpoint")
 
+    @staticmethod
+    def modules_beside(model_dir: Path) -> Path | None:
+        """The class modules ``mwt train`` wrote next to ``model_dir`` (``out/modules`` of
+        ``out/model``), or None: the modules a re-modularization must re-cut."""
+        beside = Layout.run_dir(model_dir.parent)
+        if model_dir.name != beside.model_dir.name or beside.modules_dir is None:
+            return None
+        return beside.modules_dir if (beside.modules_dir / "index.json").is_file() else None
+
 
 @dataclass
 class PipelineResult:

@@ -240,6 +240,26 @@ def test_modularize_updates_manifest(model_copy, tmp_path):
     assert run("show", model_copy).exit_code == 0
 
 
+def test_modularize_recuts_the_modules_beside_the_model(trained, tmp_path):
+    """`mwt modularize OUT/model` re-cuts OUT/modules at the new tau: every module then comes
+    from the rewritten model (its sha256) with that tau's per-class KRR, none from the old cut."""
+    run_dir = tmp_path / "run"
+    shutil.copytree(trained[0], run_dir, ignore=shutil.ignore_patterns("checkpoint"))
+    old_index = json.loads((run_dir / "modules" / "index.json").read_text())
+    s = run_json("modularize", run_dir / "model", "--tau", "0.5", "--device", "cpu")
+    assert s["modules_dir"] == str(run_dir / "modules")
+    model_sha = read_manifest(run_dir / "model")["sha256"]
+    index = json.loads((run_dir / "modules" / "index.json").read_text())
+    assert [m["krr"] for m in index] == pytest.approx(s["module_krr"])
+    assert [m["krr"] for m in index] != [m["krr"] for m in old_index]  # tau 0.9 -> 0.5 changed them
+    for entry in index:
+        manifest = read_manifest(run_dir / "modules" / entry["dir"])
+        assert manifest["source_model"]["sha256"] == model_sha
+        assert manifest["metrics"]["krr"] == pytest.approx(entry["krr"])
+    human = run("modularize", run_dir / "model", "--tau", "0.6", "--device", "cpu")
+    assert human.exit_code == 0 and "re-cut at tau 0.6" in human.stdout
+
+
 def test_archs_and_datasets():
     archs = run_json("archs")
     assert {a["name"] for a in archs["architectures"]} >= {"simcnn", "rescnn", "vgg16", "resnet18"}
