@@ -125,8 +125,8 @@ class Settings(BaseSettings):
     )
 
     # --- API ---------------------------------------------------------------------------
-    api_host: str = "127.0.0.1"
-    api_port: int = Field(8000, ge=0, le=65535)
+    api_host: str = Field("127.0.0.1", description="Address the API binds to.")
+    api_port: int = Field(8000, ge=0, le=65535, description="Port the API listens on.")
     max_upload_mb: int = Field(256, ge=1, description="Largest accepted dataset upload.")
     max_json_kb: int = Field(256, ge=1, description="Largest accepted JSON request body.")
     bootstrap_admin_key: str | None = Field(
@@ -152,7 +152,7 @@ class Settings(BaseSettings):
     predict_cache_size: int = Field(
         8, ge=0, description="Predict: loaded classifiers kept in memory (LRU; 0 = none)."
     )
-    page_size_max: int = Field(500, ge=1)
+    page_size_max: int = Field(500, ge=1, description="Largest `limit` of a list request.")
     max_dataset_mb: int = Field(
         1024,
         ge=1,
@@ -181,7 +181,9 @@ class Settings(BaseSettings):
         description="Lists of jobs, models, compositions and uploaded datasets show a non-admin key "
         "only what it created (default: the registry is shared, every read key sees everything).",
     )
-    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    log_level: Literal["debug", "info", "warning", "error"] = Field(
+        "info", description="Log level: debug, info, warning or error."
+    )
 
     @field_validator("database_url")
     @classmethod

@@ -194,6 +194,13 @@ def test_extract_evaluate_module(trained, tmp_path):
         float((ft_pred == y).float().mean()), **_close(len(y)))
     assert s["params"] <= s["full_params"] and s["flops"] <= s["full_flops"]
     assert s["full_params"] == summary["params"]
+    # Latency per image of module and model, measured side by side (no speed is asserted:
+    # the machine is shared); the ratio is of the two figures reported.
+    assert s["latency_batch"] == 64 and s["latency_ms"] > 0 and s["full_latency_ms"] > 0
+    assert s["latency_ratio"] == pytest.approx(s["latency_ms"] / s["full_latency_ms"])
+    skipped = run_json("extract", out / "model", "--classes", "3,5,8", "--out", tmp_path / "q",
+                       "--device", "cpu", "--latency-batch", "0")
+    assert skipped["latency_ms"] is None and skipped["latency_ratio"] is None
     manifest = read_manifest(dst)
     assert manifest["kind"] == "module" and manifest["classes"] == [3, 5, 8]
     assert manifest["metrics"]["krr"] == pytest.approx(s["krr"])
@@ -208,7 +215,7 @@ def test_extract_human_output_without_mask_generators(trained, tmp_path):
     result = run("extract", out / "model", "--classes", "1,0", "--out", tmp_path / "m10",
                  "--no-mask-generators", "--device", "cpu")
     assert result.exit_code == 0, result.output
-    for word in ("KRR", "accuracy", "parameters", "FLOPs"):
+    for word in ("KRR", "accuracy", "parameters", "FLOPs", "CPU ms / image"):
         assert word in result.stdout
     module, manifest = load_artifact(tmp_path / "m10")
     assert manifest["classes"] == [1, 0] and manifest["mask_generators"] is False
