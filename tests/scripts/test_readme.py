@@ -71,3 +71,34 @@ def test_the_command_line_check_exits_non_zero_on_a_stale_readme(
     assert "server-settings" in err and "python scripts/readme.py --write" in err
     assert readme.main(["--readme", str(stale), "--write"]) == 0
     assert stale.read_text() == text
+
+
+def _number(text: str) -> float:
+    scale = {"k": 1e3, "M": 1e6, "G": 1e9}.get(text[-1], 1.0)
+    return float(text.rstrip("kMG")) * scale
+
+
+def test_the_module_walk_through_shows_what_it_claims() -> None:
+    """The README's "What reusing three classes costs" output: each ratio is the module's
+    figure over the model's (as printed, up to their rounding), a latency row is there, and
+    the tuned model's {3,5,8} module is at most half the model's parameters and FLOPs."""
+    text = (ROOT / "README.md").read_text()
+    section = text.split("### What reusing three classes costs", 1)[1].split("\n## ", 1)[0]
+    tables = re.findall(r"module for classes 3, 5, 8\n(.*?)\n└", section, re.S)
+    assert len(tables) == 2, "expected the tuned and the default model's tables"
+    ratios = []
+    for table in tables:
+        rows = {
+            cells[0]: cells[1:]
+            for line in table.splitlines()
+            if (cells := [c.strip() for c in line.strip("│ ").split("│")]) and len(cells) == 4
+        }
+        assert any(name.startswith("CPU ms / image") for name in rows), rows
+        figures = {}
+        for name in ("parameters", "FLOPs / image"):
+            module, full, ratio = rows[name]
+            assert _number(module) / _number(full) == pytest.approx(float(ratio), abs=0.01)
+            figures[name] = float(ratio)
+        ratios.append(figures)
+    tuned = ratios[0]
+    assert tuned["parameters"] <= 0.5 and tuned["FLOPs / image"] <= 0.5, tuned
