@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 # Written after a successful install; rebuilt when pyproject.toml or constraints.txt change.
 STAMP := $(VENV)/.mwt-hub-installed
 
-.PHONY: venv run test lint typecheck format clean
+.PHONY: venv run test lint typecheck format readme clean
 
 venv: $(STAMP)
 
@@ -32,6 +32,9 @@ typecheck: venv
 format: venv
 	$(BIN)/ruff check --fix .
 	$(BIN)/ruff format .
+
+readme: venv  # rewrite README.md's generated tables (tests/scripts/test_readme.py checks them)
+	$(BIN)/python scripts/readme.py --write
 
 clean:
 	rm -rf .pytest_cache .ruff_cache build dist *.egg-info

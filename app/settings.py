@@ -17,6 +17,10 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 MiB = 1024 * 1024
 
 
+# The queue recorded for a job when no broker runs: the in-process executor takes every job
+# in order, so naming a Celery queue (``gpu``) there would tell the user something untrue.
+EMBEDDED_QUEUE = "embedded"
+
 MIN_KEY_LENGTH = 20
 MIN_KEY_DISTINCT = 8
 
@@ -67,7 +71,11 @@ class Settings(BaseSettings):
     result_backend: str | None = Field(
         None, description="Celery result backend; None = results are not stored."
     )
-    train_queue: str = Field("gpu", description="Celery queue for training jobs.")
+    train_queue: str = Field(
+        "gpu",
+        description="Celery queue for training jobs (without a broker jobs report queue "
+        f"`{EMBEDDED_QUEUE}`).",
+    )
     light_queue: str = Field(
         "cpu", description="Celery queue for light jobs (fine-tuning compositions)."
     )
@@ -117,8 +125,8 @@ class Settings(BaseSettings):
     )
 
     # --- API ---------------------------------------------------------------------------
-    api_host: str = "127.0.0.1"
-    api_port: int = Field(8000, ge=0, le=65535)
+    api_host: str = Field("127.0.0.1", description="Address the API binds to.")
+    api_port: int = Field(8000, ge=0, le=65535, description="Port the API listens on.")
     max_upload_mb: int = Field(256, ge=1, description="Largest accepted dataset upload.")
     max_json_kb: int = Field(256, ge=1, description="Largest accepted JSON request body.")
     bootstrap_admin_key: str | None = Field(
@@ -144,7 +152,7 @@ class Settings(BaseSettings):
     predict_cache_size: int = Field(
         8, ge=0, description="Predict: loaded classifiers kept in memory (LRU; 0 = none)."
     )
-    page_size_max: int = Field(500, ge=1)
+    page_size_max: int = Field(500, ge=1, description="Largest `limit` of a list request.")
     max_dataset_mb: int = Field(
         1024,
         ge=1,
@@ -173,7 +181,9 @@ class Settings(BaseSettings):
         description="Lists of jobs, models, compositions and uploaded datasets show a non-admin key "
         "only what it created (default: the registry is shared, every read key sees everything).",
     )
-    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    log_level: Literal["debug", "info", "warning", "error"] = Field(
+        "info", description="Log level: debug, info, warning or error."
+    )
 
     @field_validator("database_url")
     @classmethod
@@ -218,6 +228,12 @@ class Settings(BaseSettings):
     def embedded(self) -> bool:
         """True when jobs run in the project's own executor (no broker)."""
         return self.broker_url is None
+
+    def queue_for(self, kind: Literal["train", "light"]) -> str:
+        """The queue a new job of this kind goes to: the Celery queue, or ``embedded``."""
+        if self.embedded:
+            return EMBEDDED_QUEUE
+        return self.train_queue if kind == "train" else self.light_queue
 
     @property
     def is_sqlite(self) -> bool:

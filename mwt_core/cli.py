@@ -397,16 +397,19 @@ def modularize_cmd(
     tau: Annotated[float, typer.Option(help="Modularization threshold.")] = ModularizeConfig.tau,
     data_dir: DataDirOpt = None,
     device: DeviceOpt = "auto",
-    modules_out: Annotated[Path | None, typer.Option(help="Also write one module per class here.")] = None,
+    modules_out: Annotated[Path | None, typer.Option(help="Write one module per class here (default: re-cut the modules `mwt train` wrote beside the model, if any).")] = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Re-modularize a saved MwT model with another threshold; updates its manifest."""
+    """Re-modularize a saved MwT model with another threshold; updates its manifest and re-cuts
+    its class modules (those beside it, or into --modules-out)."""
     ui = Ui(as_json)
     check_tau(tau)
     model, manifest = _load_model_artifact(model_dir)
     if not model.mask_units():
         raise CliError(f"{model_dir} was trained without MwT (--standard); it has no masks to modularize")
     data = data_for_manifest(manifest, data_dir)
+    # Modules cut at the old threshold would no longer match the manifest: re-cut them too.
+    modules_out = modules_out if modules_out is not None else Layout.modules_beside(model_dir)
     old = (manifest.get("modularization") or {}).get("tau")
     with PipelineView(ui, "") as view:
         r = remodularize(model, manifest, data, model_dir, tau=tau, device=device,
@@ -431,20 +434,24 @@ def modularize_cmd(
         ui.out.print(table)
         ui.out.print(f"coupling {mod.coupling:.4f}; manifest updated ({seconds:.1f} s)")
         if r.modules:
-            ui.out.print(f"{len(r.modules)} class modules written to {modules_out}")
+            ui.out.print(f"{len(r.modules)} class modules re-cut at tau {tau:g} in {modules_out}")
+        else:
+            ui.out.print("no class modules beside the model to re-cut (--modules-out DIR writes them)")
 
     ui.emit(summary, render)
 
 
 def _extract(model: MwTNet, manifest: dict[str, Any], mod: Modularization, data: DatasetBundle,
              classes: list[int], out: Path, ui: Ui, *, finetune_epochs: int = 0,
-             mask_generators: bool = True, device: str = "auto") -> dict[str, Any]:
+             mask_generators: bool = True, device: str = "auto", latency_batch: int = 64
+             ) -> dict[str, Any]:
     if finetune_epochs < 0:
         raise CliError(f"--finetune-epochs must be >= 0, got {finetune_epochs}")
     with PipelineView(ui, "") as view:
         return extract_classes(model, manifest, mod, data, classes, out,
                                finetune_epochs=finetune_epochs, mask_generators=mask_generators,
-                               device=device, created_by=CREATED_BY, progress=view)
+                               device=device, created_by=CREATED_BY, progress=view,
+                               latency_batch=latency_batch)
 
 
 def _extract_table(s: dict[str, Any], title: str) -> Table:
@@ -462,6 +469,9 @@ def _extract_table(s: dict[str, Any], title: str) -> Table:
                       f"{100 * (s['finetuned_acc'] - s['full_model_acc']):+.2f} pp")
     table.add_row("parameters", _num(s["params"]), _num(s["full_params"]), f"{s['params_ratio']:.3f}")
     table.add_row("FLOPs / image", _num(s["flops"]), _num(s["full_flops"]), f"{s['flops_ratio']:.3f}")
+    if s.get("latency_ms") is not None:
+        table.add_row(f"CPU ms / image (batch {s['latency_batch']})", f"{s['latency_ms']:.3f}",
+                      f"{s['full_latency_ms']:.3f}", f"{s['latency_ratio']:.3f}")
     return table
 
 
@@ -473,6 +483,7 @@ def extract_cmd(
     out: Annotated[Path, typer.Option(help="Where to write the module artifact.")],
     finetune_epochs: Annotated[int, typer.Option(help="Fine-tune the module's head this many epochs.")] = 0,
     mask_generators: Annotated[bool, typer.Option("--mask-generators/--no-mask-generators", help="Keep the mask generators (exact masked computation) or drop them (paper's modules).")] = True,
+    latency_batch: Annotated[int, typer.Option(help="Time module and model on the CPU with batches of N images (0: skip).", min=0)] = 64,
     data_dir: DataDirOpt = None,
     device: DeviceOpt = "auto",
     as_json: JsonOpt = False,
@@ -485,7 +496,7 @@ def extract_cmd(
     class_list = parse_classes(classes, names)
     data = data_for_manifest(manifest, data_dir)
     s = _extract(model, manifest, mod, data, class_list, out, ui, finetune_epochs=finetune_epochs,
-                    mask_generators=mask_generators, device=device)
+                 mask_generators=mask_generators, device=device, latency_batch=latency_batch)
 
     def render() -> None:
         ui.out.print(_extract_table(s, f"module for classes {', '.join(s['class_names'])}"))
@@ -888,6 +899,19 @@ def archs_cmd(as_json: JsonOpt = False) -> None:
     ui.emit({"architectures": [dataclasses.asdict(i) for i in infos]}, render)
 
 
+DEMO_DATASET = "digits"
+
+
+def demo_config(*, epochs: int = TrainConfig.epochs, width: float = TrainConfig.width,
+                seed: int = TrainConfig.seed, device: str = "auto") -> TrainConfig:
+    """What ``mwt demo`` trains on :data:`DEMO_DATASET` (the README's defaults table reads it)."""
+    # digits gives 12 steps an epoch (CIFAR: 391): the settings chosen on a held-out fifth of
+    # its training split let the masks specialise in that budget (README, "Defaults and how
+    # they were chosen").
+    return TrainConfig(arch="simcnn", width=width, epochs=epochs, modular=True, seed=seed,
+                       device=device, **SMALL_DATA_SETTINGS)
+
+
 @app.command("demo")
 @command_boundary
 def demo_cmd(
@@ -901,13 +925,9 @@ def demo_cmd(
 ) -> None:
     """MwT in a few minutes: train SimCNN on digits, modularize, reuse the {3,5,8} module."""
     ui = Ui(as_json)
-    # digits gives 12 steps an epoch (CIFAR: 391): the settings chosen on a held-out fifth of
-    # its training split let the masks specialise in that budget (README, "Defaults and how
-    # they were chosen").
-    cfg = TrainConfig(arch="simcnn", width=width, epochs=epochs, modular=True, seed=seed,
-                      device=device, **SMALL_DATA_SETTINGS)
+    cfg = demo_config(epochs=epochs, width=width, seed=seed, device=device)
     ui.note(f"MwT demo: simcnn x{width} on digits, {epochs} epochs -> {out}")
-    r, t = run_training(cfg, "digits", out, ui, tau=tau, restart_on_mismatch=True)
+    r, t = run_training(cfg, DEMO_DATASET, out, ui, tau=tau, restart_on_mismatch=True)
     assert r.modularization is not None and r.manifest is not None
     ex = _extract(r.model, r.manifest, r.modularization, r.data, DEMO_CLASSES,
                   out / "module_3_5_8", ui, device=device)

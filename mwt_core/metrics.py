@@ -51,3 +51,26 @@ def measure_latency(net: nn.Module, input_shape: tuple[int, int, int], batch: in
             times.append(time.perf_counter() - t0)
     net.train(was_training)
     return sorted(times)[len(times) // 2]
+
+
+@torch.no_grad()
+def paired_latency(nets: list[nn.Module], input_shape: tuple[int, int, int], batch: int = 64,
+                   rounds: int = 15, warmup: int = 2) -> list[float]:
+    """Median seconds of one forward pass over a ``batch`` of images for each of ``nets`` on
+    the CPU, measured in rounds that run every net once: a load change on a shared machine
+    hits all of them alike, so their ratio stays meaningful where absolute times do not."""
+    x = torch.randn(batch, *input_shape)
+    states = [n.training for n in nets]
+    for n in nets:
+        n.eval().cpu()
+    times: list[list[float]] = [[] for _ in nets]
+    with torch.inference_mode():
+        for r in range(warmup + rounds):
+            for i, n in enumerate(nets):
+                t0 = time.perf_counter()
+                n(x)
+                if r >= warmup:
+                    times[i].append(time.perf_counter() - t0)
+    for n, was in zip(nets, states, strict=True):
+        n.train(was)
+    return [sorted(t)[len(t) // 2] for t in times]

@@ -16,6 +16,7 @@ Artifact layout written for a ``Layout``::
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import re
@@ -34,10 +35,11 @@ from mwt_core.data.batches import ImageBatches
 from mwt_core.data.datasets import DatasetBundle, DatasetError, InputSpec, load_dataset
 from mwt_core.devices import resolve_device
 from mwt_core.evaluation import class_recall, predictions
-from mwt_core.metrics import count_flops, count_params
+from mwt_core.metrics import count_flops, count_params, paired_latency
 from mwt_core.models import MwTNet, architecture_info
 from mwt_core.modularize import Modularization, modularize
 from mwt_core.reuse import ModuleClassifier, evaluate, extract_module, finetune_head, restrict
+from mwt_core.slimming import channels_last
 from mwt_core.training import (
     CHECKPOINT_NAME,
     Progress,
@@ -317,6 +319,15 @@ class Layout:
         """``mwt train``'s layout: ``out/model``, ``out/modules``, ``out/checkpoint``."""
         return cls(out / "model", out / "modules", out / "checkpoint")
 
+    @staticmethod
+    def modules_beside(model_dir: Path) -> Path | None:
+        """The class modules ``mwt train`` wrote next to ``model_dir`` (``out/modules`` of
+        ``out/model``), or None: the modules a re-modularization must re-cut."""
+        beside = Layout.run_dir(model_dir.parent)
+        if model_dir.name != beside.model_dir.name or beside.modules_dir is None:
+            return None
+        return beside.modules_dir if (beside.modules_dir / "index.json").is_file() else None
+
 
 @dataclass
 class PipelineResult:
@@ -442,11 +453,12 @@ def _ratio(part: float, whole: float) -> float:
 def extract_classes(model: MwTNet, manifest: dict[str, Any], mod: Modularization,
                     data: DatasetBundle, classes: list[int], out: Path, *, finetune_epochs: int = 0,
                     mask_generators: bool = True, device: str = "auto",
-                    created_by: str | None = None, progress: ProgressSink | None = None
-                    ) -> dict[str, Any]:
+                    created_by: str | None = None, progress: ProgressSink | None = None,
+                    latency_batch: int = 64) -> dict[str, Any]:
     """Cut the module of ``classes`` from a saved model (``manifest``), measure it against
-    the full model restricted to the same classes, optionally fine-tune its head, save it
-    to ``out``; returns the figures."""
+    the full model restricted to the same classes (accuracy, size and, unless
+    ``latency_batch`` is 0, CPU latency), optionally fine-tune its head, save it to ``out``;
+    returns the figures."""
     if finetune_epochs < 0:
         raise ValueError(f"finetune_epochs must be >= 0, got {finetune_epochs}")
     run = _Run(progress, None)
@@ -465,6 +477,14 @@ def extract_classes(model: MwTNet, manifest: dict[str, Any], mod: Modularization
     model.cpu()
     params, full_params = count_params(module), count_params(model)
     flops, full_flops = count_flops(module, shape), count_flops(model, shape)
+    latency = full_latency = None
+    if latency_batch > 0:
+        run.emit(PipelineEvent("timing module and model"))
+        # Against the model in channels_last, the layout modules always run in (an NCHW model
+        # is slower on the CPU, which would flatter the module).
+        baseline = channels_last(copy.deepcopy(model))
+        seconds = paired_latency([module, baseline], shape, batch=latency_batch)
+        latency, full_latency = (1e3 * t / latency_batch for t in seconds)
     acc = ft_acc if ft_acc is not None else zero_acc
     metrics = {
         "test_acc": acc, "zero_shot_acc": zero_acc, "finetuned_acc": ft_acc,
@@ -481,6 +501,9 @@ def extract_classes(model: MwTNet, manifest: dict[str, Any], mod: Modularization
         "params": params, "full_params": full_params, "params_ratio": _ratio(params, full_params),
         "flops": flops, "full_flops": full_flops, "flops_ratio": _ratio(flops, full_flops),
         "finetune_epochs": finetune_epochs, "mask_generators": mask_generators,
+        "latency_ms": latency, "full_latency_ms": full_latency, "latency_batch": latency_batch,
+        "latency_ratio": None if latency is None or full_latency is None
+        else _ratio(latency, full_latency),
         "sha256": written["sha256"],
     }
 

@@ -12,7 +12,7 @@ import math
 import os
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -27,34 +27,13 @@ from mwt_core.evaluation import accuracy
 from mwt_core.losses import mask_overlap, mask_similarity_losses, outlier_exposure, quadrant_mix
 from mwt_core.models import MwTNet, create_model
 from mwt_core.models.masking import ConvUnit
+from mwt_core.progress import Progress, progress_record
 
 CHECKPOINT_NAME = "last.pt"
 
 
 class TrainingCancelled(RuntimeError):
     """Raised when ``should_stop`` asked the run to end early."""
-
-
-@dataclass
-class Progress:
-    """A progress report; ``test_acc`` is set on epoch ends."""
-
-    epoch: int
-    epochs: int
-    step: int
-    steps: int
-    loss: float
-    ce: float
-    cohesion: float
-    coupling: float
-    train_acc: float
-    test_acc: float | None
-    kernel_rate: float | None
-    elapsed_s: float
-    eta_s: float
-
-    def to_json(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 @dataclass
@@ -178,7 +157,8 @@ def train(
         scheduler.load_state_dict(state["scheduler"])
         scaler.load_state_dict(state["scaler"])
         _set_rng_state(gen, state["rng"])
-        start_epoch, spent, history = state["epoch"], state["train_seconds"], state["history"]
+        start_epoch, spent = state["epoch"], state["train_seconds"]
+        history = [progress_record(r) for r in state["history"]]
 
     n = len(train_set)
     # A trailing batch of one sample would break batch norm; drop it.
@@ -290,6 +270,6 @@ def _report(cfg: TrainConfig, epoch: int, step: int, steps: int, sums: torch.Ten
     eta = elapsed / done * (cfg.epochs - done) if done > 0 else math.inf
     return Progress(
         epoch=epoch + 1, epochs=cfg.epochs, step=step + 1, steps=steps, loss=loss, ce=ce,
-        cohesion=coh, coupling=coup, train_acc=correct, test_acc=test_acc,
+        cohesion_loss=coh, coupling_loss=coup, train_acc=correct, test_acc=test_acc,
         kernel_rate=rate if cfg.modular else None, elapsed_s=elapsed, eta_s=eta,
     )

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 from sqlalchemy.orm import Session, sessionmaker
 
 from app.dispatch import Dispatcher, NullDispatcher, Requeue
-from app.settings import Settings
+from app.settings import EMBEDDED_QUEUE, Settings
 
 if TYPE_CHECKING:
     from celery import Celery
@@ -53,7 +53,9 @@ class CeleryDispatcher:
     def dispatch(self, job_id: str, queue: str) -> None:
         from worker.celery_app import send_run_job
 
-        send_run_job(self.celery, job_id, queue)
+        # A job queued while the server ran without a broker carries no Celery queue; the
+        # training queue's workers run every kind of job.
+        send_run_job(self.celery, job_id, self.settings.train_queue if queue == EMBEDDED_QUEUE else queue)
 
     def start(self) -> None:
         pass

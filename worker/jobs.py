@@ -307,6 +307,7 @@ def _train(factory: sessionmaker[Session], settings: Settings, job: Job, ctx: Jo
         model_row = s.get(Model, model_id)
         assert model_row is not None
         name, version = model_row.name, model_row.version
+        assert version is not None  # a pending model holds its version
 
     root = settings.artifacts
     ckpt_dir = storage.job_dir(root, job.id) / "checkpoint"

@@ -92,7 +92,8 @@ class JobKind(enum.StrEnum):
 class ModelStatus(enum.StrEnum):
     pending = "pending"  # version reserved, job still running
     ready = "ready"  # artifacts written and their checksums verified
-    failed = "failed"  # the job that would have produced it failed or was cancelled
+    failed = "failed"  # the job that would have produced it failed (its version is given back)
+    cancelled = "cancelled"  # the job was cancelled (its version is given back)
 
 
 class Scope(enum.StrEnum):
@@ -200,7 +201,9 @@ class Model(Base):
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     name: Mapped[str] = mapped_column(String(100))
-    version: Mapped[int]
+    # NULL once a model ends without being made (failed, cancelled): a version number
+    # names a model that exists or is being trained, so the next run takes the number back.
+    version: Mapped[int | None]
     status: Mapped[str] = mapped_column(String(16), default=ModelStatus.pending.value, index=True)
     dataset: Mapped[str] = mapped_column(String(64))
     arch: Mapped[str] = mapped_column(String(32))

@@ -284,7 +284,7 @@ def _start_finetune(
         db,
         kind=JobKind.finetune,
         params=params,
-        queue=settings.light_queue,
+        queue=settings.queue_for("light"),
         max_attempts=settings.max_job_attempts,
         max_starts=settings.max_job_starts,
         dataset=model.dataset,

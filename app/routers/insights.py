@@ -17,6 +17,7 @@ from app.deps import DbDep, SettingsDep
 from app.routers._common import not_found
 from app.schemas.common import PathId
 from app.services import datasets as datasets_svc
+from mwt_core.progress import progress_record
 
 router = APIRouter(tags=["dashboard"])
 MAX_SAMPLES_PER_CLASS = 16
@@ -91,7 +92,7 @@ def model_insights(model_id: PathId, db: DbDep, settings: SettingsDep, _: ReadKe
         "class_names": list(m.class_names),
         "layers": [],
         "layer_kernels": [],
-        "history": list(manifest.get("history") or []),
+        "history": [progress_record(r) for r in manifest.get("history") or []],
         "class_recall": [float(x) for x in recall] if isinstance(recall, list) else None,
     }
     if isinstance(mod, dict):

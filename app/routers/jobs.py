@@ -71,7 +71,7 @@ def submit(
             db,
             kind=JobKind.train,
             params=params,
-            queue=settings.train_queue,
+            queue=settings.queue_for("train"),
             max_attempts=settings.max_job_attempts,
             max_starts=settings.max_job_starts,
             dataset=body.dataset,

@@ -49,7 +49,7 @@ def list_models(
     arch: str | None = None,
     name: str | None = None,
     status_: Annotated[
-        Literal["ready", "pending", "failed", "any"],
+        Literal["ready", "pending", "failed", "cancelled", "any"],
         Query(alias="status", description="default: ready"),
     ] = "ready",
     min_accuracy: Annotated[float | None, Query(ge=0, le=1)] = None,

@@ -85,8 +85,8 @@ class ProgressOut(BaseModel):
     steps: int | None = None
     loss: float | None = None
     ce: float | None = None
-    cohesion: float | None = None
-    coupling: float | None = None
+    cohesion_loss: float | None = Field(None, description="the cohesion loss term (not the model's cohesion metric)")
+    coupling_loss: float | None = Field(None, description="the coupling loss term (not the model's coupling metric)")
     train_acc: float | None = None
     test_acc: float | None = None
     kernel_rate: float | None = None

@@ -12,7 +12,9 @@ from app.schemas.modules import ModuleOut
 class ModelOut(OrmModel):
     id: int
     name: str
-    version: int
+    version: int | None = Field(
+        None, description="null for a model that ended failed or cancelled (its number was given back)"
+    )
     status: str
     dataset: str
     arch: str

@@ -9,7 +9,7 @@
 Every write of a running attempt is fenced on its worker id (``status == running and
 worker == <this attempt>``), so an attempt that was given up on can never overwrite the job's
 new owner; a fenced write that matches no row raises ``JobLost``. A job that ends without
-succeeding takes its pending model with it (``fail_pending_model``).
+succeeding takes its pending model with it (``end_pending_model``).
 Also here: the job as the API shows it (``job_out``).
 """
 
@@ -32,6 +32,7 @@ from app.db.models import Job, JobKind, JobStatus, Model, ModelStatus, utcnow
 from app.schemas.jobs import JobOut, ProgressOut
 from app.settings import Settings
 from mwt_core.config import ModularizeConfig
+from mwt_core.progress import progress_record
 
 log = logging.getLogger(__name__)
 
@@ -58,14 +59,18 @@ def _matched(s: Session, stmt: Update) -> int:
     return cast("CursorResult[Any]", s.execute(stmt)).rowcount
 
 
-def fail_pending_model(s: Session, model_id: int | None) -> None:
-    """The model a job reserved and never finished is failed with it (uncommitted)."""
+def end_pending_model(s: Session, model_id: int | None, job_status: JobStatus | str) -> None:
+    """The model a job reserved and never finished ends with it (uncommitted): ``cancelled``
+    or ``failed``, and its version number is given back for the next run of that name."""
     if model_id is None:
         return
+    cancelled = JobStatus(job_status) == JobStatus.cancelled
     s.execute(
         update(Model)
         .where(Model.id == model_id, Model.status == ModelStatus.pending.value)
-        .values(status=ModelStatus.failed.value)
+        .values(
+            status=(ModelStatus.cancelled if cancelled else ModelStatus.failed).value, version=None
+        )
     )
 
 
@@ -198,7 +203,7 @@ def cancel_job(session: Session, job_id: str) -> Job:
             .values(cancel_requested=True)
         )
     else:
-        fail_pending_model(session, job.model_id)
+        end_pending_model(session, job.model_id, JobStatus.cancelled)
     session.commit()
     session.refresh(job)
     return job
@@ -360,7 +365,7 @@ def finish(
         s.rollback()
         return False
     if status != JobStatus.succeeded:
-        fail_pending_model(s, job.model_id)
+        end_pending_model(s, job.model_id, status)
     s.commit()
     return True
 
@@ -480,7 +485,7 @@ def release_job(
             s.rollback()
             return None
         if action != "requeued":
-            fail_pending_model(s, job.model_id)
+            end_pending_model(s, job.model_id, action)
         s.commit()
         log.warning("job %s %s: %s", job_id, action, reason)
         return action
@@ -513,7 +518,7 @@ def job_out(job: Job, base: str = "/api/v1") -> JobOut:
     progress = None
     eta_s = eta_at = None
     if job.progress:
-        clean = {k: _finite(v) for k, v in job.progress.items()}
+        clean = {k: _finite(v) for k, v in progress_record(job.progress).items()}
         progress = ProgressOut(**clean)
         if job.status == JobStatus.running.value and progress.eta_s is not None:
             eta_s = progress.eta_s

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
+from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
@@ -137,3 +139,24 @@ def test_serve_banner_keeps_the_database_url_whole() -> None:
     lines = console.export_text().splitlines()
     assert any("db.internal.example:5432/mwt_hub_prod" in line for line in lines)
     assert all("secret" not in line for line in lines)
+
+
+def test_a_lost_admin_key_is_replaced_with_mwt_key(
+    client: TestClient, settings: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """README "Lost the admin key": `mwt key --scope admin` with the server's settings makes a
+    working admin key, which then revokes the lost one."""
+    lost = client.headers["Authorization"].removeprefix("Bearer ")
+    monkeypatch.setenv("MWT_DATA_DIR", str(settings.data_dir))
+    monkeypatch.setenv("MWT_DATABASE_URL", settings.database_url)
+    res = CliRunner().invoke(cli, ["key", "--name", "recovery", "--scope", "admin"])
+    assert res.exit_code == 0, res.output
+    found = re.search(r"key (\d+) \(admin\): (mwt_\S+)", res.output)
+    assert found, res.output
+    admin = {"Authorization": f"Bearer {found.group(2)}"}
+    keys = client.get("/api/v1/keys", headers=admin)
+    assert keys.status_code == 200, keys.text
+    (old,) = [k for k in keys.json() if lost.startswith(k["prefix"]) and k["name"] != "recovery"]
+    assert client.delete(f"/api/v1/keys/{old['id']}", headers=admin).status_code == 200
+    gone = client.get("/api/v1/models", headers={"Authorization": f"Bearer {lost}"})
+    assert gone.status_code == 401

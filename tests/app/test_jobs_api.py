@@ -17,7 +17,9 @@ def test_submit_returns_202_with_id_and_location(client: TestClient) -> None:
     job = r.json()
     assert r.headers["location"] == f"/api/v1/jobs/{job['id']}"
     assert job["status"] == "queued" and job["attempts"] == 0 and job["max_attempts"] == 3
-    assert job["params"]["epochs"] == 2 and job["params"]["tau"] == 0.9 and job["queue"] == "gpu"
+    assert job["params"]["epochs"] == 2 and job["params"]["tau"] == 0.9
+    # No broker: the in-process executor runs it, so no Celery queue name is reported.
+    assert job["queue"] == "embedded"
     assert client.get(f"/api/v1/jobs/{job['id']}").json()["id"] == job["id"]
     # The paper's loss and optimiser by default; the extra knobs are stored when given.
     p = job["params"]
@@ -121,8 +123,8 @@ def test_progress_percent_and_eta(client: TestClient, app: FastAPI) -> None:
         "steps": 12,
         "loss": 1.5,
         "ce": 1.0,
-        "cohesion": 0.1,
-        "coupling": 0.2,
+        "cohesion_loss": 0.1,
+        "coupling_loss": 0.2,
         "train_acc": 0.5,
         "test_acc": None,
         "kernel_rate": 0.7,
@@ -142,6 +144,23 @@ def test_progress_percent_and_eta(client: TestClient, app: FastAPI) -> None:
     assert job["eta_s"] == 10.0
     eta_at = dt.datetime.fromisoformat(job["eta_at"])
     assert abs((eta_at - now).total_seconds() - 10.0) < 1
+
+
+def test_progress_names_loss_terms_as_losses(client: TestClient, app: FastAPI) -> None:
+    """Job progress says `cohesion_loss`/`coupling_loss` (the model's `cohesion` is a metric);
+    a row written before the rename, with the old keys, reads back under the new names."""
+    job_id = client.post("/api/v1/jobs", json=TINY).json()["id"]
+    old_row = {"phase": "training", "epoch": 1, "epochs": 2, "loss": 1.0, "cohesion": 0.01,
+               "coupling": 0.9}
+    with app.state.sessionmaker() as s:
+        s.execute(update(Job).where(Job.id == job_id).values(progress=old_row))
+        s.commit()
+    progress = client.get(f"/api/v1/jobs/{job_id}").json()["progress"]
+    assert progress["cohesion_loss"] == 0.01 and progress["coupling_loss"] == 0.9
+    assert "cohesion" not in progress and "coupling" not in progress
+    schema = client.get("/openapi.json").json()["components"]["schemas"]["ProgressOut"]
+    assert {"cohesion_loss", "coupling_loss"} <= set(schema["properties"])
+    assert not {"cohesion", "coupling"} & set(schema["properties"])
 
 
 def _sse(text: str) -> list[tuple[str, str]]:

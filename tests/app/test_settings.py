@@ -55,3 +55,12 @@ def test_get_settings_is_cached_and_apps_use_their_own(settings: Settings) -> No
         assert c.get("/api/v1/modules", params={"limit": 7}).status_code == 200
         r = c.get("/api/v1/modules", params={"limit": 8})
         assert r.status_code == 422 and "at most 7" in r.json()["detail"]
+
+
+def test_jobs_report_the_queue_that_runs_them(tmp_path: Path) -> None:
+    """Without a broker every job runs in the in-process executor: its queue is `embedded`,
+    not the Celery queue names (`gpu`/`cpu`) no worker reads there."""
+    embedded = Settings(data_dir=tmp_path)
+    assert embedded.queue_for("train") == embedded.queue_for("light") == "embedded"
+    celery = Settings(data_dir=tmp_path, broker_url="redis://r:6379/0", light_queue="small")
+    assert celery.queue_for("train") == "gpu" and celery.queue_for("light") == "small"

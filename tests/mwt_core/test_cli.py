@@ -194,6 +194,13 @@ def test_extract_evaluate_module(trained, tmp_path):
         float((ft_pred == y).float().mean()), **_close(len(y)))
     assert s["params"] <= s["full_params"] and s["flops"] <= s["full_flops"]
     assert s["full_params"] == summary["params"]
+    # Latency per image of module and model, measured side by side (no speed is asserted:
+    # the machine is shared); the ratio is of the two figures reported.
+    assert s["latency_batch"] == 64 and s["latency_ms"] > 0 and s["full_latency_ms"] > 0
+    assert s["latency_ratio"] == pytest.approx(s["latency_ms"] / s["full_latency_ms"])
+    skipped = run_json("extract", out / "model", "--classes", "3,5,8", "--out", tmp_path / "q",
+                       "--device", "cpu", "--latency-batch", "0")
+    assert skipped["latency_ms"] is None and skipped["latency_ratio"] is None
     manifest = read_manifest(dst)
     assert manifest["kind"] == "module" and manifest["classes"] == [3, 5, 8]
     assert manifest["metrics"]["krr"] == pytest.approx(s["krr"])
@@ -208,7 +215,7 @@ def test_extract_human_output_without_mask_generators(trained, tmp_path):
     result = run("extract", out / "model", "--classes", "1,0", "--out", tmp_path / "m10",
                  "--no-mask-generators", "--device", "cpu")
     assert result.exit_code == 0, result.output
-    for word in ("KRR", "accuracy", "parameters", "FLOPs"):
+    for word in ("KRR", "accuracy", "parameters", "FLOPs", "CPU ms / image"):
         assert word in result.stdout
     module, manifest = load_artifact(tmp_path / "m10")
     assert manifest["classes"] == [1, 0] and manifest["mask_generators"] is False
@@ -238,6 +245,26 @@ def test_modularize_updates_manifest(model_copy, tmp_path):
     assert after["metrics"]["test_acc"] == before["metrics"]["test_acc"]
     assert len(json.loads((tmp_path / "mods" / "index.json").read_text())) == 10
     assert run("show", model_copy).exit_code == 0
+
+
+def test_modularize_recuts_the_modules_beside_the_model(trained, tmp_path):
+    """`mwt modularize OUT/model` re-cuts OUT/modules at the new tau: every module then comes
+    from the rewritten model (its sha256) with that tau's per-class KRR, none from the old cut."""
+    run_dir = tmp_path / "run"
+    shutil.copytree(trained[0], run_dir, ignore=shutil.ignore_patterns("checkpoint"))
+    old_index = json.loads((run_dir / "modules" / "index.json").read_text())
+    s = run_json("modularize", run_dir / "model", "--tau", "0.5", "--device", "cpu")
+    assert s["modules_dir"] == str(run_dir / "modules")
+    model_sha = read_manifest(run_dir / "model")["sha256"]
+    index = json.loads((run_dir / "modules" / "index.json").read_text())
+    assert [m["krr"] for m in index] == pytest.approx(s["module_krr"])
+    assert [m["krr"] for m in index] != [m["krr"] for m in old_index]  # tau 0.9 -> 0.5 changed them
+    for entry in index:
+        manifest = read_manifest(run_dir / "modules" / entry["dir"])
+        assert manifest["source_model"]["sha256"] == model_sha
+        assert manifest["metrics"]["krr"] == pytest.approx(entry["krr"])
+    human = run("modularize", run_dir / "model", "--tau", "0.6", "--device", "cpu")
+    assert human.exit_code == 0 and "re-cut at tau 0.6" in human.stdout
 
 
 def test_archs_and_datasets():

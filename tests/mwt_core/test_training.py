@@ -24,7 +24,7 @@ def test_modular_training_reports_progress_and_losses(digits32):
     epoch_ends = [r for r in reports if r.test_acc is not None]
     assert [r.epoch for r in epoch_ends] == [1, 2]
     assert all(0 <= r.kernel_rate <= 1 for r in epoch_ends)
-    assert all(r.cohesion > 0 and r.coupling > 0 for r in epoch_ends)
+    assert all(r.cohesion_loss > 0 and r.coupling_loss > 0 for r in epoch_ends)
     assert all(r.loss > r.ce for r in epoch_ends)
     assert epoch_ends[-1].eta_s == pytest.approx(0.0, abs=1e-6)
     assert len(result.history) == 2 and result.train_seconds > 0
@@ -35,7 +35,7 @@ def test_standard_training_has_no_mask_terms(digits32):
     data = _subset(digits32)
     reports = []
     result = train(_small(digits32, modular=False, epochs=1), data, progress=reports.append)
-    assert reports[-1].kernel_rate is None and reports[-1].cohesion == 0.0
+    assert reports[-1].kernel_rate is None and reports[-1].cohesion_loss == 0.0
     assert result.model.mask_units() == []
 
 
@@ -193,4 +193,4 @@ def test_compiled_step_is_one_graph_and_trains_like_the_eager_one(digits32, monk
     compiled = train(_small(digits32, epochs=1, compile=True), data).history[-1]
     assert len(compiled_fns) == 1
     assert compiled["loss"] == pytest.approx(eager["loss"], rel=1e-3)
-    assert compiled["cohesion"] == pytest.approx(eager["cohesion"], rel=1e-3)
+    assert compiled["cohesion_loss"] == pytest.approx(eager["cohesion_loss"], rel=1e-3)

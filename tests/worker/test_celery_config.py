@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 from app.settings import Settings
 from worker.celery_app import TASK_RUN_JOB, make_celery
 
@@ -30,3 +32,20 @@ def test_tasks_are_thin_and_named() -> None:
 
     assert tasks.run_job_task.name == TASK_RUN_JOB
     assert tasks.run_job_task.acks_late and tasks.run_job_task.reject_on_worker_lost
+
+
+def test_a_job_queued_without_a_broker_goes_to_the_training_queue(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Jobs stored as `embedded` (server run without a broker) and re-sent once one is set
+    must reach a queue a worker reads."""
+    from worker.dispatch import CeleryDispatcher
+
+    sent: list[tuple[str, str]] = []
+    monkeypatch.setattr(
+        "worker.celery_app.send_run_job", lambda celery, job_id, queue: sent.append((job_id, queue))
+    )
+    d = CeleryDispatcher(Settings(data_dir=tmp_path, broker_url="redis://example:6379/0"))
+    d.dispatch("a", "embedded")
+    d.dispatch("b", "cpu")
+    assert sent == [("a", "gpu"), ("b", "cpu")]

@@ -5,12 +5,13 @@ from __future__ import annotations
 import datetime as dt
 import threading
 from collections.abc import Callable
+from types import SimpleNamespace
 
 from sqlalchemy import update
 from sqlalchemy.orm import Session, sessionmaker
 
 from app.db.models import Job, JobStatus, Model, ModelStatus
-from app.services.jobs import claim, release_job
+from app.services.jobs import claim, finish, release_job, reserve_model
 from app.settings import Settings
 from worker.jobs import JobContext
 from worker.reaper import reap
@@ -84,7 +85,7 @@ def test_reaper_requeues_then_fails_after_max_attempts(
     assert job.finished_at is not None
 
 
-def test_reaper_honours_cancel_and_marks_pending_model_failed(
+def test_reaper_honours_cancel_and_marks_pending_model_cancelled(
     factory: sessionmaker[Session], settings: Settings, submit_job: Callable[..., str]
 ) -> None:
     job_id = submit_job()
@@ -107,7 +108,42 @@ def test_reaper_honours_cancel_and_marks_pending_model_failed(
     _age_heartbeat(factory, job_id, 60)
     assert reap(factory, settings) == [(job_id, "cancelled")]
     with factory() as s:
-        assert s.get(Model, model_id).status == ModelStatus.failed.value  # type: ignore[union-attr]
+        model = s.get(Model, model_id)
+        assert model is not None
+        assert model.status == ModelStatus.cancelled.value and model.version is None
+
+
+def test_a_run_that_ends_unmade_gives_its_version_back(
+    factory: sessionmaker[Session], submit_job: Callable[..., str]
+) -> None:
+    """A cancelled run's model says `cancelled`, a failed one's `failed`; neither keeps a
+    version number, so the next run of the name takes v1, and v2 only after a real v1."""
+    data = SimpleNamespace(
+        name="digits", num_classes=2, class_names=["a", "b"], spec=SimpleNamespace(to_json=dict)
+    )
+    cfg = {"arch": "simcnn", "width": 0.25, "modular": True, "epochs": 1}
+
+    def start() -> tuple[str, int]:
+        job_id = submit_job()
+        job = claim(factory, job_id, "w")
+        assert job is not None
+        return job_id, reserve_model(factory, job, "w", data, cfg)
+
+    def model(model_id: int) -> Model:
+        with factory() as s:
+            m = s.get(Model, model_id)
+            assert m is not None
+            return m
+
+    for end in (JobStatus.cancelled, JobStatus.failed):
+        job_id, model_id = start()
+        assert model(model_id).version == 1
+        with factory() as s:
+            assert finish(s, job_id, "w", end, error="stopped")
+        assert (model(model_id).status, model(model_id).version) == (end.value, None)
+    _, kept = start()  # still pending: holds its number
+    _, after = start()
+    assert (model(kept).version, model(after).version) == (1, 2)
 
 
 def test_fencing_a_reaped_attempt_loses_the_job(

@@ -171,7 +171,7 @@ async function pageJobs() {
 }
 
 const CURVES = {
-  loss: { title: "Loss and its parts", y: "loss", keys: ["loss", "ce", "cohesion", "coupling"] },
+  loss: { title: "Loss and its parts", y: "loss", keys: ["loss", "ce", "cohesion_loss", "coupling_loss"] },
   acc: { title: "Accuracy", y: "accuracy", keys: ["train_acc", "test_acc"], yMin: 0, yMax: 1 },
   kr: { title: "Kernel rate", y: "kept fraction", keys: ["kernel_rate"], yMin: 0, yMax: 1 },
 };
@@ -187,6 +187,8 @@ function curveBox(records, id) {
   draw();
   return { box, draw };
 }
+// A model that ended failed or cancelled gave its version number back (version null).
+function modelLabel(m) { return m.version == null ? `${m.name} (${m.status})` : `${m.name} v${m.version}`; }
 function historyRecords(history) { return history.map((r) => ({ ...r, x: r.epoch })); }
 
 async function pageJob(id) {
@@ -276,11 +278,11 @@ async function pageModels() {
   const fields = { dataset: h("input", { name: "dataset", placeholder: "any" }), name: h("input", { name: "name", placeholder: "any" }),
     min_accuracy: h("input", { name: "min_accuracy", type: "number", step: "any", min: 0, max: 1, placeholder: "0–1" }),
     max_krr: h("input", { name: "max_krr", type: "number", step: "any", min: 0, max: 1, placeholder: "0–1" }),
-    status: h("select", { name: "status" }, ["ready", "training", "failed", "any"].map((s) => h("option", { value: s }, s))),
+    status: h("select", { name: "status" }, ["ready", "pending", "failed", "cancelled", "any"].map((s) => h("option", { value: s }, s))),
     sort: h("select", { name: "sort" }, ["-created", "-accuracy", "krr", "-version"].map((s) => h("option", { value: s }, s))) };
   const list = filteredList({ resource: "models", fields, empty: "No model matches.", button: "Filter",
     link: (m) => `#/models/${m.id}`, columns: [
-      { label: "Model", get: (m) => h("a", { href: `#/models/${m.id}` }, `${m.name} v${m.version}`) },
+      { label: "Model", get: (m) => h("a", { href: `#/models/${m.id}` }, `${modelLabel(m)}`) },
       { label: "Status", get: (m) => statusBadge(m.status), narrow: false },
       { label: "Dataset", get: (m) => `${m.dataset} / ${m.arch}` },
       { label: "Accuracy", get: (m) => pct(m.accuracy) },
@@ -328,7 +330,7 @@ async function pageModel(id) {
   }
   if (ins) figs.push(...modularityFigures(ins));
   fill(main, 
-    h("h1", {}, `${m.name} v${m.version} `, statusBadge(m.status)), err,
+    h("h1", {}, `${modelLabel(m)} `, statusBadge(m.status)), err,
     h("div", { class: "cards" },
       h("div", { class: "card", id: "model-metrics" }, h("h2", {}, "Metrics"), kv([
         ["test accuracy", pct(m.accuracy)], ["KRR (kernel retention)", pct(m.krr)], ["cohesion", m.cohesion?.toFixed(3)],
@@ -433,13 +435,13 @@ async function pageCompose() {
   const pickerBox = h("div", { id: "picker" });
   const summary = h("p", { class: "muted", id: "pick-summary" });
   const updateSummary = () => {
-    const parts = [...picks.entries()].filter(([, s]) => s.size).map(([mid, s]) => { const m = models.find((x) => x.id === mid); return `${m.name} v${m.version}: ${[...s].map((c) => m.class_names[c]).join(", ")}`; });
+    const parts = [...picks.entries()].filter(([, s]) => s.size).map(([mid, s]) => { const m = models.find((x) => x.id === mid); return `${modelLabel(m)}: ${[...s].map((c) => m.class_names[c]).join(", ")}`; });
     summary.textContent = parts.length ? `Chosen — ${parts.join(" · ")}` : "Pick two or more classes.";
   };
   for (const m of models.slice(0, 12)) {
     picks.set(m.id, new Set());
     pickerBox.append(h("details", { class: "card", open: m === models[0] ? true : null, "data-model": m.id },
-      h("summary", {}, `${m.name} v${m.version} — ${m.dataset}, accuracy ${pct(m.accuracy)}`),
+      h("summary", {}, `${modelLabel(m)} — ${m.dataset}, accuracy ${pct(m.accuracy)}`),
       h("div", { class: "picker" }, m.class_names.map((c, i) => h("label", { class: "check" },
         h("input", { type: "checkbox", value: i, "data-class": c, onchange: (e) => { if (e.target.checked) picks.get(m.id).add(i); else picks.get(m.id).delete(i); updateSummary(); } }), c)))));
   }

@@ -1,0 +1,46 @@
+"""Training progress records: what a run reports, and reading records stored by older versions.
+
+Kept free of torch so the API can read stored progress without importing it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+
+@dataclass
+class Progress:
+    """A progress report; ``test_acc`` is set on epoch ends."""
+
+    epoch: int
+    epochs: int
+    step: int
+    steps: int
+    loss: float
+    ce: float
+    cohesion_loss: float  # loss terms, not the modularization's cohesion/coupling metrics
+    coupling_loss: float
+    train_acc: float
+    test_acc: float | None
+    kernel_rate: float | None
+    elapsed_s: float
+    eta_s: float
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+# Progress records written before the loss terms were renamed (job rows, model manifests'
+# ``history``, checkpoints) used the metric names for them; readers map them forward.
+LEGACY_PROGRESS_KEYS = {"cohesion": "cohesion_loss", "coupling": "coupling_loss"}
+
+
+def progress_record(record: dict[str, Any]) -> dict[str, Any]:
+    """A stored progress/history record with today's key names (old records are renamed)."""
+    out = dict(record)
+    for old, new in LEGACY_PROGRESS_KEYS.items():
+        if old in out:
+            value = out.pop(old)
+            out.setdefault(new, value)
+    return out
