@@ -75,9 +75,9 @@ class TrainConfig:
         for ok, message in checks:
             if not ok:
                 raise ValueError(message)
-        from mwt_core.models import architecture_info  # torch: only when a run is configured
+        from mwt_core.models import check_architecture  # torch: only when a run is configured
 
-        architecture_info(self.arch)  # unknown names fail here, before any work
+        check_architecture(self.arch, self.width)  # unknown names, bad widths fail here
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
