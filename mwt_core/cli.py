@@ -846,10 +846,16 @@ def archs_cmd(as_json: JsonOpt = False) -> None:
 
     def render() -> None:
         table = Table(title="architectures", title_justify="left")
-        for col in ("name", "min input", "description"):
+        for col in ("name", "min input", "width", "description"):
             table.add_column(col)
         for i in infos:
-            table.add_row(i.name, f"{i.min_input_size}x{i.min_input_size}", i.description)
+            about = i.description
+            if i.features:
+                about += f" [{', '.join(i.features)}]"
+            if i.unsupported:
+                about = f"not trainable: {i.unsupported}"
+            width = "any" if i.width_multiplier else "1 only"
+            table.add_row(i.name, f"{i.min_input_size}x{i.min_input_size}", width, about)
         ui.out.print(table)
 
     ui.emit({"architectures": [dataclasses.asdict(i) for i in infos]}, render)

@@ -115,7 +115,7 @@ class LayerGraph:
 
 
 def _example_input(model: nn.Module) -> torch.Tensor:
-    cfg = model.config  # type: ignore[union-attr]
+    cfg: dict[str, Any] = getattr(model, "config")  # noqa: B009  (set on MwTNets, not nn.Module)
     param = next(model.parameters())
     return torch.zeros(2, cfg["in_channels"], cfg["input_size"], cfg["input_size"], device=param.device)
 

@@ -51,15 +51,17 @@ def submit(
     principal: WriteKey,
     idempotency_key: IdempotencyKey = None,
 ) -> JobOut:
-    from mwt_core.models import UnknownArchitecture, architecture_info, list_architectures
+    from mwt_core.models import UnknownArchitecture, check_architecture, list_architectures
 
     try:
-        arch = architecture_info(body.arch).name
+        arch = check_architecture(body.arch, body.width).name
     except UnknownArchitecture:
         raise HTTPException(
             status.HTTP_422_UNPROCESSABLE_CONTENT,
             f"unknown architecture {body.arch!r}; choose one of {', '.join(list_architectures())}",
         ) from None
+    except ValueError as exc:  # a fixed-width or refused architecture
+        raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, str(exc)) from None
     try:
         datasets_svc.resolve(db, settings, body.dataset)
     except (datasets_svc.DatasetNotFound, datasets_svc.DatasetUnavailable) as exc:

@@ -60,7 +60,8 @@ def _is_global_pool(node: fx.Node, gm: fx.GraphModule) -> bool:
         return one(size)
     if node.op == "call_method" and node.target == "mean":
         dims = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
-        return tuple(dims or ()) in ((2, 3), (-2, -1)) and bool(node.kwargs.get("keepdim", False))
+        return (isinstance(dims, (list, tuple)) and tuple(dims) in ((2, 3), (-2, -1))
+                and bool(node.kwargs.get("keepdim", False)))
     return False
 
 
@@ -151,7 +152,9 @@ def convert(
     try:
         analyse(model)
     except SlimmingError as exc:
-        raise ConversionError(f"{type(net).__name__}: {exc}") from exc
+        # Layer paths as the user's network names them, not under the wrapper's ``net.``.
+        message = str(exc).replace("at layer net.", "at layer ")
+        raise ConversionError(f"{type(net).__name__}: {message}") from exc
     except RuntimeError as exc:  # the shape pass ran the network on an input_size image
         raise ConversionError(
             f"{type(net).__name__} does not run on {in_channels}x{input_size}x{input_size} inputs: {exc}"
