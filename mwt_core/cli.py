@@ -375,13 +375,15 @@ def train_cmd(
     tau: Annotated[float, typer.Option(help="Modularization threshold (MwT runs).")] = ModularizeConfig.tau,
     resume: Annotated[bool, typer.Option("--resume/--no-resume", help="Continue from OUT/checkpoint if present.")] = True,
     train_limit: Annotated[int | None, typer.Option(help="Use only the first N training images (smoke tests).")] = None,
+    init_from: Annotated[str | None, typer.Option(help="Start from this safetensors state dict (fresh mask generators).")] = _T.init_from,
     as_json: JsonOpt = False,
 ) -> None:
     """Train a model; MwT runs are then modularized and cut into one module per class."""
     ui = Ui(as_json)
     cfg = TrainConfig(arch=arch, width=width, epochs=epochs, batch_size=batch_size, lr=lr,
                       mask_lr=mask_lr, weight_decay=weight_decay, alpha=alpha, beta=beta,
-                      gamma=gamma, modular=modular, seed=seed, device=device, amp=amp, augment=augment)
+                      gamma=gamma, modular=modular, seed=seed, device=device, amp=amp, augment=augment,
+                      init_from=init_from)
     if out is None:
         stem = Path(dataset).stem if dataset.lower().endswith(".npz") else dataset
         out = Path("runs") / f"{cfg.arch}-{class_dirnames([stem])[0]}-{'mwt' if modular else 'std'}"
