@@ -86,3 +86,16 @@ def test_compose_bench_tiny():
     # (--budget epochs would give 1 everywhere; pairs' 5 is capped by --max-epochs 3)
     assert set(epochs["pairs"]) == {3} and all(1 < e <= 3 for e in epochs["halves"])
     assert len(r["compose_wall_s"]) == 1 and r["compose_cpu_p50_s"] > 0
+
+
+def test_archs_bench_tiny():
+    r = _last_json_line("archs.py", "--archs", "tv_mobilenet_v3_small,tv_regnet_y_400mf", "--epochs", "1",
+                        "--train-limit", "64", "--batch", "8", "--steps", "1", "--device", "cpu")
+    assert set(r["archs"]) == {"tv_mobilenet_v3_small", "tv_regnet_y_400mf"}
+    for a in r["archs"].values():
+        assert a["slim_max_diff"] < 1e-5 and a["static_max_diff"] < 1e-5
+        assert a["params"] > a["plain_params"] > 0 and a["flops"] > a["plain_flops"] > 0
+        assert a["convert_s"] > 0 and a["step_s"] > 0 and a["masked_units"] > 0
+        assert 0 <= a["mwt_acc"] <= 1 and 0 < a["krr"] <= 1
+        for key in ("module1", "module3"):
+            assert 0 < a[f"{key}_flops_ratio"] <= 1 + 1e-9 and a[f"{key}_latency_ratio"] > 0
