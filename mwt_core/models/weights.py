@@ -43,32 +43,46 @@ def read_weights(path: str | Path, max_bytes: int = LIMITS.init_weights_bytes) -
         raise WeightsError(f"{p} is not a safetensors state dict: {exc}") from exc
 
 
-def load_weights(model: MwTNet, state: dict[str, torch.Tensor]) -> int:
-    """Copy ``state`` into ``model``'s network weights; returns how many tensors were loaded.
+def read_shapes(path: str | Path, max_bytes: int = LIMITS.init_weights_bytes) -> dict[str, tuple[int, ...]]:
+    """Names and shapes of a safetensors file's tensors, from its header (no tensor is read)."""
+    p = Path(path)
+    if not p.is_file():
+        raise WeightsError(f"no weights file at {p}")
+    if p.stat().st_size > max_bytes:
+        raise WeightsError(f"{p} has {p.stat().st_size} bytes, more than the {max_bytes} allowed")
+    try:
+        with safe_open(str(p), framework="pt") as f:
+            return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}  # noqa: SIM118
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise WeightsError(f"{p} is not a safetensors state dict: {exc}") from exc
 
-    Every network tensor must be given with the architecture's shape (the first name that
-    is unknown, mismatched or missing is reported); mask generators in ``state`` (a model
-    trained with MwT before) are ignored, so the run starts with fresh ones.
+
+def match_weights(model: MwTNet, shapes: dict[str, tuple[int, ...]]) -> dict[str, str]:
+    """Which of ``model``'s tensors each given name fills (mask generators left out).
+
+    Every network tensor must be given with the architecture's shape; the first name that
+    is unknown, mismatched or missing raises :class:`WeightsError` saying so.
     """
-    arch = model.config.get("arch", type(model).__name__) if hasattr(model, "config") else "the model"
+    arch = getattr(model, "config", {}).get("arch", type(model).__name__)
     target = model.state_dict()
-    mapped: dict[str, torch.Tensor] = {}
-    for key, tensor in state.items():
+    mapped: dict[str, str] = {}
+    for key, shape in shapes.items():
         name = key
         if key not in target and isinstance(model, ConvertedNet):
             name = model.converted_key(key)
         if _fresh(name):
-            continue
+            continue  # a model trained with MwT before: its generators start fresh
         if name not in target:
             raise WeightsError(f"tensor {key!r} is not a weight of {arch}")
         expected = tuple(target[name].shape)
-        if tuple(tensor.shape) != expected:
+        if tuple(shape) != expected:
             raise WeightsError(
-                f"tensor {key!r} has shape {list(tensor.shape)}, {arch} expects {list(expected)} "
+                f"tensor {key!r} has shape {list(shape)}, {arch} expects {list(expected)} "
                 "(check num_classes and the input channels)"
             )
-        mapped[name] = tensor
-    missing = [k for k in target if not _fresh(k) and k not in mapped
+        mapped[key] = name
+    given = set(mapped.values())
+    missing = [k for k in target if not _fresh(k) and k not in given
                and not k.endswith("num_batches_tracked")]
     if missing:
         raise WeightsError(
@@ -76,7 +90,14 @@ def load_weights(model: MwTNet, state: dict[str, torch.Tensor]) -> int:
             + (f" and {len(missing) - 1} more tensors" if len(missing) > 1 else "")
             + f" of {arch}"
         )
-    model.load_state_dict(mapped, strict=False)
+    return mapped
+
+
+def load_weights(model: MwTNet, state: dict[str, torch.Tensor]) -> int:
+    """Copy ``state`` into ``model``'s network weights (checked by :func:`match_weights`);
+    the mask generators keep their fresh initialisation. Returns how many tensors were loaded."""
+    mapped = match_weights(model, {k: tuple(v.shape) for k, v in state.items()})
+    model.load_state_dict({name: state[key] for key, name in mapped.items()}, strict=False)
     return len(mapped)
 
 
