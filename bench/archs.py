@@ -50,13 +50,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
     )
-    p.add_argument("--archs", default="", help="comma-separated names (default: every trainable tv_*)")
+    p.add_argument("--archs", default="", help="comma-separated names (default: every trainable tv_*; none: skip)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--steps", type=int, default=3, help="timed training steps (after one warm-up)")
     p.add_argument("--epochs", type=int, default=0, help="MwT epochs on digits (0: none)")
     p.add_argument("--train-limit", type=int, default=512)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--init-study", type=int, default=0, metavar="EPOCHS",
+                   help="also: tv_resnet18 on digits, standard training for EPOCHS, then MwT from "
+                        "those weights for EPOCHS/4 vs MwT from scratch for the same total epochs")
     return p.parse_args(argv)
 
 
@@ -127,8 +130,43 @@ def _trained(arch: str, data: Any, args: argparse.Namespace, shape: tuple[int, i
     return out
 
 
+def _init_study(args: argparse.Namespace) -> dict[str, Any]:
+    """Standard training, then MwT from its weights vs MwT from scratch at equal total epochs."""
+    import tempfile
+    from pathlib import Path
+
+    from safetensors.torch import save_file
+
+    from mwt_core.modularize import modularize
+    from mwt_core.training import train
+
+    arch = "tv_resnet18"
+    data = load_dataset("digits", min_input_size=architecture_info(arch).min_input_size)
+    data = replace(data, train_x=data.train_x[:args.train_limit], train_y=data.train_y[:args.train_limit])
+    std_epochs, init_epochs = args.init_study, max(1, args.init_study // 4)
+    base = {"arch": arch, "width": 1, "batch_size": args.batch, "device": args.device, "seed": args.seed}
+    out: dict[str, Any] = {"std_epochs": std_epochs, "init_epochs": init_epochs,
+                           "scratch_epochs": std_epochs + init_epochs}
+    t0 = time.perf_counter()
+    std = train(TrainConfig(**base, epochs=std_epochs, modular=False), data)
+    out.update(std_acc=std.test_acc, std_s=time.perf_counter() - t0)
+    with tempfile.TemporaryDirectory() as tmp:
+        weights = Path(tmp) / "std.safetensors"
+        save_file({k: v.detach().cpu().contiguous() for k, v in std.model.state_dict().items()}, str(weights))
+        runs = {"init": TrainConfig(**base, epochs=init_epochs, init_from=str(weights)),
+                "scratch": TrainConfig(**base, epochs=std_epochs + init_epochs)}
+        for key, cfg in runs.items():
+            t0 = time.perf_counter()
+            result = train(cfg, data)
+            seconds = time.perf_counter() - t0
+            mod = modularize(result.model, data, device=args.device)
+            out.update({f"{key}_acc": result.test_acc, f"{key}_krr": mod.model_krr,
+                        f"{key}_coupling": mod.coupling, f"{key}_s": seconds})
+    return out
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    names = _catalogue(args.archs)
+    names = _catalogue(args.archs) if args.archs != "none" else []
     dev = resolve_device(args.device)
     results: dict[str, Any] = {}
     for arch in names:
@@ -163,11 +201,29 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         if args.epochs > 0:
             r.update(_trained(arch, data, args, shape))
         results[arch] = r
-    return {"device": str(dev), "batch": args.batch, "epochs": args.epochs,
-            "train_limit": args.train_limit, "archs": results}
+    out = {"device": str(dev), "batch": args.batch, "epochs": args.epochs,
+           "train_limit": args.train_limit, "archs": results}
+    if args.init_study > 0:
+        out["init_study"] = _init_study(args)
+    return out
 
 
 def render(r: dict[str, Any], console: Console) -> None:
+    if r["archs"]:
+        _render_archs(r, console)
+    if "init_study" in r:
+        s = r["init_study"]
+        t = Table(title="tv_resnet18 on digits: MwT from standard weights vs from scratch", title_justify="left")
+        for c in ("run", "epochs", "acc", "KRR", "coupling", "seconds"):
+            t.add_column(c)
+        t.add_row("standard", str(s["std_epochs"]), f"{s['std_acc']:.4f}", "", "", f"{s['std_s']:.0f}")
+        for key, label in (("init", "MwT from its weights"), ("scratch", "MwT from scratch")):
+            t.add_row(label, str(s[f"{key}_epochs"]), f"{s[f'{key}_acc']:.4f}", f"{s[f'{key}_krr']:.3f}",
+                      f"{s[f'{key}_coupling']:.3f}", f"{s[f'{key}_s']:.0f}")
+        console.print(t)
+
+
+def _render_archs(r: dict[str, Any], console: Console) -> None:
     t = Table(title=f"conversion on {r['device']} (32x32 digits, step at batch {r['batch']})",
               title_justify="left")
     for c in ("arch", "units", "params plain/MwT", "MFLOPs plain/MwT", "convert s", "slim diff",

@@ -99,3 +99,14 @@ def test_archs_bench_tiny():
         assert 0 <= a["mwt_acc"] <= 1 and 0 < a["krr"] <= 1
         for key in ("module1", "module3"):
             assert 0 < a[f"{key}_flops_ratio"] <= 1 + 1e-9 and a[f"{key}_latency_ratio"] > 0
+
+
+def test_archs_bench_init_study_tiny():
+    r = _last_json_line("archs.py", "--archs", "none", "--init-study", "1", "--train-limit", "32",
+                        "--batch", "16", "--device", "cpu")
+    s = r["init_study"]
+    assert r["archs"] == {} and s["scratch_epochs"] == s["std_epochs"] + s["init_epochs"]
+    for key in ("std", "init", "scratch"):
+        assert 0 <= s[f"{key}_acc"] <= 1 and s[f"{key}_s"] > 0
+    for key in ("init", "scratch"):
+        assert 0 < s[f"{key}_krr"] <= 1 and 0 <= s[f"{key}_coupling"] <= 1
