@@ -34,12 +34,15 @@ def check_for_job(
     """Raise ``ValueError`` (naming the first bad tensor) unless ``name``'s weights fit the job."""
     from mwt_core.data.datasets import model_input_shape
     from mwt_core.models import architecture_info, create_model
-    from mwt_core.models.weights import match_weights, read_shapes
+    from mwt_core.models.weights import WeightsError, match_weights, read_shapes
 
     path = weights_path(settings, name)
     if not path.is_file():
         raise WeightsNotFound(f"no weights uploaded as {name!r}; PUT them to /api/v1/weights/{name}")
-    shapes = read_shapes(path)
+    try:
+        shapes = read_shapes(path)
+    except WeightsError:  # checked at upload: the stored file changed; say so without its path
+        raise WeightsError(f"the weights stored as {name!r} are unreadable; upload them again") from None
     channels, size = model_input_shape(channels, input_size, architecture_info(arch).min_input_size)
     model = create_model(arch, num_classes, in_channels=channels, input_size=size, width=width,
                          masked=modular)
