@@ -12,6 +12,7 @@ from pydantic import BaseModel
 
 from app.auth import WriteKey
 from app.deps import SettingsDep
+from app.schemas.common import error_responses
 from app.services import weights as svc
 from mwt_core.limits import LIMITS
 
@@ -29,6 +30,9 @@ class WeightsOut(BaseModel):
     "/{name}", response_model=WeightsOut, status_code=status.HTTP_201_CREATED,
     summary="Upload a safetensors state dict (raw body) that jobs can start from (init_from)",
     max_body_size=LIMITS.init_weights_bytes,
+    responses=error_responses(409, 413, 422),
+    openapi_extra={"requestBody": {"required": True, "content": {
+        "application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}}},
 )
 async def upload_weights(name: str, request: Request, settings: SettingsDep, _: WriteKey) -> WeightsOut:
     from mwt_core.models.weights import WeightsError, read_shapes
