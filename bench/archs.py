@@ -34,7 +34,7 @@ from _main import bench_main
 from rich.console import Console
 from rich.table import Table
 
-from mwt_core.config import TrainConfig
+from mwt_core.config import SMALL_DATA_SETTINGS, TrainConfig
 from mwt_core.data.datasets import load_dataset
 from mwt_core.devices import resolve_device
 from mwt_core.metrics import count_flops, count_params, measure_latency
@@ -60,6 +60,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--init-study", type=int, default=0, metavar="EPOCHS",
                    help="also: tv_resnet18 on digits, standard training for EPOCHS, then MwT from "
                         "those weights for EPOCHS/4 vs MwT from scratch for the same total epochs")
+    p.add_argument("--init-lr", type=float, default=TrainConfig.lr,
+                   help="network learning rate of the MwT run that starts from the weights")
+    p.add_argument("--small-data-settings", action="store_true",
+                   help="both MwT runs use SMALL_DATA_SETTINGS (mask lr, loss weights) instead of the paper's")
     return p.parse_args(argv)
 
 
@@ -145,16 +149,19 @@ def _init_study(args: argparse.Namespace) -> dict[str, Any]:
     data = replace(data, train_x=data.train_x[:args.train_limit], train_y=data.train_y[:args.train_limit])
     std_epochs, init_epochs = args.init_study, max(1, args.init_study // 4)
     base = {"arch": arch, "width": 1, "batch_size": args.batch, "device": args.device, "seed": args.seed}
+    loss = SMALL_DATA_SETTINGS if args.small_data_settings else {}
     out: dict[str, Any] = {"std_epochs": std_epochs, "init_epochs": init_epochs,
-                           "scratch_epochs": std_epochs + init_epochs}
+                           "scratch_epochs": std_epochs + init_epochs, "init_lr": args.init_lr,
+                           "settings": "small-data" if args.small_data_settings else "paper"}
     t0 = time.perf_counter()
     std = train(TrainConfig(**base, epochs=std_epochs, modular=False), data)
     out.update(std_acc=std.test_acc, std_s=time.perf_counter() - t0)
     with tempfile.TemporaryDirectory() as tmp:
         weights = Path(tmp) / "std.safetensors"
         save_file({k: v.detach().cpu().contiguous() for k, v in std.model.state_dict().items()}, str(weights))
-        runs = {"init": TrainConfig(**base, epochs=init_epochs, init_from=str(weights)),
-                "scratch": TrainConfig(**base, epochs=std_epochs + init_epochs)}
+        runs = {"init": TrainConfig(**base, **loss, epochs=init_epochs, lr=args.init_lr,
+                                    init_from=str(weights)),
+                "scratch": TrainConfig(**base, **loss, epochs=std_epochs + init_epochs)}
         for key, cfg in runs.items():
             t0 = time.perf_counter()
             result = train(cfg, data)
@@ -213,7 +220,8 @@ def render(r: dict[str, Any], console: Console) -> None:
         _render_archs(r, console)
     if "init_study" in r:
         s = r["init_study"]
-        t = Table(title="tv_resnet18 on digits: MwT from standard weights vs from scratch", title_justify="left")
+        t = Table(title=f"tv_resnet18 on digits: MwT from standard weights (lr {s['init_lr']:g}) vs from "
+                        f"scratch, {s['settings']} loss settings", title_justify="left")
         for c in ("run", "epochs", "acc", "KRR", "coupling", "seconds"):
             t.add_column(c)
         t.add_row("standard", str(s["std_epochs"]), f"{s['std_acc']:.4f}", "", "", f"{s['std_s']:.0f}")
