@@ -11,7 +11,7 @@ import hashlib
 import secrets
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from typing import Annotated, Any
 
@@ -144,6 +144,11 @@ class KeyCache:
         with self._lock:
             self._items.clear()
 
+    def touch_due(self, key_id: int) -> bool:
+        """Whether the key's ``last_used_at`` is due an update (read-only: see should_touch)."""
+        last = self._last_used.get(key_id)
+        return last is None or time.monotonic() - last >= LAST_USED_RESOLUTION.total_seconds()
+
     def should_touch(self, key_id: int) -> bool:
         now = time.monotonic()
         with self._lock:
@@ -162,6 +167,32 @@ def _token_from(request: Request) -> str | None:
             return value.strip()
     key = request.headers.get("x-api-key")
     return key.strip() if key else None
+
+
+def cached_principal(request: Request) -> Principal | None:
+    """The caller's principal when it needs no database (verified by the middleware, or a
+    cached key whose last-use stamp is not due); ``None`` sends the caller to ``authenticate``.
+
+    Hot read paths thus verify a key without a worker-thread hop or a query."""
+    known = getattr(request.state, "principal", None)
+    if isinstance(known, Principal):
+        return known
+    token = _token_from(request)
+    if not token:
+        return None
+    cache: KeyCache = request.app.state.key_cache
+    principal = cache.get(hash_token(token))
+    if principal is None or cache.touch_due(principal.key_id):
+        return None
+    return principal
+
+
+async def current_principal(request: Request) -> Principal:
+    """``authenticate`` as an async dependency: the cached path runs on the event loop."""
+    principal = cached_principal(request)
+    if principal is None:
+        principal = await anyio.to_thread.run_sync(authenticate, request)
+    return principal
 
 
 def authenticate(request: Request) -> Principal:
@@ -201,11 +232,11 @@ def authenticate(request: Request) -> Principal:
     return principal
 
 
-def require(scope: Scope | str) -> Callable[..., Principal]:
+def require(scope: Scope | str) -> Callable[..., Awaitable[Principal]]:
     """Dependency factory: the caller's key must hold ``scope`` (or a scope implying it)."""
     needed = Scope(scope).value
 
-    def dependency(principal: Annotated[Principal, Depends(authenticate)]) -> Principal:
+    async def dependency(principal: Annotated[Principal, Depends(current_principal)]) -> Principal:
         if not principal.has(needed):
             raise HTTPException(
                 status.HTTP_403_FORBIDDEN,
@@ -269,7 +300,7 @@ class KeyFirstMiddleware:
             return
         request = Request(scope)
         try:
-            principal = await anyio.to_thread.run_sync(authenticate, request)
+            principal = await current_principal(request)
         except HTTPException as exc:
             response: Response = JSONResponse(
                 {"detail": exc.detail}, status_code=exc.status_code, headers=exc.headers

@@ -237,6 +237,21 @@ class MwtClient:
             body["combine"] = combine
         return self._json("POST", "/api/v1/compositions", json=body)
 
+    def compose_modules(
+        self,
+        module_ids: list[int],
+        calibration_per_class: int | None = None,
+        combine: str | None = None,
+    ) -> dict[str, Any]:
+        """Compose stored per-class modules (ids, in output order) as the parts of one
+        classifier; ``mwt_core.module_parts.compose_modules`` rebuilds it from their downloads."""
+        body: dict[str, Any] = {"modules": list(module_ids)}
+        if calibration_per_class is not None:
+            body["calibration_per_class"] = calibration_per_class
+        if combine is not None:
+            body["combine"] = combine
+        return self._json("POST", "/api/v1/compositions", json=body)
+
     def composition(self, composition_id: int) -> dict[str, Any]:
         return self._json("GET", f"/api/v1/compositions/{composition_id}")
 

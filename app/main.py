@@ -277,7 +277,6 @@ def create_app(settings: Settings | None = None, *, run_executor: bool | None = 
     from app.routers.jobs import StreamSlots
 
     app.state.stream_slots = StreamSlots(settings.sse_max_streams, settings.sse_max_streams_per_key)
-    app.dependency_overrides[get_settings] = lambda: settings
 
     from app.routers import (
         compositions,

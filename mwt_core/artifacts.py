@@ -108,6 +108,17 @@ def _build_module(model: MwTNet, config: dict[str, Any]) -> ModuleClassifier:
     return ModuleClassifier(net, classes, config.get("krr"), restricted=True)
 
 
+def source_kernels(config: dict[str, Any]) -> int:
+    """How many maskable kernels the model a module was cut from has (its KRR's denominator),
+    from the module's config; built on the meta device, so no weights are allocated."""
+    try:
+        with torch.device("meta"):
+            model = create_model(**{k: config[k] for k in _BASE_KEYS})
+    except (KeyError, TypeError, UnknownArchitecture) as exc:
+        raise ArtifactError(f"manifest config is incomplete or invalid: {exc}") from exc
+    return sum(model.kernel_counts())
+
+
 # What save_artifact computes itself; the rest of a manifest is the caller's.
 GENERATED_KEYS = ("format_version", "kind", "config", "weights_file", "sha256", "size_bytes", "params")
 

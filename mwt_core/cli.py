@@ -500,7 +500,9 @@ def extract_cmd(
 @command_boundary
 def compose_cmd(
     sources: Annotated[list[str], typer.Argument(
-        help="MODEL_DIR:CLASSES per source model, e.g. runs/a:3,5 runs/b:cat,dog (same input shape).")],
+        help="MODEL_DIR:CLASSES per source model (e.g. runs/a:3,5 runs/b:cat,dog), or module "
+             "directories as `mwt download` unpacks the registry's per-class modules (one part "
+             "each); same input shape, in output order.")],
     out: Annotated[Path, typer.Option(help="Where to write the composed classifier artifact.")],
     calibration_per_class: Annotated[int, typer.Option(
         "--calibrate", help="Labelled training images per class for the labelled combine methods "
@@ -513,28 +515,54 @@ def compose_cmd(
     device: DeviceOpt = "auto",
     as_json: JsonOpt = False,
 ) -> None:
-    """Compose classes of one or several modularized models into one classifier; measure and save it."""
+    """Compose classes of modularized models, or downloaded module artifacts, into one
+    classifier; measure and save it. Module artifacts give the registry's composition of the
+    same modules (POST /compositions with `modules`) to 1e-5."""
     from mwt_core.compose import (
         CompositionError,
+        Part,
         Source,
-        compose_and_measure,
         composition_manifest,
         distinct_labels,
+        measure_parts,
+        source_part,
     )
     from mwt_core.export import export_torchscript
+    from mwt_core.module_parts import is_module_dir, load_module_parts, module_tag
 
     if calibration_per_class < 0:
         raise CliError(f"--calibrate must be >= 0, got {calibration_per_class}")
     if combine not in METHODS:
         raise CliError(f"unknown --combine {combine!r}; choose one of {', '.join(METHODS)}")
     ui = Ui(as_json)
-    picked: list[Source] = []
+    parts: list[Part] = []
     datas: list[DatasetBundle] = []
     described: list[dict[str, Any]] = []
+    tags: list[str] = []
+    loaded_data: dict[tuple[str, str], DatasetBundle] = {}
     for text in sources:
+        if is_module_dir(text):
+            with ui.status(f"loading {text}"):
+                try:
+                    mparts, mdata, (manifest,) = load_module_parts([text], data_dir, loaded_data)
+                except CompositionError as exc:
+                    raise CliError(f"{text}: {exc}") from None
+            if any(d.get("module_sha256") == manifest.get("sha256") for d in described):
+                raise CliError(f"{text}: the same module is given twice")
+            parts += mparts
+            datas += mdata
+            tags.append(module_tag(manifest))
+            registry = manifest.get("registry") or {}
+            described.append({"module_dir": text, "module_sha256": manifest.get("sha256"),
+                              "sha256": (manifest.get("source_model") or {}).get("sha256"),
+                              "model_id": registry.get("model_id"),
+                              "dataset": manifest.get("dataset"), "classes": mparts[0].classes,
+                              "class_names": mparts[0].class_names})
+            continue
         model_text, sep, class_text = text.rpartition(":")
         if not sep or not model_text:
-            raise CliError(f"bad source {text!r}: write MODEL_DIR:CLASSES, e.g. runs/a:3,5")
+            raise CliError(f"bad source {text!r}: write MODEL_DIR:CLASSES (e.g. runs/a:3,5) or "
+                           "give a module directory")
         model_dir = Path(model_text)
         with ui.status(f"loading {model_dir}"):
             model, manifest = _load_model_artifact(model_dir)
@@ -542,37 +570,38 @@ def compose_cmd(
             data = data_for_manifest(manifest, data_dir)
         names = list(manifest.get("class_names") or [str(i) for i in range(mod.num_classes)])
         classes = parse_classes(class_text, names)
-        picked.append(Source(model, mod, classes, data.spec, names))
+        parts.append(source_part(Source(model, mod, classes, data.spec, names)))
         datas.append(data)
+        tags.append(str(len(tags)))
         described.append({"model_dir": str(model_dir), "sha256": manifest.get("sha256"),
                           "dataset": manifest.get("dataset"), "classes": classes,
                           "class_names": [names[c] for c in classes]})
-    labels = distinct_labels([(str(i), d["class_names"]) for i, d in enumerate(described)])
+    labels = distinct_labels([(t, d["class_names"]) for t, d in zip(tags, described, strict=True)])
     with ui.status("composing, fitting and evaluating"):
         try:
-            composed, metrics = compose_and_measure(picked, datas, calibration_per_class, labels,
-                                                    device=device, combine=combine)
+            composed, metrics = measure_parts(parts, datas, calibration_per_class, labels,
+                                              device=device, combine=combine)
         except CompositionError as exc:
             raise CliError(str(exc)) from None
     for d, m in zip(described, metrics["sources"], strict=True):
         d.update(krr=m["krr"], zero_training_accuracy=m["zero_training_accuracy"])
     metrics["sources"] = described
     written = save_artifact(out, composed, composition_manifest(
-        picked[0].spec, labels, described, metrics, created_by="mwt compose"))
+        parts[0].spec, labels, described, metrics, created_by="mwt compose"))
     if torchscript is not None:
         export_torchscript(composed, written, torchscript)
     summary = {**metrics, "out": str(out), "class_names": labels, "sha256": written["sha256"],
                "torchscript": str(torchscript) if torchscript else None}
 
     def render() -> None:
-        table = Table(title=f"composition of {len(picked)} model(s): {', '.join(labels)}",
+        table = Table(title=f"composition of {len(parts)} part(s): {', '.join(labels)}",
                       title_justify="left")
         for col in ("", f"accuracy ({combine})", "raw logits", "full models", "KRR"):
             table.add_column(col, justify="right" if col else "left")
         table.add_row("composed", _pct(metrics["accuracy"]), _pct(metrics["raw_accuracy"]),
                       _pct(metrics["baseline_accuracy"]), _pct(metrics["krr"]))
         for d in described:
-            table.add_row(f"{d['model_dir']} {','.join(d['class_names'])}",
+            table.add_row(f"{d.get('model_dir') or d.get('module_dir')} {','.join(d['class_names'])}",
                           _pct(d["zero_training_accuracy"]), "-", "-", _pct(d["krr"]))
         ui.out.print(table)
         ui.out.print(f"{metrics['test_samples']} test images, {metrics['calibration_samples']} "
@@ -804,8 +833,12 @@ def show_cmd(
 
 
 def _source_label(src: dict[str, Any]) -> str:
-    """Where a composition's source came from: the registry's model id (service), the model
-    directory (`mwt compose`), else the model's sha256."""
+    """Where a composition's source came from: the registry's module or model id (service),
+    the model or module directory (`mwt compose`), else the model's sha256."""
+    if src.get("module_id") is not None:
+        return f"module {src['module_id']} of model {src.get('model_id')}"
+    if src.get("module_dir"):
+        return str(src["module_dir"])
     if src.get("model_id") is not None:
         return f"model {src['model_id']}"
     if src.get("model_dir"):

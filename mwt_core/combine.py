@@ -26,7 +26,8 @@ they fit lives in buffers and parameters, so a composition saves as safetensors 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -212,16 +213,63 @@ class ComposedClassifier(nn.Module):
 @torch.no_grad()
 def _outputs(composed: ComposedClassifier, x: torch.Tensor, batch_size: int = 256
              ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Every part's logits and features on ``x``, in float64 (see :func:`_exact`)."""
     device = composed.scale.device
     logits: list[list[torch.Tensor]] = [[] for _ in composed.parts]
     feats: list[list[torch.Tensor]] = [[] for _ in composed.parts]
     for start in range(0, len(x), batch_size):
         lg, fs = composed.source_outputs(x[start:start + batch_size].to(device))
         for i, v in enumerate(lg):
+            f = fs[i] if fs else None
+            v, f = _exact(composed.parts[i], v, f)
             logits[i].append(v)
-        for i, v in enumerate(fs):
-            feats[i].append(v)
+            if f is not None:
+                feats[i].append(f)
     return [torch.cat(v) for v in logits], [torch.cat(v) for v in feats if v]
+
+
+def _exact(part: nn.Module, logits: torch.Tensor, feats: torch.Tensor | None
+           ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """A part's logits and features in float64 for fitting, the logits recomputed from the
+    features where the part's last linear layer gives them.
+
+    Why: a fit of a few hundred Adam steps turns float noise in its inputs into output
+    differences about 1000 times larger, and the float32 logits layer is where that noise
+    arises (a one-class module's logits are a matrix-vector product whose sum the BLAS splits
+    by thread count). Recomputed in float64 the logits no longer depend on the thread count,
+    so a client composing the same modules fits the same classifier as the registry.
+    """
+    if feats is None:
+        return logits.double(), None
+    f = feats.double()
+    lin = head_linear(part)
+    z = F.linear(f, lin.weight.double(), None if lin.bias is None else lin.bias.double())
+    inner = getattr(part, "net", part)  # NormalizedInput wraps a ModuleClassifier
+    index = getattr(inner, "class_index", None)
+    if not getattr(inner, "restricted", True) and isinstance(index, torch.Tensor):
+        z = z.index_select(1, index)  # a whole model, its logits restricted to the classes
+    return (z if z.shape == logits.shape else logits.double()), f
+
+
+@contextmanager
+def _float64(composed: ComposedClassifier) -> Iterator[None]:
+    """The combination's own tensors (never the parts') in float64 while it is fitted, back in
+    float32 afterwards: what is fitted is then a function of the inputs alone, not of the
+    order float32 sums happened in (see :func:`_exact`)."""
+    def cast(dtype: torch.dtype) -> None:
+        for p in composed.parameters(recurse=False):
+            p.data = p.data.to(dtype)
+        for name, b in list(composed.named_buffers(recurse=False)):
+            composed._buffers[name] = b.to(dtype)
+        head = getattr(composed, "head", None)
+        if head is not None:
+            head.to(dtype)
+
+    cast(torch.float64)
+    try:
+        yield
+    finally:
+        cast(torch.float32)
 
 
 @torch.no_grad()
@@ -236,6 +284,13 @@ def fit_zero_label(composed: ComposedClassifier, own: list[tuple[torch.Tensor, t
         return composed
     if len(own) != len(composed.parts):
         raise CombineError(f"{len(composed.parts)} parts but own images of {len(own)} sources")
+    with _float64(composed):
+        _fit_statistics(composed, own, settings)
+    return composed
+
+
+def _fit_statistics(composed: ComposedClassifier, own: list[tuple[torch.Tensor, torch.Tensor]],
+                    settings: CombineSettings) -> None:
     temperature = (settings.energy_temperature if composed.combine == "energy"
                    else settings.gauss_temperature)
     for i, (part, (x, y)) in enumerate(zip(composed.parts, own, strict=True)):
@@ -256,19 +311,17 @@ def fit_zero_label(composed: ComposedClassifier, own: list[tuple[torch.Tensor, t
             means = torch.stack([f[y == c].mean(0) for c in range(k)])
             resid = f - means[y]
             cov = resid.T @ resid / len(f)
-            cov = cov + settings.shrinkage * cov.diagonal().mean().clamp(min=1e-6) * torch.eye(
-                cov.shape[0], device=cov.device)
+            eye = torch.eye(cov.shape[0], dtype=cov.dtype, device=cov.device)
+            cov = cov + settings.shrinkage * cov.diagonal().mean().clamp(min=1e-6) * eye
             # precision = cov^-1 = L L' with L = (C^-1)' for cov = C C' (Cholesky).
-            chol = torch.linalg.cholesky(cov.double())
-            eye = torch.eye(cov.shape[0], dtype=torch.float64, device=cov.device)
-            whiten = torch.linalg.solve_triangular(chol, eye, upper=False).T.float()
+            chol = torch.linalg.cholesky(cov)
+            whiten = torch.linalg.solve_triangular(chol, eye, upper=False).T
             getattr(composed, f"whiten_{i}").copy_(whiten)
             getattr(composed, f"means_{i}").copy_(means @ whiten)
         score = composed.source_score(i, logits, feats if composed.combine in GAUSS_METHODS
                                       else None).flatten()
         composed.score_stats[i, 0] = score.mean()
         composed.score_stats[i, 1] = score.std().clamp(min=1e-6) / temperature
-    return composed
 
 
 def _standardise(composed: ComposedClassifier, i: int, feats: torch.Tensor) -> None:
@@ -285,12 +338,17 @@ def _outputs_of_part(composed: ComposedClassifier, i: int, part: nn.Module, x: t
     device = composed.scale.device
     logits, feats = [], []
     for start in range(0, len(x), batch_size):
-        logits.append(part(x[start:start + batch_size].to(device)))
+        out = part(x[start:start + batch_size].to(device))
+        value = None
         if composed._taps:
             value = composed._taps[i].value
             assert value is not None
-            feats.append(value.flatten(1))
+            value = value.flatten(1)
             composed._taps[i].value = None
+        out, value = _exact(part, out, value)
+        logits.append(out)
+        if value is not None:
+            feats.append(value)
     return torch.cat(logits), (torch.cat(feats) if feats else torch.zeros(0))
 
 
@@ -299,14 +357,16 @@ def fit_scale_bias(composed: ComposedClassifier, x: torch.Tensor, y: torch.Tenso
     """Fit each source's logit scale and bias on labelled ``[0, 1]`` images (modules frozen)."""
     composed.eval()
     logits, _ = _outputs(composed, x)
-    opt = torch.optim.Adam([composed.scale, composed.bias], lr=lr)
     target = y.to(composed.scale.device)
-    for _ in range(steps):
-        out = torch.cat([r * composed.scale[i] + composed.bias[i] for i, r in enumerate(logits)], 1)
-        loss = F.cross_entropy(out, target)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+    with _float64(composed):
+        opt = torch.optim.Adam([composed.scale, composed.bias], lr=lr)
+        for _ in range(steps):
+            out = torch.cat([r * composed.scale[i] + composed.bias[i]
+                             for i, r in enumerate(logits)], 1)
+            loss = F.cross_entropy(out, target)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
     return composed
 
 
@@ -321,18 +381,19 @@ def fit_head(composed: ComposedClassifier, x: torch.Tensor, y: torch.Tensor,
         raise CombineError(f"fit_head needs a 'head' composition, not {composed.combine!r}")
     composed.eval()
     logits, feats = _outputs(composed, x)
-    if composed.combine == "head" and settings.head_standardise == "labelled":  # from the same pass: no extra forward
-        for i, f in enumerate(feats):
-            _standardise(composed, i, f)
     target = y.to(composed.scale.device)
-    params = list(composed.head.parameters())
-    opt = torch.optim.Adam(params, lr=settings.head_lr)
-    for _ in range(settings.head_steps):
-        loss = F.cross_entropy(composed.combined(logits, feats), target)
-        loss = loss + settings.head_weight_decay * composed.head.weight.pow(2).sum()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+    with _float64(composed):
+        if composed.combine == "head" and settings.head_standardise == "labelled":  # from the same pass: no extra forward
+            for i, f in enumerate(feats):
+                _standardise(composed, i, f)
+        params = list(composed.head.parameters())
+        opt = torch.optim.Adam(params, lr=settings.head_lr)
+        for _ in range(settings.head_steps):
+            loss = F.cross_entropy(composed.combined(logits, feats), target)
+            loss = loss + settings.head_weight_decay * composed.head.weight.pow(2).sum()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
     return composed
 
 

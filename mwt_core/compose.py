@@ -1,7 +1,11 @@
 """Classifiers composed from modules of one or several models (DESIGN §2).
 
-Each source model runs once, slimmed to the union of its selected classes; how the
-sources' outputs become one answer is the composition's ``combine`` method
+A composition is a list of parts, each a module answering for some classes of its dataset:
+either cut now from a source model (the union of its selected classes, so each source model
+runs once: :class:`Source`) or a module artifact as the registry stores and serves it (one
+class each: :func:`module_part`), so a client holding downloaded modules rebuilds what the
+server composed from the same modules. How the parts' outputs become one answer is the
+composition's ``combine`` method
 (``mwt_core.combine``: raw logits, per-source scale and bias, or the open-set methods for
 models that learned different classes). Composed classifiers export to
 TorchScript and ONNX through :mod:`mwt_core.export`.
@@ -10,6 +14,7 @@ TorchScript and ONNX through :mod:`mwt_core.export`.
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -35,8 +40,8 @@ from mwt_core.models import MwTNet
 from mwt_core.modularize import Modularization
 from mwt_core.reuse import ModuleClassifier, evaluate, extract_module, restrict, subtask
 
-__all__ = ["DEFAULT_COMBINE", "ComposedClassifier", "CompositionError", "Source", "compose",
-           "compose_and_measure"]
+__all__ = ["DEFAULT_COMBINE", "ComposedClassifier", "CompositionError", "Part", "Source", "compose",
+           "compose_and_measure", "compose_parts", "measure_parts", "module_part"]
 
 
 @dataclass
@@ -67,6 +72,58 @@ class NormalizedInput(nn.Module):
         return self.net((x - self.mean) / self.std)
 
 
+@dataclass
+class Part:
+    """One part of a composition: a module answering for ``classes`` of its dataset.
+
+    ``kernels``: how many kernels the model it was cut from has (the KRR of several parts is
+    weighted by it). ``full``: that whole model with its logits restricted to ``classes``,
+    the baseline of what cutting costs; None where only the module is at hand (a client
+    holding downloaded modules), and then the composition reports no baseline.
+    """
+
+    module: ModuleClassifier
+    spec: InputSpec
+    classes: list[int]
+    class_names: list[str]
+    krr: float
+    kernels: int
+    full: nn.Module | None = None
+
+
+def source_part(source: Source, keep_mask_generators: bool = True) -> Part:
+    """The module of a source's chosen classes (their union), cut from its model."""
+    s, mod = source, source.modularization
+    module = extract_module(s.model, mod, s.classes, keep_mask_generators)
+    names = s.class_names or [str(c) for c in range(mod.num_classes)]
+    return Part(module, s.spec, list(s.classes), [str(names[c]) for c in s.classes],
+                mod.krr_of(s.classes), sum(int(m.numel()) for m in mod.class_masks[0]),
+                full=restrict(s.model, s.classes, mod.num_classes))
+
+
+def module_part(module: nn.Module, manifest: dict[str, Any]) -> Part:
+    """A module artifact (``mwt_core.artifacts.load_artifact`` of a module directory, as the
+    registry stores and serves them) as a part, normalising with its manifest's input spec."""
+    from mwt_core.artifacts import source_kernels
+
+    if not isinstance(module, ModuleClassifier) or manifest.get("kind") != "module":
+        raise CompositionError(
+            f"a {manifest.get('kind')!r} artifact is not a module; compose module artifacts "
+            "(one class each, as the registry's module downloads give them)")
+    try:
+        spec = InputSpec.from_json(manifest["input_spec"])
+        names = [str(n) for n in manifest.get("class_names") or module.classes]
+    except (KeyError, TypeError, ValueError) as exc:
+        raise CompositionError(f"the module's manifest has no usable input spec: {exc}") from None
+    if len(names) != len(module.classes):
+        raise CompositionError("the module's manifest names a different number of classes "
+                               "than its network has")
+    if module.krr is None:
+        raise CompositionError("the module's manifest records no KRR; is it a module artifact?")
+    return Part(module.eval(), spec, list(module.classes), names, float(module.krr),
+                source_kernels(manifest.get("config") or {}))
+
+
 def compose(sources: list[Source], keep_mask_generators: bool = True,
             combine: str = DEFAULT_COMBINE) -> ComposedClassifier:
     """One module per source (the union of its classes), combined by ``combine`` (unfitted:
@@ -74,21 +131,25 @@ def compose(sources: list[Source], keep_mask_generators: bool = True,
     check_method(combine)
     if not sources:
         raise CompositionError("a composition needs at least one source")
-    first = sources[0].spec
-    for s in sources[1:]:
-        if (s.spec.channels, s.spec.size) != (first.channels, first.size):
+    return compose_parts([source_part(s, keep_mask_generators) for s in sources], combine)
+
+
+def compose_parts(parts: list[Part], combine: str = DEFAULT_COMBINE) -> ComposedClassifier:
+    """The parts side by side (each normalising its own input), combined by ``combine``
+    (unfitted); labels ``i:name`` by part."""
+    check_method(combine)
+    if not parts:
+        raise CompositionError("a composition needs at least one source")
+    first = parts[0].spec
+    for p in parts[1:]:
+        if (p.spec.channels, p.spec.size) != (first.channels, first.size):
             raise CompositionError(
                 f"input specs differ: {first.channels}x{first.size}x{first.size} vs "
-                f"{s.spec.channels}x{s.spec.size}x{s.spec.size}; compose models trained on the same input shape"
+                f"{p.spec.channels}x{p.spec.size}x{p.spec.size}; compose models trained on the same input shape"
             )
-    parts: list[nn.Module] = []
-    labels: list[str] = []
-    for i, s in enumerate(sources):
-        module = extract_module(s.model, s.modularization, s.classes, keep_mask_generators)
-        parts.append(NormalizedInput(module, s.spec))
-        names = s.class_names or [str(c) for c in range(s.modularization.num_classes)]
-        labels += [f"{i}:{names[c]}" for c in s.classes]
-    return ComposedClassifier(parts, labels, combine).eval()
+    labels = [f"{i}:{n}" for i, p in enumerate(parts) for n in p.class_names]
+    return ComposedClassifier([NormalizedInput(p.module, p.spec) for p in parts], labels,
+                              combine).eval()
 
 
 def class_subset(data: DatasetBundle, classes: list[int]) -> DatasetBundle:
@@ -164,8 +225,8 @@ def modules_of(composed: ComposedClassifier) -> list[ModuleClassifier]:
     return [part.net for part in composed.parts]  # type: ignore[misc]
 
 
-def own_images(sources: list[Source], data: list[DatasetBundle], per_class: int = SETTINGS.own_per_class
-               ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def own_images(sources: Sequence[Source | Part], data: list[DatasetBundle],
+               per_class: int = SETTINGS.own_per_class) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Each source's own training images of its chosen classes (``[0, 1]``, labels by position),
     at most ``per_class`` per class: what the zero-label methods fit their statistics on."""
     out = []
@@ -187,81 +248,109 @@ def compose_and_measure(
     test: tuple[torch.Tensor, torch.Tensor] | None = None,
     settings: CombineSettings = SETTINGS,
 ) -> tuple[ComposedClassifier, dict[str, Any]]:
-    """Compose ``sources`` (``data[i]`` is source i's dataset) with ``combine``, fit and measure it.
+    """Compose ``sources`` (``data[i]`` is source i's dataset) with ``combine``, fit and measure
+    it: one module per source, the union of its classes (:func:`measure_parts` does the rest)."""
+    if not sources:
+        raise CompositionError("a composition needs at least one source")
+    check_method(combine)
+    return measure_parts([source_part(s) for s in sources], data, calibration_per_class, labels,
+                         device=device, combine=combine, standard=standard, test=test,
+                         settings=settings)
 
-    The zero-label methods fit on each source's own training images; the labelled ones on
+
+def measure_parts(
+    parts: list[Part],
+    data: list[DatasetBundle],
+    calibration_per_class: int = DEFAULT_PER_CLASS,
+    labels: list[str] | None = None,
+    device: str = "cpu",
+    combine: str = DEFAULT_COMBINE,
+    standard: tuple[nn.Module, InputSpec, list[int]] | None = None,
+    test: tuple[torch.Tensor, torch.Tensor] | None = None,
+    settings: CombineSettings = SETTINGS,
+) -> tuple[ComposedClassifier, dict[str, Any]]:
+    """Compose ``parts`` (``data[i]`` is part i's dataset) with ``combine``, fit and measure it.
+
+    The zero-label methods fit on each part's own training images; the labelled ones on
     ``calibration_per_class`` training images per class of the union (never the test split).
-    Accuracy is on the union of the sources' test splits (or ``test``: ``[0, 1]`` images and
+    Both are drawn by a fixed seed from the datasets alone, so whoever holds the same modules
+    and datasets (a client with downloaded modules) fits the same composition.
+    Accuracy is on the union of the parts' test splits (or ``test``: ``[0, 1]`` images and
     labels by output position). ``baseline_accuracy`` is the same construction from the full
     models (logits restricted to the classes, fitted on the same images), so ``accuracy_loss``
-    is what cutting the models into modules costs; ``standard`` (a standard model of the same
-    dataset, its input spec and the composed classes in its index space) adds the paper's
-    accuracy loss against a standard model. ``raw_accuracy`` is the raw logits' accuracy.
-    ``settings``: the methods' fixed settings (the bench compares variants).
+    is what cutting the models into modules costs; None (and no fit) when some part has no
+    full model. ``standard`` (a standard model of the same dataset, its input spec and the
+    composed classes in its index space) adds the paper's accuracy loss against a standard
+    model. ``raw_accuracy`` is the raw logits' accuracy. ``settings``: the methods' fixed
+    settings (the bench compares variants).
 
     Cost: every image is forwarded once per part and network (modules, full models): the
     calibration images once for both standardisation and fit, the test images once for the
     composition's accuracy, its raw accuracy and each module's own (zero-training) accuracy.
     """
     started = time.perf_counter()
-    if len(data) != len(sources):
-        raise CompositionError(f"{len(sources)} sources but {len(data)} datasets")
+    if len(data) != len(parts):
+        raise CompositionError(f"{len(parts)} sources but {len(data)} datasets")
     if combine in LABELLED_METHODS and calibration_per_class <= 0:
         raise CompositionError(
             f"combine={combine!r} fits on labelled images: give calibration_per_class > 0, "
             "or a zero-label method (raw, log_softmax, energy, gauss)"
         )
-    composed = compose(sources, combine=combine)
+    composed = compose_parts(parts, combine=combine)
     if labels is not None:
         composed.labels = list(labels)
-    baseline = ComposedClassifier(
-        [NormalizedInput(restrict(s.model, s.classes, s.modularization.num_classes), s.spec)
-         for s in sources],
-        composed.labels, combine,
-    ).eval()
-    pairs = [(d, s.classes) for d, s in zip(data, sources, strict=True)]
+    fulls = [p.full for p in parts]
+    baseline = None
+    if all(f is not None for f in fulls):
+        baseline = ComposedClassifier(
+            [NormalizedInput(f, p.spec) for f, p in zip(fulls, parts, strict=True) if f is not None],
+            composed.labels, combine,
+        ).eval()
+    pairs = [(d, p.classes) for d, p in zip(data, parts, strict=True)]
     test_x, test_y = test if test is not None else labelled_union(pairs, "test")
-    own = (own_images(sources, data, settings.own_per_class)
+    own = (own_images(parts, data, settings.own_per_class)
            if needs_own(combine, settings) else None)
     cal = None
     if combine in LABELLED_METHODS:
         cal = labelled_union(pairs, "train", per_class=calibration_per_class)
+    base: float | None = None
+    raw_base: float | None = None
     try:
         fit(composed, own, cal, settings)
-        fit(baseline, own, cal, settings)
+        if baseline is not None:
+            fit(baseline, own, cal, settings)
         fitted_s = time.perf_counter() - started
         acc, raw_acc, own_accs = accuracies(composed, test_x, test_y, with_sources=True)
-        base, raw_base, _ = accuracies(baseline, test_x, test_y)
+        if baseline is not None:
+            base, raw_base, _ = accuracies(baseline, test_x, test_y)
     finally:
-        baseline.release()  # the full models may be shared (a server's cache): unhook them
+        if baseline is not None:
+            baseline.release()  # the full models may be shared (a server's cache): unhook them
     if test is not None:  # a test set of its own: its labels need not be the union's blocks
-        own_accs = [evaluate(part, d, s.classes, device=device)
-                    for s, d, part in zip(sources, data, modules_of(composed), strict=True)]
+        own_accs = [evaluate(part, d, p.classes, device=device)
+                    for p, d, part in zip(parts, data, modules_of(composed), strict=True)]
     per_source = [
-        {"classes": list(s.classes), "krr": s.modularization.krr_of(s.classes),
-         "zero_training_accuracy": a}
-        for s, a in zip(sources, own_accs, strict=True)
+        {"classes": list(p.classes), "krr": p.krr, "zero_training_accuracy": a}
+        for p, a in zip(parts, own_accs, strict=True)
     ]
-    kept = total = 0.0
-    for s in sources:  # KRR over all the sources' kernels together
-        n = sum(int(m.numel()) for m in s.modularization.class_masks[0])
-        kept += s.modularization.krr_of(s.classes) * n
-        total += n
+    # KRR over all the parts' kernels together (each part weighted by its model's kernels).
+    total = sum(p.kernels for p in parts)
+    kept = sum(p.krr * p.kernels for p in parts)
     composed = composed.cpu().eval()
-    shape = sources[0].spec.shape
+    shape = parts[0].spec.shape
     metrics: dict[str, Any] = {
         "combine": combine,
         "accuracy": acc,
         "raw_accuracy": raw_acc,
         "baseline_accuracy": base,
-        "accuracy_loss": base - acc,
+        "accuracy_loss": base - acc if base is not None else None,
         "uncalibrated_accuracy": raw_acc,  # the name before ``combine`` existed
         "uncalibrated_baseline_accuracy": raw_base,
         "calibration_per_class": calibration_per_class if cal is not None else 0,
         "calibration_samples": len(cal[1]) if cal is not None else 0,
         "own_samples": sum(len(y) for _, y in own) if own is not None else 0,
         "combine_params": int(count_params(composed.head)) if hasattr(composed, "head") else (
-            2 * len(sources) if combine == "scale_bias" else 0),
+            2 * len(parts) if combine == "scale_bias" else 0),
         "krr": kept / total if total else None,
         "params": int(count_params(composed)),
         "flops": int(count_flops(composed, shape)),

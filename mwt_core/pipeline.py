@@ -68,13 +68,17 @@ def load_training_data(name: str, arch: str, data_dir: Path | None = None,
     to its first ``train_limit`` training images."""
     data = load_dataset(name, data_dir, min_input_size=architecture_info(arch).min_input_size,
                         download=download)
-    if train_limit is not None:
-        if train_limit < data.num_classes:
-            raise DatasetError(
-                f"train_limit must be at least the number of classes ({data.num_classes})")
-        data = dataclasses.replace(data, train_x=data.train_x[:train_limit],
-                                   train_y=data.train_y[:train_limit])
-    return data
+    return _cut(data, train_limit)
+
+
+def _cut(data: DatasetBundle, train_limit: int | None) -> DatasetBundle:
+    if train_limit is None:
+        return data
+    if train_limit < data.num_classes:
+        raise DatasetError(
+            f"train_limit must be at least the number of classes ({data.num_classes})")
+    return dataclasses.replace(data, train_x=data.train_x[:train_limit],
+                               train_y=data.train_y[:train_limit])
 
 
 def data_for_manifest(manifest: dict[str, Any], data_dir: Path | None = None) -> DatasetBundle:
@@ -82,9 +86,19 @@ def data_for_manifest(manifest: dict[str, Any], data_dir: Path | None = None) ->
     ref = manifest.get("dataset_ref") or manifest.get("dataset")
     if not isinstance(ref, str) or not ref:
         raise ArtifactError("the manifest names no dataset; cannot evaluate this artifact")
+    arch = str((manifest.get("config") or {}).get("arch", ""))
+    return as_trained(load_training_data(ref, arch, data_dir), manifest, ref)
+
+
+def as_trained(data: DatasetBundle, manifest: dict[str, Any], ref: str | None = None
+               ) -> DatasetBundle:
+    """``data`` (the full dataset an artifact names, shaped for its architecture) as the
+    artifact was trained on it: cut to the manifest's ``train_limit``, normalised with its
+    input spec. The registry and a client holding the same artifact derive the same images
+    from it (what a composition of modules fits on)."""
+    ref = ref or str(manifest.get("dataset") or data.name)
+    data = _cut(data, manifest.get("train_limit"))
     config = manifest.get("config") or {}
-    arch = str(config.get("arch", ""))
-    data = load_training_data(ref, arch, data_dir, manifest.get("train_limit"))
     if "input_spec" in manifest:
         spec = InputSpec.from_json(manifest["input_spec"])
         if spec.shape != data.spec.shape:

@@ -22,7 +22,7 @@ class Paging:
         self.offset = offset
 
 
-def paging(
+async def paging(
     settings: SettingsDep,
     limit: Annotated[int, Query(ge=1, description="page size")] = 50,
     offset: Annotated[int, Query(ge=0, le=2**31 - 1, description="items to skip")] = 0,

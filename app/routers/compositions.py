@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 from fastapi import APIRouter, HTTPException, Query, Request, Response, status
 from fastapi.responses import JSONResponse
@@ -10,7 +10,7 @@ from sqlalchemy import select
 
 from app import storage
 from app.auth import Principal, ReadKey, WriteKey, ensure_owner, visible_to
-from app.db.models import Composition, JobKind, Model, ModelStatus
+from app.db.models import Composition, JobKind, Model, ModelStatus, Module
 from app.deps import DbDep, DispatcherDep, SettingsDep
 from app.files import artifact_response
 from app.routers._common import PagingDep, not_found, page
@@ -20,6 +20,9 @@ from app.schemas.compositions import CompositionCreate, CompositionOut
 from app.services import compose as svc
 from app.services import jobs as jobs_svc
 from app.settings import Settings
+
+if TYPE_CHECKING:
+    from torch import nn
 
 router = APIRouter(prefix="/compositions", tags=["compositions"])
 
@@ -42,7 +45,10 @@ def composition_out(c: Composition) -> CompositionOut:
     "`sources`: one module per model, side by side, their outputs combined by `combine` (default: "
     "the best method measured; models that learned different classes need an open-set method), the "
     "labelled methods fitted on `calibration_per_class` training images per class (the models must "
-    "take images of one shape); where the registry holds a standard model of the same dataset and "
+    "take images of one shape). `modules`: stored per-class modules (ids from GET /modules, of one "
+    "model or several, in output order) become the parts themselves, combined and fitted the same "
+    "way; a client that downloads the same modules rebuilds this classifier to 1e-5 "
+    "(`mwt compose-local DIR...`). Where the registry holds a standard model of the same dataset and "
     "architecture, `metrics.standard_accuracy_loss` is the accuracy lost against it. Either way the classifier is "
     "measured on the test split(s) at once: 201 (200 if the same composition exists). With `finetune` "
     "(one model only) a job is started: 202 with the job.",
@@ -60,6 +66,8 @@ def create(
     dispatcher: DispatcherDep,
     principal: WriteKey,
 ) -> CompositionOut | JSONResponse:
+    if body.modules is not None:
+        return _create_from_modules(body, body.modules, request, response, db, settings, principal)
     chosen = [_resolve(db, src.model_id, src.classes) for src in body.source_list()]
     if body.finetune is not None:
         model, classes = chosen[0]  # the schema allows finetune with one source only
@@ -83,13 +91,7 @@ def create(
         manifest = svc.manifest_for(p.model, p.loaded, p.classes, metrics, finetuned=False)
         labels = None
     else:
-        standard = svc.standard_model_for(db, picks)
-        std = None
-        if standard is not None:
-            try:
-                std = (standard, svc.load_standard(settings, standard))
-            except (FileNotFoundError, ValueError):
-                std = None  # an unreadable baseline leaves the figure out, not the composition
+        std = _standard(db, settings, picks)
         try:
             module, metrics = svc.build_across(
                 picks, body.calibration_per_class, combine=body.combine, device="cpu",
@@ -133,13 +135,114 @@ def _resolve(db: DbDep, model_id: int, wanted: list[int | str]) -> tuple[Model, 
         raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, str(exc)) from None
 
 
+def _create_from_modules(
+    body: CompositionCreate,
+    module_ids: list[int],
+    request: Request,
+    response: Response,
+    db: DbDep,
+    settings: Settings,
+    principal: Principal,
+) -> CompositionOut:
+    """The ``modules`` form: the stored per-class modules themselves as the parts."""
+    rows = [_ready_module(db, i) for i in module_ids]
+    key = svc.modules_key(module_ids, body.calibration_per_class, body.combine)
+    existing = db.scalar(
+        select(Composition).where(
+            Composition.model_id == rows[0].model_id,
+            Composition.classes_key == key,
+            Composition.finetuned.is_(False),
+        )
+    )
+    if existing is not None:
+        response.status_code = status.HTTP_200_OK
+        return composition_out(existing)
+    models = {m.model_id: _loaded_model(request, settings, m.model) for m in rows}
+    picks = [_load_module(request, settings, db, m) for m in rows]
+    std = _standard(db, settings, picks)
+    try:
+        composed, metrics = svc.build_from_modules(
+            picks, body.calibration_per_class, combine=body.combine, models=models, standard=std
+        )
+    except svc.CompositionError as exc:
+        raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, str(exc)) from None
+    comp = svc.composition_row(
+        [(p.module.model_id, p.part.classes, p.part.class_names) for p in picks],
+        metrics,
+        svc.store(settings, composed, svc.manifest_modules(picks, metrics)),
+        finetuned=False,
+        key=key,
+        labels=svc.module_labels(picks),
+    )
+    comp.api_key_id = principal.key_id
+    _commit(db, settings, comp)
+    response.headers["Location"] = f"/api/v1/compositions/{comp.id}"
+    return composition_out(comp)
+
+
+def _ready_module(db: DbDep, module_id: int) -> Module:
+    """A stored module whose model is ready, or the 4xx that says why not."""
+    module = db.get(Module, module_id)
+    if module is None:
+        raise not_found("module", module_id)
+    if module.model.status != ModelStatus.ready.value:
+        raise HTTPException(
+            status.HTTP_409_CONFLICT,
+            f"module {module_id}'s model {module.model_id} is {module.model.status}, not ready",
+        )
+    return module
+
+
+def _load_module(request: Request, settings: Settings, db: DbDep, module: Module) -> svc.ModulePick:
+    from mwt_core.models import architecture_info
+
+    try:
+        data = request.app.state.bundle_cache.load(
+            settings, db, module.dataset, architecture_info(module.arch).min_input_size
+        )
+        return svc.load_module_part(settings, module, data)
+    except svc.CompositionError as exc:
+        raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, str(exc)) from None
+    except (FileNotFoundError, ValueError) as exc:
+        raise HTTPException(
+            status.HTTP_409_CONFLICT,
+            f"module {module.id}'s artifact or dataset cannot be loaded: {exc}",
+        ) from None
+
+
+def _standard(
+    db: DbDep, settings: Settings, picks: list[svc.Pick] | list[svc.ModulePick]
+) -> tuple[Model, nn.Module] | None:
+    """The registry's standard model for these sources, loaded; None where there is none or it
+    cannot be read (an unreadable baseline leaves the figure out, not the composition)."""
+    standard = svc.standard_model_for(db, picks)
+    if standard is None:
+        return None
+    try:
+        return standard, svc.load_standard(settings, standard)
+    except (FileNotFoundError, ValueError):
+        return None
+
+
+def _loaded_model(request: Request, settings: Settings, model: Model) -> svc.LoadedModel:
+    try:
+        loaded: svc.LoadedModel = request.app.state.model_cache.load(settings, model)
+    except svc.CompositionError as exc:
+        raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, str(exc)) from None
+    except (FileNotFoundError, ValueError) as exc:
+        raise HTTPException(
+            status.HTTP_409_CONFLICT, f"model {model.id}'s artifact cannot be loaded: {exc}"
+        ) from None
+    return loaded
+
+
 def _load(
     request: Request, settings: Settings, db: DbDep, model: Model, classes: list[int]
 ) -> svc.Pick:
     from mwt_core.models import architecture_info
 
+    loaded = _loaded_model(request, settings, model)
     try:
-        loaded = request.app.state.model_cache.load(settings, model)
         data = request.app.state.bundle_cache.load(
             settings, db, model.dataset, architecture_info(model.arch).min_input_size
         )

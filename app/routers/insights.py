@@ -11,7 +11,7 @@ from fastapi import APIRouter, Depends, HTTPException, Query, Request, status
 from pydantic import BaseModel, Field
 
 from app import storage
-from app.auth import Principal, ReadKey, authenticate
+from app.auth import Principal, ReadKey, current_principal
 from app.db.models import Model
 from app.deps import DbDep, SettingsDep
 from app.routers._common import not_found
@@ -58,7 +58,7 @@ class SamplesOut(BaseModel):
 
 
 @router.get("/whoami", response_model=WhoAmI, summary="The calling key's name and scopes")
-def whoami(principal: Annotated[Principal, Depends(authenticate)]) -> WhoAmI:
+def whoami(principal: Annotated[Principal, Depends(current_principal)]) -> WhoAmI:
     return WhoAmI(name=principal.name, scopes=sorted(principal.scopes))
 
 

@@ -4,11 +4,13 @@ most probable class names. Read scope is enough (nothing in the registry changes
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from typing import Annotated, Any
 
 from fastapi import APIRouter, HTTPException, Query, Request, status
 from fastapi.concurrency import run_in_threadpool
 from sqlalchemy import select
+from sqlalchemy.orm import Session
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -154,6 +156,34 @@ def _answer(
     )
 
 
+# Per kind: ``(artifact path, sha256, state)`` of an id, or None when there is no such row.
+Found = tuple[str | None, str | None, str | None]
+
+
+def _composition(db: Session, ident: int) -> Found | None:
+    c = db.get(Composition, ident)
+    return None if c is None else (c.artifact_path, c.sha256, c.status)
+
+
+def _module(db: Session, ident: int) -> Found | None:
+    row = db.execute(  # a module is ready when its model is
+        select(Module.artifact_path, Module.sha256, Model.status)
+        .join(Model, Module.model_id == Model.id)
+        .where(Module.id == ident)
+    ).first()
+    return None if row is None else (row[0], row[1], row[2])
+
+
+def _model(db: Session, ident: int) -> Found | None:
+    m = db.get(Model, ident)
+    return None if m is None else (m.artifact_path, m.sha256, m.status)
+
+
+LOOKUPS: dict[str, Callable[[Session, int], Found | None]] = {
+    "composition": _composition, "module": _module, "model": _model,
+}
+
+
 def _ready(kind: str, ident: int, path: str | None, sha: str | None, state: str | None = None
            ) -> tuple[str, str]:
     if state is not None and state != ModelStatus.ready.value:
@@ -178,6 +208,22 @@ def build_router(settings: Settings) -> APIRouter:
         },
     }
 
+    async def predict(
+        kind: str, ident: int, request: Request, db: Session, s: Settings, top_k: int | None
+    ) -> PredictOut:
+        """What every predict route does: read the images, then (off the event loop: a DB
+        lookup and inference) check the artifact is ready and answer with its classifier."""
+        inputs = await _read_inputs(request, s)
+
+        def run() -> PredictOut:
+            found = LOOKUPS[kind](db, ident)
+            if found is None:
+                raise not_found(kind, ident)
+            path, sha = _ready(kind, ident, *found)
+            return _answer(s, cache, kind, ident, path, sha, inputs, top_k)
+
+        return await run_in_threadpool(run)
+
     @router.post(
         "/compositions/{composition_id}/predict",
         summary="Classify images with a composition",
@@ -188,16 +234,7 @@ def build_router(settings: Settings) -> APIRouter:
         composition_id: PathId, request: Request, db: DbDep, s: SettingsDep, _: ReadKey,
         top_k: TopK = None,
     ) -> PredictOut:
-        inputs = await _read_inputs(request, s)
-
-        def run() -> PredictOut:  # DB lookup and inference off the event loop
-            c = db.get(Composition, composition_id)
-            if c is None:
-                raise not_found("composition", composition_id)
-            path, sha = _ready("composition", c.id, c.artifact_path, c.sha256, c.status)
-            return _answer(s, cache, "composition", c.id, path, sha, inputs, top_k)
-
-        return await run_in_threadpool(run)
+        return await predict("composition", composition_id, request, db, s, top_k)
 
     @router.post(
         "/modules/{module_id}/predict",
@@ -209,20 +246,7 @@ def build_router(settings: Settings) -> APIRouter:
         module_id: PathId, request: Request, db: DbDep, s: SettingsDep, _: ReadKey,
         top_k: TopK = None,
     ) -> PredictOut:
-        inputs = await _read_inputs(request, s)
-
-        def run() -> PredictOut:
-            row = db.execute(
-                select(Module.artifact_path, Module.sha256, Model.status)
-                .join(Model, Module.model_id == Model.id)
-                .where(Module.id == module_id)
-            ).first()
-            if row is None:
-                raise not_found("module", module_id)
-            path, sha = _ready("module", module_id, row[0], row[1], row[2])
-            return _answer(s, cache, "module", module_id, path, sha, inputs, top_k)
-
-        return await run_in_threadpool(run)
+        return await predict("module", module_id, request, db, s, top_k)
 
     @router.post(
         "/models/{model_id}/predict",
@@ -234,16 +258,7 @@ def build_router(settings: Settings) -> APIRouter:
         model_id: PathId, request: Request, db: DbDep, s: SettingsDep, _: ReadKey,
         top_k: TopK = None,
     ) -> PredictOut:
-        inputs = await _read_inputs(request, s)
-
-        def run() -> PredictOut:
-            m = db.get(Model, model_id)
-            if m is None:
-                raise not_found("model", model_id)
-            path, sha = _ready("model", m.id, m.artifact_path, m.sha256, m.status)
-            return _answer(s, cache, "model", m.id, path, sha, inputs, top_k)
-
-        return await run_in_threadpool(run)
+        return await predict("model", model_id, request, db, s, top_k)
 
     router.classifier_cache = cache  # type: ignore[attr-defined]  # for tests and metrics
     return router

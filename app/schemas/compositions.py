@@ -18,6 +18,8 @@ ClassList = Annotated[
     ),
 ]
 MAX_SOURCES = 16
+# Each module is a part of its own (one forward pass per image), so the bound is on parts.
+MAX_MODULES = 64
 
 
 class FinetuneOptions(BaseModel):
@@ -35,7 +37,8 @@ class SourceIn(BaseModel):
 
 
 class CompositionCreate(BaseModel):
-    """Either ``model_id`` + ``classes`` (one model) or ``sources`` (one or several models)."""
+    """``model_id`` + ``classes`` (one model), ``sources`` (one or several models) or
+    ``modules`` (stored per-class modules of one model or several, each a part of its own)."""
 
     model_config = ConfigDict(extra="forbid", strict=True)
     model_id: DbId | None = None
@@ -46,16 +49,25 @@ class CompositionCreate(BaseModel):
         max_length=MAX_SOURCES,
         description="classes of several models (same input shape), in output order",
     )
+    modules: list[DbId] | None = Field(
+        None,
+        min_length=1,
+        max_length=MAX_MODULES,
+        description="per-class module ids (GET /modules) of one model or several (same input "
+        "shape), in output order: the stored modules themselves become the parts, so a client "
+        "that downloads the same modules rebuilds this classifier (`mwt compose-local DIR...`)",
+    )
     calibration_per_class: int = Field(
         DEFAULT_PER_CLASS,
         ge=0,
         le=1000,
         description="labelled training images per class the labelled methods (scale_bias, head) "
-        "fit on (cross-model compositions only; never the test split)",
+        "fit on (sources and modules forms; drawn by a fixed seed from the training split, "
+        "never the test split)",
     )
     combine: Literal[METHODS] = Field(  # type: ignore[valid-type]
         DEFAULT_COMBINE,
-        description="how the sources' outputs become one answer (cross-model compositions): raw "
+        description="how the parts' outputs become one answer (sources and modules forms): raw "
         "logits; scale_bias (per-source scale and bias); log_softmax, energy, gauss (need no "
         "labels: each source's own training split); head (a linear head on the modules' frozen "
         "features and logits, fitted on calibration_per_class images per class)",
@@ -67,10 +79,16 @@ class CompositionCreate(BaseModel):
     @model_validator(mode="after")
     def _one_form(self) -> CompositionCreate:
         single = self.model_id is not None or self.classes is not None
-        if single and self.sources is not None:
-            raise ValueError("give either model_id and classes, or sources, not both")
-        if self.sources is None and (self.model_id is None or self.classes is None):
-            raise ValueError("give model_id and classes (one model), or sources (several models)")
+        forms = int(single) + int(self.sources is not None) + int(self.modules is not None)
+        if forms > 1:
+            raise ValueError(
+                "give either model_id and classes, or sources, or modules: one form, not both"
+            )
+        if forms == 0 or (single and (self.model_id is None or self.classes is None)):
+            raise ValueError(
+                "give model_id and classes (one model), or sources (several models), or "
+                "modules (per-class module ids)"
+            )
         if self.sources is not None:
             ids = [s.model_id for s in self.sources]
             dup = next((i for i in ids if ids.count(i) > 1), None)
@@ -83,10 +101,21 @@ class CompositionCreate(BaseModel):
                     "finetune works on one model's classes; a cross-model composition is "
                     "calibrated instead (calibration_per_class)"
                 )
+        if self.modules is not None:
+            dup = next((i for i in self.modules if self.modules.count(i) > 1), None)
+            if dup is not None:
+                raise ValueError(f"module {dup} is listed twice; list each module once")
+            if self.finetune is not None:
+                raise ValueError(
+                    "finetune works on one model's classes (model_id and classes); a "
+                    "composition of modules is calibrated instead (calibration_per_class)"
+                )
         return self
 
     def source_list(self) -> list[SourceIn]:
-        """The request as a list of sources (one for the single-model form)."""
+        """The request as a list of sources (one for the single-model form; none for modules)."""
+        if self.modules is not None:
+            return []
         if self.sources is not None:
             return list(self.sources)
         assert self.model_id is not None and self.classes is not None  # checked above

@@ -1,9 +1,11 @@
 """Composition: a classifier for some classes of one model or several, from their modules.
 
 One model (DESIGN §1.5): the module of the classes' union, measured against the full model.
-Several models (DESIGN §2): one module per model side by side, their logits calibrated on a
-few training images per class. Used synchronously by the API (zero-training composition) and
-by the fine-tuning job.
+Several models (DESIGN §2): one module per model side by side, their outputs combined by a
+``combine`` method fitted on the models' training images. Stored per-class modules (the
+``modules`` form): each stored module is a part as it is, so a client holding the same
+downloaded modules rebuilds the same classifier (``mwt_core.module_parts``). Used
+synchronously by the API (zero-training composition) and by the fine-tuning job.
 """
 
 from __future__ import annotations
@@ -12,14 +14,14 @@ import hashlib
 import threading
 import uuid
 from contextlib import ExitStack
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import ColumnElement, select
 
 from app import storage
-from app.db.models import Composition, CompositionSource, Model, ModelStatus
+from app.db.models import Composition, CompositionSource, Model, ModelStatus, Module
 from app.lru import Lru
 from app.settings import Settings
 from mwt_core.compose_options import CompositionError
@@ -29,6 +31,7 @@ __all__ = ["CompositionError"]  # re-exported: the router and the worker catch i
 if TYPE_CHECKING:
     from torch import nn
 
+    from mwt_core.compose import Part
     from mwt_core.data.datasets import DatasetBundle
     from mwt_core.models import MwTNet
     from mwt_core.modularize import Modularization
@@ -47,7 +50,7 @@ def resolve_classes(model: Model, classes: list[int | str]) -> list[int]:
         raise CompositionError(str(exc)) from None
 
 
-def standard_model_for(db: Any, picks: list[Pick]) -> Model | None:
+def standard_model_for(db: Any, picks: list[Pick] | list[ModulePick]) -> Model | None:
     """A ready standard (``modular=false``) model of the dataset and architecture every source
     shares, if the registry holds one (the newest): the paper's baseline for accuracy loss."""
     datasets = {p.model.dataset for p in picks}
@@ -373,3 +376,122 @@ def composition_row(
 def tar_of(settings: Settings, artifact_path: str) -> Path:
     """The downloadable tar that belongs to an artifact directory."""
     return storage.tar_path(storage.resolve(settings.artifacts, artifact_path))
+
+
+# ------------------------------------------------------------------ compositions of modules
+
+
+@dataclass
+class ModulePick:
+    """One part of a composition of stored modules: the registry row, the module artifact as a
+    part, its dataset as its model was trained on it, and its manifest."""
+
+    module: Module
+    part: Part
+    data: DatasetBundle
+    manifest: dict[str, Any]
+
+    @property
+    def model(self) -> Model:
+        return self.module.model
+
+
+def load_module_part(settings: Settings, module: Module, data: DatasetBundle) -> ModulePick:
+    """The stored module artifact (sha256-checked) as a part; ``data``: the full dataset it
+    names (shaped for its architecture), cut and normalised here as its model was trained."""
+    from mwt_core.artifacts import load_artifact
+    from mwt_core.compose import module_part
+    from mwt_core.pipeline import as_trained
+
+    net, manifest = load_artifact(storage.resolve(settings.artifacts, module.artifact_path))
+    return ModulePick(module, module_part(net, manifest), as_trained(data, manifest), manifest)
+
+
+def modules_key(module_ids: list[int], calibration_per_class: int, combine: str) -> str:
+    """The lookup key of a composition of stored modules (apart from every sources key)."""
+    from mwt_core.compose_options import LABELLED_METHODS
+
+    per_class = calibration_per_class if combine in LABELLED_METHODS else 0
+    return _fit(f"modules:{','.join(map(str, module_ids))}@{combine}:{per_class}")
+
+
+def module_labels(picks: list[ModulePick]) -> list[str]:
+    """Class names in output order; prefixed with the model id when two parts share a name
+    (the prefix ``mwt_core.module_parts.module_tag`` gives a registry model's modules)."""
+    from mwt_core.compose import distinct_labels
+
+    return distinct_labels([(f"m{p.module.model_id}", p.part.class_names) for p in picks])
+
+
+def build_from_modules(
+    picks: list[ModulePick],
+    calibration_per_class: int,
+    *,
+    combine: str,
+    models: dict[int, LoadedModel],
+    standard: tuple[Model, nn.Module] | None = None,
+) -> tuple[nn.Module, dict[str, Any]]:
+    """Compose stored modules with ``combine`` and measure it (``mwt_core.compose.measure_parts``,
+    the routine a client runs on the downloaded modules). ``models``: the modules' whole models
+    by id, for the baseline of what cutting costs."""
+    from mwt_core import compose as core
+    from mwt_core.reuse import restrict
+
+    shapes = {(p.part.spec.channels, p.part.spec.size) for p in picks}
+    if len(shapes) > 1:
+        listed = ", ".join(
+            f"module {p.module.id}: {p.part.spec.channels}x{p.part.spec.size}x{p.part.spec.size}"
+            for p in picks
+        )
+        raise CompositionError(
+            f"the modules take different input shapes ({listed}); compose modules of models "
+            "trained on images of one shape"
+        )
+    with ExitStack() as stack:
+        # Cached whole models are shared between request threads; lock them in one order.
+        for model_id in sorted(models):
+            stack.enter_context(models[model_id].lock)
+        parts = []
+        for p in picks:
+            loaded = models[p.module.model_id]
+            full = restrict(loaded.net, p.part.classes, loaded.modularization.num_classes)
+            parts.append(replace(p.part, full=full))
+        std = None
+        if standard is not None:  # loaded for this request alone: no lock needed
+            std = (standard[1], picks[0].data.spec, [c for p in picks for c in p.part.classes])
+        composed, metrics = core.measure_parts(
+            parts,
+            [p.data for p in picks],
+            calibration_per_class,
+            labels=module_labels(picks),
+            combine=combine,
+            standard=std,
+        )
+    for p, src in zip(picks, metrics["sources"], strict=True):
+        src.update(module_id=p.module.id, model_id=p.module.model_id)
+    if standard is not None:
+        metrics["standard_model_id"] = standard[0].id
+    return composed, metrics
+
+
+def manifest_modules(picks: list[ModulePick], metrics: dict[str, Any]) -> dict[str, Any]:
+    """The manifest of a composition of stored modules: where each part came from."""
+    from mwt_core.compose import composition_manifest
+
+    sources = [
+        {
+            "module_id": p.module.id,
+            "model_id": p.module.model_id,
+            "model_name": p.model.name,
+            "model_version": p.model.version,
+            "dataset": p.module.dataset,
+            "module_sha256": p.manifest.get("sha256"),
+            "sha256": (p.manifest.get("source_model") or {}).get("sha256"),
+            "classes": p.part.classes,
+            "class_names": p.part.class_names,
+        }
+        for p in picks
+    ]
+    return composition_manifest(
+        picks[0].part.spec, module_labels(picks), sources, metrics, created_by="mwt-hub"
+    )

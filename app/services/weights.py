@@ -32,7 +32,7 @@ def check_for_job(
     num_classes: int, channels: int, input_size: int,
 ) -> None:
     """Raise ``ValueError`` (naming the first bad tensor) unless ``name``'s weights fit the job."""
-    from mwt_core.data.datasets import model_input_shape
+    from mwt_core.data.bundle import model_input_shape
     from mwt_core.models import architecture_info, create_model
     from mwt_core.models.weights import WeightsError, match_weights, read_shapes
 

@@ -293,10 +293,10 @@ def test_classifier_cache_is_a_bounded_lru(app: FastAPI, settings: Settings, reg
         paths = {k: s.get(t, registry[k]).artifact_path
                  for k, t in (("model", Model), ("module", Module))}
     cache = ClassifierCache(1)
-    first = cache.get(settings, ("model", registry["model"], "a"), paths["model"])
-    assert cache.get(settings, ("model", registry["model"], "a"), paths["model"]) is first
-    cache.get(settings, ("module", registry["module"], "b"), paths["module"])
+    first = cache.load(settings, ("model", registry["model"], "a"), paths["model"])
+    assert cache.load(settings, ("model", registry["model"], "a"), paths["model"]) is first
+    cache.load(settings, ("module", registry["module"], "b"), paths["module"])
     assert len(cache) == 1  # the model was evicted: the next request loads it again
-    assert cache.get(settings, ("model", registry["model"], "a"), paths["model"]) is not first
+    assert cache.load(settings, ("model", registry["model"], "a"), paths["model"]) is not first
     # Another sha256 for the same id is another entry, never the old classifier.
-    assert cache.get(settings, ("model", registry["model"], "c"), paths["model"]) is not first
+    assert cache.load(settings, ("model", registry["model"], "c"), paths["model"]) is not first

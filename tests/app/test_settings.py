@@ -6,6 +6,7 @@ import pytest
 from fastapi.testclient import TestClient
 from pydantic import ValidationError
 
+from app.auth import ensure_admin_key
 from app.main import create_app
 from app.settings import Settings, get_settings
 
@@ -42,7 +43,15 @@ def test_invalid_values_are_refused(tmp_path: Path) -> None:
 def test_get_settings_is_cached_and_apps_use_their_own(settings: Settings) -> None:
     get_settings.cache_clear()
     assert get_settings() is get_settings()
-    app = create_app(settings, run_executor=False)
-    assert app.dependency_overrides[get_settings]() is settings
+    small = settings.model_copy(update={"page_size_max": 7})
+    app = create_app(small, run_executor=False)
+    assert app.state.settings is small and not app.dependency_overrides
     with TestClient(app) as c:
         assert c.get("/ready").json()["mode"] == "embedded"
+        token = ensure_admin_key(app.state.sessionmaker, small)
+        c.headers["Authorization"] = f"Bearer {token}"
+        # Routes read the app's own settings, not the process-wide ones (whose maximum is larger).
+        assert get_settings().page_size_max > 7
+        assert c.get("/api/v1/modules", params={"limit": 7}).status_code == 200
+        r = c.get("/api/v1/modules", params={"limit": 8})
+        assert r.status_code == 422 and "at most 7" in r.json()["detail"]

@@ -215,7 +215,7 @@ def test_ten_worker_kills_across_jobs(stack: Stack) -> None:
     # Small batches: many steps per epoch, so it is still before its first checkpoint when killed.
     crasher = hub.submit_job(**{**TINY, "batch_size": 8}, epochs=6, seed=99)["id"]
     killed_at: dict[str, int] = {}
-    progress_kills = crash_kills = 0
+    progress_kills = crash_kills = crash_attempt_killed = 0
     deadline = time.monotonic() + 1200
     terminal = ("succeeded", "failed", "cancelled")
     while progress_kills + crash_kills < 10 and time.monotonic() < deadline:
@@ -227,8 +227,15 @@ def test_ten_worker_kills_across_jobs(stack: Stack) -> None:
             if job["status"] != "running":
                 continue
             progress = job.get("progress") or {}
-            if job_id == crasher and crash_kills < 3 and not progress.get("checkpoint_epoch"):
-                victim, crash_kills = job_id, crash_kills + 1
+            # Only a new attempt: until the reaper notices a kill, the lost attempt still reads
+            # "running", and killing the fresh worker then would not hit the crasher at all.
+            if (
+                job_id == crasher
+                and crash_kills < 3
+                and job["attempts"] > crash_attempt_killed
+                and not progress.get("checkpoint_epoch")
+            ):
+                victim, crash_kills, crash_attempt_killed = job_id, crash_kills + 1, job["attempts"]
                 break
             if job_id != crasher and progress_kills < 7 and _checkpointed(job):
                 epoch = progress["epoch"]

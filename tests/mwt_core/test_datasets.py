@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from mwt_core.data import datasets
+from mwt_core.data import bundle, datasets, npz
 from mwt_core.data.datasets import (
     DATASET_NAMES,
     DatasetBundle,
@@ -137,7 +137,7 @@ def test_chunked_stats_and_resize_match_one_shot(monkeypatch: pytest.MonkeyPatch
     x = torch.randint(0, 256, (37, 3, 9, 9), dtype=torch.uint8)
     mean, std = channel_stats(x)
     up = resize_images(x, 16)
-    monkeypatch.setattr(datasets, "_CHUNK_ELEMENTS", 500)  # a few images per chunk
+    monkeypatch.setattr(bundle, "_CHUNK_ELEMENTS", 500)  # a few images per chunk
     mean2, std2 = channel_stats(x)
     assert mean2 == pytest.approx(mean, abs=1e-6) and std2 == pytest.approx(std, abs=1e-6)
     assert torch.equal(resize_images(x, 16), up)
@@ -314,7 +314,7 @@ def test_npz_file_errors(tmp_path: Path) -> None:
 
 def test_npz_image_limit(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     path = _save(tmp_path / "many.npz", **_valid_arrays())
-    monkeypatch.setattr(datasets, "MAX_IMAGES", 50)
+    monkeypatch.setattr(npz, "MAX_IMAGES", 50)
     with pytest.raises(DatasetError, match="at most 50"):
         load_npz(path)
 

@@ -105,11 +105,13 @@ def seed_trained_model(
     arch: str = "simcnn",
     train_images: int = 256,
     name: str = "digits-tiny",
+    with_modules: bool = False,
 ) -> Model:
     """Train a tiny real MwT model on part of digits (about a second) and register it as ready.
 
     The registry row and the artifact are real (safetensors + manifest with its modularization),
-    so compositions can load and measure it; no module rows are written.
+    so compositions can load and measure it. With ``with_modules`` its per-class modules are
+    written and registered as the worker does (``mwt_core.pipeline.export_class_modules``).
     """
     from dataclasses import replace
 
@@ -153,7 +155,7 @@ def seed_trained_model(
     session.add(model)
     session.flush()
     art = storage.model_artifact_dir(settings.artifacts, model.id)
-    save_artifact(
+    written = save_artifact(
         art,
         result.model,
         {
@@ -162,10 +164,39 @@ def seed_trained_model(
             "input_spec": data.spec.to_json(),
             "class_names": list(data.class_names),
             "modularization": mz.to_json(),
+            "registry": {"model_id": model.id, "model_name": name, "model_version": version},
         },
     )
     model.sha256, model.size_bytes = storage.pack(art)
+    if with_modules:
+        _register_modules(session, settings, model, result.model, mz, written)
     model.artifact_path = storage.relative(settings.artifacts, art)
     model.status, model.ready_at = ModelStatus.ready.value, utcnow()
     session.commit()
     return model
+
+
+def _register_modules(
+    session: Session, settings: Settings, model: Model, net: Any, mz: Any, written: dict[str, Any]
+) -> None:
+    from mwt_core.pipeline import export_class_modules
+
+    modules_dir = storage.module_artifact_dir(settings.artifacts, model.id, 0).parent
+    names = [str(c) for c in range(mz.num_classes)]
+    for m in export_class_modules(net, mz, written, modules_dir, dirnames=names, write_index=False):
+        sha, size = storage.pack(m.dir)
+        session.add(
+            Module(
+                model_id=model.id,
+                class_index=m.class_index,
+                class_name=m.class_name,
+                dataset=model.dataset,
+                arch=model.arch,
+                kept_kernels=m.kept_kernels,
+                total_kernels=m.total_kernels,
+                artifact_path=storage.relative(settings.artifacts, m.dir),
+                sha256=sha,
+                size_bytes=size,
+                **m.metrics,
+            )
+        )

@@ -245,38 +245,51 @@ async function pageJob(id) {
   } else { addProgress(job); await finish(job); }
 }
 
-// ---------- Models ----------
-async function pageModels() {
+// ---------- Lists with a filter form (models, modules) ----------
+// One shape for every filtered list: a form of inputs named as the API's query parameters, a
+// request per submit (an older answer arriving late is dropped), a table or an empty message.
+function filteredList({ resource, fields, columns, empty, button, formId, link, counted }) {
   const err = errorBox();
   const listBox = h("div");
-  const f = { dataset: h("input", { name: "dataset", placeholder: "any" }), name: h("input", { name: "name", placeholder: "any" }),
-    min_accuracy: h("input", { name: "min_accuracy", type: "number", step: "any", min: 0, max: 1, placeholder: "0–1" }),
-    max_krr: h("input", { name: "max_krr", type: "number", step: "any", min: 0, max: 1, placeholder: "0–1" }),
-    status: h("select", { name: "status" }, ["ready", "training", "failed", "any"].map((s) => h("option", { value: s }, s))),
-    sort: h("select", { name: "sort" }, ["-created", "-accuracy", "krr", "-version"].map((s) => h("option", { value: s }, s))) };
   let seq = 0;
   const load = async () => {
     hideError(err);
     const mine = ++seq;
     try {
-      const params = Object.fromEntries(Object.entries(f).map(([k, i]) => [k, i.value]));
-      const page = await api(`models${qs({ ...params, limit: 100 })}`);
+      const params = Object.fromEntries(Object.entries(fields).map(([k, i]) => [k, i.value]));
+      const page = await api(`${resource}${qs({ ...params, limit: 100 })}`);
       if (mine !== seq) return; // a newer filter was applied meanwhile
-      fill(listBox, page.items.length ? table([
-        { label: "Model", get: (m) => h("a", { href: `#/models/${m.id}` }, `${m.name} v${m.version}`) },
-        { label: "Status", get: (m) => statusBadge(m.status), narrow: false },
-        { label: "Dataset", get: (m) => `${m.dataset} / ${m.arch}` },
-        { label: "Accuracy", get: (m) => pct(m.accuracy) },
-        { label: "KRR", get: (m) => pct(m.krr) },
-        { label: "Params", get: (m) => num(m.params), narrow: false },
-        { label: "Tags", get: (m) => Object.entries(m.tags).map(([k, v]) => `${k}=${v}`).join(" "), narrow: false },
-      ], page.items, (m) => { location.hash = `#/models/${m.id}`; }) : h("p", { class: "muted" }, "No model matches."));
+      const rows = page.items.length
+        ? table(columns, page.items, (x) => { location.hash = link(x); })
+        : h("p", { class: "muted" }, empty);
+      if (counted) fill(listBox, h("p", { class: "muted" }, `${page.total ?? page.items.length} ${resource.replace(/s$/, "")}(s)`), rows);
+      else fill(listBox, rows);
     } catch (e) { showError(err, e); }
   };
-  const form = h("form", { class: "grid", onsubmit: (ev) => { ev.preventDefault(); load(); } },
-    Object.entries(f).map(([k, i]) => h("label", {}, k.replace("_", " "), i)), h("button", { type: "submit" }, "Filter"));
-  fill(main, h("h1", {}, "Models"), form, err, listBox);
-  await load();
+  const form = h("form", { class: "grid", ...(formId ? { id: formId } : {}), onsubmit: (ev) => { ev.preventDefault(); load(); } },
+    Object.entries(fields).map(([k, i]) => h("label", {}, k.replace("_", " "), i)), h("button", { type: "submit" }, button));
+  return { form, err, listBox, load };
+}
+
+// ---------- Models ----------
+async function pageModels() {
+  const fields = { dataset: h("input", { name: "dataset", placeholder: "any" }), name: h("input", { name: "name", placeholder: "any" }),
+    min_accuracy: h("input", { name: "min_accuracy", type: "number", step: "any", min: 0, max: 1, placeholder: "0–1" }),
+    max_krr: h("input", { name: "max_krr", type: "number", step: "any", min: 0, max: 1, placeholder: "0–1" }),
+    status: h("select", { name: "status" }, ["ready", "training", "failed", "any"].map((s) => h("option", { value: s }, s))),
+    sort: h("select", { name: "sort" }, ["-created", "-accuracy", "krr", "-version"].map((s) => h("option", { value: s }, s))) };
+  const list = filteredList({ resource: "models", fields, empty: "No model matches.", button: "Filter",
+    link: (m) => `#/models/${m.id}`, columns: [
+      { label: "Model", get: (m) => h("a", { href: `#/models/${m.id}` }, `${m.name} v${m.version}`) },
+      { label: "Status", get: (m) => statusBadge(m.status), narrow: false },
+      { label: "Dataset", get: (m) => `${m.dataset} / ${m.arch}` },
+      { label: "Accuracy", get: (m) => pct(m.accuracy) },
+      { label: "KRR", get: (m) => pct(m.krr) },
+      { label: "Params", get: (m) => num(m.params), narrow: false },
+      { label: "Tags", get: (m) => Object.entries(m.tags).map(([k, v]) => `${k}=${v}`).join(" "), narrow: false },
+    ] });
+  fill(main, h("h1", {}, "Models"), list.form, list.err, list.listBox);
+  await list.load();
 }
 
 function modularityFigures(ins) {
@@ -343,36 +356,23 @@ async function pageModel(id) {
 
 // ---------- Modules ----------
 async function pageModules() {
-  const err = errorBox();
-  const listBox = h("div");
   const hp = new URLSearchParams(location.hash.split("?")[1] || "");
-  const f = { dataset: h("input", { name: "dataset", placeholder: "any", value: hp.get("dataset") || "" }),
+  const fields = { dataset: h("input", { name: "dataset", placeholder: "any", value: hp.get("dataset") || "" }),
     class_name: h("input", { name: "class_name", placeholder: "e.g. 3", value: hp.get("class_name") || "" }),
     max_krr: h("input", { name: "max_krr", type: "number", step: "any", placeholder: "0–1" }),
     min_accuracy: h("input", { name: "min_accuracy", type: "number", step: "any", placeholder: "0–1" }),
     sort: h("select", { name: "sort" }, ["-accuracy", "krr", "-created", "id"].map((s) => h("option", { value: s }, s))) };
-  let seq = 0;
-  const load = async () => {
-    hideError(err);
-    const mine = ++seq;
-    try {
-      const params = Object.fromEntries(Object.entries(f).map(([k, i]) => [k, i.value]));
-      const page = await api(`modules${qs({ ...params, limit: 100 })}`);
-      if (mine !== seq) return; // a newer search was started meanwhile
-      fill(listBox, h("p", { class: "muted" }, `${page.total ?? page.items.length} module(s)`), page.items.length ? table([
-        { label: "Module", get: (x) => h("a", { href: `#/modules/${x.id}` }, `#${x.id}`) },
-        { label: "Class", get: (x) => x.class_name },
-        { label: "Dataset", get: (x) => `${x.dataset} / ${x.arch}`, narrow: false },
-        { label: "Model", get: (x) => h("a", { href: `#/models/${x.model_id}` }, `#${x.model_id}`) },
-        { label: "Accuracy", get: (x) => pct(x.accuracy) }, { label: "KRR", get: (x) => pct(x.krr) },
-        { label: "Params", get: (x) => num(x.params), narrow: false },
-      ], page.items, (x) => { location.hash = `#/modules/${x.id}`; }) : h("p", { class: "muted" }, "No module matches."));
-    } catch (e) { showError(err, e); }
-  };
-  const form = h("form", { class: "grid", id: "module-search", onsubmit: (ev) => { ev.preventDefault(); load(); } },
-    Object.entries(f).map(([k, i]) => h("label", {}, k.replace("_", " "), i)), h("button", { type: "submit" }, "Search"));
-  fill(main, h("h1", {}, "Modules"), h("p", { class: "muted" }, "Each module is the part of a model that recognises one class."), form, err, listBox);
-  await load();
+  const list = filteredList({ resource: "modules", fields, empty: "No module matches.", button: "Search",
+    formId: "module-search", counted: true, link: (x) => `#/modules/${x.id}`, columns: [
+      { label: "Module", get: (x) => h("a", { href: `#/modules/${x.id}` }, `#${x.id}`) },
+      { label: "Class", get: (x) => x.class_name },
+      { label: "Dataset", get: (x) => `${x.dataset} / ${x.arch}`, narrow: false },
+      { label: "Model", get: (x) => h("a", { href: `#/models/${x.model_id}` }, `#${x.model_id}`) },
+      { label: "Accuracy", get: (x) => pct(x.accuracy) }, { label: "KRR", get: (x) => pct(x.krr) },
+      { label: "Params", get: (x) => num(x.params), narrow: false },
+    ] });
+  fill(main, h("h1", {}, "Modules"), h("p", { class: "muted" }, "Each module is the part of a model that recognises one class."), list.form, list.err, list.listBox);
+  await list.load();
 }
 
 function predictZone(kind, id) {
