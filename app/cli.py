@@ -424,6 +424,9 @@ def submit(
         bool, typer.Option("--standard", help="Standard training (no modules).")
     ] = False,
     name: Annotated[str | None, typer.Option(help="Model name (default <dataset>-<arch>).")] = None,
+    init_from: Annotated[
+        str | None, typer.Option(help="Start from weights uploaded with `mwt upload-weights`.")
+    ] = _T.init_from,
     idempotency_key: Annotated[str | None, typer.Option(help="Retry-safe submit key.")] = None,
     watch_it: Annotated[
         bool, typer.Option("--watch", help="Follow the job until it ends.")
@@ -449,6 +452,7 @@ def submit(
             seed=seed,
             modular=not standard,
             name=name,
+            init_from=init_from,
         )
         if as_json and not watch_it:
             out.print_json(json.dumps(job))
@@ -458,6 +462,21 @@ def submit(
             _watch(hub, job["id"], as_json)
         elif not as_json:
             out.print(job["id"])
+
+
+@app.command("upload-weights")
+def upload_weights(
+    name: Annotated[str, typer.Argument(help="Name jobs refer to (--init-from NAME).")],
+    path: Annotated[Path, typer.Argument(help="A safetensors state dict.")],
+    url: UrlOpt = "http://127.0.0.1:8000",
+    key: KeyOpt = None,
+) -> None:
+    """Upload weights (a safetensors state dict) that training jobs can start from."""
+    if not path.is_file():
+        _fail(f"no file at {path}")
+    with _client(url, key) as hub:
+        r = _call(hub.upload_weights, name, path)
+    out.print(f"weights {r['name']}: {r['tensors']} tensors, {r['size_bytes']} bytes, sha256 {r['sha256']}")
 
 
 def _watch(hub: Any, job_id: str, as_json: bool) -> dict[str, Any]:

@@ -124,6 +124,12 @@ class MwtClient:
                 data=data,
             )
 
+    def upload_weights(self, name: str, path: str | Path) -> dict[str, Any]:
+        """Upload a safetensors state dict that jobs can start from (``init_from=name``)."""
+        with open(path, "rb") as fh:
+            return self._json("PUT", f"/api/v1/weights/{name}", content=fh,
+                              headers={"Content-Type": "application/octet-stream"})
+
     # ------------------------------------------------------------------ jobs
     def submit_job(self, idempotency_key: str | None = None, **params: Any) -> dict[str, Any]:
         headers = {"Idempotency-Key": idempotency_key} if idempotency_key else {}

@@ -278,12 +278,22 @@ def create_app(settings: Settings | None = None, *, run_executor: bool | None = 
 
     app.state.stream_slots = StreamSlots(settings.sse_max_streams, settings.sse_max_streams_per_key)
 
-    from app.routers import compositions, datasets, health, jobs, keys, meta, models, modules
+    from app.routers import (
+        compositions,
+        datasets,
+        health,
+        jobs,
+        keys,
+        meta,
+        models,
+        modules,
+        weights,
+    )
     from app.routers.predict import build_router as predict_router
 
     app.include_router(health.router)
     app.include_router(health.router, prefix=API_PREFIX, include_in_schema=False)
-    for module in (meta, keys, jobs, models, modules, compositions):
+    for module in (meta, keys, jobs, models, modules, compositions, weights):
         app.include_router(module.router, prefix=API_PREFIX)
     app.include_router(datasets.build_router(settings), prefix=API_PREFIX)
     app.include_router(predict_router(settings), prefix=API_PREFIX)

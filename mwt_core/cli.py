@@ -375,13 +375,15 @@ def train_cmd(
     tau: Annotated[float, typer.Option(help="Modularization threshold (MwT runs).")] = ModularizeConfig.tau,
     resume: Annotated[bool, typer.Option("--resume/--no-resume", help="Continue from OUT/checkpoint if present.")] = True,
     train_limit: Annotated[int | None, typer.Option(help="Use only the first N training images (smoke tests).")] = None,
+    init_from: Annotated[str | None, typer.Option(help="Start from this safetensors state dict (fresh mask generators).")] = _T.init_from,
     as_json: JsonOpt = False,
 ) -> None:
     """Train a model; MwT runs are then modularized and cut into one module per class."""
     ui = Ui(as_json)
     cfg = TrainConfig(arch=arch, width=width, epochs=epochs, batch_size=batch_size, lr=lr,
                       mask_lr=mask_lr, weight_decay=weight_decay, alpha=alpha, beta=beta,
-                      gamma=gamma, modular=modular, seed=seed, device=device, amp=amp, augment=augment)
+                      gamma=gamma, modular=modular, seed=seed, device=device, amp=amp, augment=augment,
+                      init_from=init_from)
     if out is None:
         stem = Path(dataset).stem if dataset.lower().endswith(".npz") else dataset
         out = Path("runs") / f"{cfg.arch}-{class_dirnames([stem])[0]}-{'mwt' if modular else 'std'}"
@@ -890,10 +892,16 @@ def archs_cmd(as_json: JsonOpt = False) -> None:
 
     def render() -> None:
         table = Table(title="architectures", title_justify="left")
-        for col in ("name", "min input", "description"):
+        for col in ("name", "min input", "width", "description"):
             table.add_column(col)
         for i in infos:
-            table.add_row(i.name, f"{i.min_input_size}x{i.min_input_size}", i.description)
+            about = i.description
+            if i.features:
+                about += f" [{', '.join(i.features)}]"
+            if i.unsupported:
+                about = f"not trainable: {i.unsupported}"
+            width = "any" if i.width_multiplier else "1 only"
+            table.add_row(i.name, f"{i.min_input_size}x{i.min_input_size}", width, about)
         ui.out.print(table)
 
     ui.emit({"architectures": [dataclasses.asdict(i) for i in infos]}, render)

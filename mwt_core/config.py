@@ -57,11 +57,13 @@ class TrainConfig:
     # torch.compile the training step (opt-in: compiling costs tens of seconds up front);
     # on CUDA with one batch shape throughout, also CUDA graphs ("reduce-overhead").
     compile: bool = False
+    # A safetensors state dict to start from (mwt_core.models.weights): the network's
+    # weights are loaded, the mask generators start fresh. None: random initialisation.
+    init_from: str | None = None
 
     def __post_init__(self) -> None:
         lim = LIMITS
         checks = [
-            (0 < self.width <= lim.width, f"width must be in (0, {lim.width:g}], got {self.width}"),
             (1 <= self.epochs <= lim.epochs, f"epochs must be in 1..{lim.epochs}, got {self.epochs}"),
             (2 <= self.batch_size <= lim.batch_size,
              f"batch_size must be in 2..{lim.batch_size}, got {self.batch_size}"),
@@ -76,13 +78,15 @@ class TrainConfig:
             (0 <= self.outlier_weight <= lim.loss_weight,
              f"outlier_weight must be in [0, {lim.loss_weight:g}], got {self.outlier_weight}"),
             (0 <= self.seed <= lim.seed, f"seed must be in 0..{lim.seed}, got {self.seed}"),
+            (self.init_from is None or (isinstance(self.init_from, str) and self.init_from != ""),
+             f"init_from must be a path to a safetensors file or None, got {self.init_from!r}"),
         ]
         for ok, message in checks:
             if not ok:
                 raise ValueError(message)
-        from mwt_core.models import architecture_info  # torch: only when a run is configured
+        from mwt_core.models import check_architecture  # torch: only when a run is configured
 
-        architecture_info(self.arch)  # unknown names fail here, before any work
+        check_architecture(self.arch, self.width)  # unknown names, bad widths fail here
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -119,5 +123,6 @@ SMALL_DATA_SETTINGS: dict[str, Any] = {"mask_lr": 0.2, "alpha": 1.0, "beta": 3.0
 # Values of fields added after the first checkpoints were written, as those runs used them:
 # a checkpoint that lacks a key ran with this value, whatever today's default is.
 LEGACY_VALUES: dict[str, Any] = {"mask_lr": None, "gamma": 0.0, "weight_decay": 0.0,
-                                 "outlier_weight": 0.0, "compile": False}
+                                 "outlier_weight": 0.0, "compile": False,
+                                 "init_from": None}
 

@@ -1,12 +1,18 @@
 """Physically remove dropped kernels, for any architecture, from its layer graph.
 
-The network is traced with torch.fx (ConvUnits kept as leaves) and every tensor is
-assigned a *channel space*: a ConvUnit starts a new one, channel-wise ops (ReLU,
-pooling, dropout) pass it on, additions tie the spaces they add (union-find), and
-flatten turns it into linear-layer features. Per space, the channels kept are the
-union of what its producers keep; a space fed by the image or by an unmasked unit
-keeps everything. Producers lose output kernels, consumers (the next convs, the
-mask generators that read the map, the first linear layer) lose the matching inputs.
+The network is traced with torch.fx (ConvUnits and stochastic depth kept as leaves) and
+every feature map is described as a concatenation of *channel spaces*: a conv starts a
+new one, channel-wise ops pass it on, ``torch.cat`` on channels concatenates them,
+additions tie the spaces they add (union-find), a depthwise conv's output stays in its
+input's space (each of its kernels reads one channel), and flatten turns a map into
+linear-layer features. Per space, the channels kept are the union of what its producers
+keep; a space fed by the image, by an unmasked or plain conv, or read by an op that
+turns a zero into something else (a standalone BN, sigmoid) keeps everything. A
+squeeze-and-excitation gate (plain convs on pooled features, multiplied into a map)
+follows the channels of the map it scales. Producers lose output kernels, consumers (the
+next convs, the mask generators that read the map, BNs, the first linear layer) lose the
+matching inputs. An op outside these rules raises :class:`SlimmingError` naming the op and
+the layer, which is also how a converted network is checked before training.
 
 A producer whose kernel must stay because an addition ties it to a kept channel
 gets a 0/1 ``keep`` buffer, so the slimmed net computes exactly what the full
@@ -17,15 +23,17 @@ from __future__ import annotations
 
 import copy
 import operator
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import torch
 import torch.nn.functional as F
 from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
+from torchvision.ops import StochasticDepth
 
-from mwt_core.models import MwTNet
+from mwt_core.models.base import MwTNet
 from mwt_core.models.masking import ConvUnit, set_keep
 
 NetT = TypeVar("NetT", bound=nn.Module)
@@ -35,163 +43,340 @@ class SlimmingError(ValueError):
     """The graph holds an op slimming does not know how to carry channels through."""
 
 
-_PASS_MODULES = (nn.ReLU, nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.Dropout, nn.Identity)
-_PASS_FUNCTIONS = {
-    torch.relu, F.relu, torch.max_pool2d, F.max_pool2d, F.avg_pool2d, F.adaptive_avg_pool2d,
-    F.dropout,
+# Channel-wise ops that map a zero channel to a zero channel: a dropped kernel stays
+# dropped through them.
+_ZERO_KEEPING_MODULES = (
+    nn.ReLU, nn.ReLU6, nn.SiLU, nn.Hardswish, nn.GELU, nn.Tanh, nn.LeakyReLU, nn.MaxPool2d,
+    nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d, nn.Dropout, nn.Dropout2d,
+    nn.Identity, StochasticDepth,
+)
+_ZERO_KEEPING_FUNCTIONS: set[Callable[..., Any]] = {
+    torch.relu, F.relu, F.relu6, F.silu, F.gelu, F.hardswish, torch.tanh, torch.max_pool2d,
+    F.max_pool2d, F.avg_pool2d, F.adaptive_avg_pool2d, F.adaptive_max_pool2d, F.dropout,
 }
-_ADD_FUNCTIONS = {operator.add, torch.add, operator.iadd}
+_ZERO_KEEPING_METHODS = {"relu", "relu_", "tanh"}
+# Channel-wise, but a zero channel comes out non-zero: the channels they read must all stay.
+_CHANNELWISE_MODULES = (nn.BatchNorm2d, nn.Sigmoid, nn.Hardsigmoid)
+_CHANNELWISE_FUNCTIONS: set[Callable[..., Any]] = {torch.sigmoid, F.sigmoid, F.hardsigmoid}
+_ADD_FUNCTIONS: set[Callable[..., Any]] = {operator.add, torch.add, operator.iadd}
+_MUL_FUNCTIONS: set[Callable[..., Any]] = {operator.mul, torch.mul, operator.imul}
+# Leaves of every trace: units are what slimming cuts; stochastic depth's function draws
+# random numbers from the input's shape, which a symbolic trace cannot do.
+LEAF_TYPES: tuple[type[nn.Module], ...] = (ConvUnit, StochasticDepth)
 
 
-class _Tracer(fx.Tracer):
+class GraphTracer(fx.Tracer):
+    """torch.fx tracer that keeps :data:`LEAF_TYPES` (and torch.nn layers) as leaves."""
+
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        return isinstance(m, ConvUnit) or super().is_leaf_module(m, qualname)
+        return isinstance(m, LEAF_TYPES) or super().is_leaf_module(m, qualname)
+
+
+Segments = tuple[tuple[int, int], ...]  # (channel space, channels) in channel order
+
+
+@dataclass(frozen=True)
+class Feat:
+    """What a traced tensor holds: channel spaces, and features per channel once flattened."""
+
+    segs: Segments
+    factor: int | None = None  # None: a feature map
 
 
 @dataclass
 class ChannelGroup:
-    """Channels tied together: who writes them and who reads them."""
+    """Channels tied together: who writes them, and whether they may be cut."""
 
+    root: int
+    size: int
     producers: list[ConvUnit] = field(default_factory=list)
-    conv_consumers: list[ConvUnit] = field(default_factory=list)
-    linear_consumers: list[tuple[nn.Linear, int]] = field(default_factory=list)  # (layer, spatial factor)
-    bn_followers: list[nn.BatchNorm2d] = field(default_factory=list)
-    fixed: bool = False  # fed by the image, or the net's output: never slimmed
+    plain_producers: list[nn.Conv2d] = field(default_factory=list)
+    fixed: bool = False  # fed by the image, read by a non-zero-keeping op, or the output
+    follows: int | None = None  # root of the space whose kept channels this gate space takes
+
+
+@dataclass
+class Consumer:
+    """A layer reading channels: a conv or unit, a BN, or a linear layer (flattened)."""
+
+    layer: nn.Module
+    segs: Segments  # roots after analysis
+    factor: int
 
 
 @dataclass
 class LayerGraph:
     groups: list[ChannelGroup]
+    consumers: list[Consumer]
     head: nn.Linear | None  # the linear layer producing the logits, if any
 
+    def group(self, root: int) -> ChannelGroup:
+        return next(g for g in self.groups if g.root == root)
 
-def _example_input(model: MwTNet) -> torch.Tensor:
-    cfg = model.config
+
+def _example_input(model: nn.Module) -> torch.Tensor:
+    cfg: dict[str, Any] = getattr(model, "config")  # noqa: B009  (set on MwTNets, not nn.Module)
     param = next(model.parameters())
     return torch.zeros(2, cfg["in_channels"], cfg["input_size"], cfg["input_size"], device=param.device)
 
 
-def analyse(model: MwTNet) -> LayerGraph:
+def _where(node: fx.Node) -> str:
+    """The layer a node belongs to, for messages: its module path, else the node's name."""
+    if node.op == "call_module":
+        return str(node.target)
+    stack = node.meta.get("nn_module_stack")
+    return f"{next(reversed(stack))} ({node.name})" if stack else node.name
+
+
+def _op_name(node: fx.Node, gm: fx.GraphModule) -> str:
+    if node.op == "call_module":
+        return type(gm.get_submodule(str(node.target))).__name__
+    if node.op == "call_method":
+        return f".{node.target}()"
+    return getattr(node.target, "__name__", str(node.target))
+
+
+def _is_depthwise(conv: nn.Conv2d) -> bool:
+    return conv.groups > 1 and conv.groups == conv.in_channels == conv.out_channels
+
+
+class _Walk:
+    """One pass over the traced graph, recording spaces, ties and consumers."""
+
+    def __init__(self, gm: fx.GraphModule) -> None:
+        self.gm = gm
+        self.parent: list[int] = []
+        self.size: list[int] = []
+        self.fixed: set[int] = set()
+        self.plain: set[int] = set()  # spaces created by plain convs (gate candidates)
+        self.follow: list[tuple[int, int]] = []
+        self.producers: list[tuple[int, ConvUnit]] = []
+        self.plain_producers: list[tuple[int, nn.Conv2d]] = []
+        self.consumers: list[tuple[nn.Module, Segments, int]] = []
+        self.feat: dict[fx.Node, Feat] = {}
+        self.linear_of: dict[fx.Node, nn.Linear] = {}
+        self.head: nn.Linear | None = None
+        self.seen: set[int] = set()
+
+    def find(self, s: int) -> int:
+        while self.parent[s] != s:
+            self.parent[s] = self.parent[self.parent[s]]
+            s = self.parent[s]
+        return s
+
+    def new_space(self, size: int) -> int:
+        self.parent.append(len(self.parent))
+        self.size.append(size)
+        return len(self.parent) - 1
+
+    def fail(self, node: fx.Node, why: str) -> SlimmingError:
+        return SlimmingError(f"cannot slim through {_op_name(node, self.gm)} at layer {_where(node)}: {why}")
+
+    def map_of(self, node: fx.Node, arg: object) -> Feat:
+        if not isinstance(arg, fx.Node) or arg not in self.feat:
+            raise self.fail(node, "its input is not a traced feature map")
+        f = self.feat[arg]
+        if f.factor is not None:
+            raise self.fail(node, "it reads flattened features, not a feature map")
+        return f
+
+    def fix(self, segs: Segments) -> None:
+        self.fixed.update(s for s, _ in segs)
+
+    @staticmethod
+    def shape(node: object) -> tuple[int, ...]:
+        meta = node.meta.get("tensor_meta") if isinstance(node, fx.Node) else None
+        return tuple(meta.shape) if meta is not None and hasattr(meta, "shape") else ()
+
+    def flatten(self, node: fx.Node, src: object) -> Feat:
+        f = self.map_of(node, src)
+        dims_in, dims_out = self.shape(src), self.shape(node)
+        if len(dims_in) != 4 or len(dims_out) != 2:
+            raise self.fail(node, "only flattening N x C x H x W to N x (C*H*W) is supported")
+        return Feat(f.segs, dims_in[2] * dims_in[3])
+
+    def conv(self, node: fx.Node, layer: nn.Module, conv: nn.Conv2d) -> Feat:
+        if id(layer) in self.seen:
+            raise self.fail(node, "the layer is used twice; shared layers cannot be slimmed")
+        self.seen.add(id(layer))
+        f = self.map_of(node, node.args[0] if node.args else None)
+        plain = not isinstance(layer, ConvUnit)
+        if _is_depthwise(conv) and len(f.segs) == 1:
+            sid = f.segs[0][0]  # each kernel reads its own channel: same space
+        else:
+            sid = self.new_space(conv.out_channels)
+            if conv.groups > 1:  # a grouped conv's channels cannot be cut group-unevenly
+                self.fix(f.segs)
+                self.fixed.add(sid)
+        self.consumers.append((layer, f.segs, 1))
+        if plain:
+            self.plain_producers.append((sid, conv))
+            if sid != f.segs[0][0]:
+                self.plain.add(sid)
+        else:
+            self.producers.append((sid, layer))  # type: ignore[arg-type]
+        return Feat(((sid, conv.out_channels),))
+
+    def tie(self, node: fx.Node, a: Feat, b: Feat) -> Feat:
+        if a.factor is not None or b.factor is not None:
+            raise self.fail(node, "additions of flattened features are not supported")
+        if [n for _, n in a.segs] != [n for _, n in b.segs]:
+            raise self.fail(node, "the added maps concatenate their channels differently")
+        for (sa, _), (sb, _) in zip(a.segs, b.segs, strict=True):
+            self.parent[self.find(sa)] = self.find(sb)
+        return b
+
+    def gate(self, node: fx.Node, a: Feat, b: Feat) -> Feat:
+        def is_gate(f: Feat) -> bool:
+            return f.factor is None and len(f.segs) == 1 and f.segs[0][0] in self.plain
+
+        if is_gate(a) == is_gate(b):
+            raise self.fail(node, "only a squeeze-and-excitation gate (plain convs on pooled "
+                                  "features) may multiply a feature map")
+        g, main = (a, b) if is_gate(a) else (b, a)
+        if main.factor is not None or len(main.segs) != 1:
+            raise self.fail(node, "the gated map must be one channel space")
+        self.follow.append((g.segs[0][0], main.segs[0][0]))
+        return main
+
+    def module(self, node: fx.Node, mod: nn.Module, tracked: list[fx.Node]) -> Feat | None:
+        arg = node.args[0] if node.args else None
+        if isinstance(mod, ConvUnit):
+            return self.conv(node, mod, mod.conv)
+        if isinstance(mod, nn.Conv2d):
+            return self.conv(node, mod, mod)
+        if isinstance(mod, nn.Linear):
+            self.linear_of[node] = mod
+        if not tracked:
+            return None
+        if isinstance(mod, _ZERO_KEEPING_MODULES):
+            return self.feat[tracked[0]]
+        if isinstance(mod, _CHANNELWISE_MODULES):
+            f = self.map_of(node, arg)
+            self.fix(f.segs)
+            if isinstance(mod, nn.BatchNorm2d):
+                self.consumers.append((mod, f.segs, 1))
+            return f
+        if isinstance(mod, nn.Flatten):
+            if mod.start_dim != 1:
+                raise self.fail(node, "only flatten from dimension 1 is supported")
+            return self.flatten(node, arg)
+        if isinstance(mod, nn.Linear):
+            f = self.feat[tracked[0]]
+            if f.factor is None:
+                raise self.fail(node, "a linear layer reads a feature map directly")
+            self.consumers.append((mod, f.segs, f.factor))
+            return None
+        raise self.fail(node, "this layer type is not supported")
+
+    def function(self, node: fx.Node, tracked: list[fx.Node]) -> Feat | None:
+        fn = node.target
+        arg = node.args[0] if node.args else None
+        if fn in _ADD_FUNCTIONS or fn in _MUL_FUNCTIONS:
+            operands = [a for a in node.args[:2] if isinstance(a, fx.Node)]
+            if len(tracked) == 2 and len(operands) == 2:
+                a, b = self.feat[operands[0]], self.feat[operands[1]]
+                return self.tie(node, a, b) if fn in _ADD_FUNCTIONS else self.gate(node, a, b)
+            if len(tracked) == 1 and len(operands) == 1 and len(node.args) == 2:
+                f = self.feat[tracked[0]]
+                if fn in _ADD_FUNCTIONS:
+                    self.fix(f.segs)  # x + c turns zeros into c
+                return f  # x * c keeps zeros
+            raise self.fail(node, "only sums/products of two traced maps or with a number")
+        if fn is torch.cat:
+            parts = node.args[0]
+            dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
+            if not isinstance(parts, (list, tuple)) or dim not in (1, -3):
+                raise self.fail(node, "only concatenation of feature maps on channels is supported")
+            segs: Segments = ()
+            for p in parts:
+                segs += self.map_of(node, p).segs
+            return Feat(segs)
+        if fn is torch.flatten:
+            start = node.args[1] if len(node.args) > 1 else node.kwargs.get("start_dim", 0)
+            if start != 1:
+                raise self.fail(node, "only flatten from dimension 1 is supported")
+            return self.flatten(node, arg)
+        if fn is getattr:
+            return None  # x.shape and friends: sizes, not channels
+        if any(a is not arg for a in tracked):
+            raise self.fail(node, "a traced map is passed in more than its first argument")
+        if fn in _ZERO_KEEPING_FUNCTIONS:
+            return self.feat[tracked[0]]
+        if fn in _CHANNELWISE_FUNCTIONS:
+            f = self.map_of(node, arg)
+            self.fix(f.segs)
+            return f
+        raise self.fail(node, "this function is not supported")
+
+    def method(self, node: fx.Node, tracked: list[fx.Node]) -> Feat | None:
+        name = node.target
+        if name == "size":
+            return None
+        if name in _ZERO_KEEPING_METHODS and len(tracked) == 1:
+            return self.feat[tracked[0]]
+        if name == "sigmoid" and len(tracked) == 1:
+            f = self.map_of(node, node.args[0])
+            self.fix(f.segs)
+            return f
+        if name in ("view", "reshape", "flatten") and len(tracked) == 1:
+            return self.flatten(node, node.args[0])
+        raise self.fail(node, "this tensor method is not supported")
+
+    def run(self) -> None:
+        for node in self.gm.graph.nodes:
+            tracked = [a for a in node.all_input_nodes if a in self.feat]
+            out: Feat | None = None
+            if node.op == "placeholder":
+                channels = self.shape(node)[1]
+                sid = self.new_space(channels)
+                self.fixed.add(sid)
+                out = Feat(((sid, channels),))
+            elif node.op == "output":
+                for a in tracked:
+                    self.fix(self.feat[a].segs)
+                out_arg = node.args[0]
+                self.head = self.linear_of.get(out_arg) if isinstance(out_arg, fx.Node) else None
+            elif node.op == "call_module":
+                out = self.module(node, self.gm.get_submodule(str(node.target)), tracked)
+            elif node.op == "call_function" and tracked:
+                out = self.function(node, tracked)
+            elif node.op == "call_method" and tracked:
+                out = self.method(node, tracked)
+            if out is not None:
+                self.feat[node] = out
+
+
+def analyse(model: nn.Module) -> LayerGraph:
     """Trace ``model`` and group its channels into spaces tied by additions."""
-    gm = fx.GraphModule(model, _Tracer().trace(model))
+    gm = fx.GraphModule(model, GraphTracer().trace(model))
     was_training = model.training
     model.eval()
     with torch.no_grad():
         ShapeProp(gm).propagate(_example_input(model))
     model.train(was_training)
-
-    parent: dict[int, int] = {}
-
-    def find(s: int) -> int:
-        while parent[s] != s:
-            parent[s] = parent[parent[s]]
-            s = parent[s]
-        return s
-
-    def new_space() -> int:
-        sid = len(parent)
-        parent[sid] = sid
-        return sid
-
-    space: dict[fx.Node, tuple[int, int | None]] = {}  # node -> (space, flatten factor or None)
-    events: list[tuple[str, int, object]] = []
-    seen_units: set[int] = set()
-    head: nn.Linear | None = None
-    linear_of: dict[fx.Node, nn.Linear] = {}
-
-    def src(node: fx.Node) -> tuple[int, int | None] | None:
-        arg = node.args[0] if node.args else None
-        return space.get(arg) if isinstance(arg, fx.Node) else None
-
-    def shape(node: fx.Node) -> tuple[int, ...]:
-        meta = node.meta.get("tensor_meta")
-        return tuple(meta.shape) if meta is not None and hasattr(meta, "shape") else ()
-
-    for node in gm.graph.nodes:
-        tracked_inputs = [a for a in node.all_input_nodes if a in space]
-        if node.op == "placeholder":
-            sid = new_space()
-            space[node] = (sid, None)
-            events.append(("fixed", sid, None))
-        elif node.op == "output":
-            for a in tracked_inputs:
-                if space[a][1] is None or a not in linear_of:
-                    events.append(("fixed", space[a][0], None))
-            out = node.args[0]
-            head = linear_of.get(out) if isinstance(out, fx.Node) else None
-        elif node.op == "call_module":
-            mod = gm.get_submodule(str(node.target))
-            s = src(node)
-            if isinstance(mod, ConvUnit):
-                if id(mod) in seen_units:
-                    raise SlimmingError(f"unit {node.target} is used twice; shared layers cannot be slimmed")
-                seen_units.add(id(mod))
-                if s is None or s[1] is not None:
-                    raise SlimmingError(f"cannot trace the input channels of {node.target}")
-                events.append(("conv_in", s[0], mod))
-                sid = new_space()
-                events.append(("produce", sid, mod))
-                space[node] = (sid, None)
-            elif isinstance(mod, nn.BatchNorm2d) and s is not None:
-                events.append(("bn", s[0], mod))
-                space[node] = s
-            elif isinstance(mod, _PASS_MODULES):
-                if s is not None:
-                    space[node] = s
-            elif isinstance(mod, nn.Flatten):
-                if s is not None:
-                    dims = shape(node.args[0])
-                    if mod.start_dim != 1 or len(dims) != 4:
-                        raise SlimmingError(f"unsupported flatten at {node.target}")
-                    space[node] = (s[0], dims[2] * dims[3])
-            elif isinstance(mod, nn.Linear):
-                if s is not None:
-                    if s[1] is None:
-                        raise SlimmingError(f"linear layer {node.target} reads a feature map directly")
-                    events.append(("linear_in", s[0], (mod, s[1])))
-                linear_of[node] = mod
-            elif tracked_inputs:
-                raise SlimmingError(f"cannot slim through module {type(mod).__name__} at {node.target}")
-        elif node.op == "call_function":
-            if node.target in _ADD_FUNCTIONS and len(tracked_inputs) == 2:
-                (a, fa), (b, fb) = space[tracked_inputs[0]], space[tracked_inputs[1]]
-                if fa is not None or fb is not None:
-                    raise SlimmingError("additions of flattened features are not supported")
-                ra, rb = find(a), find(b)
-                parent[ra] = rb
-                space[node] = (rb, None)
-            elif node.target in _PASS_FUNCTIONS and tracked_inputs:
-                space[node] = space[tracked_inputs[0]]
-            elif node.target is torch.flatten and tracked_inputs:
-                dims = shape(node.args[0])
-                space[node] = (space[tracked_inputs[0]][0], dims[2] * dims[3])
-            elif tracked_inputs:
-                raise SlimmingError(f"cannot slim through function {getattr(node.target, '__name__', node.target)}")
-        elif node.op == "call_method":
-            if node.target == "relu" and tracked_inputs:
-                space[node] = space[tracked_inputs[0]]
-            elif node.target in ("view", "reshape", "flatten") and tracked_inputs:
-                dims_in, dims_out = shape(node.args[0]), shape(node)
-                if len(dims_in) != 4 or len(dims_out) != 2:
-                    raise SlimmingError(f"unsupported reshape {node.format_node()}")
-                space[node] = (space[tracked_inputs[0]][0], dims_in[2] * dims_in[3])
-            elif tracked_inputs and node.target != "size":
-                raise SlimmingError(f"cannot slim through method {node.target}")
+    walk = _Walk(gm)
+    walk.run()
 
     groups: dict[int, ChannelGroup] = {}
-    for kind, sid, obj in events:
-        g = groups.setdefault(find(sid), ChannelGroup())
-        if kind == "fixed":
-            g.fixed = True
-        elif kind == "produce":
-            g.producers.append(obj)  # type: ignore[arg-type]
-        elif kind == "conv_in":
-            g.conv_consumers.append(obj)  # type: ignore[arg-type]
-        elif kind == "linear_in":
-            g.linear_consumers.append(obj)  # type: ignore[arg-type]
-        elif kind == "bn":
-            g.bn_followers.append(obj)  # type: ignore[arg-type]
-    return LayerGraph(groups=list(groups.values()), head=head)
+    for sid in range(len(walk.parent)):
+        root = walk.find(sid)
+        g = groups.setdefault(root, ChannelGroup(root=root, size=walk.size[sid]))
+        if walk.size[sid] != g.size:
+            raise SlimmingError(f"an addition ties {walk.size[sid]} channels to {g.size}")
+        g.fixed = g.fixed or sid in walk.fixed
+    for sid, unit in walk.producers:
+        groups[walk.find(sid)].producers.append(unit)
+    for sid, conv in walk.plain_producers:
+        groups[walk.find(sid)].plain_producers.append(conv)
+    for gate_sid, main_sid in walk.follow:
+        gate, main = walk.find(gate_sid), walk.find(main_sid)
+        if groups[gate].producers or groups[gate].follows not in (None, main):
+            raise SlimmingError("a squeeze-and-excitation gate is tied to other channels")
+        groups[gate].follows = main
+    consumers = [Consumer(layer, tuple((walk.find(s), n) for s, n in segs), factor)
+                 for layer, segs, factor in walk.consumers]
+    return LayerGraph(groups=list(groups.values()), consumers=consumers, head=walk.head)
 
 
 def _slice_param(module: nn.Module, name: str, idx: torch.Tensor, dim: int) -> None:
@@ -205,15 +390,32 @@ def _slice_param(module: nn.Module, name: str, idx: torch.Tensor, dim: int) -> N
         setattr(module, name, new)
 
 
-def _slice_bn(bn: nn.BatchNorm2d, idx: torch.Tensor) -> None:
+def _slice_bn(bn: nn.Module, idx: torch.Tensor) -> None:
+    if not isinstance(bn, nn.BatchNorm2d):
+        return  # a unit without BN holds an identity
     for name in ("weight", "bias", "running_mean", "running_var"):
         _slice_param(bn, name, idx, 0)
     bn.num_features = len(idx)
 
 
+def _slice_conv_outputs(conv: nn.Conv2d, idx: torch.Tensor) -> None:
+    _slice_param(conv, "weight", idx, 0)
+    _slice_param(conv, "bias", idx, 0)
+    conv.out_channels = len(idx)
+
+
+def _slice_conv_inputs(conv: nn.Conv2d, idx: torch.Tensor) -> None:
+    if conv.groups == 1:
+        _slice_param(conv, "weight", idx, 1)
+    elif conv.groups == conv.in_channels and conv.weight.shape[1] == 1:
+        conv.groups = len(idx)  # depthwise: its outputs were cut to the same channels
+    elif len(idx) != conv.in_channels:
+        raise SlimmingError("a grouped convolution's input channels cannot be cut")
+    conv.in_channels = len(idx)
+
+
 def _slice_outputs(unit: ConvUnit, idx: torch.Tensor) -> None:
-    _slice_param(unit.conv, "weight", idx, 0)
-    unit.conv.out_channels = len(idx)
+    _slice_conv_outputs(unit.conv, idx)
     _slice_bn(unit.bn, idx)
     if unit.gate is not None:
         _slice_param(unit.gate.fc2, "weight", idx, 0)
@@ -223,12 +425,16 @@ def _slice_outputs(unit: ConvUnit, idx: torch.Tensor) -> None:
         unit.keep = unit.keep.index_select(0, idx.to(unit.keep.device))
 
 
-def _slice_inputs(unit: ConvUnit, idx: torch.Tensor) -> None:
-    _slice_param(unit.conv, "weight", idx, 1)
-    unit.conv.in_channels = len(idx)
-    if unit.gate is not None:
-        _slice_param(unit.gate.fc1, "weight", idx, 1)
-        unit.gate.fc1.in_features = len(idx)
+def _slice_inputs(layer: nn.Module, idx: torch.Tensor) -> None:
+    if isinstance(layer, nn.Conv2d):
+        _slice_conv_inputs(layer, idx)
+    elif isinstance(layer, ConvUnit):
+        _slice_conv_inputs(layer.conv, idx)
+        if layer.gate is not None:
+            _slice_param(layer.gate.fc1, "weight", idx, 1)
+            layer.gate.fc1.in_features = len(idx)
+    else:
+        _slice_bn(layer, idx)
 
 
 def _slice_linear_inputs(linear: nn.Linear, idx: torch.Tensor, factor: int) -> None:
@@ -236,6 +442,39 @@ def _slice_linear_inputs(linear: nn.Linear, idx: torch.Tensor, factor: int) -> N
     cols = (idx[:, None] * factor + torch.arange(factor)[None, :]).flatten()
     _slice_param(linear, "weight", cols, 1)
     linear.in_features = len(cols)
+
+
+def _kept_channels(graph: LayerGraph, own_keep: dict[int, torch.Tensor]) -> dict[int, torch.Tensor]:
+    """Per space root, the indices of the channels that stay."""
+    kept: dict[int, torch.Tensor] = {}
+
+    def resolve(group: ChannelGroup, depth: int = 0) -> torch.Tensor:
+        if group.root in kept:
+            return kept[group.root]
+        if group.follows is not None and depth < len(graph.groups):
+            idx = resolve(graph.group(group.follows), depth + 1)
+        elif (group.fixed or group.plain_producers or not group.producers
+              or any(id(p) not in own_keep for p in group.producers)):
+            idx = torch.arange(group.size)
+        else:
+            keep = torch.stack([own_keep[id(p)] for p in group.producers]).any(0)
+            if not keep.any():
+                keep[0] = True  # an empty space would leave a conv without kernels
+            idx = keep.nonzero().flatten()
+        kept[group.root] = idx
+        return idx
+
+    for g in graph.groups:
+        resolve(g)
+    return kept
+
+
+def _segment_index(kept: dict[int, torch.Tensor], segs: Segments) -> torch.Tensor:
+    parts, offset = [], 0
+    for root, n in segs:
+        parts.append(kept[root] + offset)
+        offset += n
+    return torch.cat(parts)
 
 
 def slim(
@@ -263,30 +502,24 @@ def slim(
     own_keep = {id(u): k.cpu() for u, k in zip(new_units, keep, strict=True)}
     set_keep(new_units, None)
     graph = analyse(slimmed)
+    kept = _kept_channels(graph, own_keep)
 
     for group in graph.groups:
-        if not group.producers:
-            continue
-        size = group.producers[0].out_channels
-        if group.fixed or any(id(p) not in own_keep for p in group.producers):
-            kept = torch.ones(size, dtype=torch.bool)
-        else:
-            kept = torch.stack([own_keep[id(p)] for p in group.producers]).any(0)
-            if not kept.any():
-                kept[0] = True  # an empty space would leave a conv without kernels
-        idx = kept.nonzero().flatten()
+        idx = kept[group.root]
         for p in group.producers:
             _slice_outputs(p, idx)
             if id(p) in own_keep:
                 forced = own_keep[id(p)][idx]
                 if not bool(forced.all()):
                     p.keep = forced.float().to(p.conv.weight.device)
-        for bn in group.bn_followers:
-            _slice_bn(bn, idx)
-        for c in group.conv_consumers:
-            _slice_inputs(c, idx)
-        for linear, factor in group.linear_consumers:
-            _slice_linear_inputs(linear, idx, factor)
+        for conv in group.plain_producers:
+            _slice_conv_outputs(conv, idx)
+    for c in graph.consumers:
+        idx = _segment_index(kept, c.segs)
+        if isinstance(c.layer, nn.Linear):
+            _slice_linear_inputs(c.layer, idx, c.factor)
+        else:
+            _slice_inputs(c.layer, idx)
 
     if not keep_mask_generators:
         for u in new_units:
@@ -294,10 +527,10 @@ def slim(
     if classes is not None:
         if graph.head is None:
             raise SlimmingError("the model's logits do not come from a linear layer; cannot cut classes")
-        idx = torch.tensor(classes, dtype=torch.long)
-        _slice_param(graph.head, "weight", idx, 0)
-        _slice_param(graph.head, "bias", idx, 0)
-        graph.head.out_features = len(idx)
+        cls_idx = torch.tensor(classes, dtype=torch.long)
+        _slice_param(graph.head, "weight", cls_idx, 0)
+        _slice_param(graph.head, "bias", cls_idx, 0)
+        graph.head.out_features = len(cls_idx)
     slimmed.config = {**model.config, "slimmed": True}
     return channels_last(slimmed)
 

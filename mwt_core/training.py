@@ -132,7 +132,12 @@ def train(
     gen.manual_seed(cfg.seed)
 
     # channels_last lets oneDNN (CPU) and cuDNN (GPU) pick their faster conv kernels.
-    model = build_model_for(cfg, data).to(device)
+    model = build_model_for(cfg, data)
+    if cfg.init_from is not None:
+        from mwt_core.models.weights import init_from
+
+        init_from(model, cfg.init_from)  # checked before any training; generators stay fresh
+    model = model.to(device)
     model = model.to(memory_format=torch.channels_last)
     train_set = ImageBatches(data.train_x, data.train_y, data.spec, device)
     test_set = ImageBatches(data.test_x, data.test_y, data.spec, device)

@@ -30,6 +30,7 @@ from app.db.session import make_engine, make_sessionmaker
 from app.services import compose as compose_svc
 from app.services import datasets as datasets_svc
 from app.services import jobs as job_store
+from app.services import weights as weights_svc
 from app.services.jobs import JobLost
 from app.settings import Settings, get_settings
 from mwt_core.config import LEGACY_VALUES, ModularizeConfig, TrainConfig
@@ -265,6 +266,8 @@ def _train_config(settings: Settings, p: dict[str, Any]) -> TrainConfig:
     the params; a key that a job queued by an older version lacks takes the value such jobs
     ran with, not today's default."""
     params = {**LEGACY_VALUES, **p}
+    if params.get("init_from"):  # the job names uploaded weights; the run reads their file
+        params["init_from"] = str(weights_svc.weights_path(settings, params["init_from"]))
     fields = set(TrainConfig.__dataclass_fields__) - {"device"}
     return TrainConfig(**{k: params[k] for k in fields if k in params}, device=settings.device)
 

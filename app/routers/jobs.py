@@ -22,6 +22,7 @@ from app.schemas.common import Page, QueryId, error_responses
 from app.schemas.jobs import JobCreate, JobOut
 from app.services import datasets as datasets_svc
 from app.services import jobs as svc
+from app.services import weights as weights_svc
 
 router = APIRouter(prefix="/jobs", tags=["jobs"])
 
@@ -51,19 +52,32 @@ def submit(
     principal: WriteKey,
     idempotency_key: IdempotencyKey = None,
 ) -> JobOut:
-    from mwt_core.models import UnknownArchitecture, architecture_info, list_architectures
+    from mwt_core.models import UnknownArchitecture, check_architecture, list_architectures
 
     try:
-        arch = architecture_info(body.arch).name
+        arch = check_architecture(body.arch, body.width).name
     except UnknownArchitecture:
         raise HTTPException(
             status.HTTP_422_UNPROCESSABLE_CONTENT,
             f"unknown architecture {body.arch!r}; choose one of {', '.join(list_architectures())}",
         ) from None
+    except ValueError as exc:  # a fixed-width or refused architecture
+        raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, str(exc)) from None
     try:
-        datasets_svc.resolve(db, settings, body.dataset)
+        _, upload = datasets_svc.resolve(db, settings, body.dataset)
     except (datasets_svc.DatasetNotFound, datasets_svc.DatasetUnavailable) as exc:
         raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, str(exc)) from None
+    if body.init_from is not None:
+        info = upload if upload is not None else datasets_svc.builtin_infos(settings)[body.dataset]
+        try:  # the first mismatched tensor is named here, not when a worker picks the job up
+            weights_svc.check_for_job(
+                settings, body.init_from, arch, body.width, body.modular,
+                num_classes=info.num_classes,  # type: ignore[attr-defined]
+                channels=info.channels,  # type: ignore[attr-defined]
+                input_size=upload.input_size if upload is not None else info.size,  # type: ignore[attr-defined]
+            )
+        except ValueError as exc:
+            raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, str(exc)) from None
     params = body.model_dump()
     params["arch"] = arch
     try:

@@ -14,6 +14,10 @@ class ArchitectureOut(BaseModel):
     name: str
     min_input_size: int
     description: str
+    source: str  # "built-in" or "torchvision" (converted to its masked form)
+    width_multiplier: bool  # False: the layout is fixed, jobs must use width 1
+    features: list[str]  # layer kinds the conversion handles in it
+    unsupported: str | None  # set: listed to say why it cannot be trained
 
 
 @router.get(
@@ -27,7 +31,9 @@ def architectures(_: ReadKey) -> list[ArchitectureOut]:
         info = architecture_info(name)
         out.append(
             ArchitectureOut(
-                name=info.name, min_input_size=info.min_input_size, description=info.description
+                name=info.name, min_input_size=info.min_input_size, description=info.description,
+                source=info.source, width_multiplier=info.width_multiplier,
+                features=list(info.features), unsupported=info.unsupported,
             )
         )
     return out

@@ -61,6 +61,11 @@ class JobCreate(BaseModel):
     compile: StrictBool = Field(
         _T.compile, description="torch.compile the training step (opt-in; compiling takes a while up front)"
     )
+    init_from: str | None = Field(
+        _T.init_from, pattern=NAME_PATTERN,
+        description="start from weights uploaded with PUT /api/v1/weights/{name} (fresh mask "
+        "generators); null: random initialisation",
+    )
     name: str | None = Field(
         None, pattern=NAME_PATTERN, description="model name; default '<dataset>-<arch>'"
     )

@@ -204,6 +204,13 @@ def resize_images(images: torch.Tensor, size: int, channels: int | None = None) 
     return out
 
 
+def model_input_shape(channels: int, size: int, min_input_size: int) -> tuple[int, int]:
+    """``(channels, size)`` of the images a model sees after :func:`ensure_min_size`."""
+    if min_input_size <= 0 or size >= min_input_size:
+        return channels, size
+    return 3, min_input_size
+
+
 def ensure_min_size(bundle: DatasetBundle, min_input_size: int) -> DatasetBundle:
     """The contract's resize rule.
 
@@ -211,12 +218,13 @@ def ensure_min_size(bundle: DatasetBundle, min_input_size: int) -> DatasetBundle
     ``min_input_size`` and 1-channel images become 3-channel; mean/std are
     recomputed on the resized train split. Otherwise the bundle is returned as is.
     """
-    if min_input_size <= 0 or bundle.spec.size >= min_input_size:
+    channels, size = model_input_shape(bundle.spec.channels, bundle.spec.size, min_input_size)
+    if size == bundle.spec.size:
         return bundle
-    train_x = resize_images(bundle.train_x, min_input_size, channels=3)
-    test_x = resize_images(bundle.test_x, min_input_size, channels=3)
+    train_x = resize_images(bundle.train_x, size, channels=channels)
+    test_x = resize_images(bundle.test_x, size, channels=channels)
     mean, std = channel_stats(train_x)
-    spec = InputSpec(channels=3, size=min_input_size, mean=mean, std=std, hflip=bundle.spec.hflip)
+    spec = InputSpec(channels=channels, size=size, mean=mean, std=std, hflip=bundle.spec.hflip)
     return DatasetBundle(
         name=bundle.name,
         train_x=train_x,

@@ -5,11 +5,13 @@ Importing the package registers the built-in architectures, so every path to
 """
 
 from mwt_core.models import architectures as _builtins  # noqa: F401  (registers the built-ins)
+from mwt_core.models import catalogue as _catalogue  # noqa: F401  (registers torchvision's CNNs)
 from mwt_core.models.base import MwTNet
 from mwt_core.models.registry import (
     ArchInfo,
     UnknownArchitecture,
     architecture_info,
+    check_architecture,
     create_model,
     list_architectures,
     register_model,
@@ -20,6 +22,7 @@ __all__ = [
     "MwTNet",
     "UnknownArchitecture",
     "architecture_info",
+    "check_architecture",
     "create_model",
     "list_architectures",
     "register_model",

@@ -33,7 +33,7 @@ class MaskGenerator(nn.Module):
 
 
 class ConvUnit(nn.Module):
-    """Conv -> BN, optionally gated per sample by a :class:`MaskGenerator`.
+    """Conv -> BN (or identity), optionally gated per sample by a :class:`MaskGenerator`.
 
     The activation is left to the block, so that residual blocks can add before it.
     ``keep`` (a 0/1 buffer, or ``None``) forces kernels to zero; slimming uses it for
@@ -54,7 +54,7 @@ class ConvUnit(nn.Module):
         self.conv = nn.Conv2d(
             c_in, c_out, kernel_size, stride=stride, padding=kernel_size // 2, bias=False
         )
-        self.bn = nn.BatchNorm2d(c_out)
+        self.bn: nn.Module = nn.BatchNorm2d(c_out)
         self.gate: MaskGenerator | None = (
             MaskGenerator(c_in, c_out, mask_hidden) if masked else None
         )
@@ -62,6 +62,24 @@ class ConvUnit(nn.Module):
         self.register_buffer("keep", None)
         self.last_mask: torch.Tensor | None = None
         nn.init.kaiming_normal_(self.conv.weight, mode="fan_out", nonlinearity="relu")
+
+    @classmethod
+    def from_layers(
+        cls, conv: nn.Conv2d, bn: nn.BatchNorm2d | None, masked: bool, mask_hidden: int | None = None,
+    ) -> ConvUnit:
+        """A unit around an existing conv (any stride, padding, dilation, groups, bias) and its BN.
+
+        The layers are taken as they are (weights included), so a converted network keeps
+        its initialisation or the user's trained weights; a conv without BN gets an identity.
+        """
+        unit = cls.__new__(cls)
+        nn.Module.__init__(unit)
+        unit.conv = conv
+        unit.bn = bn if bn is not None else nn.Identity()
+        unit.gate = MaskGenerator(conv.in_channels, conv.out_channels, mask_hidden) if masked else None
+        unit.register_buffer("keep", None)
+        unit.last_mask = None
+        return unit
 
     @property
     def masked(self) -> bool:

@@ -19,22 +19,37 @@ class UnknownArchitecture(ValueError):
 
 @dataclass(frozen=True)
 class ArchInfo:
+    """What a registered architecture is and what it supports."""
+
     name: str
     min_input_size: int
     description: str
+    source: str = "built-in"  # or "torchvision" (converted to its masked form)
+    width_multiplier: bool = True  # False: fixed layout, width must be 1
+    features: tuple[str, ...] = ()  # layer kinds the conversion handles in it (for listings)
+    unsupported: str | None = None  # why it is listed but cannot be built
 
 
 Builder = Callable[..., MwTNet]
 _BUILDERS: dict[str, tuple[Builder, ArchInfo]] = {}
 
 
-def register_model(name: str, *, min_input_size: int, description: str) -> Callable[[Builder], Builder]:
-    """Register ``builder(num_classes, in_channels, input_size, width, masked)`` under ``name``."""
+def _normal(name: str) -> str:
+    return name.lower().replace("-", "").replace("_", "")
+
+
+def register_model(
+    name: str, *, min_input_size: int, description: str, **info: object,
+) -> Callable[[Builder], Builder]:
+    """Register ``builder(num_classes, in_channels, input_size, width, masked)`` under ``name``.
+
+    ``info`` sets the other :class:`ArchInfo` fields (source, width_multiplier, ...).
+    """
 
     def wrap(builder: Builder) -> Builder:
-        if name in _BUILDERS:
+        if _normal(name) in {_normal(n) for n in _BUILDERS}:
             raise ValueError(f"architecture {name!r} is already registered")
-        _BUILDERS[name] = (builder, ArchInfo(name, min_input_size, description))
+        _BUILDERS[name] = (builder, ArchInfo(name, min_input_size, description, **info))  # type: ignore[arg-type]
         return builder
 
     return wrap
@@ -45,14 +60,35 @@ def list_architectures() -> list[str]:
 
 
 def architecture_info(arch: str) -> ArchInfo:
-    key = arch.lower().replace("-", "").replace("_", "")
-    aliases = {"vgg16bn": "vgg16", "vgg16": "vgg16"}
+    """The registered architecture ``arch`` names (case, ``-`` and ``_`` ignored)."""
+    key = _normal(arch)
+    aliases = {"vgg16bn": "vgg16"}
     key = aliases.get(key, key)
-    if key not in _BUILDERS:
+    names = {_normal(n): n for n in _BUILDERS}
+    if key not in names:
         raise UnknownArchitecture(
             f"unknown architecture {arch!r}; choose one of: {', '.join(sorted(_BUILDERS))}"
         )
-    return _BUILDERS[key][1]
+    return _BUILDERS[names[key]][1]
+
+
+def check_architecture(arch: str, width: float) -> ArchInfo:
+    """``arch``'s info if a run may use it at ``width``, else ``ValueError`` saying what to change.
+
+    The one place where an architecture name and its width are validated (the run config
+    and ``create_model`` both call it).
+    """
+    info = architecture_info(arch)
+    if info.unsupported is not None:
+        raise ValueError(f"{info.name} cannot be trained with MwT: {info.unsupported}")
+    if not 0 < width <= LIMITS.width:
+        raise ValueError(f"width must be in (0, {LIMITS.width:g}], got {width}")
+    if not info.width_multiplier and width != 1:
+        raise ValueError(
+            f"{info.name} keeps the {info.source} layout (no width multiplier): set width to 1, "
+            f"got {width}"
+        )
+    return info
 
 
 def create_model(
@@ -64,13 +100,11 @@ def create_model(
     masked: bool = True,
 ) -> MwTNet:
     """Build a registered architecture; ``masked`` adds mask generators (MwT training)."""
-    info = architecture_info(arch)
+    info = check_architecture(arch, width)
     if num_classes < 2:
         raise ValueError(f"num_classes must be at least 2, got {num_classes}")
     if in_channels < 1:
         raise ValueError(f"in_channels must be positive, got {in_channels}")
-    if not 0 < width <= LIMITS.width:
-        raise ValueError(f"width must be in (0, {LIMITS.width:g}], got {width}")
     if input_size < info.min_input_size:
         raise ValueError(
             f"{info.name} needs inputs of at least {info.min_input_size}x{info.min_input_size} "

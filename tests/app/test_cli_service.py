@@ -160,3 +160,22 @@ def test_a_lost_admin_key_is_replaced_with_mwt_key(
     assert client.delete(f"/api/v1/keys/{old['id']}", headers=admin).status_code == 200
     gone = client.get("/api/v1/models", headers={"Authorization": f"Bearer {lost}"})
     assert gone.status_code == 401
+
+
+def test_upload_weights_then_submit_init_from(use_app: TestClient, tmp_path: Path) -> None:
+    import torchvision.models as tvm
+    from safetensors.torch import save_file
+
+    path = tmp_path / "r18.safetensors"
+    state = tvm.resnet18(weights=None, num_classes=10).state_dict()
+    save_file({k: v.contiguous() for k, v in state.items()}, str(path))
+    runner = CliRunner()
+    res = runner.invoke(cli, ["upload-weights", "r18", str(path)])
+    assert res.exit_code == 0, res.output
+    assert f"{len(state)} tensors" in res.output
+    res = runner.invoke(cli, ["submit", "--json", "--arch", "tv_resnet18", "--width", "1",
+                              "--init-from", "r18"])
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.output)["params"]["init_from"] == "r18"
+    res = runner.invoke(cli, ["submit", "--arch", "simcnn", "--init-from", "r18"])
+    assert res.exit_code != 0 and "is not a weight of simcnn" in res.output

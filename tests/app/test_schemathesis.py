@@ -46,13 +46,21 @@ def _build() -> tuple[FastAPI, str]:
 
 # A body can be valid by the schema and still name what the registry does not hold: a class
 # of the model (compositions), a dataset or architecture (jobs), or an upload whose bytes are
-# not a dataset. Those answer 422 with what to fix, so for these three operations
-# positive_data_acceptance also expects 422; everything else keeps schemathesis' defaults.
+# not a dataset or a safetensors state dict (weights). Those answer 422 with what to fix, so
+# for these operations positive_data_acceptance also expects 422; everything else keeps
+# schemathesis' defaults.
 CONFIG = SchemathesisConfig.from_str(
     """
 [[operations]]
 include-method = "POST"
 include-path-regex = "^/api/v1/(compositions|jobs|datasets)$"
+checks.positive_data_acceptance.expected-statuses = [
+  "2xx", "3xx", "401", "403", "404", "409", "422", "429",
+]
+
+[[operations]]
+include-method = "PUT"
+include-path-regex = "^/api/v1/weights/"
 checks.positive_data_acceptance.expected-statuses = [
   "2xx", "3xx", "401", "403", "404", "409", "422", "429",
 ]

@@ -86,3 +86,27 @@ def test_compose_bench_tiny():
     # (--budget epochs would give 1 everywhere; pairs' 5 is capped by --max-epochs 3)
     assert set(epochs["pairs"]) == {3} and all(1 < e <= 3 for e in epochs["halves"])
     assert len(r["compose_wall_s"]) == 1 and r["compose_cpu_p50_s"] > 0
+
+
+def test_archs_bench_tiny():
+    r = _last_json_line("archs.py", "--archs", "tv_mobilenet_v3_small,tv_regnet_y_400mf", "--epochs", "1",
+                        "--train-limit", "64", "--batch", "8", "--steps", "1", "--device", "cpu")
+    assert set(r["archs"]) == {"tv_mobilenet_v3_small", "tv_regnet_y_400mf"}
+    for a in r["archs"].values():
+        assert a["slim_max_diff"] < 1e-5 and a["static_max_diff"] < 1e-5
+        assert a["params"] > a["plain_params"] > 0 and a["flops"] > a["plain_flops"] > 0
+        assert a["convert_s"] > 0 and a["step_s"] > 0 and a["masked_units"] > 0
+        assert 0 <= a["mwt_acc"] <= 1 and 0 < a["krr"] <= 1
+        for key in ("module1", "module3"):
+            assert 0 < a[f"{key}_flops_ratio"] <= 1 + 1e-9 and a[f"{key}_latency_ratio"] > 0
+
+
+def test_archs_bench_init_study_tiny():
+    r = _last_json_line("archs.py", "--archs", "none", "--init-study", "1", "--train-limit", "32",
+                        "--batch", "16", "--device", "cpu")
+    s = r["init_study"]
+    assert r["archs"] == {} and s["scratch_epochs"] == s["std_epochs"] + s["init_epochs"]
+    for key in ("std", "init", "scratch"):
+        assert 0 <= s[f"{key}_acc"] <= 1 and s[f"{key}_s"] > 0
+    for key in ("init", "scratch"):
+        assert 0 < s[f"{key}_krr"] <= 1 and 0 <= s[f"{key}_coupling"] <= 1

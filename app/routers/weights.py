@@ -1,0 +1,75 @@
+"""Weights users already have (safetensors state dicts), uploaded to start jobs from."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+from pathlib import Path
+
+from fastapi import APIRouter, HTTPException, Request, status
+from pydantic import BaseModel
+
+from app.auth import WriteKey
+from app.deps import SettingsDep
+from app.schemas.common import error_responses
+from app.services import weights as svc
+from mwt_core.limits import LIMITS
+
+router = APIRouter(prefix="/weights", tags=["weights"])
+
+
+class WeightsOut(BaseModel):
+    name: str
+    size_bytes: int
+    sha256: str
+    tensors: int
+
+
+@router.put(
+    "/{name}", response_model=WeightsOut, status_code=status.HTTP_201_CREATED,
+    summary="Upload a safetensors state dict (raw body) that jobs can start from (init_from)",
+    max_body_size=LIMITS.init_weights_bytes,
+    responses=error_responses(409, 413, 422),
+    openapi_extra={"requestBody": {"required": True, "content": {
+        "application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}}},
+)
+async def upload_weights(name: str, request: Request, settings: SettingsDep, _: WriteKey) -> WeightsOut:
+    from mwt_core.models.weights import WeightsError, read_shapes
+
+    try:
+        final = svc.weights_path(settings, name)
+    except ValueError as exc:
+        raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, str(exc)) from None
+    if final.exists():
+        raise HTTPException(status.HTTP_409_CONFLICT, f"weights {name!r} already exist")
+    limit = LIMITS.init_weights_bytes
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise HTTPException(status.HTTP_413_CONTENT_TOO_LARGE, f"weights exceed {limit} bytes")
+    final.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(dir=final.parent, prefix=".upload-", suffix=".safetensors")
+    tmp = Path(tmp_name)
+    digest, size = hashlib.sha256(), 0
+    try:
+        with os.fdopen(fd, "wb") as f:
+            async for chunk in request.stream():  # streamed: never the whole body in memory
+                size += len(chunk)
+                if size > limit:
+                    raise HTTPException(status.HTTP_413_CONTENT_TOO_LARGE, f"weights exceed {limit} bytes")
+                digest.update(chunk)
+                f.write(chunk)
+        try:
+            shapes = read_shapes(tmp)  # the header only; never unpickled
+        except WeightsError as exc:
+            raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT,
+                                "the body must be a safetensors state dict: " + str(exc).split(": ", 1)[-1]
+                                ) from None
+        if not shapes:
+            raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, "the state dict holds no tensor")
+        if final.exists():
+            raise HTTPException(status.HTTP_409_CONFLICT, f"weights {name!r} already exist")
+        os.replace(tmp, final)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return WeightsOut(name=name, size_bytes=size, sha256=digest.hexdigest(), tensors=len(shapes))

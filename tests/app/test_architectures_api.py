@@ -1,0 +1,20 @@
+"""The architecture catalogue over HTTP: listed with what each supports, checked on submit."""
+
+
+def test_architectures_lists_builtins_and_torchvision_with_what_they_support(client):
+    r = client.get("/api/v1/architectures")
+    assert r.status_code == 200
+    by_name = {a["name"]: a for a in r.json()}
+    assert by_name["simcnn"]["source"] == "built-in" and by_name["simcnn"]["width_multiplier"]
+    mobilenet = by_name["tv_mobilenet_v2"]
+    assert mobilenet["source"] == "torchvision" and not mobilenet["width_multiplier"]
+    assert "depthwise" in mobilenet["features"] and mobilenet["unsupported"] is None
+    assert "LayerNorm" in by_name["tv_convnext_tiny"]["unsupported"]
+
+
+def test_submit_refuses_a_width_the_architecture_does_not_have(client):
+    r = client.post("/api/v1/jobs", json={"arch": "tv_resnet18", "width": 0.5})
+    assert r.status_code == 422
+    assert "set width to 1" in r.json()["detail"]
+    r = client.post("/api/v1/jobs", json={"arch": "tv_convnext_tiny", "width": 1})
+    assert r.status_code == 422 and "LayerNorm" in r.json()["detail"]
