@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 # Written after a successful install; rebuilt when pyproject.toml or constraints.txt change.
 STAMP := $(VENV)/.mwt-hub-installed
 
-.PHONY: venv run test lint typecheck format readme clean
+.PHONY: venv run test lint typecheck format readme walkthrough clean
 
 venv: $(STAMP)
 
@@ -35,6 +35,9 @@ format: venv
 
 readme: venv  # rewrite README.md's generated tables (tests/scripts/test_readme.py checks them)
 	$(BIN)/python scripts/readme.py --write
+
+walkthrough: venv  # rerun the README's service walk-through on a fresh registry and rewrite its output blocks
+	$(BIN)/python scripts/walkthrough.py --write
 
 clean:
 	rm -rf .pytest_cache .ruff_cache build dist *.egg-info

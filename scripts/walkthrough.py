@@ -1,0 +1,352 @@
+"""Run the README's service walk-through on a fresh registry and write (or check) its output blocks.
+
+    python scripts/walkthrough.py                  # check: exit 1 and a diff when README.md's shapes differ
+    python scripts/walkthrough.py --write          # rewrite the blocks with this run's real output
+    python scripts/walkthrough.py --epochs 1 --width 0.125   # a fast run (what the test does)
+
+Each step's console block sits between ``<!-- walkthrough: NAME -->`` and ``<!-- end walkthrough:
+NAME -->``. The commands live here, in ``STEPS``; the README's ``$ ...`` lines are written from them.
+The script starts ``mwt serve`` on a fresh data directory and a free port, runs every command with
+``bash`` (``localhost:8000`` pointed at that port, ``$H`` holding the admin key), and stops the
+server at the end, always. JSON answers are reflowed to ``WIDTH`` columns.
+
+The check compares shapes, not figures: the same commands, the same JSON keys at every depth and
+the same text with numbers, ids, hashes and times masked. Figures differ run to run (and between
+``--epochs``); names and structure may not.
+"""
+
+from __future__ import annotations
+
+import argparse
+import difflib
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+README = ROOT / "README.md"
+REGEN = "python scripts/walkthrough.py --write"
+WIDTH = 100
+README_PORT = 8000
+# What the README's walk-through runs with; the test passes smaller ones.
+DEFAULT_EPOCHS = 10
+DEFAULT_WIDTH = 0.25
+
+Block = list[tuple[str, str]]  # (command, output) pairs
+
+
+@dataclass(frozen=True)
+class Step:
+    """One README block: commands formatted with the run's values (``{epochs}``, ``{job1}``, ...)."""
+
+    name: str
+    commands: tuple[str, ...]
+
+
+STEPS: tuple[Step, ...] = (
+    Step("train", (
+        "curl -s -X POST localhost:8000/api/v1/jobs -H \"$H\" -H 'Content-Type: application/json' "
+        "-H 'Idempotency-Key: readme-demo-1' -d '{{\"dataset\": \"digits\", \"arch\": \"simcnn\", "
+        "\"width\": {width}, \"epochs\": {epochs}}}'",
+        "mwt submit --width {width} --epochs {epochs} --seed 1",
+    )),
+    Step("watch", (
+        "curl -s localhost:8000/api/v1/jobs/{job1} -H \"$H\"",
+        "curl -sN --max-time 5 localhost:8000/api/v1/jobs/{job1}/events -H \"$H\" | head -n 4 | cut -c 1-100",
+        "mwt watch {job1}",
+        "mwt watch {job2}",
+    )),
+    Step("models", (
+        "mwt models",
+        "curl -s 'localhost:8000/api/v1/modules?dataset=digits&class_name=3&model_id=1' -H \"$H\"",
+    )),
+    Step("download", (
+        "curl -s -D - -o module3.tar localhost:8000/api/v1/modules/{module3}/download -H \"$H\"",
+        "sha256sum module3.tar",
+        "mwt download {module3} --out dl",
+    )),
+    Step("compose", (
+        "curl -s -X POST localhost:8000/api/v1/compositions -H \"$H\" "
+        "-H 'Content-Type: application/json' -d '{{\"model_id\": 1, \"classes\": [3, 5, 8]}}'",
+        "mwt compose 1 3,5,8",
+    )),
+    Step("compose-models", (
+        "curl -s -X POST localhost:8000/api/v1/compositions -H \"$H\" "
+        "-H 'Content-Type: application/json' -d '{{\"sources\": [{{\"model_id\": 1, \"classes\": "
+        "[3, 5]}}, {{\"model_id\": 2, \"classes\": [8, 9]}}]}}'",
+        "mwt compose 1 0,1,2,3,4 --with 2:5,6,7,8,9",
+    )),
+)
+
+
+# ------------------------------------------------------------------------------- formatting
+
+
+def reflow_json(value: Any, col: int = 0, width: int = WIDTH) -> str:
+    """``value`` as JSON that fits ``width`` columns where it can: an object or list too long for
+    its line has its items packed greedily, continuation lines indented under its bracket (a long
+    string stays whole). Still valid JSON; ``col`` is the column ``value`` starts at."""
+    flat = json.dumps(value)
+    if col + len(flat) <= width or not isinstance(value, dict | list) or not value:
+        return flat
+    is_dict = isinstance(value, dict)
+    entries = ([(json.dumps(k) + ": ", v) for k, v in value.items()] if isinstance(value, dict)
+               else [("", v) for v in value])
+    out, pos = ("{" if is_dict else "["), col + 1
+    for i, (prefix, item) in enumerate(entries):
+        end = "," if i < len(entries) - 1 else ("}" if is_dict else "]")
+        if i and pos + 1 + len(prefix + json.dumps(item) + end) > width:
+            out, pos = out + "\n" + " " * (col + 1), col + 1
+        elif i:
+            out, pos = out + " ", pos + 1
+        piece = prefix + reflow_json(item, pos + len(prefix), width) + end
+        out += piece
+        pos = len(piece.rsplit("\n", 1)[1]) if "\n" in piece else pos + len(piece)
+    return out
+
+
+def _format_output(raw: str) -> str:
+    text = raw.replace("\r\n", "\n").rstrip("\n")
+    try:
+        return reflow_json(json.loads(text))
+    except ValueError:
+        return "\n".join(line.rstrip() for line in text.split("\n"))
+
+
+def render_block(pairs: Block) -> str:
+    """A ``console`` fence: each ``$ command`` followed by its output."""
+    lines = ["```console"]
+    for i, (command, output) in enumerate(pairs):
+        if i and lines[-1] != "":
+            lines.append("")
+        lines.append(f"$ {command}")
+        if output:
+            lines.append(output)
+    lines.append("```")
+    return "\n".join(lines)
+
+
+def parse_block(body: str) -> Block:
+    """The (command, output) pairs of a block written by ``render_block``."""
+    pairs: Block = []
+    for line in body.strip("\n").splitlines():
+        if line.startswith("```"):
+            continue
+        if line.startswith("$ "):
+            pairs.append((line[2:], ""))
+        elif pairs:
+            command, output = pairs[-1]
+            pairs[-1] = (command, output + ("\n" if output else "") + line)
+    return [(c, o.strip("\n")) for c, o in pairs]
+
+
+# ----------------------------------------------------------------------------------- shapes
+
+_MASKS = (
+    (re.compile(r"\b\d{4}-\d\d-\d\dT[\d:.]+Z?"), "<time>"),
+    (re.compile(r"\b[A-Z][a-z]{2}, \d\d [A-Z][a-z]{2} \d{4} [\d:]+ GMT"), "<time>"),
+    (re.compile(r"mwt_[A-Za-z0-9_-]{20,}"), "<key>"),
+    # ids and sha256 (prefixes): one token with numbers, since a prefix may be all digits
+    (re.compile(r"\b(?=[0-9a-f]*[a-f])[0-9a-f]{8,}\b"), "0"),
+    (re.compile(r"-?\d+(\.\d+)?(e-?\d+)?[kMG]?"), "0"),
+    (re.compile(r"([━─═┈…])\1+"), r"\1"),
+    (re.compile(r"\s+"), " "),
+)
+
+
+def mask(text: str) -> str:
+    """``text`` with figures (numbers, ids, hashes, times) and column padding masked."""
+    for pattern, repl in _MASKS:
+        text = pattern.sub(repl, text)
+    return text.strip()
+
+
+def shape(value: Any) -> Any:
+    """A JSON value's keys at every depth (a list by its first item); leaves become their type."""
+    if isinstance(value, dict):
+        return {k: shape(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [shape(value[0])] if value else []
+    return "value"
+
+
+def output_shape(output: str) -> Any:
+    """What the check compares of one command's output: the JSON shape, else the masked text."""
+    try:
+        return shape(json.loads(output))
+    except ValueError:
+        return mask(output)
+
+
+def shape_diff(shown: Block, fresh: Block) -> list[str]:
+    """Why a README block does not match a fresh run's (empty when the shapes agree)."""
+    problems = []
+    if [mask(c) for c, _ in shown] != [mask(c) for c, _ in fresh]:
+        problems.append("commands differ:\n" + "\n".join(difflib.unified_diff(
+            [c for c, _ in shown], [c for c, _ in fresh], "README", "script", lineterm="")))
+        return problems
+    for (command, out_shown), (_, out_fresh) in zip(shown, fresh, strict=True):
+        a, b = output_shape(out_shown), output_shape(out_fresh)
+        if a != b:
+            problems.append(f"`$ {command}` output differs:\n" + "\n".join(difflib.unified_diff(
+                json.dumps(a, indent=1).splitlines(), json.dumps(b, indent=1).splitlines(),
+                "README", "fresh run", lineterm="")))
+    return problems
+
+
+# -------------------------------------------------------------------------------- the run
+
+
+def _api(port: int, key: str, path: str) -> Any:
+    import httpx
+
+    r = httpx.get(f"http://127.0.0.1:{port}/api/v1{path}",
+                  headers={"Authorization": f"Bearer {key}"}, timeout=30)
+    r.raise_for_status()
+    return r.json()
+
+
+def run_walkthrough(epochs: int, width: float, timeout: float = 900.0) -> dict[str, Block]:
+    """Start ``mwt serve`` on a fresh registry, run every step, stop the server; the blocks."""
+    sys.path.insert(0, str(ROOT))
+    from tests.support.processes import ServiceProcess, clean_env, wait_http
+    from tests.support.services import free_port
+
+    with tempfile.TemporaryDirectory(prefix="mwt-walkthrough-") as tmp:
+        work = Path(tmp)
+        port = free_port()
+        key_file = work / "admin.key"
+        env = clean_env({"MWT_DATA_DIR": str(work / "data"), "COLUMNS": "160",
+                         "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")})
+        server = ServiceProcess("serve", ["mwt", "serve", "--port", str(port), "--host",
+                                          "127.0.0.1", "--key-file", str(key_file)], env, work)
+        try:
+            wait_http(f"http://127.0.0.1:{port}/api/v1/health", timeout=120, proc=server)
+            key = key_file.read_text().strip()
+            shell_env = {**env, "MWT_API_KEY": key, "MWT_URL": f"http://127.0.0.1:{port}",
+                         "H": f"Authorization: Bearer {key}",
+                         "PATH": str(Path(sys.executable).parent) + os.pathsep + env["PATH"]}
+            (work / "cwd").mkdir()
+            values: dict[str, Any] = {"epochs": epochs, "width": width}
+            blocks: dict[str, Block] = {}
+            deadline = time.monotonic() + timeout
+            for step in STEPS:
+                pairs: Block = []
+                for template in step.commands:
+                    _before(step.name, template, values, port, key, deadline)
+                    command = template.format(**values)
+                    real = command.replace(f"localhost:{README_PORT}", f"127.0.0.1:{port}")
+                    done = subprocess.run(["bash", "-o", "pipefail", "-c", real],
+                                          cwd=work / "cwd", env=shell_env, capture_output=True,
+                                          text=True, timeout=max(10.0, deadline - time.monotonic()))
+                    # ``head`` closing an endless event stream is the expected end of that command.
+                    if done.returncode not in (0, 23) or (done.returncode and "head" not in command):
+                        raise RuntimeError(f"`$ {command}` exited {done.returncode}:\n"
+                                           f"{done.stdout}\n{done.stderr}")
+                    output = _format_output(done.stdout.replace(f"127.0.0.1:{port}",
+                                                                f"localhost:{README_PORT}"))
+                    pairs.append((command, output))
+                    _after(template, output, values)
+                blocks[step.name] = pairs
+            return blocks
+        finally:
+            server.stop()
+
+
+def _after(template: str, output: str, values: dict[str, Any]) -> None:
+    """Remember the ids later commands use (the jobs submitted in step 1)."""
+    if "/api/v1/jobs " in template + " " and template.startswith("curl -s -X POST"):
+        values["job1"] = json.loads(output)["id"]
+    elif template.startswith("mwt submit"):
+        values["job2"] = re.search(r"\b[0-9a-f]{32}\b", output).group(0)  # type: ignore[union-attr]
+
+
+def _before(step: str, template: str, values: dict[str, Any], port: int, key: str,
+            deadline: float) -> None:
+    """Wait for what a command shows: a training step before the job's first GET; the module id."""
+    if template.startswith("curl -s localhost:8000/api/v1/jobs/{job1}"):
+        while not (_api(port, key, f"/jobs/{values['job1']}").get("progress") or {}).get("step"):
+            if time.monotonic() > deadline:
+                raise TimeoutError("job 1 reported no progress")
+            time.sleep(0.1)
+    if "{module3}" in template and "module3" not in values:
+        page = _api(port, key, "/modules?dataset=digits&class_name=3&model_id=1")
+        values["module3"] = page["items"][0]["id"]
+
+
+# ------------------------------------------------------------------------------ the README
+
+
+def _pattern(name: str) -> re.Pattern[str]:
+    return re.compile(rf"(<!-- walkthrough: {re.escape(name)} -->\n)(.*?)"
+                      rf"(<!-- end walkthrough: {re.escape(name)} -->)", re.S)
+
+
+def shown_blocks(text: str) -> dict[str, Block]:
+    """The README's walk-through blocks by step name."""
+    blocks = {}
+    for step in STEPS:
+        m = _pattern(step.name).search(text)
+        if m is None:
+            raise SystemExit(f"error: README.md has no block `<!-- walkthrough: {step.name} -->`")
+        blocks[step.name] = parse_block(m.group(2))
+    return blocks
+
+
+def write_blocks(text: str, blocks: dict[str, Block]) -> str:
+    """``text`` with each step's block replaced by ``blocks``."""
+    for name, pairs in blocks.items():
+        body = render_block(pairs)
+
+        def fill(m: re.Match[str], body: str = body) -> str:
+            return m.group(1) + body + "\n" + m.group(3)
+
+        text = _pattern(name).sub(fill, text)
+    return text
+
+
+def check(text: str, fresh: dict[str, Block]) -> list[str]:
+    """Every difference in shape between the README's blocks and a fresh run's."""
+    shown = shown_blocks(text)
+    return [f"[{name}] {p}" for name in shown for p in shape_diff(shown[name], fresh[name])]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--write", action="store_true", help="rewrite README.md's blocks")
+    parser.add_argument("--readme", type=Path, default=README)
+    parser.add_argument("--epochs", type=int, default=DEFAULT_EPOCHS)
+    parser.add_argument("--width", type=float, default=DEFAULT_WIDTH)
+    args = parser.parse_args(argv)
+    text = args.readme.read_text()
+    shown_blocks(text)  # fail on a missing marker before training anything
+    start = time.monotonic()
+    try:
+        fresh = run_walkthrough(args.epochs, args.width)
+    except (RuntimeError, TimeoutError, subprocess.TimeoutExpired) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    took = time.monotonic() - start
+    if args.write:
+        args.readme.write_text(write_blocks(text, fresh))
+        print(f"{args.readme}: {len(fresh)} walk-through blocks written ({took:.0f} s)")
+        return 0
+    problems = check(text, fresh)
+    if problems:
+        print("\n\n".join(problems))
+        print(f"error: README.md's walk-through differs in shape; run `{REGEN}`", file=sys.stderr)
+        return 1
+    print(f"{args.readme}: {len(fresh)} walk-through blocks match a fresh run ({took:.0f} s)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(ROOT))
+    raise SystemExit(main())

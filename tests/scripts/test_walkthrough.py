@@ -1,0 +1,87 @@
+"""README.md's service walk-through still runs and shows what the code answers today.
+
+``scripts/walkthrough.py`` runs the walk-through's commands against a fresh ``mwt serve``; the slow
+test does so with a tiny training run and compares shapes (commands, JSON keys, masked text) with
+the README's blocks. The fast tests show the comparison fails for the reasons it names.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _script() -> ModuleType:
+    spec = importlib.util.spec_from_file_location("walkthrough_script", ROOT / "scripts" / "walkthrough.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclass looks its module up by name
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def wt() -> ModuleType:
+    return _script()
+
+
+@pytest.fixture(scope="module")
+def shown(wt: ModuleType) -> dict[str, list[tuple[str, str]]]:
+    blocks: dict[str, list[tuple[str, str]]] = wt.shown_blocks((ROOT / "README.md").read_text())
+    return blocks
+
+
+def test_every_step_has_a_block_with_its_commands(
+    wt: ModuleType, shown: dict[str, list[tuple[str, str]]]
+) -> None:
+    assert list(shown) == [step.name for step in wt.STEPS]
+    for step in wt.STEPS:
+        assert len(shown[step.name]) == len(step.commands), step.name
+        assert all(output for _, output in shown[step.name]), f"{step.name}: a command shows nothing"
+
+
+def test_figures_are_masked_but_names_are_not(wt: ModuleType) -> None:
+    a = "│  1 │ digits │ 96.7% │ 1.1M │ 48f1839b │ 2026-11-25T19:57:19.976282Z"
+    b = "│ 12 │ digits │ 9.1%  │ 294k │ 38913390 │ 2025-01-01T00:00:00Z"
+    assert wt.mask(a) == wt.mask(b)
+    assert wt.mask(a) != wt.mask(a.replace("digits", "cifar10"))
+
+
+def test_a_missing_field_or_changed_command_fails_the_check(
+    wt: ModuleType, shown: dict[str, list[tuple[str, str]]]
+) -> None:
+    """The check compares against the run's output: a key the README shows but the run lacks (or
+    the reverse), and a command that differs beyond its figures, are reported; figures are not."""
+    block = shown["compose"]
+    command, output = block[0]
+    data = json.loads(output)
+    refigured = {k: (v * 2 if isinstance(v, float) else v) for k, v in data.items()}
+    assert wt.shape_diff(block, [(command, wt.reflow_json(refigured)), *block[1:]]) == []
+    del data["krr"]
+    problems = wt.shape_diff(block, [(command, wt.reflow_json(data)), *block[1:]])
+    assert len(problems) == 1 and '"krr"' in problems[0]
+    renamed = [(command.replace("classes", "labels"), output), *block[1:]]
+    assert wt.shape_diff(block, renamed)[0].startswith("commands differ")
+    table = block[1][1]
+    assert wt.shape_diff(block, [block[0], (block[1][0], table.replace("KRR", "krr"))])
+
+
+@pytest.mark.slow
+def test_readme_walkthrough_runs_on_a_fresh_registry(tmp_path: Path) -> None:
+    """Every README command runs against a fresh ``mwt serve`` and its output has the README's
+    shape (1 epoch at width 0.125 instead of the README's training run, so figures differ)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "walkthrough.py"), "--epochs", "1", "--width", "0.125"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600,
+    )
+    assert done.returncode == 0, done.stdout[-6000:] + done.stderr[-4000:]
