@@ -155,12 +155,15 @@ def training_defaults() -> str:
                    **{f.name: getattr(demo_cfg, f.name) for f in fields(TrainConfig)}}
     demo = {k: (demo_values[k], _param(demo_cmd, k) is not None) for k in core}
 
-    def cell(value: Any, option: bool) -> str:
-        text = "= lr" if value is None else fmt(value)
+    # What ``None`` means differs per field: mask_lr falls back to lr, init_from to no weights.
+    none_means = {"mask_lr": "= lr"}
+
+    def cell(key: str, value: Any, option: bool) -> str:
+        text = none_means.get(key, "none") if value is None else fmt(value)
         return text if option else text + " *"
 
     rows = [
-        [f"`{k}`", cell(core[k], True), *(cell(*col[k]) for col in (train, api, submit, demo))]
+        [f"`{k}`", cell(k, core[k], True), *(cell(k, *col[k]) for col in (train, api, submit, demo))]
         for k in core
     ]
     return markdown(
