@@ -186,8 +186,8 @@ def test_converted_network_trains_and_modularizes(digits32):
     model = result.model.cpu().eval()
     (epoch,) = result.history
     # the MwT losses ran on the converted units' masks: finite, and not the trivial values
-    assert all(torch.isfinite(torch.tensor(epoch[k])) for k in ("loss", "cohesion", "coupling"))
-    assert 0 < epoch["coupling"] < 1 and epoch["kernel_rate"] is not None
+    assert all(torch.isfinite(torch.tensor(epoch[k])) for k in ("loss", "cohesion_loss", "coupling_loss"))
+    assert 0 < epoch["coupling_loss"] < 1 and epoch["kernel_rate"] is not None
     mod = modularize(model, data, device="cpu")
     assert len(mod.class_masks) == 10
     assert [m.numel() for m in mod.class_masks[0]] == model.kernel_counts()
