@@ -13,37 +13,42 @@ set ``MWT_DEBUG=1`` to see the traceback instead.
 from __future__ import annotations
 
 import dataclasses
-import functools
-import json
-import os
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, Any
 
 import torch
 import typer
-from rich.console import Console
-from rich.progress import (
-    BarColumn,
-    MofNCompleteColumn,
-    Progress,
-    SpinnerColumn,
-    TextColumn,
-    TimeElapsedColumn,
-    TimeRemainingColumn,
-)
 from rich.table import Table
 
-from mwt_core import __version__
 from mwt_core.artifacts import (
-    WEIGHTS_FILE,
-    ArtifactError,
     load_artifact,
     read_manifest,
     save_artifact,
 )
 from mwt_core.checksums import sha256_file
+from mwt_core.cli_support import (
+    CliError,
+    PipelineView,
+    Ui,
+    _architecture_text,
+    _composition_classes,
+    _extract,
+    _extract_table,
+    _fail,
+    _kv_table,
+    _load_model_artifact,
+    _modularization_of,
+    _num,
+    _one_vs_rest_auroc,
+    _pct,
+    _render_train,
+    _require_dir,
+    _source_label,
+    _verify,
+    _with_arch,
+    command_boundary,
+    run_training,
+)
 from mwt_core.compose_options import DEFAULT_COMBINE, DEFAULT_PER_CLASS, METHODS
 from mwt_core.config import (
     DEFAULT_DATASET,
@@ -55,24 +60,15 @@ from mwt_core.config import (
 )
 from mwt_core.data.classes import parse_classes
 from mwt_core.data.datasets import DatasetBundle, list_datasets
-from mwt_core.models import MwTNet, architecture_info, list_architectures
-from mwt_core.modularize import Modularization
+from mwt_core.models import architecture_info, list_architectures
 from mwt_core.pipeline import (
-    CheckpointMismatch,
     Layout,
-    PipelineEvent,
-    PipelineResult,
     class_dirnames,
     data_for_manifest,
-    dataset_ref,
-    extract_classes,
-    load_training_data,
     modularization_metrics,
     remodularize,
-    run_pipeline,
 )
 from mwt_core.reuse import evaluate
-from mwt_core.training import TrainingCancelled
 
 app = typer.Typer(
     name="mwt",
@@ -82,87 +78,10 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 
-CREATED_BY = f"mwt-cli {__version__}"
 DEMO_CLASSES = [3, 5, 8]
 
-F = TypeVar("F", bound=Callable[..., Any])
-
-
-# --------------------------------------------------------------------------- plumbing
-
-
-class CliError(ValueError):
-    """A user-facing failure detected by the CLI itself."""
-
-
-def _one_line(exc: BaseException) -> str:
-    text = " ".join(str(exc).split())
-    return text or type(exc).__name__
-
-
-def _fail(message: str, code: int = 1) -> None:
-    typer.echo(f"error: {message}", err=True)
-    raise typer.Exit(code)
-
-
-def command_boundary(fn: F) -> F:
-    """Turn the library's user errors into ``error: ...`` on stderr and exit status 1."""
-
-    @functools.wraps(fn)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return fn(*args, **kwargs)
-        except KeyboardInterrupt:
-            if os.environ.get("MWT_DEBUG"):
-                raise
-            _fail("interrupted", code=130)
-        except (ValueError, OSError, TrainingCancelled) as exc:
-            # DatasetError, ArtifactError, UnknownArchitecture, SlimmingError and CliError
-            # are ValueErrors; OSError covers unwritable or vanished paths.
-            if os.environ.get("MWT_DEBUG"):
-                raise
-            _fail(_one_line(exc))
-        return None
-
-    return wrapper  # type: ignore[return-value]
-
-
-class Ui:
-    """Results on stdout (tables or one JSON object), progress and notes on stderr."""
-
-    def __init__(self, as_json: bool) -> None:
-        self.as_json = as_json
-        # No markup: paths and class names are printed verbatim, brackets included.
-        self.out = Console(highlight=False, markup=False)
-        self.err = Console(stderr=True, highlight=False, markup=False)
-
-    def note(self, message: str) -> None:
-        if not self.as_json:
-            self.err.print(message)
-
-    def progress(self) -> Progress:
-        return Progress(
-            SpinnerColumn(),
-            TextColumn("[progress.description]{task.description}"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TimeElapsedColumn(),
-            TimeRemainingColumn(),
-            console=self.err,
-            transient=False,
-        )
-
-    @contextmanager
-    def status(self, message: str) -> Iterator[None]:
-        with self.err.status(message):
-            yield
-
-    def emit(self, payload: dict[str, Any], render: Callable[[], None]) -> None:
-        if self.as_json:
-            typer.echo(json.dumps(payload, default=str))
-        else:
-            render()
-
+# --------------------------------------------------------------------------- options
+# (the plumbing the commands share lives in mwt_core.cli_support)
 
 JsonOpt = Annotated[
     bool, typer.Option("--json", help="Print one JSON object of results to stdout and nothing else.")
@@ -172,176 +91,6 @@ DataDirOpt = Annotated[
     Path | None,
     typer.Option(help="Where downloadable datasets live (default: $MWT_DATA_DIR or ./data)."),
 ]
-
-
-def _pct(x: float | None) -> str:
-    return "-" if x is None else f"{100 * x:.2f}%"
-
-
-def _num(n: float | int | None) -> str:
-    if n is None:
-        return "-"
-    n = float(n)
-    for unit, scale in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
-        if abs(n) >= scale:
-            return f"{n / scale:.2f}{unit}"
-    return f"{n:.0f}"
-
-
-def _kv_table(title: str, rows: list[tuple[str, str]]) -> Table:
-    table = Table(title=title, show_header=False, title_justify="left")
-    table.add_column("what", style="bold")
-    table.add_column("value")
-    for key, value in rows:
-        table.add_row(key, value)
-    return table
-
-
-def _require_dir(path: Path, what: str = "directory") -> Path:
-    if not path.exists():
-        raise CliError(f"{what} {path} does not exist")
-    if not path.is_dir():
-        raise CliError(f"{path} is not a directory")
-    return path
-
-
-# --------------------------------------------------------------------------- artifacts
-
-
-def _load_model_artifact(model_dir: Path, device: str = "cpu") -> tuple[MwTNet, dict[str, Any]]:
-    _require_dir(model_dir, "model directory")
-    net, manifest = load_artifact(model_dir, device=device)
-    if manifest.get("kind") != "model":
-        raise CliError(f"{model_dir} holds a {manifest.get('kind')}, not a model")
-    return net, manifest  # type: ignore[return-value]
-
-
-def _modularization_of(manifest: dict[str, Any], model_dir: Path) -> Modularization:
-    data = manifest.get("modularization")
-    if not data:
-        raise CliError(
-            f"{model_dir} has no modularization: only MwT-trained (--modular) models can be cut "
-            "into modules; run `mwt modularize` on one"
-        )
-    try:
-        return Modularization.from_json(data)
-    except (KeyError, TypeError, IndexError, RuntimeError) as exc:
-        raise ArtifactError(f"the manifest's modularization is invalid: {exc}") from exc
-
-
-# --------------------------------------------------------------------------- training
-
-
-class PipelineView:
-    """Shows a pipeline run on stderr: a bar while training, a spinner while modularizing
-    and saving, a bar while the class modules are written; notes as lines."""
-
-    def __init__(self, ui: Ui, mode: str) -> None:
-        self.ui = ui
-        self.mode = mode
-        self.kind: str | None = None
-        self.widget: Any = None
-        self.task: Any = None
-        self.last_acc: float | None = None
-
-    def __enter__(self) -> PipelineView:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._switch(None)
-
-    def _switch(self, kind: str | None, text: str = "") -> None:
-        if kind == self.kind:
-            return
-        if self.widget is not None:
-            if self.kind == "modules":  # the last module is written once the next phase starts
-                self.widget.update(self.task, completed=self.widget.tasks[0].total)
-            self.widget.stop()
-        self.kind, self.widget = kind, None
-        if kind in ("training", "modules"):
-            self.widget = self.ui.progress()
-            self.task = self.widget.add_task(text, total=None)
-            self.widget.start()
-        elif kind is not None:
-            self.widget = self.ui.err.status(text)
-            self.widget.start()
-
-    def __call__(self, ev: PipelineEvent) -> None:
-        if ev.note:
-            self.ui.note(ev.note)
-        p = ev.training
-        if p is not None:
-            self._switch("training", f"{self.mode} training")
-            if p.test_acc is not None:
-                self.last_acc = p.test_acc
-            acc = f" test {_pct(self.last_acc)}" if self.last_acc is not None else ""
-            self.widget.update(self.task, total=p.epochs * p.steps,
-                               completed=(p.epoch - 1) * p.steps + p.step,
-                               description=f"{self.mode} epoch {p.epoch}/{p.epochs} loss {p.loss:.3f}{acc}")
-        elif "module" in ev.info:
-            self._switch("modules", "exporting class modules")
-            self.widget.update(self.task, total=ev.info["modules"], completed=ev.info["module"] - 1)
-        elif ev.phase == "modularizing":
-            self._switch("modularizing", f"modularizing (tau={ev.info.get('tau')})")
-        elif ev.phase == "saving":
-            self._switch("saving", "saving the model")
-        else:
-            self._switch(ev.phase, ev.phase)
-
-
-def run_training(cfg: TrainConfig, dataset: str, out: Path, ui: Ui, *, tau: float = ModularizeConfig.tau,
-                 data_dir: Path | None = None, resume: bool = True,
-                 restart_on_mismatch: bool = False, train_limit: int | None = None,
-                 download: bool = False) -> tuple[PipelineResult, dict[str, Any]]:
-    """Run the pipeline into ``out`` (``mwt train``'s layout) and summarise it."""
-    data = load_training_data(dataset, cfg.arch, data_dir, train_limit, download=download)
-    layout = Layout.run_dir(out)
-    mode = "MwT" if cfg.modular else "standard"
-    try:
-        with PipelineView(ui, mode) as view:
-            r = run_pipeline(cfg, data, layout, tau=tau, resume=resume,
-                             restart_on_mismatch=restart_on_mismatch, dataset_ref=dataset_ref(dataset),
-                             manifest_extra={"train_limit": train_limit} if train_limit is not None else None,
-                             created_by=CREATED_BY, progress=view)
-    except CheckpointMismatch as exc:
-        raise CliError(f"{exc}; use another --out directory or pass --no-resume") from exc
-    (out / "history.json").write_text(json.dumps(r.training.history, indent=2))
-    assert r.manifest is not None
-    summary = {
-        "out": str(out),
-        "model_dir": str(layout.model_dir),
-        "modules_dir": str(layout.modules_dir) if r.modules else None,
-        "arch": cfg.arch,
-        "width": cfg.width,
-        "dataset": data.name,
-        "modular": cfg.modular,
-        **r.metrics,
-        "modules": [m.dir.name for m in r.modules],
-        "module_krr": [m.metrics["krr"] for m in r.modules],
-        "layer_coupling": r.metrics.get("layer_coupling"),
-        "sha256": r.manifest["sha256"],
-    }
-    return r, summary
-
-
-def _render_train(ui: Ui, s: dict[str, Any]) -> None:
-    rows = [
-        ("model", f"{s['arch']} x{s['width']} on {s['dataset']} ({'MwT' if s['modular'] else 'standard'})"),
-        ("test accuracy", _pct(s["test_acc"])),
-        ("training time", f"{s['train_seconds']:.1f} s over {s['epochs']} epochs"),
-        ("params / FLOPs", f"{_num(s['params'])} / {_num(s['flops'])}"),
-    ]
-    if s["modular"]:
-        rows += [
-            ("tau", f"{s['tau']:g}"),
-            ("KRR (mean over class modules)", _pct(s["krr"])),
-            ("cohesion (higher is better)", f"{s['cohesion']:.4f}"),
-            ("coupling (lower is better)", f"{s['coupling']:.4f}"),
-        ]
-    rows.append(("model artifact", s["model_dir"]))
-    if s["modules_dir"]:
-        rows.append(("class modules", f"{s['modules_dir']} ({len(s['modules'])} modules)"))
-    ui.out.print(_kv_table("training result", rows))
 
 
 # --------------------------------------------------------------------------- commands
@@ -441,40 +190,6 @@ def modularize_cmd(
             ui.out.print("no class modules beside the model to re-cut (--modules-out DIR writes them)")
 
     ui.emit(summary, render)
-
-
-def _extract(model: MwTNet, manifest: dict[str, Any], mod: Modularization, data: DatasetBundle,
-             classes: list[int], out: Path, ui: Ui, *, finetune_epochs: int = 0,
-             mask_generators: bool = True, device: str = "auto", latency_batch: int = 64
-             ) -> dict[str, Any]:
-    if finetune_epochs < 0:
-        raise CliError(f"--finetune-epochs must be >= 0, got {finetune_epochs}")
-    with PipelineView(ui, "") as view:
-        return extract_classes(model, manifest, mod, data, classes, out,
-                               finetune_epochs=finetune_epochs, mask_generators=mask_generators,
-                               device=device, created_by=CREATED_BY, progress=view,
-                               latency_batch=latency_batch)
-
-
-def _extract_table(s: dict[str, Any], title: str) -> Table:
-    table = Table(title=title, title_justify="left")
-    table.add_column("")
-    table.add_column("module", justify="right")
-    table.add_column("full model", justify="right")
-    table.add_column("module / full", justify="right")
-    table.add_row("KRR", _pct(s["krr"]), "100.00%", f"{s['krr']:.3f}")
-    table.add_row("accuracy (zero training)", _pct(s["zero_shot_acc"]), _pct(s["full_model_acc"]),
-                  f"{100 * (s['zero_shot_acc'] - s['full_model_acc']):+.2f} pp")
-    if s["finetuned_acc"] is not None:
-        table.add_row(f"accuracy (head fine-tuned {s['finetune_epochs']} ep)", _pct(s["finetuned_acc"]),
-                      _pct(s["full_model_acc"]),
-                      f"{100 * (s['finetuned_acc'] - s['full_model_acc']):+.2f} pp")
-    table.add_row("parameters", _num(s["params"]), _num(s["full_params"]), f"{s['params_ratio']:.3f}")
-    table.add_row("FLOPs / image", _num(s["flops"]), _num(s["full_flops"]), f"{s['flops_ratio']:.3f}")
-    if s.get("latency_ms") is not None:
-        table.add_row(f"CPU ms / image (batch {s['latency_batch']})", f"{s['latency_ms']:.3f}",
-                      f"{s['full_latency_ms']:.3f}", f"{s['latency_ratio']:.3f}")
-    return table
 
 
 @app.command("extract")
@@ -717,62 +432,6 @@ def evaluate_cmd(
     ui.emit(s, render)
 
 
-def _composition_classes(manifest: dict[str, Any]) -> list[int]:
-    """The dataset classes a saved composition outputs, in output order (its sources' classes)."""
-    sources = manifest.get("sources") or []
-    classes = [int(c) for src in sources for c in src.get("classes") or []]
-    if not manifest.get("dataset") or len(set(classes)) != len(classes):
-        raise CliError("this composition joins different datasets or repeats a class across its "
-                       "sources; one test split cannot score it (its recorded figures: `mwt show`)")
-    return classes
-
-
-def _with_arch(manifest: dict[str, Any]) -> dict[str, Any]:
-    """A composition's manifest with its first part's architecture in ``config`` (the data
-    loader needs one to size the images); other artifacts unchanged."""
-    if manifest.get("kind") != "composition":
-        return manifest
-    parts = (manifest.get("config") or {}).get("parts") or []
-    arch = parts[0].get("module", {}).get("arch") if parts else None
-    return {**manifest, "config": {"arch": arch or ""}}
-
-
-@torch.no_grad()
-def _one_vs_rest_auroc(net: torch.nn.Module, data: DatasetBundle, cls: int, device: str) -> float:
-    """P(the module's logit is higher on an image of ``cls`` than on another image), ties 1/2."""
-    from mwt_core.data.batches import ImageBatches
-    from mwt_core.devices import resolve_device
-
-    dev = resolve_device(device)
-    net.eval().to(dev)
-    scores = torch.cat([net(xb)[:, 0].cpu() for xb, _ in
-                        ImageBatches(data.test_x, data.test_y, data.spec, dev).ordered(512)])
-    pos, neg = scores[data.test_y == cls], scores[data.test_y != cls]
-    if not len(pos) or not len(neg):
-        raise CliError(f"the test split needs images of class {cls} and of other classes")
-    # Rank form of the Mann-Whitney statistic (average ranks for ties): O(n log n).
-    order = torch.cat([pos, neg]).double()
-    ranks = _average_ranks(order)
-    return float((ranks[: len(pos)].sum() - len(pos) * (len(pos) + 1) / 2) / (len(pos) * len(neg)))
-
-
-def _average_ranks(x: torch.Tensor) -> torch.Tensor:
-    """1-based ranks of ``x``, tied values sharing their average rank."""
-    values, inverse, counts = torch.unique(x, return_inverse=True, return_counts=True)
-    ends = torch.cumsum(counts, 0).double()
-    return (ends - (counts.double() - 1) / 2)[inverse]
-
-
-def _verify(directory: Path, manifest: dict[str, Any]) -> tuple[bool, str]:
-    weights = directory / str(manifest.get("weights_file") or WEIGHTS_FILE)
-    if not weights.is_file():
-        return False, f"missing {weights.name}"
-    actual = sha256_file(weights)
-    if actual != manifest.get("sha256"):
-        return False, f"checksum mismatch: manifest says {manifest.get('sha256')}, file is {actual}"
-    return True, "verified"
-
-
 @app.command("show")
 @command_boundary
 def show_cmd(
@@ -841,27 +500,6 @@ def show_cmd(
     ui.emit(s, render)
     if not ok:
         _fail(f"{artifact_dir}: {why}")
-
-
-def _source_label(src: dict[str, Any]) -> str:
-    """Where a composition's source came from: the registry's module or model id (service),
-    the model or module directory (`mwt compose`), else the model's sha256."""
-    if src.get("module_id") is not None:
-        return f"module {src['module_id']} of model {src.get('model_id')}"
-    if src.get("module_dir"):
-        return str(src["module_dir"])
-    if src.get("model_id") is not None:
-        return f"model {src['model_id']}"
-    if src.get("model_dir"):
-        return str(src["model_dir"])
-    return f"model {str(src.get('sha256') or '?')[:12]}"
-
-
-def _architecture_text(summary: dict[str, Any], config: dict[str, Any]) -> str:
-    if summary["kind"] == "composition":
-        parts = [p.get("module", {}) for p in config.get("parts", [])]
-        return f"{len(parts)} modules: " + ", ".join(f"{p.get('arch')} x{p.get('width')}" for p in parts)
-    return f"{summary['arch']} x{summary['width']}" + (" (MwT)" if summary["masked"] else "")
 
 
 @app.command("datasets")
