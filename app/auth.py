@@ -150,12 +150,11 @@ class KeyCache:
         return last is None or time.monotonic() - last >= LAST_USED_RESOLUTION.total_seconds()
 
     def should_touch(self, key_id: int) -> bool:
-        now = time.monotonic()
+        """``touch_due``, and if so record the touch (one caller writes the stamp)."""
         with self._lock:
-            last = self._last_used.get(key_id)
-            if last is not None and now - last < LAST_USED_RESOLUTION.total_seconds():
+            if not self.touch_due(key_id):
                 return False
-            self._last_used[key_id] = now
+            self._last_used[key_id] = time.monotonic()
             return True
 
 

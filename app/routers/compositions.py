@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import TYPE_CHECKING, Annotated
 
 from fastapi import APIRouter, HTTPException, Query, Request, Response, status
@@ -193,21 +195,26 @@ def _ready_module(db: DbDep, module_id: int) -> Module:
     return module
 
 
+@contextmanager
+def _loading(what: str) -> Iterator[None]:
+    """How loading a source fails over HTTP: what a composition refuses is 422, an artifact or
+    dataset that cannot be read is 409 naming ``what``."""
+    try:
+        yield
+    except svc.CompositionError as exc:  # before ValueError: it is one
+        raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, str(exc)) from None
+    except (FileNotFoundError, ValueError) as exc:
+        raise HTTPException(status.HTTP_409_CONFLICT, f"{what} cannot be loaded: {exc}") from None
+
+
 def _load_module(request: Request, settings: Settings, db: DbDep, module: Module) -> svc.ModulePick:
     from mwt_core.models import architecture_info
 
-    try:
+    with _loading(f"module {module.id}'s artifact or dataset"):
         data = request.app.state.bundle_cache.load(
             settings, db, module.dataset, architecture_info(module.arch).min_input_size
         )
         return svc.load_module_part(settings, module, data)
-    except svc.CompositionError as exc:
-        raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, str(exc)) from None
-    except (FileNotFoundError, ValueError) as exc:
-        raise HTTPException(
-            status.HTTP_409_CONFLICT,
-            f"module {module.id}'s artifact or dataset cannot be loaded: {exc}",
-        ) from None
 
 
 def _standard(
@@ -225,14 +232,8 @@ def _standard(
 
 
 def _loaded_model(request: Request, settings: Settings, model: Model) -> svc.LoadedModel:
-    try:
+    with _loading(f"model {model.id}'s artifact"):
         loaded: svc.LoadedModel = request.app.state.model_cache.load(settings, model)
-    except svc.CompositionError as exc:
-        raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, str(exc)) from None
-    except (FileNotFoundError, ValueError) as exc:
-        raise HTTPException(
-            status.HTTP_409_CONFLICT, f"model {model.id}'s artifact cannot be loaded: {exc}"
-        ) from None
     return loaded
 
 
@@ -242,17 +243,10 @@ def _load(
     from mwt_core.models import architecture_info
 
     loaded = _loaded_model(request, settings, model)
-    try:
+    with _loading(f"model {model.id}'s artifact or dataset"):
         data = request.app.state.bundle_cache.load(
             settings, db, model.dataset, architecture_info(model.arch).min_input_size
         )
-    except svc.CompositionError as exc:
-        raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, str(exc)) from None
-    except (FileNotFoundError, ValueError) as exc:
-        raise HTTPException(
-            status.HTTP_409_CONFLICT,
-            f"model {model.id}'s artifact or dataset cannot be loaded: {exc}",
-        ) from None
     return svc.Pick(model, loaded, data, classes)
 
 
