@@ -97,6 +97,10 @@ class ProgressOut(BaseModel):
     kernel_rate: float | None = None
     elapsed_s: float | None = None
     eta_s: float | None = None
+    # Declared so that every progress answer has the same keys (null until known), however
+    # far the job has got when it is read.
+    resumed_from_epoch: int | None = Field(None, description="the epoch this attempt resumed from")
+    checkpoint_epoch: int | None = Field(None, description="the last epoch with a saved checkpoint")
 
 
 class JobOut(BaseModel):
