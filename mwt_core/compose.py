@@ -3,8 +3,8 @@
 A composition is a list of parts, each a module answering for some classes of its dataset:
 either cut now from a source model (the union of its selected classes, so each source model
 runs once: :class:`Source`) or a module artifact as the registry stores and serves it (one
-class each: :func:`module_part`), so a client holding downloaded modules rebuilds what the
-server composed from the same modules. How the parts' outputs become one answer is the
+class each: :func:`mwt_core.module_parts.module_part`), so a client holding downloaded
+modules rebuilds what the server composed from the same modules. How the parts' outputs become one answer is the
 composition's ``combine`` method
 (``mwt_core.combine``: raw logits, per-source scale and bias, or the open-set methods for
 models that learned different classes). Composed classifiers export to
@@ -41,7 +41,7 @@ from mwt_core.modularize import Modularization
 from mwt_core.reuse import ModuleClassifier, evaluate, extract_module, restrict, subtask
 
 __all__ = ["DEFAULT_COMBINE", "ComposedClassifier", "CompositionError", "Part", "Source", "compose",
-           "compose_and_measure", "compose_parts", "measure_parts", "module_part"]
+           "compose_and_measure", "compose_parts", "measure_parts"]
 
 
 @dataclass
@@ -99,29 +99,6 @@ def source_part(source: Source, keep_mask_generators: bool = True) -> Part:
     return Part(module, s.spec, list(s.classes), [str(names[c]) for c in s.classes],
                 mod.krr_of(s.classes), sum(int(m.numel()) for m in mod.class_masks[0]),
                 full=restrict(s.model, s.classes, mod.num_classes))
-
-
-def module_part(module: nn.Module, manifest: dict[str, Any]) -> Part:
-    """A module artifact (``mwt_core.artifacts.load_artifact`` of a module directory, as the
-    registry stores and serves them) as a part, normalising with its manifest's input spec."""
-    from mwt_core.artifacts import source_kernels
-
-    if not isinstance(module, ModuleClassifier) or manifest.get("kind") != "module":
-        raise CompositionError(
-            f"a {manifest.get('kind')!r} artifact is not a module; compose module artifacts "
-            "(one class each, as the registry's module downloads give them)")
-    try:
-        spec = InputSpec.from_json(manifest["input_spec"])
-        names = [str(n) for n in manifest.get("class_names") or module.classes]
-    except (KeyError, TypeError, ValueError) as exc:
-        raise CompositionError(f"the module's manifest has no usable input spec: {exc}") from None
-    if len(names) != len(module.classes):
-        raise CompositionError("the module's manifest names a different number of classes "
-                               "than its network has")
-    if module.krr is None:
-        raise CompositionError("the module's manifest records no KRR; is it a module artifact?")
-    return Part(module.eval(), spec, list(module.classes), names, float(module.krr),
-                source_kernels(manifest.get("config") or {}))
 
 
 def compose(sources: list[Source], keep_mask_generators: bool = True,

@@ -15,18 +15,42 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from mwt_core.artifacts import load_artifact, read_manifest
+from torch import nn
+
+from mwt_core.artifacts import load_artifact, read_manifest, source_kernels
 from mwt_core.combine import (
     DEFAULT_COMBINE,
     DEFAULT_PER_CLASS,
     ComposedClassifier,
     CompositionError,
 )
-from mwt_core.compose import Part, distinct_labels, measure_parts, module_part
-from mwt_core.data.datasets import DatasetBundle
+from mwt_core.compose import Part, distinct_labels, measure_parts
+from mwt_core.data.datasets import DatasetBundle, InputSpec
 from mwt_core.pipeline import as_trained, load_training_data
+from mwt_core.reuse import ModuleClassifier
 
-__all__ = ["compose_modules", "is_module_dir", "load_module_parts", "module_tag"]
+__all__ = ["compose_modules", "is_module_dir", "load_module_parts", "module_part", "module_tag"]
+
+
+def module_part(module: nn.Module, manifest: dict[str, Any]) -> Part:
+    """A module artifact (``mwt_core.artifacts.load_artifact`` of a module directory, as the
+    registry stores and serves them) as a part, normalising with its manifest's input spec."""
+    if not isinstance(module, ModuleClassifier) or manifest.get("kind") != "module":
+        raise CompositionError(
+            f"a {manifest.get('kind')!r} artifact is not a module; compose module artifacts "
+            "(one class each, as the registry's module downloads give them)")
+    try:
+        spec = InputSpec.from_json(manifest["input_spec"])
+        names = [str(n) for n in manifest.get("class_names") or module.classes]
+    except (KeyError, TypeError, ValueError) as exc:
+        raise CompositionError(f"the module's manifest has no usable input spec: {exc}") from None
+    if len(names) != len(module.classes):
+        raise CompositionError("the module's manifest names a different number of classes "
+                               "than its network has")
+    if module.krr is None:
+        raise CompositionError("the module's manifest records no KRR; is it a module artifact?")
+    return Part(module.eval(), spec, list(module.classes), names, float(module.krr),
+                source_kernels(manifest.get("config") or {}))
 
 
 def is_module_dir(path: str | Path) -> bool:

@@ -400,7 +400,7 @@ def load_module_part(settings: Settings, module: Module, data: DatasetBundle) ->
     """The stored module artifact (sha256-checked) as a part; ``data``: the full dataset it
     names (shaped for its architecture), cut and normalised here as its model was trained."""
     from mwt_core.artifacts import load_artifact
-    from mwt_core.compose import module_part
+    from mwt_core.module_parts import module_part
     from mwt_core.pipeline import as_trained
 
     net, manifest = load_artifact(storage.resolve(settings.artifacts, module.artifact_path))
