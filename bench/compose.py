@@ -59,7 +59,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
     )
     p.add_argument("--arch", default="simcnn")
-    p.add_argument("--width", type=float, default=0.25)
+    p.add_argument("--width", type=float, default=TrainConfig.width)
     p.add_argument("--epochs", type=int, default=10)
     p.add_argument("--budget", choices=("steps", "epochs"), default="steps",
                    help="steps: every source model gets the single model's optimiser steps "

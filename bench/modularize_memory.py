@@ -33,6 +33,8 @@ from _main import bench_main
 from rich.console import Console
 from rich.table import Table
 
+from mwt_core.config import ModularizeConfig
+
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
@@ -42,7 +44,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="an mwt model artifact (trained); default: an untrained SimCNN x0.25")
     p.add_argument("--images", type=int, default=50_000)
     p.add_argument("--class-size", type=int, default=100_000)
-    p.add_argument("--tau", type=float, default=0.9)
+    p.add_argument("--tau", type=float, default=ModularizeConfig.tau)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--part", choices=["images", "class"], default=None, help=argparse.SUPPRESS)
     return p.parse_args(argv)

@@ -48,7 +48,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="trained mwt model artifact with a 'modularization' in its manifest; "
                         "if missing, one is trained and saved there")
     p.add_argument("--arch", default="simcnn", help="architecture to train when --model-dir is empty")
-    p.add_argument("--width", type=float, default=0.25)
+    p.add_argument("--width", type=float, default=TrainConfig.width)
     p.add_argument("--epochs", type=int, default=30)
     p.add_argument("--batch", type=int, nargs="+", default=[256, 1])
     p.add_argument("--threads", type=int, default=1)
