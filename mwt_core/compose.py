@@ -35,6 +35,8 @@ from mwt_core.combine import (
     needs_own,
 )
 from mwt_core.data.datasets import DatasetBundle, InputSpec
+from mwt_core.evaluation import accuracy as count_accuracy
+from mwt_core.evaluation import tensor_batches
 from mwt_core.metrics import count_flops, count_params, measure_latency
 from mwt_core.models import MwTNet
 from mwt_core.modularize import Modularization
@@ -179,16 +181,11 @@ def per_class_sample(y: torch.Tensor, per_class: int, seed: int = 0) -> torch.Te
     return torch.cat(picks).sort().values if picks else torch.zeros(0, dtype=torch.long)
 
 
-@torch.no_grad()
 def accuracy(net: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 512) -> float:
-    """Top-1 accuracy of ``net`` on ``[0, 1]`` images ``x``."""
-    net.eval()
+    """Top-1 accuracy of ``net`` on ``[0, 1]`` images ``x`` (counted by
+    :func:`mwt_core.evaluation.accuracy`, like every accuracy the project reports)."""
     device = next(net.parameters()).device
-    correct = 0
-    for start in range(0, len(y), batch_size):
-        out = net(x[start:start + batch_size].to(device))
-        correct += int((out.argmax(1).cpu() == y[start:start + batch_size]).sum())
-    return correct / max(1, len(y))
+    return count_accuracy(net, tensor_batches(x, y, batch_size, device))
 
 
 def calibrate(composed: ComposedClassifier, x: torch.Tensor, y: torch.Tensor,

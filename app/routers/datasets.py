@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
-import os
-import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
@@ -15,6 +12,7 @@ from sqlalchemy.exc import IntegrityError
 from app.auth import ReadKey, WriteKey, ensure_owner, visible_to
 from app.db.models import Dataset, Job, Model
 from app.deps import DbDep, SettingsDep
+from app.files import StagedUpload
 from app.routers._common import not_found
 from app.schemas.datasets import DatasetOut
 from app.services import datasets as svc
@@ -125,36 +123,22 @@ def build_router(settings: Settings) -> APIRouter:
                 status.HTTP_409_CONFLICT, f"dataset {dataset_name!r} already exists"
             )
         final = svc.upload_path(s, dataset_name)
-        final.parent.mkdir(parents=True, exist_ok=True)
-        digest = hashlib.sha256()
-        size = 0
-        fd, tmp_name = tempfile.mkstemp(dir=final.parent, prefix=".upload-", suffix=".npz")
-        tmp = Path(tmp_name)
-        try:
-            with os.fdopen(fd, "wb") as out:
-                while chunk := file.file.read(1 << 20):
-                    size += len(chunk)
-                    if size > s.upload_limit_bytes:
-                        raise HTTPException(
-                            status.HTTP_413_CONTENT_TOO_LARGE,
-                            f"upload exceeds {s.max_upload_mb} MiB (MWT_MAX_UPLOAD_MB)",
-                        )
-                    digest.update(chunk)
-                    out.write(chunk)
-            if size == 0:
+        too_large = f"upload exceeds {s.max_upload_mb} MiB (MWT_MAX_UPLOAD_MB)"
+        with StagedUpload(final, s.upload_limit_bytes, too_large) as up:
+            while chunk := file.file.read(1 << 20):
+                up.write(chunk)
+            if up.size == 0:
                 raise HTTPException(
                     status.HTTP_422_UNPROCESSABLE_CONTENT, "the uploaded file is empty"
                 )
-            bundle = _validate(tmp, dataset_name, file.filename or "upload", s)
-            os.replace(tmp, final)
-        finally:
-            tmp.unlink(missing_ok=True)
+            bundle = _validate(up.received(), dataset_name, file.filename or "upload", s)
+            up.commit()
         row = Dataset(
             name=dataset_name,
             source="upload",
             path=final.relative_to(s.datasets).as_posix(),
-            sha256=digest.hexdigest(),
-            size_bytes=size,
+            sha256=up.sha256,
+            size_bytes=up.size,
             num_classes=bundle.num_classes,
             class_names=list(bundle.class_names),
             channels=bundle.spec.channels,

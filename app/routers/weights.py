@@ -2,16 +2,12 @@
 
 from __future__ import annotations
 
-import hashlib
-import os
-import tempfile
-from pathlib import Path
-
 from fastapi import APIRouter, HTTPException, Request, status
 from pydantic import BaseModel
 
 from app.auth import WriteKey
 from app.deps import SettingsDep
+from app.files import StagedUpload
 from app.schemas.common import error_responses
 from app.services import weights as svc
 from mwt_core.limits import LIMITS
@@ -47,20 +43,11 @@ async def upload_weights(name: str, request: Request, settings: SettingsDep, _: 
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise HTTPException(status.HTTP_413_CONTENT_TOO_LARGE, f"weights exceed {limit} bytes")
-    final.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(dir=final.parent, prefix=".upload-", suffix=".safetensors")
-    tmp = Path(tmp_name)
-    digest, size = hashlib.sha256(), 0
-    try:
-        with os.fdopen(fd, "wb") as f:
-            async for chunk in request.stream():  # streamed: never the whole body in memory
-                size += len(chunk)
-                if size > limit:
-                    raise HTTPException(status.HTTP_413_CONTENT_TOO_LARGE, f"weights exceed {limit} bytes")
-                digest.update(chunk)
-                f.write(chunk)
+    with StagedUpload(final, limit, f"weights exceed {limit} bytes") as up:
+        async for chunk in request.stream():  # streamed: never the whole body in memory
+            up.write(chunk)
         try:
-            shapes = read_shapes(tmp)  # the header only; never unpickled
+            shapes = read_shapes(up.received())  # the header only; never unpickled
         except WeightsError as exc:
             raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT,
                                 "the body must be a safetensors state dict: " + str(exc).split(": ", 1)[-1]
@@ -69,7 +56,5 @@ async def upload_weights(name: str, request: Request, settings: SettingsDep, _: 
             raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, "the state dict holds no tensor")
         if final.exists():
             raise HTTPException(status.HTTP_409_CONFLICT, f"weights {name!r} already exist")
-        os.replace(tmp, final)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return WeightsOut(name=name, size_bytes=size, sha256=digest.hexdigest(), tensors=len(shapes))
+        up.commit()
+    return WeightsOut(name=name, size_bytes=up.size, sha256=up.sha256, tensors=len(shapes))
