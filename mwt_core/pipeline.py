@@ -259,15 +259,34 @@ class ModuleResult:
     total_kernels: int
 
 
+# CPU latency of a module is timed at this batch, in rounds that run the module and the
+# full model alternately (metrics.paired_latency); a job times every class, so fewer rounds.
+LATENCY_BATCH = 64
+EXPORT_LATENCY_ROUNDS = 5
+
+
+def _latencies(module: torch.nn.Module, model: torch.nn.Module, shape: tuple[int, int, int], batch: int,
+               rounds: int = 15) -> dict[str, float]:
+    """CPU milliseconds per image of ``module`` and of the full ``model``, timed together."""
+    # Against the model in channels_last, the layout modules always run in (an NCHW model is
+    # slower on the CPU, which would flatter the module).
+    baseline = channels_last(copy.deepcopy(model))
+    seconds = paired_latency([module, baseline], shape, batch=batch, rounds=rounds, warmup=1)
+    return {"latency_ms": 1e3 * seconds[0] / batch, "full_latency_ms": 1e3 * seconds[1] / batch}
+
+
 def export_class_modules(model: MwTNet, mod: Modularization, model_manifest: dict[str, Any],
                          modules_dir: Path, *, dirnames: Sequence[str] | None = None,
                          recall: Sequence[float] | None = None, created_by: str | None = None,
                          write_index: bool = True, progress: ProgressSink | None = None,
-                         should_stop: Callable[[], bool] | None = None) -> list[ModuleResult]:
+                         should_stop: Callable[[], bool] | None = None,
+                         latency_batch: int = LATENCY_BATCH) -> list[ModuleResult]:
     """One module per class under ``modules_dir/<dirname>/`` (plus ``index.json`` if asked).
 
     ``model_manifest`` is the model's manifest as written (its sha256 identifies the
     source); ``recall`` (the model's per-class test recall) becomes each module's accuracy.
+    Each module's CPU latency per image is timed beside the full model's (``latency_ms``,
+    ``full_latency_ms``) unless ``latency_batch`` is 0.
     """
     run = _Run(progress, should_stop)
     names = [str(n) for n in model_manifest.get("class_names") or range(mod.num_classes)]
@@ -286,6 +305,8 @@ def export_class_modules(model: MwTNet, mod: Modularization, model_manifest: dic
             metrics["accuracy"] = float(recall[c])
         metrics.update({"cohesion": float(mod.per_class_cohesion[c]),
                         "params": int(count_params(module)), "flops": int(count_flops(module, shape))})
+        if latency_batch > 0:
+            metrics.update(_latencies(module, model, shape, latency_batch, EXPORT_LATENCY_ROUNDS))
         directory = modules_dir / dirnames[c]
         written = save_artifact(directory, module, module_manifest(
             model_manifest, module, metrics=metrics, created_by=created_by))
@@ -454,7 +475,7 @@ def extract_classes(model: MwTNet, manifest: dict[str, Any], mod: Modularization
                     data: DatasetBundle, classes: list[int], out: Path, *, finetune_epochs: int = 0,
                     mask_generators: bool = True, device: str = "auto",
                     created_by: str | None = None, progress: ProgressSink | None = None,
-                    latency_batch: int = 64) -> dict[str, Any]:
+                    latency_batch: int = LATENCY_BATCH) -> dict[str, Any]:
     """Cut the module of ``classes`` from a saved model (``manifest``), measure it against
     the full model restricted to the same classes (accuracy, size and, unless
     ``latency_batch`` is 0, CPU latency), optionally fine-tune its head, save it to ``out``;
@@ -480,11 +501,8 @@ def extract_classes(model: MwTNet, manifest: dict[str, Any], mod: Modularization
     latency = full_latency = None
     if latency_batch > 0:
         run.emit(PipelineEvent("timing module and model"))
-        # Against the model in channels_last, the layout modules always run in (an NCHW model
-        # is slower on the CPU, which would flatter the module).
-        baseline = channels_last(copy.deepcopy(model))
-        seconds = paired_latency([module, baseline], shape, batch=latency_batch)
-        latency, full_latency = (1e3 * t / latency_batch for t in seconds)
+        timed = _latencies(module, model, shape, latency_batch)
+        latency, full_latency = timed["latency_ms"], timed["full_latency_ms"]
     acc = ft_acc if ft_acc is not None else zero_acc
     metrics = {
         "test_acc": acc, "zero_shot_acc": zero_acc, "finetuned_acc": ft_acc,

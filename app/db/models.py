@@ -272,6 +272,12 @@ class Module(Base):
     total_kernels: Mapped[int]
     params: Mapped[int | None] = mapped_column(BigInteger)
     flops: Mapped[int | None] = mapped_column(BigInteger)
+    latency_ms: Mapped[float | None] = mapped_column(
+        Float, doc="CPU ms per image at the export's latency batch, timed beside the full model"
+    )
+    full_latency_ms: Mapped[float | None] = mapped_column(
+        Float, doc="the full model's CPU ms per image in the same rounds"
+    )
     artifact_path: Mapped[str] = mapped_column(String(512))
     sha256: Mapped[str] = mapped_column(String(64))
     size_bytes: Mapped[int] = mapped_column(BigInteger)

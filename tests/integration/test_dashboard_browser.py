@@ -180,6 +180,10 @@ def test_dashboard_walkthrough(server: tuple[str, str, Path], browser: Any, tmp_
     page.locator("table tbody tr").first.click()
     page.wait_for_selector("#module-card")
     sha = page.inner_text("#module-sha").strip()
+    # The card shows the module's CPU latency beside its model's, as the registry recorded it.
+    mod = httpx.get(f"{base}/api/v1{page.url.split('#', 1)[1]}", headers={"X-API-Key": key}).json()
+    assert mod["latency_ms"] > 0 and mod["full_latency_ms"] > 0
+    expect(page.locator("#module-latency")).to_contain_text(f"{mod['latency_ms']:.3f} ms/image")
     with page.expect_download() as dl_info:
         page.get_by_role("button", name="Download module").click()
     path = tmp_path / "module.tar"

@@ -44,6 +44,9 @@ def test_pipeline_writes_model_and_modules_and_reports_phases(tiny, tmp_path):
         assert mm["source_model"]["sha256"] == manifest["sha256"] and mm["classes"] == [m.class_index]
         assert mm["metrics"]["accuracy"] == r.metrics["class_recall"][m.class_index]
         assert 0 < m.kept_kernels <= m.total_kernels
+        # Timed beside the full model, per image, and written into the module's manifest.
+        assert m.metrics["latency_ms"] > 0 and m.metrics["full_latency_ms"] > 0
+        assert mm["metrics"]["latency_ms"] == m.metrics["latency_ms"]
     index = json.loads((layout.modules_dir / "index.json").read_text())
     assert [e["sha256"] for e in index] == [m.manifest["sha256"] for m in r.modules]
     assert (layout.checkpoint_dir / CHECKPOINT_NAME).is_file()

@@ -418,10 +418,19 @@ async function pageModule(id) {
         ["model", h("a", { href: `#/models/${x.model_id}` }, `#${x.model_id}`)],
         ["accuracy (this class)", pct(x.accuracy)], ["KRR", pct(x.krr)], ["cohesion", x.cohesion?.toFixed(3)],
         ["kernels kept", `${num(x.kept_kernels)} / ${num(x.total_kernels)}`], ["params", num(x.params)], ["FLOPs", num(x.flops)],
+        ["CPU latency", h("span", { id: "module-latency" }, latencyText(x))],
         ["size", `${num(x.size_bytes)} bytes`], ["sha256", h("code", { id: "module-sha" }, x.sha256)]]),
       h("div", { class: "row" }, await downloadButton("Download module", `${API}/modules/${id}/download`, x.sha256, dl),
         await downloadButton("TorchScript", `${API}/modules/${id}/export?format=torchscript`, null, dl)), dl.msg, dl.err),
       perLayer, predictZone("modules", id)));
+}
+
+// A module's CPU time per image beside its model's, timed together at export (batch 64).
+function latencyText(x) {
+  if (x.latency_ms == null) return "not timed";
+  const full = x.full_latency_ms;
+  return full ? `${x.latency_ms.toFixed(3)} ms/image (model ${full.toFixed(3)} ms, ${(x.latency_ms / full).toFixed(2)}x)`
+    : `${x.latency_ms.toFixed(3)} ms/image`;
 }
 
 // ---------- Compose ----------
