@@ -188,10 +188,9 @@ def accuracy(net: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int =
     return count_accuracy(net, tensor_batches(x, y, batch_size, device))
 
 
-def calibrate(composed: ComposedClassifier, x: torch.Tensor, y: torch.Tensor,
-              steps: int = 200, lr: float = 0.05) -> ComposedClassifier:
-    """Fit each source's logit scale and bias on labelled ``[0, 1]`` images (modules frozen)."""
-    return fit_scale_bias(composed, x, y, steps=steps, lr=lr)
+# The per-source scale and bias of the ``scale_bias`` method, under the name compositions
+# used before ``combine`` existed (one function: its settings are written once, there).
+calibrate = fit_scale_bias
 
 
 def modules_of(composed: ComposedClassifier) -> list[ModuleClassifier]:
