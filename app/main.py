@@ -24,6 +24,7 @@ from app import __doc__ as app_doc
 from app.auth import KeyCache, KeyFirstMiddleware
 from app.db.session import make_engine, make_sessionmaker
 from app.observability import Metrics, MetricsMiddleware
+from app.response_cache import ResponseCacheMiddleware
 from app.services.compose import ModelCache
 from app.services.datasets import BundleCache
 from app.settings import Settings, get_settings
@@ -32,6 +33,8 @@ from worker.reaper import reap_until
 
 log = logging.getLogger(__name__)
 API_PREFIX = "/api/v1"
+# Read-only registry resources whose answers the response cache may replay (app.response_cache).
+REGISTRY_READS = ("models", "modules", "compositions", "datasets", "architectures")
 
 
 def _describe_validation(exc: RequestValidationError) -> str:
@@ -302,6 +305,12 @@ def create_app(settings: Settings | None = None, *, run_executor: bool | None = 
     install_ui(app, API_PREFIX)  # dashboard at /, offline /docs, the dashboard's read-only views
     _install_error_handlers(app, settings)
     _document_errors(app, settings)
+    # Inside the key check (added first = innermost): every replayed answer was authorised.
+    app.add_middleware(
+        ResponseCacheMiddleware,
+        prefixes=[f"{API_PREFIX}/{r}" for r in REGISTRY_READS],
+        ttl_s=settings.response_cache_s,
+    )
     app.add_middleware(
         KeyFirstMiddleware,
         prefix=API_PREFIX,

@@ -136,6 +136,11 @@ class Settings(BaseSettings):
     key_cache_s: float = Field(
         10.0, ge=0, description="How long a verified API key is cached in the API."
     )
+    response_cache_s: float = Field(
+        1.0, ge=0, description="How long the API replays a registry query's answer (models, modules, "
+        "compositions, datasets, architectures) before asking the database again; a change made "
+        "through the same API process is seen at once, one made elsewhere within this time. 0: off.",
+    )
     sse_poll_s: float = Field(0.5, gt=0, description="SSE progress stream: DB poll period.")
     compose_cache_models: int = Field(4, ge=0, description="Models kept loaded for compositions.")
     predict_max_images: int = Field(
