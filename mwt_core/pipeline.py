@@ -260,9 +260,12 @@ class ModuleResult:
 
 
 # CPU latency of a module is timed at this batch, in rounds that run the module and the
-# full model alternately (metrics.paired_latency); a job times every class, so fewer rounds.
+# full model alternately (metrics.paired_latency). A job times every class's module, so it
+# uses fewer rounds and a time budget: on a large network or one with hundreds of classes
+# the modules past the budget are recorded as not timed rather than holding the job for hours.
 LATENCY_BATCH = 64
 EXPORT_LATENCY_ROUNDS = 5
+EXPORT_LATENCY_BUDGET_S = 30.0
 
 
 def _latencies(module: torch.nn.Module, model: torch.nn.Module, shape: tuple[int, int, int], batch: int,
@@ -286,7 +289,8 @@ def export_class_modules(model: MwTNet, mod: Modularization, model_manifest: dic
     ``model_manifest`` is the model's manifest as written (its sha256 identifies the
     source); ``recall`` (the model's per-class test recall) becomes each module's accuracy.
     Each module's CPU latency per image is timed beside the full model's (``latency_ms``,
-    ``full_latency_ms``) unless ``latency_batch`` is 0.
+    ``full_latency_ms``) unless ``latency_batch`` is 0, until ``EXPORT_LATENCY_BUDGET_S`` of
+    timing is spent (later modules: not timed).
     """
     run = _Run(progress, should_stop)
     names = [str(n) for n in model_manifest.get("class_names") or range(mod.num_classes)]
@@ -296,6 +300,7 @@ def export_class_modules(model: MwTNet, mod: Modularization, model_manifest: dic
     model.cpu().eval()
     modules_dir.mkdir(parents=True, exist_ok=True)
     out: list[ModuleResult] = []
+    timing_spent = 0.0
     for c in range(mod.num_classes):
         run.emit(PipelineEvent("saving", info={"module": c + 1, "modules": mod.num_classes}))
         run.check(f"writing module {c + 1}/{mod.num_classes}")
@@ -305,8 +310,10 @@ def export_class_modules(model: MwTNet, mod: Modularization, model_manifest: dic
             metrics["accuracy"] = float(recall[c])
         metrics.update({"cohesion": float(mod.per_class_cohesion[c]),
                         "params": int(count_params(module)), "flops": int(count_flops(module, shape))})
-        if latency_batch > 0:
+        if latency_batch > 0 and timing_spent < EXPORT_LATENCY_BUDGET_S:
+            started = time.perf_counter()
             metrics.update(_latencies(module, model, shape, latency_batch, EXPORT_LATENCY_ROUNDS))
+            timing_spent += time.perf_counter() - started
         directory = modules_dir / dirnames[c]
         written = save_artifact(directory, module, module_manifest(
             model_manifest, module, metrics=metrics, created_by=created_by))

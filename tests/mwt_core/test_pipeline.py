@@ -67,6 +67,16 @@ def test_pipeline_stops_between_modules_when_asked(tiny, tmp_path):
     assert len(list(layout.modules_dir.iterdir())) == 1  # the first module only
 
 
+def test_module_timing_stops_at_its_budget(tiny, tmp_path, monkeypatch):
+    # A big network's modules must not hold the job: past the budget they are not timed.
+    import mwt_core.pipeline as pipeline
+
+    monkeypatch.setattr(pipeline, "EXPORT_LATENCY_BUDGET_S", 1e-9)
+    r = run_pipeline(_cfg(), tiny, Layout(tmp_path / "model", tmp_path / "modules"))
+    timed = ["latency_ms" in m.metrics for m in r.modules]
+    assert timed == [True, False, False, False]  # the first one spends the whole budget
+
+
 def test_checkpoint_for_other_settings_fails_or_restarts(tiny, tmp_path):
     layout = Layout(tmp_path / "model", None, tmp_path / "ckpt")
     run_pipeline(_cfg(modular=False), tiny, layout)
