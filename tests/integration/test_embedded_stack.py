@@ -229,3 +229,38 @@ def test_cancel_a_running_job(stack: tuple[MwtClient, ServiceProcess, Path]) -> 
     assert job["queue"] == "embedded"  # no broker: the in-process executor ran it
     text = hub.http.get("/metrics").text
     assert 'mwt_jobs{state="cancelled"} 1.0' in text and 'mwt_jobs{state="succeeded"} 4.0' in text
+
+
+@pytest.mark.slow
+def test_torchvision_networks_train_into_modules_that_download_and_compose(
+    stack: tuple[MwtClient, ServiceProcess, Path],
+) -> None:
+    """Issue 11's path through the API: catalogued torchvision networks (converted to their
+    masked form by torch.fx) train on digits as jobs, are cut into per-class modules, and the
+    modules download (sha256 verified) and compose across the two models. One epoch: this
+    checks the path, not what the networks learn (bench/archs.py measures that)."""
+    from mwt_core.artifacts import load_artifact
+
+    hub, proc, root = stack
+    archs = ("tv_mobilenet_v2", "tv_efficientnet_b0")
+    jobs = {a: hub.submit_job(dataset="digits", arch=a, width=1.0, epochs=1, batch_size=64)
+            for a in archs}
+    model_ids = {}
+    for arch, job in jobs.items():
+        final = hub.wait(job["id"], timeout=900)
+        assert final["status"] == "succeeded", (arch, final["error"], proc.log()[-2000:])
+        model = hub.model(final["model_id"])
+        assert model["arch"] == arch and len(model["modules"]) == 10
+        model_ids[arch] = model["id"]
+        mods = sorted(hub.modules(model_id=model["id"])["items"], key=lambda m: m["class_index"])
+        assert [m["class_index"] for m in mods] == list(range(10))
+        # Each module is cut from the network: fewer parameters than the whole model.
+        assert all(0 < m["params"] < model["params"] for m in mods)
+        dl = hub.download_module(mods[3]["id"], root / arch)
+        assert dl.sha256 == mods[3]["sha256"]
+        net, manifest = load_artifact(dl.files[0].parent)
+        assert manifest["classes"] == [3] and manifest["config"]["arch"] == arch
+    comp = hub.compose_across([(model_ids["tv_mobilenet_v2"], [0, 1, 2, 3, 4]),
+                               (model_ids["tv_efficientnet_b0"], [5, 6, 7, 8, 9])])
+    assert comp["status"] == "ready" and comp["class_names"] == [str(c) for c in range(10)]
+    assert comp["accuracy"] is not None and comp["metrics"]["test_samples"] == 360
