@@ -110,3 +110,12 @@ def test_archs_bench_init_study_tiny():
         assert 0 <= s[f"{key}_acc"] <= 1 and s[f"{key}_s"] > 0
     for key in ("init", "scratch"):
         assert 0 < s[f"{key}_krr"] <= 1 and 0 <= s[f"{key}_coupling"] <= 1
+
+
+def test_registry_load_bench_tiny():
+    # wrk is installed by .ci/run (apt-get) like chromium; the figures themselves are the bench's.
+    r = _last_json_line("registry_load.py", "--duration", "1", "--warmup", "0", "--models", "1",
+                        "--connections", "4", "--threads", "1")
+    assert set(r["runs"]) == {"1", "0"}
+    for fig in r["runs"].values():
+        assert fig["req_per_s"] > 0 and fig["non_2xx"] == 0 and fig["p50_ms"] <= fig["p99_ms"]
