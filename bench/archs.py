@@ -34,7 +34,7 @@ from _main import bench_main
 from rich.console import Console
 from rich.table import Table
 
-from mwt_core.config import SMALL_DATA_SETTINGS, TrainConfig
+from mwt_core.config import FROM_WEIGHTS_SETTINGS, SMALL_DATA_SETTINGS, TrainConfig
 from mwt_core.data.datasets import load_dataset
 from mwt_core.devices import resolve_device
 from mwt_core.metrics import count_flops, count_params, measure_latency
@@ -44,6 +44,10 @@ from mwt_core.slimming import slim
 from mwt_core.training import _loss_step, param_groups
 
 CLASSES = {"module1": [0], "module3": [0, 1, 2]}
+
+
+LOSS_SETTINGS: dict[str, dict[str, Any]] = {
+    "paper": {}, "small-data": SMALL_DATA_SETTINGS, "from-weights": FROM_WEIGHTS_SETTINGS}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -62,8 +66,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "those weights for EPOCHS/4 vs MwT from scratch for the same total epochs")
     p.add_argument("--init-lr", type=float, default=TrainConfig.lr,
                    help="network learning rate of the MwT run that starts from the weights")
-    p.add_argument("--small-data-settings", action="store_true",
-                   help="both MwT runs use SMALL_DATA_SETTINGS (mask lr, loss weights) instead of the paper's")
+    p.add_argument("--loss-settings", choices=sorted(LOSS_SETTINGS), default="paper",
+                   help="mask lr and loss weights of both MwT runs: the paper's, SMALL_DATA_SETTINGS "
+                        "or FROM_WEIGHTS_SETTINGS (mwt_core.config)")
     return p.parse_args(argv)
 
 
@@ -149,10 +154,10 @@ def _init_study(args: argparse.Namespace) -> dict[str, Any]:
     data = replace(data, train_x=data.train_x[:args.train_limit], train_y=data.train_y[:args.train_limit])
     std_epochs, init_epochs = args.init_study, max(1, args.init_study // 4)
     base = {"arch": arch, "width": 1, "batch_size": args.batch, "device": args.device, "seed": args.seed}
-    loss = SMALL_DATA_SETTINGS if args.small_data_settings else {}
+    loss = LOSS_SETTINGS[args.loss_settings]
     out: dict[str, Any] = {"std_epochs": std_epochs, "init_epochs": init_epochs,
                            "scratch_epochs": std_epochs + init_epochs, "init_lr": args.init_lr,
-                           "settings": "small-data" if args.small_data_settings else "paper"}
+                           "settings": args.loss_settings}
     t0 = time.perf_counter()
     std = train(TrainConfig(**base, epochs=std_epochs, modular=False), data)
     out.update(std_acc=std.test_acc, std_s=time.perf_counter() - t0)
