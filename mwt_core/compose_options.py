@@ -13,7 +13,7 @@ LABELLED_METHODS: tuple[str, ...] = ("scale_bias", "head", "gauss_head")
 # The best method measured by bench/compose.py on a held-out part of digits' training split
 # (README, "Composing models that learned different classes"); the API, both CLIs and the
 # bench take their default from here.
-DEFAULT_COMBINE = "head"
+DEFAULT_COMBINE = "gauss_map"
 DEFAULT_PER_CLASS = 20  # labelled training images per class for the labelled methods
 
 
