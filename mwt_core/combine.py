@@ -33,7 +33,7 @@ they fit lives in buffers and parameters, so a composition saves as safetensors 
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 
 import torch
@@ -400,10 +400,8 @@ def _outputs_of_part(composed: ComposedClassifier, i: int, part: nn.Module, x: t
         for start in range(0, len(x), batch_size):
             batch = x[start:start + batch_size].to(device)
             if early:
-                try:
+                with suppress(_StopForward):
                     part(batch)
-                except _StopForward:
-                    pass
                 out = torch.zeros(len(batch), 0, device=device)
             else:
                 out = part(batch)
