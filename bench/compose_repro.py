@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-METHODS = ("raw", "scale_bias", "energy", "gauss", "head", "gauss_head")
+METHODS = ("raw", "scale_bias", "energy", "gauss", "gauss_map", "head", "gauss_head")
 
 
 def export_modules(out: Path) -> list[Path]:

@@ -12,6 +12,12 @@ per-source scale and bias) win where they should not. The methods here:
 - ``gauss``: log-probabilities minus each source's Mahalanobis distance of the penultimate
   features to its nearest class (class means and a shared, shrunk covariance fitted on the
   source's own training images), standardised the same way (needs no labels).
+- ``gauss_map``: ``gauss`` on a mid-depth convolution map instead of the penultimate features:
+  the output of the middle conv unit, averaged over a 2x2 grid (so where the strokes are is
+  kept), with its covariance shrunk towards each feature's own variance (needs no labels).
+  Why: a source's late features are specialised to its own classes and say little about other
+  images, while mid-depth maps still describe any digit, so distances there tell a source's
+  classes from the rest far better.
 - ``head``: the raw logits plus a linear correction on every module's penultimate features
   (standardised by the source's own training images) and logits, fitted on a few labelled
   images per class; it starts at zero (exactly ``raw``) and weight decay keeps it near there.
@@ -27,7 +33,7 @@ they fit lives in buffers and parameters, so a composition saves as safetensors 
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 
 import torch
@@ -43,15 +49,19 @@ from mwt_core.compose_options import (
     CompositionError,
     check_method,
 )
+from mwt_core.models.masking import ConvUnit
 
 __all__ = ["DEFAULT_COMBINE", "DEFAULT_PER_CLASS", "LABELLED_METHODS", "METHODS",
            "ZERO_LABEL_METHODS", "ComposedClassifier", "CompositionError", "fit"]
 
-FEATURE_METHODS: tuple[str, ...] = ("gauss", "head", "gauss_head")
-GAUSS_METHODS: tuple[str, ...] = ("gauss", "gauss_head")  # class means + precision per source
+FEATURE_METHODS: tuple[str, ...] = ("gauss", "gauss_map", "head", "gauss_head")
+# class means + precision per source
+GAUSS_METHODS: tuple[str, ...] = ("gauss", "gauss_map", "gauss_head")
+MAP_METHODS: tuple[str, ...] = ("gauss_map",)  # features from a mid-depth conv map
+MAP_GRID = 2  # the map is averaged over MAP_GRID x MAP_GRID cells
 HEAD_METHODS: tuple[str, ...] = ("head", "gauss_head")  # a linear correction fitted on labels
 # fitted on each source's own images
-ZERO_LABEL_FITTED: tuple[str, ...] = ("energy", "gauss", "gauss_head")
+ZERO_LABEL_FITTED: tuple[str, ...] = ("energy", "gauss", "gauss_map", "gauss_head")
 CombineError = CompositionError  # one error for everything a composition can refuse
 
 
@@ -62,6 +72,9 @@ class CombineSettings:
     energy_temperature: float = 0.5  # weight of the standardised energy next to log-probabilities
     gauss_temperature: float = 1.0  # weight of the standardised distance
     shrinkage: float = 0.01  # covariance + shrinkage * mean variance * I (few images, many dims)
+    # gauss_map: covariance + map_shrinkage * (mean within-class variance of the standardised
+    # features) * each feature's variance, i.e. shrunk towards the diagonal.
+    map_shrinkage: float = 0.1
     # A source's own training images per class for the zero-label statistics (energy, gauss).
     own_per_class: int = 200
     # Where ``head`` takes its feature standardisation from: "labelled" (the calibration images
@@ -84,6 +97,23 @@ class _Tap:
     def __call__(self, module: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor
                  ) -> None:
         self.value = inputs[0]
+
+
+class _MapTap(_Tap):
+    """Forward hook keeping a conv unit's output averaged over a ``MAP_GRID`` grid."""
+
+    def __call__(self, module: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor
+                 ) -> None:
+        self.value = F.adaptive_avg_pool2d(output, MAP_GRID)
+
+
+def mid_unit(part: nn.Module) -> ConvUnit:
+    """The middle conv unit of a part in forward order (``gauss_map``'s features): deep enough
+    to describe strokes, early enough not to be specialised to the source's own classes."""
+    units = [m for m in part.modules() if isinstance(m, ConvUnit)]
+    if not units:
+        raise CombineError("a part has no conv unit; gauss_map needs a convolutional module")
+    return units[(len(units) - 1) // 2]
 
 
 def head_linear(part: nn.Module) -> nn.Linear:
@@ -127,7 +157,8 @@ class ComposedClassifier(nn.Module):
         self._taps: list[_Tap] = []
         self._hooks: list[torch.utils.hooks.RemovableHandle] = []
         if combine in FEATURE_METHODS:
-            dims = [head_linear(p).in_features for p in parts]
+            dims = ([mid_unit(p).conv.out_channels * MAP_GRID ** 2 for p in parts]
+                    if combine in MAP_METHODS else [head_linear(p).in_features for p in parts])
             for i, (k, d) in enumerate(zip(self.sizes, dims, strict=True)):
                 if combine in GAUSS_METHODS:
                     # Whitening L (precision = L L') and the whitened class means: distances
@@ -138,8 +169,12 @@ class ComposedClassifier(nn.Module):
                     self.register_buffer(f"feature_mean_{i}", torch.zeros(d))
                     self.register_buffer(f"feature_std_{i}", torch.ones(d))
             for p in parts:
-                tap = _Tap()
-                self._hooks.append(head_linear(p).register_forward_hook(tap))
+                if combine in MAP_METHODS:
+                    tap: _Tap = _MapTap()
+                    self._hooks.append(mid_unit(p).register_forward_hook(tap))
+                else:
+                    tap = _Tap()
+                    self._hooks.append(head_linear(p).register_forward_hook(tap))
                 self._taps.append(tap)
         if combine == "head":
             self.head = nn.Linear(sum(dims) + sum(self.sizes), sum(self.sizes))
@@ -221,17 +256,18 @@ def _outputs(composed: ComposedClassifier, x: torch.Tensor, batch_size: int = 25
         lg, fs = composed.source_outputs(x[start:start + batch_size].to(device))
         for i, v in enumerate(lg):
             f = fs[i] if fs else None
-            v, f = _exact(composed.parts[i], v, f)
+            v, f = _exact(composed.parts[i], v, f, composed.combine not in MAP_METHODS)
             logits[i].append(v)
             if f is not None:
                 feats[i].append(f)
     return [torch.cat(v) for v in logits], [torch.cat(v) for v in feats if v]
 
 
-def _exact(part: nn.Module, logits: torch.Tensor, feats: torch.Tensor | None
-           ) -> tuple[torch.Tensor, torch.Tensor | None]:
+def _exact(part: nn.Module, logits: torch.Tensor, feats: torch.Tensor | None,
+           penultimate: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
     """A part's logits and features in float64 for fitting, the logits recomputed from the
-    features where the part's last linear layer gives them.
+    features where the part's last linear layer gives them (``penultimate``: the features
+    are that layer's input, not a conv map).
 
     Why: a fit of a few hundred Adam steps turns float noise in its inputs into output
     differences about 1000 times larger, and the float32 logits layer is where that noise
@@ -239,8 +275,8 @@ def _exact(part: nn.Module, logits: torch.Tensor, feats: torch.Tensor | None
     by thread count). Recomputed in float64 the logits no longer depend on the thread count,
     so a client composing the same modules fits the same classifier as the registry.
     """
-    if feats is None:
-        return logits.double(), None
+    if feats is None or not penultimate:
+        return logits.double(), None if feats is None else feats.double()
     f = feats.double()
     lin = head_linear(part)
     z = F.linear(f, lin.weight.double(), None if lin.bias is None else lin.bias.double())
@@ -312,7 +348,13 @@ def _fit_statistics(composed: ComposedClassifier, own: list[tuple[torch.Tensor, 
             resid = f - means[y]
             cov = resid.T @ resid / len(f)
             eye = torch.eye(cov.shape[0], dtype=cov.dtype, device=cov.device)
-            cov = cov + settings.shrinkage * cov.diagonal().mean().clamp(min=1e-6) * eye
+            if composed.combine in MAP_METHODS:
+                # Shrunk as if each feature were standardised (conv maps mix features of very
+                # different spreads): cov + s * mean(diag(cov) / var) * diag(var).
+                var = _floored_spread(f.std(0)).pow(2)
+                cov = cov + settings.map_shrinkage * (cov.diagonal() / var).mean() * torch.diag(var)
+            else:
+                cov = cov + settings.shrinkage * cov.diagonal().mean().clamp(min=1e-6) * eye
             # precision = cov^-1 = L L' with L = (C^-1)' for cov = C C' (Cholesky).
             chol = torch.linalg.cholesky(cov)
             whiten = torch.linalg.solve_triangular(chol, eye, upper=False).T
@@ -327,28 +369,55 @@ def _fit_statistics(composed: ComposedClassifier, own: list[tuple[torch.Tensor, 
 def _standardise(composed: ComposedClassifier, i: int, feats: torch.Tensor) -> None:
     """Set source ``i``'s feature standardisation (``head``) from features ``feats``."""
     getattr(composed, f"feature_mean_{i}").copy_(feats.mean(0))
-    # A feature (nearly) constant on these images carries no information; a floor on its
-    # spread keeps float noise in it from being blown up.
-    spread = feats.std(0)
-    getattr(composed, f"feature_std_{i}").copy_(spread.clamp(min=0.05 * float(spread.mean()) + 1e-6))
+    getattr(composed, f"feature_std_{i}").copy_(_floored_spread(feats.std(0)))
+
+
+def _floored_spread(spread: torch.Tensor) -> torch.Tensor:
+    """Per-feature spreads with a floor: a feature (nearly) constant on the images it was
+    measured on carries no information, and the floor keeps its float noise from being blown up."""
+    return spread.clamp(min=0.05 * float(spread.mean()) + 1e-6)
+
+
+class _StopForward(Exception):
+    """Raised by a hook to end a forward pass once the features a fit needs are taken."""
+
+
+def _stop_forward(module: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
+    raise _StopForward
 
 
 def _outputs_of_part(composed: ComposedClassifier, i: int, part: nn.Module, x: torch.Tensor,
                      batch_size: int = 512) -> tuple[torch.Tensor, torch.Tensor]:
+    """Part ``i``'s logits and features on ``x`` in float64. ``gauss_map``'s statistics need
+    only the mid-depth map, so its pass stops there (no logits: an empty ``N x 0`` tensor),
+    which saves the later layers' time on every own image (the compose call's largest cost)."""
     device = composed.scale.device
+    early = composed.combine in MAP_METHODS
+    # Registered after the tap, so it runs after the tap has kept the map.
+    handle = mid_unit(part).register_forward_hook(_stop_forward) if early else None
     logits, feats = [], []
-    for start in range(0, len(x), batch_size):
-        out = part(x[start:start + batch_size].to(device))
-        value = None
-        if composed._taps:
-            value = composed._taps[i].value
-            assert value is not None
-            value = value.flatten(1)
-            composed._taps[i].value = None
-        out, value = _exact(part, out, value)
-        logits.append(out)
-        if value is not None:
-            feats.append(value)
+    try:
+        for start in range(0, len(x), batch_size):
+            batch = x[start:start + batch_size].to(device)
+            if early:
+                with suppress(_StopForward):
+                    part(batch)
+                out = torch.zeros(len(batch), 0, device=device)
+            else:
+                out = part(batch)
+            value = None
+            if composed._taps:
+                value = composed._taps[i].value
+                assert value is not None
+                value = value.flatten(1)
+                composed._taps[i].value = None
+            out, value = _exact(part, out, value, not early)
+            logits.append(out)
+            if value is not None:
+                feats.append(value)
+    finally:
+        if handle is not None:
+            handle.remove()
     return torch.cat(logits), (torch.cat(feats) if feats else torch.zeros(0))
 
 

@@ -47,17 +47,18 @@ def test_compose_across_models(
     assert [(s["model_id"], s["classes"]) for s in comp["sources"]] == [(a.id, [3, 5]), (b.id, [8])]
     m = comp["metrics"]
     x, y = _union([[3, 5], [8]])
-    assert m["test_samples"] == len(y) and m["calibration_samples"] == 30
+    from mwt_core.compose_options import DEFAULT_COMBINE, LABELLED_METHODS
+
+    labelled_default = DEFAULT_COMBINE in LABELLED_METHODS  # only a labelled method draws labels
+    assert m["test_samples"] == len(y) and m["calibration_samples"] == (30 if labelled_default else 0)
     assert [s["model_id"] for s in m["sources"]] == [a.id, b.id]
     assert 0 < comp["krr"] <= 1 and comp["accuracy_loss"] == pytest.approx(
         comp["baseline_accuracy"] - comp["accuracy"]
     )
-    from mwt_core.compose_options import DEFAULT_COMBINE
-
     assert m["combine"] == DEFAULT_COMBINE and m["raw_accuracy"] == m["uncalibrated_accuracy"]
     from mwt_core.combine import needs_own
 
-    assert m["combine_params"] > 0 and m["latency_ms"] > 0
+    assert (m["combine_params"] > 0) == labelled_default and m["latency_ms"] > 0
     assert (m["own_samples"] > 0) == needs_own(DEFAULT_COMBINE)  # only what the method needs
     # The same request finds the same composition at once, from the registry: no model is
     # loaded for it. Another method or calibration is another composition.
@@ -72,7 +73,8 @@ def test_compose_across_models(
     assert other.json()["accuracy"] == pytest.approx(m["uncalibrated_accuracy"])
     assert other.json()["metrics"]["calibration_samples"] == 0
     assert client.post("/api/v1/compositions", json=raw).json()["id"] == other.json()["id"]
-    labelled = client.post("/api/v1/compositions", json={**body, "calibration_per_class": 0})
+    labelled = client.post("/api/v1/compositions",
+                           json={**body, "combine": "head", "calibration_per_class": 0})
     assert labelled.status_code == 422 and "calibration_per_class > 0" in labelled.json()["detail"]
 
     # The download is the calibrated classifier: it reproduces the reported accuracy.

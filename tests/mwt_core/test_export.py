@@ -21,6 +21,7 @@ import pytest
 import torch
 
 from mwt_core.artifacts import load_artifact, save_artifact
+from mwt_core.combine import fit
 from mwt_core.compose import Source, calibrate, compose, composition_manifest, labelled_union
 from mwt_core.data.datasets import load_dataset
 from mwt_core.export import (
@@ -126,6 +127,16 @@ def artifacts(tmp_path_factory, digits32):
                       composition_manifest(digits32.spec, labels, [{"dataset": "digits"}] * 2, {},
                                            "test"))
         out[name] = root / name
+    # gauss_map: its features come from a hook on a mid-depth conv unit (2x2 average pooling),
+    # which the traced and ONNX graphs must carry along with the fitted buffers.
+    gauss_map = compose(picks, combine="gauss_map")
+    own = [labelled_union([(data, p.classes)], "train") for p in picks]
+    fit(gauss_map, own, None)
+    labels = [str(c) for p in picks for c in p.classes]
+    gauss_map.labels = labels
+    save_artifact(root / "composition_gauss_map", gauss_map,
+                  composition_manifest(digits32.spec, labels, [{"dataset": "digits"}] * 2, {}, "test"))
+    out["composition_gauss_map"] = root / "composition_gauss_map"
     return out
 
 
