@@ -16,14 +16,19 @@ What keeps it correct:
 - changes made elsewhere (a job process publishing its model, another API process) are seen
   once an entry is ``ttl_s`` old (``MWT_RESPONSE_CACHE_S``; 0 turns the cache off);
 - only JSON answers of bounded size are kept, in a bounded LRU; downloads, exports, event
-  streams and conditional or range requests always go to the app.
+  streams and conditional or range requests always go to the app;
+- one request computes a missing or expired answer while the others asking for it wait
+  for that answer, so a popular entry's expiry does not send every waiting client to the
+  database at once.
 """
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections import OrderedDict
 from collections.abc import Iterable
+from contextlib import suppress
 from dataclasses import dataclass
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -31,6 +36,8 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 CACHE_HEADER = b"x-mwt-cache"
 # Request headers that make an answer depend on more than the path, query and key.
 _UNCACHEABLE_REQUEST_HEADERS = frozenset({b"range", b"if-none-match", b"if-modified-since"})
+# How long a request waits for another one computing the same answer before computing it too.
+_FILL_WAIT_S = 5.0
 _SKIP_SEGMENTS = ("/download", "/export", "/events", "/torchscript", "/onnx", "/predict")
 
 
@@ -55,6 +62,7 @@ class ResponseCacheMiddleware:
         self._entries: OrderedDict[tuple[int, str, bytes], _Entry] = OrderedDict()
         self._generation = 0  # bumped by every state-changing request (start and end)
         self._writes_running = 0
+        self._inflight: dict[tuple[int, str, bytes], asyncio.Event] = {}
 
     def clear(self) -> None:
         """Forget every entry (the registry changed)."""
@@ -79,15 +87,34 @@ class ResponseCacheMiddleware:
             await self.app(scope, receive, send)
             return
         key = (principal.key_id, scope["path"], scope["query_string"])
-        now = time.monotonic()
-        entry = self._entries.get(key)
-        if entry is not None and now - entry.stored_at < self.ttl_s:
-            self._entries.move_to_end(key)
-            await send({"type": "http.response.start", "status": entry.status,
-                        "headers": [*entry.headers, (CACHE_HEADER, b"hit")]})
-            await send({"type": "http.response.body", "body": entry.body})
+        if await self._replay(key, send):
             return
-        await self._fill(key, now, scope, receive, send)
+        filling = self._inflight.get(key)
+        if filling is not None:
+            # One request computes an expired answer; the others wait for it rather than
+            # all computing it at once (a stampede each time a popular entry expires).
+            with suppress(TimeoutError):
+                await asyncio.wait_for(filling.wait(), timeout=_FILL_WAIT_S)
+            if await self._replay(key, send):
+                return
+            await self.app(scope, receive, send)
+            return
+        done = self._inflight[key] = asyncio.Event()
+        try:
+            await self._fill(key, time.monotonic(), scope, receive, send)
+        finally:
+            del self._inflight[key]
+            done.set()
+
+    async def _replay(self, key: tuple[int, str, bytes], send: Send) -> bool:
+        entry = self._entries.get(key)
+        if entry is None or time.monotonic() - entry.stored_at >= self.ttl_s:
+            return False
+        self._entries.move_to_end(key)
+        await send({"type": "http.response.start", "status": entry.status,
+                    "headers": [*entry.headers, (CACHE_HEADER, b"hit")]})
+        await send({"type": "http.response.body", "body": entry.body})
+        return True
 
     async def _write(self, scope: Scope, receive: Receive, send: Send) -> None:
         self._writes_running += 1

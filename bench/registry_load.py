@@ -7,6 +7,7 @@ then runs ``wrk -t2 -c50`` on a filtered module query. `wrk` is a C load generat
 
     python bench/registry_load.py                       # cache 1 s and off, 10 s each
     python bench/registry_load.py --cache 1 0 --duration 10 --connections 50
+    python bench/registry_load.py --stack postgres      # `mwt api` on a throwaway Postgres database
 
 Prints a table, then one JSON line.
 """
@@ -29,12 +30,13 @@ from rich.table import Table
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from app.auth import ensure_admin_key  # noqa: E402
 from app.db import migrate  # noqa: E402
 from app.db.session import make_engine, make_sessionmaker  # noqa: E402
 from app.settings import Settings  # noqa: E402
 from tests.support.processes import ServiceProcess, clean_env, wait_http  # noqa: E402
 from tests.support.registry import seed_fake_model  # noqa: E402
-from tests.support.services import free_port  # noqa: E402
+from tests.support.services import free_port, throwaway_postgres  # noqa: E402
 
 QUERY = "/api/v1/modules?dataset=digits&class_name=3&sort=-krr"
 _UNITS = {"us": 1e-3, "ms": 1.0, "s": 1e3}
@@ -44,6 +46,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--cache", type=float, nargs="+", default=[1.0, 0.0],
                    help="MWT_RESPONSE_CACHE_S values to run (0: off)")
+    p.add_argument("--stack", choices=["embedded", "postgres"], default="embedded",
+                   help="embedded: `mwt serve` on SQLite; postgres: `mwt api` (the distributed "
+                        "stack's API process) on a throwaway database of the local Postgres")
     p.add_argument("--models", type=int, default=5)
     p.add_argument("--duration", type=int, default=10, help="seconds of load per run")
     p.add_argument("--warmup", type=int, default=3, help="seconds of load before each run")
@@ -80,8 +85,15 @@ def _wrk(args: argparse.Namespace, url: str, key: str, seconds: int) -> str:
 
 
 def one_run(args: argparse.Namespace, ttl: float, root: Path) -> dict[str, float]:
+    if args.stack == "postgres":
+        with throwaway_postgres("mwt_bench") as url:
+            return _serve_and_load(args, ttl, root, url)
+    return _serve_and_load(args, ttl, root, "")
+
+
+def _serve_and_load(args: argparse.Namespace, ttl: float, root: Path, url: str) -> dict[str, float]:
     data = root / f"cache-{ttl:g}"
-    settings = Settings(data_dir=data)
+    settings = Settings(data_dir=data, database_url=url)
     migrate.upgrade(settings)
     engine = make_engine(settings)
     with make_sessionmaker(engine)() as s:
@@ -92,7 +104,14 @@ def one_run(args: argparse.Namespace, ttl: float, root: Path) -> dict[str, float
     port, key = free_port(), "mwt_bench_" + secrets.token_hex(16)
     env = clean_env({"MWT_DATA_DIR": str(data), "MWT_BOOTSTRAP_ADMIN_KEY": key,
                      "MWT_RESPONSE_CACHE_S": str(ttl), "OMP_NUM_THREADS": "1"})
-    proc = ServiceProcess("serve", ["mwt", "serve", "--port", str(port)], env, root)
+    if url:
+        env.update({"MWT_DATABASE_URL": url, "MWT_BROKER_URL": "redis://127.0.0.1:6379/15"})
+        # `mwt api` installs no key; the bench's admin key goes in as `mwt serve` would.
+        engine = make_engine(settings)
+        ensure_admin_key(make_sessionmaker(engine), settings.model_copy(update={"bootstrap_admin_key": key}))
+        engine.dispose()
+    command = ["mwt", "api", "--port", str(port)] if url else ["mwt", "serve", "--port", str(port)]
+    proc = ServiceProcess("api" if url else "serve", command, env, root)
     try:
         base = f"http://127.0.0.1:{port}"
         wait_http(f"{base}/health", timeout=90, proc=proc)
@@ -108,7 +127,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         raise ValueError("wrk is not installed (apt-get install wrk)")
     if args.duration < 1 or args.connections < 1 or args.models < 1:
         raise ValueError("--duration, --connections and --models must be >= 1")
-    result: dict[str, Any] = {"query": QUERY, "connections": args.connections,
+    result: dict[str, Any] = {"stack": args.stack, "query": QUERY, "connections": args.connections,
                               "duration_s": args.duration, "models": args.models, "runs": {}}
     with TemporaryDirectory(prefix="mwt-registry-load-") as tmp:
         for ttl in args.cache:
@@ -121,7 +140,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def render(result: dict[str, Any], console: Console) -> None:
-    table = Table(title=f"GET {result['query']} — wrk, {result['connections']} connections, "
+    table = Table(title=f"{result['stack']}: GET {result['query']} — wrk, {result['connections']} connections, "
                         f"{result['duration_s']} s")
     for col in ("response cache", "req/s", "p50 ms", "p90 ms", "p99 ms", "non-2xx"):
         table.add_column(col, justify="left" if col == "response cache" else "right")

@@ -106,3 +106,43 @@ def test_ttl_zero_turns_it_off(client: TestClient, app: FastAPI, settings: Setti
         c.headers["Authorization"] = client.headers["Authorization"]
         for _ in range(2):
             assert "x-mwt-cache" not in c.get("/api/v1/models").headers
+
+
+def test_concurrent_misses_compute_the_answer_once() -> None:
+    """Twenty clients asking for the same expired answer at once: the app computes it once and
+    the other nineteen get that answer (no stampede on the database)."""
+    import asyncio
+    from types import SimpleNamespace
+    from typing import Any
+
+    from app.response_cache import ResponseCacheMiddleware
+
+    calls = 0
+
+    async def inner(scope: Any, receive: Any, send: Any) -> None:
+        nonlocal calls
+        calls += 1
+        await asyncio.sleep(0.05)  # the query and serialisation
+        await send({"type": "http.response.start", "status": 200,
+                    "headers": [(b"content-type", b"application/json")]})
+        await send({"type": "http.response.body", "body": b'{"n": %d}' % calls})
+
+    cache = ResponseCacheMiddleware(inner, ["/api/v1/modules"], ttl_s=60)
+    scope = {"type": "http", "method": "GET", "path": "/api/v1/modules", "query_string": b"",
+             "headers": [], "state": {"principal": SimpleNamespace(key_id=1)}}
+
+    async def one() -> list[dict[str, Any]]:
+        sent: list[dict[str, Any]] = []
+
+        async def send(message: dict[str, Any]) -> None:
+            sent.append(message)
+
+        await cache(dict(scope), None, send)  # type: ignore[arg-type]
+        return sent
+
+    async def burst() -> list[list[dict[str, Any]]]:
+        return await asyncio.gather(*(one() for _ in range(20)))
+
+    answers = asyncio.run(burst())
+    assert calls == 1
+    assert all(a[-1]["body"] == b'{"n": 1}' for a in answers)
