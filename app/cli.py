@@ -402,6 +402,7 @@ _T = TrainConfig  # the same defaults as POST /jobs {} and `mwt train` (mwt_core
 
 @app.command()
 def submit(
+    ctx: typer.Context,
     url: UrlOpt = "http://127.0.0.1:8000",
     key: KeyOpt = None,
     dataset: Annotated[str, typer.Option(help="Dataset name.")] = DEFAULT_DATASET,
@@ -427,33 +428,28 @@ def submit(
     init_from: Annotated[
         str | None, typer.Option(help="Start from weights uploaded with `mwt upload-weights`.")
     ] = _T.init_from,
+    init_from_model: Annotated[
+        int | None, typer.Option(help="Start from a ready registry model's weights (its id).")
+    ] = None,
     idempotency_key: Annotated[str | None, typer.Option(help="Retry-safe submit key.")] = None,
     watch_it: Annotated[
         bool, typer.Option("--watch", help="Follow the job until it ends.")
     ] = False,
     as_json: JsonOpt = False,
 ) -> None:
-    """Submit a training job."""
+    """Submit a training job (options not given take the server's defaults)."""
+    from mwt_core.cli_support import given
+
+    params = dict(
+        dataset=dataset, arch=arch, width=width, epochs=epochs, batch_size=batch_size, lr=lr,
+        alpha=alpha, beta=beta, mask_lr=mask_lr, gamma=gamma, tau=tau, seed=seed,
+        modular=not standard, name=name, init_from=init_from, init_from_model=init_from_model,
+    )
+    # Only what was asked for is sent: the server fills in the rest from the one place the
+    # defaults live, including those that depend on other settings (a run from weights).
+    params = {k: v for k, v in params.items() if given(ctx, "standard" if k == "modular" else k)}
     with _client(url, key) as hub:
-        job = _call(
-            hub.submit_job,
-            idempotency_key=idempotency_key,
-            dataset=dataset,
-            arch=arch,
-            width=width,
-            epochs=epochs,
-            batch_size=batch_size,
-            lr=lr,
-            alpha=alpha,
-            beta=beta,
-            mask_lr=mask_lr,
-            gamma=gamma,
-            tau=tau,
-            seed=seed,
-            modular=not standard,
-            name=name,
-            init_from=init_from,
-        )
+        job = _call(hub.submit_job, idempotency_key=idempotency_key, **params)
         if as_json and not watch_it:
             out.print_json(json.dumps(job))
             return

@@ -47,6 +47,7 @@ from mwt_core.cli_support import (
     _verify,
     _with_arch,
     command_boundary,
+    given,
     run_training,
 )
 from mwt_core.compose_options import DEFAULT_COMBINE, DEFAULT_PER_CLASS, METHODS
@@ -57,6 +58,7 @@ from mwt_core.config import (
     ModularizeConfig,
     TrainConfig,
     check_tau,
+    loss_defaults,
 )
 from mwt_core.data.classes import parse_classes
 from mwt_core.data.datasets import DatasetBundle, list_datasets
@@ -102,6 +104,7 @@ _T = TrainConfig  # every training default comes from the core's config (mwt_cor
 @app.command("train")
 @command_boundary
 def train_cmd(
+    ctx: typer.Context,
     arch: Annotated[str, typer.Option(help="Architecture (see `mwt archs`).")] = _T.arch,
     dataset: Annotated[str, typer.Option(help="Dataset name (see `mwt datasets`) or a .npz path.")] = DEFAULT_DATASET,
     width: Annotated[float, typer.Option(help="Channel width multiplier.")] = _T.width,
@@ -127,12 +130,15 @@ def train_cmd(
     init_from: Annotated[str | None, typer.Option(help="Start from this safetensors state dict (fresh mask generators).")] = _T.init_from,
     as_json: JsonOpt = False,
 ) -> None:
-    """Train a model; MwT runs are then modularized and cut into one module per class."""
+    """Train a model; MwT runs are then modularized and cut into one module per class.
+
+    With --init-from, the mask rate and loss weights not given take FROM_WEIGHTS_SETTINGS."""
     ui = Ui(as_json)
+    loss: dict[str, Any] = {"mask_lr": mask_lr, "alpha": alpha, "beta": beta, "gamma": gamma}
+    loss.update({k: v for k, v in loss_defaults(init_from is not None).items() if not given(ctx, k)})
     cfg = TrainConfig(arch=arch, width=width, epochs=epochs, batch_size=batch_size, lr=lr,
-                      mask_lr=mask_lr, weight_decay=weight_decay, alpha=alpha, beta=beta,
-                      gamma=gamma, modular=modular, seed=seed, device=device, amp=amp, augment=augment,
-                      init_from=init_from)
+                      weight_decay=weight_decay, **loss, modular=modular, seed=seed, device=device,
+                      amp=amp, augment=augment, init_from=init_from)
     if out is None:
         stem = Path(dataset).stem if dataset.lower().endswith(".npz") else dataset
         out = Path("runs") / f"{cfg.arch}-{class_dirnames([stem])[0]}-{'mwt' if modular else 'std'}"

@@ -67,6 +67,13 @@ def _fail(message: str, code: int = 1) -> None:
     raise typer.Exit(code)
 
 
+def given(ctx: typer.Context, param: str) -> bool:
+    """Whether the command's option ``param`` was given (command line or environment)
+    rather than left at its default."""
+    source = ctx.get_parameter_source(param)
+    return source is not None and source.name != "DEFAULT"
+
+
 def command_boundary(fn: F) -> F:
     """Turn the library's user errors into ``error: ...`` on stderr and exit status 1."""
 

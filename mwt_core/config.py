@@ -128,6 +128,13 @@ SMALL_DATA_SETTINGS: dict[str, Any] = {"mask_lr": 0.2, "alpha": 1.0, "beta": 3.0
 FROM_WEIGHTS_SETTINGS: dict[str, Any] = {"mask_lr": 0.5, "alpha": 1.0, "beta": 6.0, "gamma": 0.5}
 
 
+def loss_defaults(starts_from_weights: bool) -> dict[str, Any]:
+    """The mask rate and loss weights a run takes where its caller chose none: the paper's
+    (TrainConfig's defaults), or ``FROM_WEIGHTS_SETTINGS`` for a run that starts from trained
+    weights. Every entry point (POST /jobs, ``mwt submit``, ``mwt train``) applies this."""
+    return dict(FROM_WEIGHTS_SETTINGS if starts_from_weights else PAPER_SETTINGS)
+
+
 # Values of fields added after the first checkpoints were written, as those runs used them:
 # a checkpoint that lacks a key ran with this value, whatever today's default is.
 LEGACY_VALUES: dict[str, Any] = {"mask_lr": None, "gamma": 0.0, "weight_decay": 0.0,

@@ -3,7 +3,8 @@
 Seeded and resumable: every epoch a checkpoint (model, optimiser, scheduler,
 scaler, RNG states, history) is written atomically; ``train`` with the same
 checkpoint directory continues from it and, on a deterministic backend,
-reproduces an uninterrupted run bit for bit.
+reproduces an uninterrupted run bit for bit. At the end, batch-norm statistics are
+recomputed under the final masks (:func:`recalibrate_batchnorm`).
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from __future__ import annotations
 import math
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -221,9 +222,44 @@ def train(
             })
         if progress is not None:
             progress(report)
+    if cfg.modular:
+        recalibrate_batchnorm(model, train_set.ordered(cfg.batch_size))
+        test_acc = accuracy(model, test_set.ordered(512))
     model.eval()
     return TrainResult(model=model, test_acc=test_acc, train_seconds=spent,
                        epochs_run=cfg.epochs - start_epoch, history=history)
+
+
+def recalibrate_batchnorm(model: torch.nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]]
+                          ) -> None:
+    """Recompute every batch norm's running statistics as the average over ``batches``
+    (un-augmented training images) with the network as it now is.
+
+    Why: a mask multiplies a unit's output after its BN, so the statistics of every later
+    BN depend on the masks, which keep moving while they specialise; the running averages
+    trail them. In a short run (MwT from trained weights: two epochs) that lag cost up to
+    3.5 pp of held-out accuracy (README, "Architectures"); over a long run it is small.
+    Only the BN layers run in training mode (dropout and stochastic depth stay off), under
+    no_grad; the model is left in eval mode.
+    """
+    bns = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    if not bns:
+        return
+    model.eval()
+    saved = [m.momentum for m in bns]
+    for m in bns:
+        m.reset_running_stats()
+        m.momentum = None  # a cumulative average: every batch weighs the same
+        m.train()
+    try:
+        with torch.no_grad():
+            for x, _ in batches:
+                if x.shape[0] >= 2:  # batch statistics of one image are undefined
+                    model(x)
+    finally:
+        for m, momentum in zip(bns, saved, strict=True):
+            m.momentum = momentum
+        model.eval()
 
 
 def _loss_step(model: MwTNet, units: list[ConvUnit], cfg: TrainConfig, device: torch.device,

@@ -20,6 +20,7 @@ import time
 import traceback
 import uuid
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from sqlalchemy.orm import Session, sessionmaker
@@ -261,15 +262,28 @@ def _describe(exc: BaseException) -> str:
 # ---------------------------------------------------------------------------------- train
 
 
-def _train_config(settings: Settings, p: dict[str, Any]) -> TrainConfig:
+def _train_config(settings: Settings, p: dict[str, Any], base: Path | None = None) -> TrainConfig:
     """The job's ``TrainConfig`` on this worker's device. The API wrote every setting into
     the params; a key that a job queued by an older version lacks takes the value such jobs
-    ran with, not today's default."""
+    ran with, not today's default. ``base``: the weights file of ``init_from_model``."""
     params = {**LEGACY_VALUES, **p}
     if params.get("init_from"):  # the job names uploaded weights; the run reads their file
         params["init_from"] = str(weights_svc.weights_path(settings, params["init_from"]))
+    elif base is not None:
+        params["init_from"] = str(base)
     fields = set(TrainConfig.__dataclass_fields__) - {"device"}
     return TrainConfig(**{k: params[k] for k in fields if k in params}, device=settings.device)
+
+
+def _base_weights(s: Session, settings: Settings, p: dict[str, Any]) -> Path | None:
+    """The weights file of the registry model the job starts from (None: it names none)."""
+    model_id = p.get("init_from_model")
+    if model_id is None:
+        return None
+    path = weights_svc.model_weights_path(settings, s.get(Model, model_id), model_id)
+    if not path.is_file():
+        raise ValueError(f"the {weights_svc.model_label(model_id)} are no longer in the store")
+    return path
 
 
 class _ProgressSink:
@@ -296,8 +310,8 @@ def _train(factory: sessionmaker[Session], settings: Settings, job: Job, ctx: Jo
 
     p = job.params
     ctx.phase("loading data")
-    cfg = _train_config(settings, p)
     with factory() as s:
+        cfg = _train_config(settings, p, _base_weights(s, settings, p))
         source, _ = datasets_svc.resolve(s, settings, job.dataset or "")
         data = datasets_svc.load_bundle(
             settings, s, job.dataset or "", min_input_size=architecture_info(cfg.arch).min_input_size
@@ -305,6 +319,10 @@ def _train(factory: sessionmaker[Session], settings: Settings, job: Job, ctx: Jo
         if source != "upload":
             datasets_svc.record_builtin(s, data, source)
     cfg_json = cfg.to_json()
+    # The registry records where the weights came from by name, not by a path on this worker.
+    cfg_json["init_from"] = p.get("init_from")
+    if p.get("init_from_model") is not None:
+        cfg_json["base_model"] = p["init_from_model"]
     model_id = job_store.reserve_model(factory, job, ctx.worker, data, cfg_json)
     with factory() as s:
         model_row = s.get(Model, model_id)

@@ -15,7 +15,7 @@ from sqlalchemy import select
 from starlette.background import BackgroundTask
 
 from app.auth import ReadKey, WriteKey, ensure_owner, visible_to
-from app.db.models import Job, JobKind, JobStatus
+from app.db.models import Job, JobKind, JobStatus, Model, Scope
 from app.deps import DbDep, DispatcherDep, SettingsDep
 from app.routers._common import PagingDep, not_found, page
 from app.schemas.common import Page, QueryId, error_responses
@@ -67,11 +67,21 @@ def submit(
         _, upload = datasets_svc.resolve(db, settings, body.dataset)
     except (datasets_svc.DatasetNotFound, datasets_svc.DatasetUnavailable) as exc:
         raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, str(exc)) from None
-    if body.init_from is not None:
+    if body.init_from is not None or body.init_from_model is not None:
         info = upload if upload is not None else datasets_svc.builtin_infos(settings)[body.dataset]
         try:  # the first mismatched tensor is named here, not when a worker picks the job up
+            if body.init_from is not None:
+                path, what = weights_svc.weights_path(settings, body.init_from), weights_svc.upload_label(body.init_from)
+            else:
+                assert body.init_from_model is not None
+                base = db.get(Model, body.init_from_model)
+                if base is not None and settings.private_listing and not principal.has(Scope.admin.value) \
+                        and base.api_key_id != principal.key_id:
+                    base = None  # a private registry's other models are not there for this key
+                path = weights_svc.model_weights_path(settings, base, body.init_from_model)
+                what = weights_svc.model_label(body.init_from_model)
             weights_svc.check_for_job(
-                settings, body.init_from, arch, body.width, body.modular,
+                path, what, arch, body.width, body.modular,
                 num_classes=info.num_classes,  # type: ignore[attr-defined]
                 channels=info.channels,  # type: ignore[attr-defined]
                 input_size=upload.input_size if upload is not None else info.size,  # type: ignore[attr-defined]

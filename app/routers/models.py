@@ -198,7 +198,8 @@ def delete(
     active = db.scalars(
         select(Job.id).where(
             Job.status.in_(jobs_svc.ACTIVE),
-            (Job.model_id == model_id) | (Job.params["model_id"].as_integer() == model_id),
+            (Job.model_id == model_id) | (Job.params["model_id"].as_integer() == model_id)
+            | (Job.params["init_from_model"].as_integer() == model_id),
         )
     ).all()
     dependents = db.scalars(

@@ -3,9 +3,16 @@ from __future__ import annotations
 import datetime as dt
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, field_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, field_validator, model_validator
 
-from mwt_core.config import DEFAULT_DATASET, LIMITS, PAPER_SETTINGS, ModularizeConfig, TrainConfig
+from mwt_core.config import (
+    DEFAULT_DATASET,
+    LIMITS,
+    PAPER_SETTINGS,
+    ModularizeConfig,
+    TrainConfig,
+    loss_defaults,
+)
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
 
@@ -64,12 +71,29 @@ class JobCreate(BaseModel):
     init_from: str | None = Field(
         _T.init_from, pattern=NAME_PATTERN,
         description="start from weights uploaded with PUT /api/v1/weights/{name} (fresh mask "
-        "generators); null: random initialisation",
+        "generators; mask_lr, alpha, beta and gamma not given take FROM_WEIGHTS_SETTINGS); "
+        "null: random initialisation",
+    )
+    init_from_model: int | None = Field(
+        None, ge=1, le=2**31 - 1,
+        description="start from the weights of this ready registry model (same architecture, "
+        "width and classes; fresh mask generators), e.g. one trained with modular=false; "
+        "null: see init_from",
     )
     name: str | None = Field(
         None, pattern=NAME_PATTERN, description="model name; default '<dataset>-<arch>'"
     )
     tags: dict[str, str] = Field(default_factory=dict, max_length=32)
+
+    @model_validator(mode="after")
+    def _one_start(self) -> JobCreate:
+        if self.init_from is not None and self.init_from_model is not None:
+            raise ValueError("give init_from (uploaded weights) or init_from_model (a registry model), not both")
+        if self.init_from is not None or self.init_from_model is not None:
+            for key, value in loss_defaults(starts_from_weights=True).items():
+                if key not in self.model_fields_set:  # what the caller chose stays
+                    setattr(self, key, value)
+        return self
 
     @field_validator("tags")
     @classmethod

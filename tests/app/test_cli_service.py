@@ -166,6 +166,8 @@ def test_upload_weights_then_submit_init_from(use_app: TestClient, tmp_path: Pat
     import torchvision.models as tvm
     from safetensors.torch import save_file
 
+    from mwt_core.config import FROM_WEIGHTS_SETTINGS
+
     path = tmp_path / "r18.safetensors"
     state = tvm.resnet18(weights=None, num_classes=10).state_dict()
     save_file({k: v.contiguous() for k, v in state.items()}, str(path))
@@ -176,6 +178,9 @@ def test_upload_weights_then_submit_init_from(use_app: TestClient, tmp_path: Pat
     res = runner.invoke(cli, ["submit", "--json", "--arch", "tv_resnet18", "--width", "1",
                               "--init-from", "r18"])
     assert res.exit_code == 0, res.output
-    assert json.loads(res.output)["params"]["init_from"] == "r18"
+    params = json.loads(res.output)["params"]
+    assert params["init_from"] == "r18" and params["beta"] == FROM_WEIGHTS_SETTINGS["beta"]
     res = runner.invoke(cli, ["submit", "--arch", "simcnn", "--init-from", "r18"])
     assert res.exit_code != 0 and "is not a weight of simcnn" in res.output
+    res = runner.invoke(cli, ["submit", "--init-from-model", "999"])
+    assert res.exit_code != 0 and "no model 999 in the registry" in res.output

@@ -7,6 +7,7 @@ import torchvision.models as tvm
 from safetensors.torch import save
 
 from app.services.weights import weights_path
+from mwt_core.config import FROM_WEIGHTS_SETTINGS, PAPER_SETTINGS
 
 
 def _resnet18_bytes(num_classes: int) -> bytes:
@@ -25,6 +26,14 @@ def test_upload_then_submit_checks_shapes_against_the_dataset(client, settings, 
                                            "init_from": "r18-digits"})
     assert ok.status_code == 202, ok.text
     assert ok.json()["params"]["init_from"] == "r18-digits"
+    # a run from weights takes the loss settings chosen for it where the caller chose none
+    assert {k: ok.json()["params"][k] for k in FROM_WEIGHTS_SETTINGS} == FROM_WEIGHTS_SETTINGS
+    chosen = client.post("/api/v1/jobs", json={"arch": "tv_resnet18", "width": 1, "epochs": 1,
+                                               "init_from": "r18-digits", "beta": 2.0, "mask_lr": None})
+    assert (chosen.json()["params"]["beta"], chosen.json()["params"]["mask_lr"]) == (2.0, None)
+    assert chosen.json()["params"]["alpha"] == FROM_WEIGHTS_SETTINGS["alpha"]
+    scratch = client.post("/api/v1/jobs", json={"epochs": 1})
+    assert {k: scratch.json()["params"][k] for k in PAPER_SETTINGS} == PAPER_SETTINGS
 
     client.put("/api/v1/weights/r18-imagenet", content=_resnet18_bytes(1000))
     bad = client.post("/api/v1/jobs", json={"arch": "tv_resnet18", "width": 1,
@@ -57,3 +66,29 @@ def test_worker_reads_the_uploaded_file(settings):
     cfg = _train_config(settings, {"arch": "tv_resnet18", "width": 1, "init_from": "r18"})
     assert cfg.init_from == str(weights_path(settings, "r18"))
     assert _train_config(settings, {"arch": "simcnn"}).init_from is None
+
+
+def test_submit_from_a_registry_model_checks_it_first(client, app, settings):
+    from tests.support.registry import seed_trained_model
+
+    with app.state.sessionmaker() as s:
+        base = seed_trained_model(s, settings)  # simcnn x0.125 on digits, ready
+        base_id = base.id
+    body = {"arch": "simcnn", "width": 0.125, "epochs": 1, "init_from_model": base_id}
+    ok = client.post("/api/v1/jobs", json=body)
+    assert ok.status_code == 202, ok.text
+    assert ok.json()["params"]["init_from_model"] == base_id
+
+    wider = client.post("/api/v1/jobs", json={**body, "width": 0.25})
+    assert wider.status_code == 422
+    detail = wider.json()["detail"]
+    assert detail.startswith(f"weights of model {base_id}: tensor ") and "has shape" in detail
+    absent = client.post("/api/v1/jobs", json={**body, "init_from_model": base_id + 100})
+    assert absent.status_code == 422
+    assert f"no model {base_id + 100} in the registry" in absent.json()["detail"]
+    both = client.post("/api/v1/jobs", json={**body, "init_from": "r18"})
+    assert both.status_code == 422 and "not both" in both.json()["detail"]
+
+    # the base model cannot be deleted from under the queued job
+    gone = client.delete(f"/api/v1/models/{base_id}")
+    assert gone.status_code == 409 and ok.json()["id"] in gone.json()["detail"]

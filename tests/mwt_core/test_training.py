@@ -194,3 +194,40 @@ def test_compiled_step_is_one_graph_and_trains_like_the_eager_one(digits32, monk
     assert len(compiled_fns) == 1
     assert compiled["loss"] == pytest.approx(eager["loss"], rel=1e-3)
     assert compiled["cohesion_loss"] == pytest.approx(eager["cohesion_loss"], rel=1e-3)
+
+
+def test_batchnorm_recalibration_gives_each_bn_the_statistics_of_its_inputs(digits32):
+    """After recalibration every BN's running mean/var are the average over the batches of
+    what it now receives (masks included), whatever stale values it held before."""
+    from mwt_core.data.batches import ImageBatches
+    from mwt_core.training import recalibrate_batchnorm
+
+    data = _subset(digits32, 192)
+    dropout = torch.nn.Dropout(0.9)  # must stay off while statistics are gathered
+    model = torch.nn.Sequential(dropout, train(_small(digits32, epochs=1), data).model)
+    dropout_modes: list[bool] = []
+    dropout.register_forward_pre_hook(lambda mod, args: dropout_modes.append(mod.training))
+    bns = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    seen: dict[torch.nn.Module, list[torch.Tensor]] = {m: [] for m in bns}
+    hooks = [m.register_forward_pre_hook(lambda mod, args: seen[mod].append(args[0].detach()))
+             for m in bns]
+    batches = list(ImageBatches(data.train_x, data.train_y, data.spec, torch.device("cpu")).ordered(64))
+    model.eval()
+    with torch.no_grad():
+        for x, _ in batches:
+            model(x)
+    for m in bns:  # stale: far from anything the data gives
+        m.running_mean.fill_(5.0)
+        m.running_var.fill_(9.0)
+        seen[m].clear()
+    recalibrate_batchnorm(model, iter(batches))
+    for h in hooks:
+        h.remove()
+    assert dropout_modes and not any(dropout_modes)
+    assert not model.training and all(not m.training for m in model.modules())
+    for m in bns:
+        means = torch.stack([t.mean(dim=(0, 2, 3)) for t in seen[m]]).mean(0)
+        variances = torch.stack([t.var(dim=(0, 2, 3), unbiased=True) for t in seen[m]]).mean(0)
+        assert torch.allclose(m.running_mean, means, atol=1e-4)
+        assert torch.allclose(m.running_var, variances, rtol=1e-3, atol=1e-4)
+        assert m.momentum == 0.1  # restored
