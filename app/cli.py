@@ -475,6 +475,28 @@ def upload_weights(
     out.print(f"weights {r['name']}: {r['tensors']} tensors, {r['size_bytes']} bytes, sha256 {r['sha256']}")
 
 
+@app.command("weights")
+def weights_cmd(
+    url: UrlOpt = "http://127.0.0.1:8000",
+    key: KeyOpt = None,
+    delete: Annotated[str | None, typer.Option(help="Delete the weights of this name (admin key).")] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """List the uploaded weights jobs can start from (or delete one with --delete)."""
+    with _client(url, key) as hub:
+        if delete is not None:
+            _call(hub.delete_weights, delete)
+            out.print(f"weights {delete} deleted")
+            return
+        items = _call(hub.weights)
+    if as_json:
+        out.print_json(json.dumps(items))
+        return
+    out.print(_table(f"weights ({len(items)})", [Col("name", "text"), Col("tensors", "num"),
+                                                 Col("size", "num")],
+                     [[w["name"], w["tensors"], _compact(w["size_bytes"], "B")] for w in items]))
+
+
 def _watch(hub: Any, job_id: str, as_json: bool) -> dict[str, Any]:
     from rich.progress import (
         BarColumn,

@@ -130,6 +130,14 @@ class MwtClient:
             return self._json("PUT", f"/api/v1/weights/{name}", content=fh,
                               headers={"Content-Type": "application/octet-stream"})
 
+    def weights(self) -> list[dict[str, Any]]:
+        """The uploaded weights (name, tensors, size)."""
+        return self._json("GET", "/api/v1/weights")
+
+    def delete_weights(self, name: str) -> None:
+        """Delete uploaded weights (admin key; refused while a queued or running job uses them)."""
+        self.request("DELETE", f"/api/v1/weights/{name}")
+
     # ------------------------------------------------------------------ jobs
     def submit_job(self, idempotency_key: str | None = None, **params: Any) -> dict[str, Any]:
         headers = {"Idempotency-Key": idempotency_key} if idempotency_key else {}

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter, HTTPException, Request, status
+from fastapi import APIRouter, HTTPException, Request, Response, status
 from pydantic import BaseModel
+from sqlalchemy import select
 
-from app.auth import WriteKey
-from app.deps import SettingsDep
+from app.auth import AdminKey, ReadKey, WriteKey
+from app.db.models import Job
+from app.deps import DbDep, SettingsDep
 from app.files import StagedUpload
 from app.schemas.common import error_responses
 from app.services import weights as svc
@@ -20,6 +22,49 @@ class WeightsOut(BaseModel):
     size_bytes: int
     sha256: str
     tensors: int
+
+
+class WeightsInfo(BaseModel):
+    name: str
+    size_bytes: int
+    tensors: int
+
+
+@router.get("", response_model=list[WeightsInfo], summary="List uploaded weights")
+def list_weights(settings: SettingsDep, _: ReadKey) -> list[WeightsInfo]:
+    from mwt_core.models.weights import WeightsError, read_shapes
+
+    out = []
+    for name, path in svc.list_uploads(settings):
+        try:
+            tensors = len(read_shapes(path))  # the header only
+        except WeightsError:
+            continue  # a file changed under the store is not offered to jobs
+        out.append(WeightsInfo(name=name, size_bytes=path.stat().st_size, tensors=tensors))
+    return out
+
+
+@router.delete(
+    "/{name}", status_code=status.HTTP_204_NO_CONTENT, response_class=Response,
+    summary="Delete uploaded weights (admin: uploads record no owner)",
+    responses=error_responses(404, 409, 422),
+)
+def delete_weights(name: str, db: DbDep, settings: SettingsDep, _: AdminKey) -> Response:
+    from app.services.jobs import ACTIVE
+
+    try:
+        path = svc.weights_path(settings, name)
+    except ValueError as exc:
+        raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, str(exc)) from None
+    if not path.is_file():
+        raise HTTPException(status.HTTP_404_NOT_FOUND, f"no weights uploaded as {name!r}")
+    active = db.scalars(select(Job.id).where(
+        Job.status.in_(ACTIVE), Job.params["init_from"].as_string() == name)).all()
+    if active:
+        raise HTTPException(status.HTTP_409_CONFLICT,
+                            f"weights {name!r} are used by queued or running job(s) {', '.join(active)}")
+    path.unlink()
+    return Response(status_code=status.HTTP_204_NO_CONTENT)
 
 
 @router.put(

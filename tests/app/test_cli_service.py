@@ -97,6 +97,9 @@ class _FakeHub:
              "size_bytes": 3_181_234, "sha256": SHA}
         return {"total": 1, "items": [m]}
 
+    def weights(self) -> list[dict]:
+        return [{"name": "resnet50-imagenet-finetuned-digits", "tensors": 320, "size_bytes": 94_400_000}]
+
     def compose(self, *_: object) -> dict:
         return {"id": 77, "sources": [{"model_id": 123}], "class_names": ["3", "5", "8"],
                 "accuracy": 0.9908, "baseline_accuracy": 0.9912, "accuracy_loss": 0.0004,
@@ -104,6 +107,7 @@ class _FakeHub:
 
 
 TABLES = {
+    "weights": (["weights"], ["resnet50-imagenet-finetuned-digits", "320", "94.4MB"]),
     "jobs": (["jobs"], [JOB_ID[:8], "12345"]),
     "models": (["models"], ["97.2%", "84.6%", "11.2M", "0.997", "123"]),
     "modules": (["modules"], ["4567", "793k", "97.3%", "94.1%"]),
@@ -182,5 +186,7 @@ def test_upload_weights_then_submit_init_from(use_app: TestClient, tmp_path: Pat
     assert params["init_from"] == "r18" and params["beta"] == FROM_WEIGHTS_SETTINGS["beta"]
     res = runner.invoke(cli, ["submit", "--arch", "simcnn", "--init-from", "r18"])
     assert res.exit_code != 0 and "is not a weight of simcnn" in res.output
+    res = runner.invoke(cli, ["weights"])
+    assert res.exit_code == 0 and "r18" in res.output and str(len(state)) in res.output
     res = runner.invoke(cli, ["submit", "--init-from-model", "999"])
     assert res.exit_code != 0 and "no model 999 in the registry" in res.output

@@ -92,3 +92,19 @@ def test_submit_from_a_registry_model_checks_it_first(client, app, settings):
     # the base model cannot be deleted from under the queued job
     gone = client.delete(f"/api/v1/models/{base_id}")
     assert gone.status_code == 409 and ok.json()["id"] in gone.json()["detail"]
+
+
+def test_list_and_delete_uploaded_weights(client, make_key):
+    assert client.get("/api/v1/weights").json() == []
+    client.put("/api/v1/weights/r18", content=_resnet18_bytes(10))
+    listed = client.get("/api/v1/weights").json()
+    assert [(w["name"], w["tensors"]) for w in listed] == [("r18", len(tvm.resnet18().state_dict()))]
+    job = client.post("/api/v1/jobs", json={"arch": "tv_resnet18", "width": 1, "init_from": "r18"}).json()
+    used = client.delete("/api/v1/weights/r18")
+    assert used.status_code == 409 and job["id"] in used.json()["detail"]  # nothing lost
+    writer = make_key("write")
+    assert client.delete("/api/v1/weights/r18", headers={"Authorization": f"Bearer {writer}"}).status_code == 403
+    assert client.post(f"/api/v1/jobs/{job['id']}/cancel").status_code in (200, 202)
+    assert client.delete("/api/v1/weights/r18").status_code == 204
+    assert client.get("/api/v1/weights").json() == []
+    assert client.delete("/api/v1/weights/r18").status_code == 404
