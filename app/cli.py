@@ -472,7 +472,8 @@ def upload_weights(
         _fail(f"no file at {path}")
     with _client(url, key) as hub:
         r = _call(hub.upload_weights, name, path)
-    out.print(f"weights {r['name']}: {r['tensors']} tensors, {r['size_bytes']} bytes, sha256 {r['sha256']}")
+    out.print(f"weights {r['name']}: {r['tensors']} tensors, {r['size_bytes']} bytes, sha256 {r['sha256']}",
+              soft_wrap=True)  # the digest stays one piece
 
 
 @app.command("weights")
@@ -721,7 +722,8 @@ def download(
     out.print(
         f"{d.path} ({d.size} bytes) sha256 {d.sha256} verified"
         + (" (already downloaded; skipped)" if d.skipped else "")
-        + (f", resumed at byte {d.resumed_from}" if d.resumed_from else "")
+        + (f", resumed at byte {d.resumed_from}" if d.resumed_from else ""),
+        soft_wrap=True,  # a narrow terminal wraps the line, never the digest inside it
     )
     for f in d.files:
         out.print(f"  {f}")

@@ -13,6 +13,10 @@ server at the end, always. JSON answers are reflowed to ``WIDTH`` columns.
 The check compares shapes, not figures: the same commands, the same JSON keys at every depth and
 the same text with numbers, ids, hashes and times masked. Figures differ run to run (and between
 ``--epochs``); names and structure may not.
+
+The prose quotes figures of the run too: each sits between ``<!-- fig: NAME -->`` and
+``<!-- /fig -->`` and is written from the blocks by ``FIGURES[NAME]`` (``--write``); the check
+fails on a slot with no such figure or a figure that a fresh run's blocks cannot give.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -84,6 +89,7 @@ STEPS: tuple[Step, ...] = (
         "-H 'Content-Type: application/json' -d '{{\"sources\": [{{\"model_id\": 1, \"classes\": "
         "[3, 5]}}, {{\"model_id\": 2, \"classes\": [8, 9]}}]}}'",
         "mwt compose 1 0,1,2,3,4 --with 2:5,6,7,8,9",
+        "mwt compose 1 3,5 --with 2:8,9 --combine head",
     )),
     Step("compose-disjoint", (
         "python -c \"import numpy as np; from mwt_core.compose import class_subset; "
@@ -339,6 +345,116 @@ def _before(step: str, template: str, values: dict[str, Any], port: int, key: st
             values[name] = page["items"][0]["id"]
 
 
+# ------------------------------------------------------------------------------ figures
+
+
+def _output(blocks: dict[str, Block], step: str, command_start: str) -> str:
+    """The output of the first command of ``step`` that starts with ``command_start``."""
+    for command, output in blocks[step]:
+        if command.startswith(command_start):
+            return output
+    raise KeyError(f"no `{command_start}...` command in step {step}")
+
+
+def _json_output(blocks: dict[str, Block], step: str, command_start: str) -> Any:
+    return json.loads(_output(blocks, step, command_start))
+
+
+def _extract_ratio(row: str) -> Callable[[dict[str, Block]], str]:
+    """The "module / full" cell of ``row`` in step 5's ``mwt extract`` table."""
+    def get(blocks: dict[str, Block]) -> str:
+        table = _output(blocks, "compose", "mwt extract")
+        line = next(li for li in table.splitlines() if li.lstrip("│ ").startswith(row))
+        return line.rstrip(" │").rsplit("│", 1)[1].strip()
+    return get
+
+
+def _watched_accuracy(model: int) -> Callable[[dict[str, Block]], str]:
+    """Model ``model``'s test accuracy as ``mwt watch`` printed it in step 2."""
+    def get(blocks: dict[str, Block]) -> str:
+        text = "\n".join(out for _, out in blocks["watch"])
+        m = re.search(rf"model {model} \(.*?\), accuracy ([\d.]+%)", text)
+        if m is None:
+            raise KeyError(f"step 2 shows no accuracy of model {model}")
+        return m.group(1)
+    return get
+
+
+def _pct(value: float) -> str:
+    return f"{100 * value:.2f}%"
+
+
+def _disjoint(key: str) -> Callable[[dict[str, Block]], str]:
+    """A metric of step 7's composition (percent)."""
+    def get(blocks: dict[str, Block]) -> str:
+        return _pct(_json_output(blocks, "compose-disjoint", "curl -s -X POST localhost:8000/api/v1/compositions")
+                    ["metrics"][key])
+    return get
+
+
+def _table_cell(output: str, column: str, row: int = 0) -> str:
+    """The cell under the header starting with ``column`` in data row ``row`` of a rich table."""
+    lines = output.splitlines()
+    header = next(li for li in lines if li.startswith("┃"))
+    names = [c.strip() for c in header.strip("┃").split("┃")]
+    index = next(i for i, n in enumerate(names) if n.startswith(column))
+    rows = [li for li in lines if li.startswith("│")]
+    return rows[row].strip("│").split("│")[index].strip()
+
+
+def _modules_composition(blocks: dict[str, Block]) -> dict[str, Any]:
+    return _json_output(blocks, "compose-modules", "curl")
+
+
+def _full_params(blocks: dict[str, Block]) -> str:
+    table = _output(blocks, "compose", "mwt extract")
+    line = next(li for li in table.splitlines() if li.lstrip("│ ").startswith("parameters"))
+    return line.split("│")[3].strip()
+
+
+FIGURES: dict[str, Callable[[dict[str, Block]], str]] = {
+    "module358_params": _extract_ratio("parameters"),
+    "module358_flops": _extract_ratio("FLOPs"),
+    "module358_latency": _extract_ratio("CPU ms"),
+    "model1_accuracy": _watched_accuracy(1),
+    "model2_accuracy": _watched_accuracy(2),
+    "models12_gauss_map": lambda b: _pct(_json_output(b, "compose-models", "curl")["accuracy"]),
+    "models12_head": lambda b: _table_cell(_output(b, "compose-models", "mwt compose 1 3,5"), "accuracy"),
+    "disjoint_accuracy": _disjoint("accuracy"),
+    "disjoint_raw": _disjoint("raw_accuracy"),
+    "disjoint_whole": _disjoint("baseline_accuracy"),
+    "modules_accuracy": lambda b: _pct(_modules_composition(b)["accuracy"]),
+    "modules_local_accuracy": lambda b: _table_cell(_output(b, "compose-modules", "mwt compose-local"),
+                                                    "accuracy"),
+    "modules_test_images": lambda b: str(_modules_composition(b)["metrics"]["test_samples"]),
+    "modules_params": lambda b: f"{_modules_composition(b)['params'] / 1e6:.2f}M",
+    "modules_flops": lambda b: f"{_modules_composition(b)['flops'] / 1e6:.1f}M",
+    "model_params": _full_params,
+}
+
+_FIG = re.compile(r"(<!-- fig: ([\w-]+) -->)(.*?)(<!-- /fig -->)", re.S)
+
+
+def figure_problems(text: str, blocks: dict[str, Block]) -> list[str]:
+    """Slots naming no figure, and figures the blocks cannot give."""
+    problems = []
+    for m in _FIG.finditer(text):
+        name = m.group(2)
+        if name not in FIGURES:
+            problems.append(f"[figure {name}] no such figure in scripts/walkthrough.py FIGURES")
+            continue
+        try:
+            FIGURES[name](blocks)
+        except (KeyError, IndexError, StopIteration, ValueError, TypeError) as exc:
+            problems.append(f"[figure {name}] not in this run's output: {exc!r}")
+    return problems
+
+
+def write_figures(text: str, blocks: dict[str, Block]) -> str:
+    """``text`` with every figure slot filled from ``blocks``."""
+    return _FIG.sub(lambda m: m.group(1) + FIGURES[m.group(2)](blocks) + m.group(4), text)
+
+
 # ------------------------------------------------------------------------------ the README
 
 
@@ -371,9 +487,11 @@ def write_blocks(text: str, blocks: dict[str, Block]) -> str:
 
 
 def check(text: str, fresh: dict[str, Block]) -> list[str]:
-    """Every difference in shape between the README's blocks and a fresh run's."""
+    """Every difference in shape between the README's blocks and a fresh run's, and every figure
+    slot a fresh run cannot fill."""
     shown = shown_blocks(text)
-    return [f"[{name}] {p}" for name in shown for p in shape_diff(shown[name], fresh[name])]
+    return ([f"[{name}] {p}" for name in shown for p in shape_diff(shown[name], fresh[name])]
+            + figure_problems(text, fresh))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -393,7 +511,11 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     took = time.monotonic() - start
     if args.write:
-        args.readme.write_text(write_blocks(text, fresh))
+        problems = figure_problems(text, fresh)
+        if problems:
+            print("\n".join(problems), file=sys.stderr)
+            return 1
+        args.readme.write_text(write_figures(write_blocks(text, fresh), fresh))
         print(f"{args.readme}: {len(fresh)} walk-through blocks written ({took:.0f} s)")
         return 0
     problems = check(text, fresh)

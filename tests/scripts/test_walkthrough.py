@@ -85,3 +85,19 @@ def test_readme_walkthrough_runs_on_a_fresh_registry(tmp_path: Path) -> None:
         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600,
     )
     assert done.returncode == 0, done.stdout[-6000:] + done.stderr[-4000:]
+
+
+def test_prose_figures_are_the_blocks_figures(
+    wt: ModuleType, shown: dict[str, list[tuple[str, str]]]
+) -> None:
+    """Every figure the README's prose quotes from the walk-through sits in a slot that
+    ``--write`` fills from the blocks, and equals what the blocks shown beside it give."""
+    text = (ROOT / "README.md").read_text()
+    slots = wt._FIG.findall(text)
+    assert len(slots) >= 10
+    assert wt.figure_problems(text, shown) == []
+    assert wt.write_figures(text, shown) == text  # nothing stale
+    stale = text.replace("<!-- fig: disjoint_raw -->", "<!-- fig: disjoint_raw -->1", 1)
+    assert wt.write_figures(stale, shown) != stale
+    unknown = text.replace("<!-- fig: disjoint_raw -->", "<!-- fig: no_such -->", 1)
+    assert any("no_such" in p for p in wt.figure_problems(unknown, shown))
