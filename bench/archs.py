@@ -1,6 +1,7 @@
 """Every catalogued architecture converted to MwT: size, cost, slimming exactness, training.
 
-Per architecture, on real digits resized to its minimum input size (32x32, 3 channels):
+Per architecture, on real digits resized to its minimum input size (32x32, 3 channels), or
+with ``--dataset synthetic`` on CIFAR-shaped synthetic images (3x32x32):
 
 - ``convert_s``: building and converting the masked model (trace, units, slimming check);
 - params and FLOPs per image of the plain network and of its masked form (mask generators);
@@ -9,7 +10,7 @@ Per architecture, on real digits resized to its minimum input size (32x32, 3 cha
   other kernels forced to zero, with and without mask generators (exact: < 1e-5);
 - ``step_s``: median time of one MwT training step (forward with masks, the three losses,
   backward, SGD) at ``--batch`` images on this device;
-- with ``--epochs`` > 0: that many MwT epochs on ``--train-limit`` digits, then test
+- with ``--epochs`` > 0: that many MwT epochs on ``--train-limit`` training images, then test
   accuracy, KRR, coupling, and the 1-class / 3-class modules' params, FLOPs and latency
   (batch ``--batch``) as ratios of the full model.
 
@@ -58,7 +59,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--device", default="cpu")
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--steps", type=int, default=3, help="timed training steps (after one warm-up)")
-    p.add_argument("--epochs", type=int, default=0, help="MwT epochs on digits (0: none)")
+    p.add_argument("--dataset", choices=("digits", "synthetic"), default="digits",
+                   help="real digits (resized) or CIFAR-shaped synthetic images")
+    p.add_argument("--epochs", type=int, default=0, help="MwT epochs (0: none)")
     p.add_argument("--train-limit", type=int, default=512)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--init-study", type=int, default=0, metavar="EPOCHS",
@@ -183,7 +186,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     results: dict[str, Any] = {}
     for arch in names:
         size = architecture_info(arch).min_input_size
-        data = load_dataset("digits", min_input_size=size)
+        data = load_dataset(args.dataset, min_input_size=size)
         data = replace(data, train_x=data.train_x[:args.train_limit], train_y=data.train_y[:args.train_limit])
         shape = (data.spec.channels, size, size)
         x = ((data.test_x[:args.batch].float() / 255 - 0.5) / 0.5).to(dev)
@@ -213,7 +216,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         if args.epochs > 0:
             r.update(_trained(arch, data, args, shape))
         results[arch] = r
-    out = {"device": str(dev), "batch": args.batch, "epochs": args.epochs,
+    out = {"device": str(dev), "dataset": args.dataset, "batch": args.batch, "epochs": args.epochs,
            "train_limit": args.train_limit, "archs": results}
     if args.init_study > 0:
         out["init_study"] = _init_study(args)
@@ -237,7 +240,7 @@ def render(r: dict[str, Any], console: Console) -> None:
 
 
 def _render_archs(r: dict[str, Any], console: Console) -> None:
-    t = Table(title=f"conversion on {r['device']} (32x32 digits, step at batch {r['batch']})",
+    t = Table(title=f"conversion on {r['device']} (32x32 {r.get('dataset', 'digits')}, step at batch {r['batch']})",
               title_justify="left")
     for c in ("arch", "units", "params plain/MwT", "MFLOPs plain/MwT", "convert s", "slim diff",
               "static diff", "step s"):
@@ -250,7 +253,7 @@ def _render_archs(r: dict[str, Any], console: Console) -> None:
     console.print(t)
     if r["epochs"] <= 0:
         return
-    t = Table(title=f"{r['epochs']} MwT epochs on {r['train_limit']} digits; modules as ratios of the "
+    t = Table(title=f"{r['epochs']} MwT epochs on {r['train_limit']} {r.get('dataset', 'digits')} images; modules as ratios of the "
                     "model (params/FLOPs/latency)", title_justify="left")
     for c in ("arch", "acc", "KRR", "coupling", "train s", "1-class module", "3-class module"):
         t.add_column(c)

@@ -22,7 +22,7 @@ def use_app(client: TestClient, monkeypatch: pytest.MonkeyPatch) -> TestClient:
     """`mwt` client commands talk to the test app."""
     token = client.headers["Authorization"].removeprefix("Bearer ")
     monkeypatch.setattr(
-        "app.cli._client",
+        "app.cli_common._client",
         lambda url, key: MwtClient("http://testserver", token, transport=client._transport),
     )
     return client
@@ -120,8 +120,8 @@ def test_tables_fit_80_columns_without_splitting_numbers(
     name: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     console = Console(width=80, record=True)
-    monkeypatch.setattr("app.cli.out", console)
-    monkeypatch.setattr("app.cli._client", lambda url, key: _FakeHub())
+    monkeypatch.setattr("app.cli_common.out", console)
+    monkeypatch.setattr("app.cli_common._client", lambda url, key: _FakeHub())
     args, whole = TABLES[name]
     res = CliRunner().invoke(cli, args)
     assert res.exit_code == 0, res.output
@@ -134,7 +134,7 @@ def test_tables_fit_80_columns_without_splitting_numbers(
 
 
 def test_serve_banner_keeps_the_database_url_whole() -> None:
-    from app.cli import _banner
+    from app.cli_server import _banner
     from app.settings import Settings
 
     s = Settings(database_url="postgresql+psycopg://mwt:secret@db.internal.example:5432/mwt_hub_prod")

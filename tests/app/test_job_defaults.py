@@ -20,7 +20,7 @@ def test_empty_submit_and_mwt_submit_train_the_core_defaults(
     assert empty.status_code == 202, empty.text
     token = client.headers["Authorization"].removeprefix("Bearer ")
     monkeypatch.setattr(
-        "app.cli._client",
+        "app.cli_common._client",
         lambda url, key: MwtClient("http://testserver", token, transport=client._transport),
     )
     res = CliRunner().invoke(cli, ["submit", "--json"])
