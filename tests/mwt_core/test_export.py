@@ -37,7 +37,7 @@ from mwt_core.modularize import modularize
 from mwt_core.reuse import extract_module
 from mwt_core.training import TrainConfig, train
 
-TOLERANCE = 1e-4
+TOLERANCE = 1e-4  # largest difference, relative to the largest output (at least 1)
 N_IMAGES = 37  # not the batch size the exports were traced with (2): the batch axis is dynamic
 
 TORCHSCRIPT_RUNNER = r"""
@@ -181,8 +181,11 @@ def test_exports_reproduce_outputs_in_clean_processes(artifacts, digits_raw, dig
         got_ts = torch.load(files["torchscript"][name] + ".out", weights_only=True)
         got_onnx = torch.from_numpy(np.load(files["onnx"][name] + ".out.npy"))
         assert got_ts.shape == got_onnx.shape == ref.shape
-        diffs[name] = (float((got_ts - ref).abs().max()), float((got_onnx - ref).abs().max()))
-        assert diffs[name][0] <= TOLERANCE and diffs[name][1] <= TOLERANCE, (name, diffs[name])
+        # Relative to the outputs' scale: float32 resolves 1e-4 of logits near 1, not of the
+        # logits in the thousands that a static module of a one-epoch model can give.
+        scale = max(1.0, float(ref.abs().max()))
+        diffs[name] = (float((got_ts - ref).abs().max()) / scale, float((got_onnx - ref).abs().max()) / scale)
+        assert diffs[name][0] <= TOLERANCE and diffs[name][1] <= TOLERANCE, (name, diffs[name], scale)
         names = [str(n) for n in metas[name]["class_names"]]
         meta_ts, meta_onnx = ts["meta"][name], ox["meta"][name]
         assert meta_ts["class_names"] == names == meta_onnx["class_names"]

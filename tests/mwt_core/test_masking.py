@@ -46,3 +46,21 @@ def test_keep_forces_kernels_to_zero():
 def test_unmasked_unit_has_no_gate():
     unit = ConvUnit(3, 4, masked=False)
     assert unit.gate is None and not unit.masked
+
+
+def test_gradient_into_a_masked_unit_keeps_the_channels_last_layout():
+    """A mask generator reads the unit's input too; its pooling's gradient must come back in
+    the input's layout, or the activation's accumulated gradient turns NCHW and every backward
+    op on it mixes layouts (several times slower on the CPU)."""
+    first = ConvUnit(3, 16).to(memory_format=torch.channels_last)
+    second = ConvUnit(16, 16).to(memory_format=torch.channels_last)
+    x = torch.randn(4, 3, 16, 16).contiguous(memory_format=torch.channels_last)
+    h = torch.relu(first(x))
+    seen = []
+    h.register_hook(seen.append)
+    second(h).sum().backward()
+    assert h.is_contiguous(memory_format=torch.channels_last)
+    assert seen[0].is_contiguous(memory_format=torch.channels_last)
+    # NCHW stays NCHW, and the pooled value is the same mean either way
+    g = MaskGenerator(16, 16)
+    assert torch.allclose(g(h.detach()), g(h.detach().contiguous()), atol=1e-6)
