@@ -249,13 +249,20 @@ def recalibrate_batchnorm(model: torch.nn.Module, batches: Iterable[tuple[torch.
     saved = [m.momentum for m in bns]
     for m in bns:
         m.reset_running_stats()
-        m.momentum = None  # a cumulative average: every batch weighs the same
         m.train()
     try:
         with torch.no_grad():
+            seen = 0
             for x, _ in batches:
-                if x.shape[0] >= 2:  # batch statistics of one image are undefined
-                    model(x)
+                if x.shape[0] < 2:  # batch statistics of one image are undefined
+                    continue
+                # A cumulative average (every batch weighs the same) as a moving average of
+                # rate 1/(k+1): BN's own momentum=None would read its batch counter back to the
+                # host once per layer and batch.
+                seen += 1
+                for m in bns:
+                    m.momentum = 1.0 / seen
+                model(x)
     finally:
         for m, momentum in zip(bns, saved, strict=True):
             m.momentum = momentum

@@ -190,7 +190,8 @@ _MASKS = (
     (re.compile(r"mwt_[A-Za-z0-9_-]{20,}"), "<key>"),
     # ids and sha256 (prefixes): one token with numbers, since a prefix may be all digits
     (re.compile(r"\b(?=[0-9a-f]*[a-f])[0-9a-f]{8,}\b"), "0"),
-    (re.compile(r"-?\d+(\.\d+)?(e-?\d+)?[kMG]?"), "0"),
+    # a sign is part of the figure (an accuracy difference is +0.00 pp in one run, -0.92 in another)
+    (re.compile(r"[-+]?\d+(\.\d+)?(e-?\d+)?[kMG]?"), "0"),
     (re.compile(r"([━─═┈…])\1+"), r"\1"),
     (re.compile(r"\s+"), " "),
 )
