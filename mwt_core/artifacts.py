@@ -100,11 +100,14 @@ def _build_module(model: MwTNet, config: dict[str, Any]) -> ModuleClassifier:
             k[torch.tensor(idx, dtype=torch.long)] = True
             keep.append(k)
         classes = [int(c) for c in config["classes"]]
+        multiple = int(config.get("channel_multiple", 1))
         net = slim(model, keep, keep_mask_generators=bool(config["keep_mask_generators"]),
-                   classes=classes)
+                   classes=classes, channel_multiple=multiple)
     except (KeyError, ValueError, IndexError) as exc:
         raise ArtifactError(f"manifest module structure is invalid: {exc}") from exc
     net.config.update({k: config[k] for k in ("classes", "keep", "keep_mask_generators")})
+    if multiple > 1:
+        net.config["channel_multiple"] = multiple
     return ModuleClassifier(net, classes, config.get("krr"), restricted=True)
 
 

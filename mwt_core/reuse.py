@@ -55,14 +55,21 @@ def _check_classes(classes: list[int], num_classes: int) -> list[int]:
 
 
 def extract_module(model: MwTNet, modularization: Modularization, classes: list[int],
-                   keep_mask_generators: bool = True) -> ModuleClassifier:
-    """The slim module for ``classes``: union of their kernels, logits of those classes."""
+                   keep_mask_generators: bool = True, channel_multiple: int = 1) -> ModuleClassifier:
+    """The slim module for ``classes``: union of their kernels, logits of those classes.
+
+    ``channel_multiple`` > 1 pads each cut layer with zeroed channels to a multiple of it
+    (``slim``): the same outputs in shapes some GPU kernels prefer.
+    """
     classes = _check_classes(classes, modularization.num_classes)
     keep = modularization.union(classes)
-    net = slim(model, keep, keep_mask_generators=keep_mask_generators, classes=classes)
+    net = slim(model, keep, keep_mask_generators=keep_mask_generators, classes=classes,
+               channel_multiple=channel_multiple)
     # Enough to rebuild the same structure from a fresh model (see artifacts.build_net).
     net.config["classes"] = classes
     net.config["keep_mask_generators"] = keep_mask_generators
+    if channel_multiple > 1:
+        net.config["channel_multiple"] = channel_multiple
     net.config["keep"] = [k.nonzero().flatten().tolist() for k in keep]
     return ModuleClassifier(net, classes, modularization.krr_of(classes), restricted=True).eval()
 

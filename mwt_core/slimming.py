@@ -444,8 +444,14 @@ def _slice_linear_inputs(linear: nn.Linear, idx: torch.Tensor, factor: int) -> N
     linear.in_features = len(cols)
 
 
-def _kept_channels(graph: LayerGraph, own_keep: dict[int, torch.Tensor]) -> dict[int, torch.Tensor]:
-    """Per space root, the indices of the channels that stay."""
+def _kept_channels(graph: LayerGraph, own_keep: dict[int, torch.Tensor],
+                   multiple: int = 1) -> dict[int, torch.Tensor]:
+    """Per space root, the indices of the channels that stay.
+
+    With ``multiple`` > 1 a space cut by its masks keeps dropped channels too, the first
+    ones, until its size is a multiple of ``multiple`` (or the whole space): GPU kernels
+    run fastest on such counts. Their producers zero them (``slim``), so values stay exact.
+    """
     kept: dict[int, torch.Tensor] = {}
 
     def resolve(group: ChannelGroup, depth: int = 0) -> torch.Tensor:
@@ -460,6 +466,9 @@ def _kept_channels(graph: LayerGraph, own_keep: dict[int, torch.Tensor]) -> dict
             keep = torch.stack([own_keep[id(p)] for p in group.producers]).any(0)
             if not keep.any():
                 keep[0] = True  # an empty space would leave a conv without kernels
+            short = min(-int(keep.sum()) % multiple, int((~keep).sum()))
+            if short:
+                keep[(~keep).nonzero().flatten()[:short]] = True
             idx = keep.nonzero().flatten()
         kept[group.root] = idx
         return idx
@@ -482,6 +491,7 @@ def slim(
     keep: list[torch.Tensor],
     keep_mask_generators: bool = True,
     classes: list[int] | None = None,
+    channel_multiple: int = 1,
 ) -> MwTNet:
     """A physically smaller copy of ``model`` that keeps the kernels in ``keep``.
 
@@ -489,8 +499,11 @@ def slim(
     With ``keep_mask_generators`` the copy computes exactly the full masked model
     with the other kernels forced to zero; without, the generators are dropped (the
     paper's modules) and kept kernels always pass. ``classes`` also cuts the logits
-    layer down to those outputs, in that order.
+    layer down to those outputs, in that order. ``channel_multiple`` rounds each cut
+    space up to a multiple of it with zeroed channels (same values, GPU-friendly shapes).
     """
+    if channel_multiple < 1:
+        raise ValueError(f"channel_multiple must be at least 1, got {channel_multiple}")
     units = model.mask_units()
     if len(keep) != len(units):
         raise ValueError(f"keep has {len(keep)} layers, the model has {len(units)} masked units")
@@ -502,7 +515,7 @@ def slim(
     own_keep = {id(u): k.cpu() for u, k in zip(new_units, keep, strict=True)}
     set_keep(new_units, None)
     graph = analyse(slimmed)
-    kept = _kept_channels(graph, own_keep)
+    kept = _kept_channels(graph, own_keep, channel_multiple)
 
     for group in graph.groups:
         idx = kept[group.root]

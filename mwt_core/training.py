@@ -65,11 +65,18 @@ def param_groups(model: MwTNet, cfg: TrainConfig) -> list[dict[str, Any]]:
     return groups
 
 
-def _autocast(device: torch.device, enabled: bool):
+def _autocast_dtype(device: torch.device, enabled: bool) -> torch.dtype | None:
+    """The mixed-precision type of the step (None: full precision), decided once per run:
+    asking the device inside the step would break torch.compile's graph there."""
     if not (enabled and device.type == "cuda"):
+        return None
+    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+
+def _autocast(device: torch.device, dtype: torch.dtype | None) -> torch.autocast:
+    if dtype is None:
         return torch.autocast(device_type=device.type, enabled=False)
-    dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.autocast(device_type="cuda", dtype=dtype)
+    return torch.autocast(device_type=device.type, dtype=dtype)
 
 
 def _rng_state(gen: torch.Generator) -> dict[str, Any]:
@@ -279,8 +286,10 @@ def _loss_step(model: MwTNet, units: list[ConvUnit], cfg: TrainConfig, device: t
     a CUDA graph.
     """
 
+    amp_dtype = _autocast_dtype(device, cfg.amp)
+
     def step(x: torch.Tensor, y: torch.Tensor) -> tuple[Any, ...]:
-        with _autocast(device, cfg.amp):
+        with _autocast(device, amp_dtype):
             if cfg.modular:
                 logits, masks = model.forward_with_masks(x, units)
             else:
@@ -298,6 +307,9 @@ def _loss_step(model: MwTNet, units: list[ConvUnit], cfg: TrainConfig, device: t
     if not cfg.compile or not hasattr(torch, "compile"):
         return step
     graphs = device.type == "cuda" and static_shapes
+    # Compiled code of an earlier run guards on that run's model; once it is freed every
+    # call would recompile, and dynamo falls back to eager at its recompile limit.
+    torch.compiler.reset()
     compiled = torch.compile(step, mode="reduce-overhead" if graphs else None, dynamic=False)
     if not graphs:
         return compiled

@@ -25,6 +25,9 @@ class ImageBatches:
             raise ValueError("images must be a uint8 tensor of shape N x C x H x W")
         self.device = device
         resident = device.type == "cpu" or images.numel() <= MAX_RESIDENT_BYTES
+        # Kept as a flag: comparing devices would take "cuda:0" (the data's) for another
+        # device than "cuda" (the caller's), and gather every batch through the host.
+        self.resident = resident
         self.images = images.to(device) if resident else images.pin_memory()
         self.labels = labels.to(device=device, dtype=torch.long)
         scale = 1.0 / 255.0
@@ -37,7 +40,7 @@ class ImageBatches:
         return int(self.labels.shape[0])
 
     def _gather(self, idx: torch.Tensor) -> torch.Tensor:
-        if self.images.device == self.device:
+        if self.resident:
             return self.images[idx]
         return self.images[idx.cpu()].to(self.device, non_blocking=True)
 

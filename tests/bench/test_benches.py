@@ -18,6 +18,7 @@ QUALITY_KEYS = {
 SPEED_KEYS = {
     "std_img_s", "mwt_img_s", "mwt_over_std", "modularize_s",
     "module1_latency_ratio", "module3_latency_ratio", "module1_flops_ratio", "module3_flops_ratio",
+    "module1_padded_latency_ratio", "module1_padded_flops_ratio", "projected_200ep_min",
 }
 
 
@@ -56,6 +57,8 @@ def test_speed_bench_tiny():
         assert r[key] > 0, key
     for key in ("module1_flops_ratio", "module3_flops_ratio"):
         assert r[key] <= 1.0 + 1e-9, key
+        # Padding to whole multiples of 8 channels only adds (zeroed) channels.
+        assert r[key] <= r[key.replace("_flops", "_padded_flops")] <= 1.0 + 1e-9, key
     assert 0 < r["module1_krr"] <= r["module3_krr"] <= 1
 
 

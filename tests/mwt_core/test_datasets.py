@@ -475,3 +475,24 @@ def test_holdout_carves_a_stratified_validation_split_from_training():
     assert held.test_x.shape[1:] == data.train_x.shape[1:]
     with pytest.raises(DatasetError, match="fraction"):
         holdout(data, 1.5)
+
+
+def test_resident_images_are_gathered_on_their_device_without_a_host_round_trip(monkeypatch):
+    # The caller's device may be written without an index ("cuda") while the data's reads
+    # "cuda:0"; comparing the two took resident data for host data and sent every batch's
+    # indices through the host (two device syncs a step on a GPU). "cpu:0" vs "cpu" is the
+    # same mismatch on this machine.
+    from mwt_core.data.batches import ImageBatches
+    from mwt_core.data.datasets import InputSpec
+
+    images = torch.randint(0, 256, (8, 1, 4, 4), dtype=torch.uint8)
+    batches = ImageBatches(images, torch.arange(8), InputSpec(1, 4, (0.5,), (0.5,)),
+                           torch.device("cpu", 0))
+
+    def no_host_copy(self, *a, **k):
+        raise AssertionError("batch indices were copied to the host")
+
+    monkeypatch.setattr(torch.Tensor, "cpu", no_host_copy)
+    x, y = batches.batch(torch.tensor([5, 2]))
+    assert y.tolist() == [5, 2]
+    assert torch.allclose(x, (images[[5, 2]].float() / 255 - 0.5) / 0.5, atol=1e-6)

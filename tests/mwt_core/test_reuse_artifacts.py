@@ -179,11 +179,15 @@ def test_finetune_keeps_and_recovers_training_accuracy(trained):
 def test_artifact_roundtrip_model_and_module(trained, tmp_path, digits32):
     model, mz, _ = trained
     module = extract_module(model, mz, [7, 2])
+    padded = extract_module(model, mz, [7, 2], channel_multiple=8)
     x, _, _ = _normalised(digits32, [7, 2])
-    for net, sub in ((model, "model"), (module, "module")):
+    for net, sub in ((model, "model"), (module, "module"), (padded, "padded")):
         manifest = save_artifact(tmp_path / sub, net, {"class_names": [str(i) for i in range(10)]})
         loaded, read = load_artifact(tmp_path / sub)
-        assert read["sha256"] == manifest["sha256"] and read["kind"] == sub
+        assert read["sha256"] == manifest["sha256"]
+        assert read["kind"] == ("module" if sub == "padded" else sub)
+        # The padded module is rebuilt with its zeroed channels (same shapes as saved).
+        assert [p.shape for p in loaded.parameters()] == [p.shape for p in net.parameters()]
         # Compare both in one layout, so that only the weights can differ; what is left is
         # float32 rounding of logits around 10 (one ulp there is ~1e-6), hence 1e-5 (the
         # tolerance of every other exactness check here).

@@ -40,6 +40,32 @@ def test_slimmed_module_equals_masked_model_with_dropped_kernels_zeroed(arch, di
     assert sum(p.numel() for p in module.parameters()) < 0.7 * sum(p.numel() for p in net.parameters())
 
 
+@pytest.mark.parametrize("generators", [True, False])
+@pytest.mark.parametrize("arch", ARCHS)
+def test_channel_padding_keeps_values_and_rounds_cut_layers_to_the_multiple(arch, generators,
+                                                                             digits32):
+    torch.manual_seed(1)
+    net = create_model(arch, 10, in_channels=3, input_size=32, width=0.25).eval()
+    _randomise_bn(net)
+    keep = [torch.rand(u.out_channels) < 0.3 for u in net.mask_units()]
+    plain = slim(net, keep, keep_mask_generators=generators, classes=[3, 5, 8]).eval()
+    padded = slim(net, keep, keep_mask_generators=generators, classes=[3, 5, 8],
+                  channel_multiple=8).eval()
+
+    x = (digits32.test_x[:64].float() / 255 - 0.5) / 0.5
+    with torch.no_grad():
+        assert torch.allclose(padded(x), plain(x), atol=1e-5, rtol=0)
+    full = {n: m.out_channels for n, m in net.named_modules() if isinstance(m, torch.nn.Conv2d)}
+    cut = {n: m.out_channels for n, m in plain.named_modules() if isinstance(m, torch.nn.Conv2d)}
+    grown = 0
+    for name, m in padded.named_modules():
+        if isinstance(m, torch.nn.Conv2d) and cut[name] < full[name]:
+            # A cut layer grows to the next multiple of 8, or back to its full size.
+            assert m.out_channels == min(-(-cut[name] // 8) * 8, full[name]), name
+            grown += m.out_channels > cut[name]
+    assert grown, "a random 30% keep must leave some layer off a multiple of 8"
+
+
 @pytest.mark.parametrize("arch", ["rescnn", "resnet18"])
 def test_residual_additions_share_one_channel_set(arch):
     net = create_model(arch, 10, width=0.25)
