@@ -444,15 +444,20 @@ def _slice_linear_inputs(linear: nn.Linear, idx: torch.Tensor, factor: int) -> N
     linear.in_features = len(cols)
 
 
-def _kept_channels(graph: LayerGraph, own_keep: dict[int, torch.Tensor],
-                   multiple: int = 1) -> dict[int, torch.Tensor]:
-    """Per space root, the indices of the channels that stay.
+def _kept_channels(graph: LayerGraph, own_keep: dict[int, torch.Tensor], multiple: int = 1
+                   ) -> tuple[dict[int, torch.Tensor], dict[int, torch.Tensor]]:
+    """Per space root, the indices of the channels that stay, and (for spaces padded to
+    ``multiple``) which of those stay only as padding.
 
     With ``multiple`` > 1 a space cut by its masks keeps dropped channels too, the first
-    ones, until its size is a multiple of ``multiple`` (or the whole space): GPU kernels
-    run fastest on such counts. Their producers zero them (``slim``), so values stay exact.
+    ones, until its size is a multiple of ``multiple`` (or the whole space): vectorised
+    kernels run fastest on such counts. Their producers zero them (``slim``), so values
+    stay exact. A space that others follow (depthwise convs) is not padded: a follower's
+    BN would turn the zeros into values its consumers would read.
     """
     kept: dict[int, torch.Tensor] = {}
+    padding: dict[int, torch.Tensor] = {}
+    followed = {g.follows for g in graph.groups if g.follows is not None}
 
     def resolve(group: ChannelGroup, depth: int = 0) -> torch.Tensor:
         if group.root in kept:
@@ -467,15 +472,35 @@ def _kept_channels(graph: LayerGraph, own_keep: dict[int, torch.Tensor],
             if not keep.any():
                 keep[0] = True  # an empty space would leave a conv without kernels
             short = min(-int(keep.sum()) % multiple, int((~keep).sum()))
-            if short:
+            if short and group.root not in followed:
+                real = keep.clone()
                 keep[(~keep).nonzero().flatten()[:short]] = True
+                padding[group.root] = ~real[keep]
             idx = keep.nonzero().flatten()
         kept[group.root] = idx
         return idx
 
     for g in graph.groups:
         resolve(g)
-    return kept
+    return kept, padding
+
+
+def _zero_outputs(unit: ConvUnit, channels: torch.Tensor) -> bool:
+    """Make ``unit`` output exact zeros on ``channels`` through its weights (BN scale and
+    shift, or the conv's kernels without BN), so no extra multiply is needed at run time;
+    False where its layers cannot express that."""
+    bn = unit.bn
+    with torch.no_grad():
+        if isinstance(bn, nn.BatchNorm2d) and bn.affine:
+            bn.weight[channels] = 0.0
+            bn.bias[channels] = 0.0
+            return True
+        if isinstance(bn, nn.Identity):
+            unit.conv.weight[channels] = 0.0
+            if unit.conv.bias is not None:
+                unit.conv.bias[channels] = 0.0
+            return True
+    return False
 
 
 def _segment_index(kept: dict[int, torch.Tensor], segs: Segments) -> torch.Tensor:
@@ -515,14 +540,17 @@ def slim(
     own_keep = {id(u): k.cpu() for u, k in zip(new_units, keep, strict=True)}
     set_keep(new_units, None)
     graph = analyse(slimmed)
-    kept = _kept_channels(graph, own_keep, channel_multiple)
+    kept, padding = _kept_channels(graph, own_keep, channel_multiple)
 
     for group in graph.groups:
         idx = kept[group.root]
+        pad = padding.get(group.root)
         for p in group.producers:
             _slice_outputs(p, idx)
             if id(p) in own_keep:
                 forced = own_keep[id(p)][idx]
+                if pad is not None and _zero_outputs(p, pad):
+                    forced = forced | pad  # zero by weights: no run-time mask for padding
                 if not bool(forced.all()):
                     p.keep = forced.float().to(p.conv.weight.device)
         for conv in group.plain_producers:

@@ -31,8 +31,10 @@ def _assert_slim_exact(net, x: torch.Tensor, classes: list[int], fraction: float
     net.eval()
     keep = [torch.rand(u.out_channels) < fraction for u in net.mask_units()]
     full = sum(p.numel() for p in net.parameters())
-    for generators in (True, False):
-        module = slim(net, keep, keep_mask_generators=generators, classes=classes).eval()
+    # Padding to 8 channels (zeroed) must not change a value either, depthwise ties included.
+    for generators, multiple in ((True, 1), (False, 1), (True, 8)):
+        module = slim(net, keep, keep_mask_generators=generators, classes=classes,
+                      channel_multiple=multiple).eval()
         reference = copy.deepcopy(net)
         set_keep(reference.mask_units(), keep)
         if not generators:

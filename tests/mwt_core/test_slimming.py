@@ -64,6 +64,8 @@ def test_channel_padding_keeps_values_and_rounds_cut_layers_to_the_multiple(arch
             assert m.out_channels == min(-(-cut[name] // 8) * 8, full[name]), name
             grown += m.out_channels > cut[name]
     assert grown, "a random 30% keep must leave some layer off a multiple of 8"
+    if arch in ("simcnn", "vgg16"):  # no residual ties: padding is zeroed by the weights alone
+        assert all(u.keep is None for u in padded.mask_units())
 
 
 @pytest.mark.parametrize("arch", ["rescnn", "resnet18"])
