@@ -259,14 +259,24 @@ def ensure_owner(principal: Principal, owner_key_id: int | None, what: str) -> N
     )
 
 
+def _sees_only_own(principal: Principal, settings: Settings) -> bool:
+    return settings.private_listing and not principal.has(Scope.admin.value)
+
+
 def visible_to(stmt: Select[Any], owner_column: Any, principal: Principal, settings: Settings) -> Select[Any]:
     """Filter a listing to the caller's own rows when MWT_PRIVATE_LISTING is on (admins see all).
 
     By default the registry is shared: every read key lists everything.
     """
-    if settings.private_listing and not principal.has(Scope.admin.value):
+    if _sees_only_own(principal, settings):
         return stmt.where(owner_column == principal.key_id)
     return stmt
+
+
+def can_see(principal: Principal, owner_key_id: int | None, settings: Settings) -> bool:
+    """Whether one row created by ``owner_key_id`` is there for this key: the rule of
+    ``visible_to`` for a row fetched by id."""
+    return not _sees_only_own(principal, settings) or owner_key_id == principal.key_id
 
 
 ReadKey = Annotated[Principal, Depends(require(Scope.read))]

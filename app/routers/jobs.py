@@ -14,8 +14,8 @@ from fastapi.responses import StreamingResponse
 from sqlalchemy import select
 from starlette.background import BackgroundTask
 
-from app.auth import ReadKey, WriteKey, ensure_owner, visible_to
-from app.db.models import Job, JobKind, JobStatus, Model, Scope
+from app.auth import ReadKey, WriteKey, can_see, ensure_owner, visible_to
+from app.db.models import Job, JobKind, JobStatus, Model
 from app.deps import DbDep, DispatcherDep, SettingsDep
 from app.routers._common import PagingDep, not_found, page
 from app.schemas.common import Page, QueryId, error_responses
@@ -75,8 +75,7 @@ def submit(
             else:
                 assert body.init_from_model is not None
                 base = db.get(Model, body.init_from_model)
-                if base is not None and settings.private_listing and not principal.has(Scope.admin.value) \
-                        and base.api_key_id != principal.key_id:
+                if base is not None and not can_see(principal, base.api_key_id, settings):
                     base = None  # a private registry's other models are not there for this key
                 path = weights_svc.model_weights_path(settings, base, body.init_from_model)
                 what = weights_svc.model_label(body.init_from_model)
