@@ -47,6 +47,7 @@ from mwt_core.cli_support import (
     _verify,
     _with_arch,
     command_boundary,
+    compose_sources,
     given,
     run_training,
 )
@@ -61,7 +62,7 @@ from mwt_core.config import (
     loss_defaults,
 )
 from mwt_core.data.classes import parse_classes
-from mwt_core.data.datasets import DatasetBundle, list_datasets
+from mwt_core.data.datasets import list_datasets
 from mwt_core.models import architecture_info, list_architectures
 from mwt_core.pipeline import (
     Layout,
@@ -252,62 +253,18 @@ def compose_cmd(
     same modules (POST /compositions with `modules`) to 1e-5."""
     from mwt_core.compose import (
         CompositionError,
-        Part,
-        Source,
         composition_manifest,
         distinct_labels,
         measure_parts,
-        source_part,
     )
     from mwt_core.export import export_torchscript
-    from mwt_core.module_parts import is_module_dir, load_module_parts, module_tag
 
     if calibration_per_class < 0:
         raise CliError(f"--calibrate must be >= 0, got {calibration_per_class}")
     if combine not in METHODS:
         raise CliError(f"unknown --combine {combine!r}; choose one of {', '.join(METHODS)}")
     ui = Ui(as_json)
-    parts: list[Part] = []
-    datas: list[DatasetBundle] = []
-    described: list[dict[str, Any]] = []
-    tags: list[str] = []
-    loaded_data: dict[tuple[str, str], DatasetBundle] = {}
-    for text in sources:
-        if is_module_dir(text):
-            with ui.status(f"loading {text}"):
-                try:
-                    mparts, mdata, (manifest,) = load_module_parts([text], data_dir, loaded_data)
-                except CompositionError as exc:
-                    raise CliError(f"{text}: {exc}") from None
-            if any(d.get("module_sha256") == manifest.get("sha256") for d in described):
-                raise CliError(f"{text}: the same module is given twice")
-            parts += mparts
-            datas += mdata
-            tags.append(module_tag(manifest))
-            registry = manifest.get("registry") or {}
-            described.append({"module_dir": text, "module_sha256": manifest.get("sha256"),
-                              "sha256": (manifest.get("source_model") or {}).get("sha256"),
-                              "model_id": registry.get("model_id"),
-                              "dataset": manifest.get("dataset"), "classes": mparts[0].classes,
-                              "class_names": mparts[0].class_names})
-            continue
-        model_text, sep, class_text = text.rpartition(":")
-        if not sep or not model_text:
-            raise CliError(f"bad source {text!r}: write MODEL_DIR:CLASSES (e.g. runs/a:3,5) or "
-                           "give a module directory")
-        model_dir = Path(model_text)
-        with ui.status(f"loading {model_dir}"):
-            model, manifest = _load_model_artifact(model_dir)
-            mod = _modularization_of(manifest, model_dir)
-            data = data_for_manifest(manifest, data_dir)
-        names = list(manifest.get("class_names") or [str(i) for i in range(mod.num_classes)])
-        classes = parse_classes(class_text, names)
-        parts.append(source_part(Source(model, mod, classes, data.spec, names)))
-        datas.append(data)
-        tags.append(str(len(tags)))
-        described.append({"model_dir": str(model_dir), "sha256": manifest.get("sha256"),
-                          "dataset": manifest.get("dataset"), "classes": classes,
-                          "class_names": [names[c] for c in classes]})
+    parts, datas, described, tags = compose_sources(sources, data_dir, ui)
     labels = distinct_labels([(t, d["class_names"]) for t, d in zip(tags, described, strict=True)])
     with ui.status("composing, fitting and evaluating"):
         try:

@@ -10,7 +10,7 @@ import os
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import torch
 import typer
@@ -42,12 +42,16 @@ from mwt_core.pipeline import (
     Layout,
     PipelineEvent,
     PipelineResult,
+    data_for_manifest,
     dataset_ref,
     extract_classes,
     load_training_data,
     run_pipeline,
 )
 from mwt_core.training import TrainingCancelled
+
+if TYPE_CHECKING:
+    from mwt_core.compose import Part
 
 CREATED_BY = f"mwt-cli {__version__}"
 F = TypeVar("F", bound=Callable[..., Any])
@@ -406,3 +410,56 @@ def _extract_table(s: dict[str, Any], title: str) -> Table:
         table.add_row(f"CPU ms / image (batch {s['latency_batch']})", f"{s['latency_ms']:.3f}",
                       f"{s['full_latency_ms']:.3f}", f"{s['latency_ratio']:.3f}")
     return table
+
+
+def compose_sources(sources: list[str], data_dir: Path | None, ui: Ui
+                    ) -> tuple[list[Part], list[DatasetBundle], list[dict[str, Any]], list[str]]:
+    """The parts of ``mwt compose``'s SOURCES (``MODEL_DIR:CLASSES`` or module directories),
+    their datasets, a description of each source for the manifest, and a tag per source
+    that tells apart equal class names."""
+    from mwt_core.compose import CompositionError, Source, source_part
+    from mwt_core.data.classes import parse_classes
+    from mwt_core.module_parts import is_module_dir, load_module_parts, module_tag
+
+    parts: list[Part] = []
+    datas: list[DatasetBundle] = []
+    described: list[dict[str, Any]] = []
+    tags: list[str] = []
+    loaded_data: dict[tuple[str, str], DatasetBundle] = {}
+    for text in sources:
+        if is_module_dir(text):
+            with ui.status(f"loading {text}"):
+                try:
+                    mparts, mdata, (manifest,) = load_module_parts([text], data_dir, loaded_data)
+                except CompositionError as exc:
+                    raise CliError(f"{text}: {exc}") from None
+            if any(d.get("module_sha256") == manifest.get("sha256") for d in described):
+                raise CliError(f"{text}: the same module is given twice")
+            parts += mparts
+            datas += mdata
+            tags.append(module_tag(manifest))
+            registry = manifest.get("registry") or {}
+            described.append({"module_dir": text, "module_sha256": manifest.get("sha256"),
+                              "sha256": (manifest.get("source_model") or {}).get("sha256"),
+                              "model_id": registry.get("model_id"),
+                              "dataset": manifest.get("dataset"), "classes": mparts[0].classes,
+                              "class_names": mparts[0].class_names})
+            continue
+        model_text, sep, class_text = text.rpartition(":")
+        if not sep or not model_text:
+            raise CliError(f"bad source {text!r}: write MODEL_DIR:CLASSES (e.g. runs/a:3,5) or "
+                           "give a module directory")
+        model_dir = Path(model_text)
+        with ui.status(f"loading {model_dir}"):
+            model, manifest = _load_model_artifact(model_dir)
+            mod = _modularization_of(manifest, model_dir)
+            data = data_for_manifest(manifest, data_dir)
+        names = list(manifest.get("class_names") or [str(i) for i in range(mod.num_classes)])
+        classes = parse_classes(class_text, names)
+        parts.append(source_part(Source(model, mod, classes, data.spec, names)))
+        datas.append(data)
+        tags.append(str(len(tags)))
+        described.append({"model_dir": str(model_dir), "sha256": manifest.get("sha256"),
+                          "dataset": manifest.get("dataset"), "classes": classes,
+                          "class_names": [names[c] for c in classes]})
+    return parts, datas, described, tags
