@@ -1,3 +1,4 @@
+import pytest
 import torch
 
 from mwt_core.models.masking import ConvUnit, MaskGenerator, hidden_size
@@ -64,3 +65,27 @@ def test_gradient_into_a_masked_unit_keeps_the_channels_last_layout():
     # NCHW stays NCHW, and the pooled value is the same mean either way
     g = MaskGenerator(16, 16)
     assert torch.allclose(g(h.detach()), g(h.detach().contiguous()), atol=1e-6)
+
+
+@pytest.mark.parametrize("affine", [True, False])
+def test_inference_folds_batch_norm_and_mask_into_one_pass_with_the_same_values(affine):
+    # In eval mode a gated unit computes conv * (s * m) + t * m in one op; it must equal
+    # BN(conv) * m, with and without a forced-zero keep vector.
+    torch.manual_seed(0)
+    unit = ConvUnit(5, 7)
+    unit.bn = torch.nn.BatchNorm2d(7, affine=affine)
+    unit.bn.running_mean.normal_()
+    unit.bn.running_var.uniform_(0.5, 2.0)
+    if affine:
+        unit.bn.weight.data.normal_()
+        unit.bn.bias.data.normal_()
+    unit.eval()
+    x = torch.randn(4, 5, 9, 9)
+    for keep in (None, (torch.arange(7) % 3 != 0).float()):
+        unit.keep = keep
+        with torch.no_grad():
+            out = unit(x)
+            mask = unit.gate(x) * (keep if keep is not None else 1.0)
+            expected = unit.bn(unit.conv(x)) * mask[:, :, None, None]
+        assert torch.allclose(out, expected, atol=1e-5, rtol=0)
+        assert torch.equal(unit.last_mask, mask)
