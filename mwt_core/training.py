@@ -154,7 +154,8 @@ def train(
         weight_decay=cfg.weight_decay,
     )
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=cfg.epochs)
-    use_scaler = cfg.amp and device.type == "cuda" and not torch.cuda.is_bf16_supported()
+    # Loss scaling is for float16 only (bf16 keeps float32's range).
+    use_scaler = _autocast_dtype(device, cfg.amp) == torch.float16
     scaler = torch.amp.GradScaler("cuda", enabled=use_scaler)
 
     history: list[dict[str, Any]] = []
