@@ -106,8 +106,6 @@ def _build_module(model: MwTNet, config: dict[str, Any]) -> ModuleClassifier:
     except (KeyError, ValueError, IndexError) as exc:
         raise ArtifactError(f"manifest module structure is invalid: {exc}") from exc
     net.config.update({k: config[k] for k in ("classes", "keep", "keep_mask_generators")})
-    if multiple > 1:
-        net.config["channel_multiple"] = multiple
     return ModuleClassifier(net, classes, config.get("krr"), restricted=True)
 
 

@@ -68,8 +68,6 @@ def extract_module(model: MwTNet, modularization: Modularization, classes: list[
     # Enough to rebuild the same structure from a fresh model (see artifacts.build_net).
     net.config["classes"] = classes
     net.config["keep_mask_generators"] = keep_mask_generators
-    if channel_multiple > 1:
-        net.config["channel_multiple"] = channel_multiple
     net.config["keep"] = [k.nonzero().flatten().tolist() for k in keep]
     return ModuleClassifier(net, classes, modularization.krr_of(classes), restricted=True).eval()
 

@@ -573,6 +573,8 @@ def slim(
         _slice_param(graph.head, "bias", cls_idx, 0)
         graph.head.out_features = len(cls_idx)
     slimmed.config = {**model.config, "slimmed": True}
+    if channel_multiple > 1:  # a rebuild from the config must pad the same way
+        slimmed.config["channel_multiple"] = channel_multiple
     return channels_last(slimmed)
 
 
