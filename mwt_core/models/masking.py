@@ -101,10 +101,14 @@ class ConvUnit(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         bn = self.bn
         if self.gate is not None and isinstance(bn, nn.BatchNorm2d) and not bn.training \
-                and bn.running_mean is not None and bn.running_var is not None:
-            # Inference: BN's affine map and the mask folded into one per-sample scale and
-            # shift, so the activation is read and written once instead of twice
-            # (y * m = conv * (s * m) + t * m with BN's scale s and shift t).
+                and bn.running_mean is not None and bn.running_var is not None \
+                and x.device.type == "cpu":
+            # CPU inference: BN's affine map and the mask folded into one per-sample scale
+            # and shift, so the activation is read and written once instead of twice
+            # (y * m = conv * (s * m) + t * m with BN's scale s and shift t). Not on a GPU:
+            # there these networks' inference is bound by kernel launches (README, "Speed
+            # on a GPU"), and the fold takes seven small kernels where BN and the multiply
+            # take two; it was measured on the CPU only.
             scale = torch.rsqrt(bn.running_var + bn.eps)
             if bn.weight is not None:
                 scale = scale * bn.weight
