@@ -26,7 +26,13 @@ from app.cli_common import (
     app,
 )
 from mwt_core.compose_options import DEFAULT_COMBINE, DEFAULT_PER_CLASS, METHODS
-from mwt_core.config import DEFAULT_DATASET, PAPER_SETTINGS, ModularizeConfig, TrainConfig
+from mwt_core.config import (
+    DEFAULT_DATASET,
+    PAPER_SETTINGS,
+    ModularizeConfig,
+    TrainConfig,
+    loss_default_text,
+)
 
 _T = TrainConfig  # the same defaults as POST /jobs {} and `mwt train` (mwt_core.config)
 
@@ -42,13 +48,13 @@ def submit(
     epochs: Annotated[int, typer.Option(help="Epochs.")] = _T.epochs,
     batch_size: Annotated[int, typer.Option(help="Batch size.")] = _T.batch_size,
     lr: Annotated[float, typer.Option(help="Learning rate.")] = _T.lr,
-    alpha: Annotated[float, typer.Option(help=f"Cohesion loss weight (the paper: {PAPER_SETTINGS['alpha']}).")] = _T.alpha,
-    beta: Annotated[float, typer.Option(help=f"Coupling loss weight (the paper: {PAPER_SETTINGS['beta']}).")] = _T.beta,
+    alpha: Annotated[float, typer.Option(show_default=loss_default_text("alpha"), help=f"Cohesion loss weight (the paper: {PAPER_SETTINGS['alpha']}).")] = _T.alpha,
+    beta: Annotated[float, typer.Option(show_default=loss_default_text("beta"), help=f"Coupling loss weight (the paper: {PAPER_SETTINGS['beta']}).")] = _T.beta,
     mask_lr: Annotated[
-        float | None, typer.Option(help="Mask-generator learning rate (the paper: same as --lr).")
+        float | None, typer.Option(show_default=loss_default_text("mask_lr"), help="Mask-generator learning rate (the paper: same as --lr).")
     ] = _T.mask_lr,
     gamma: Annotated[
-        float, typer.Option(help="Cross-class mask-overlap weight (0: the paper's loss).")
+        float, typer.Option(show_default=loss_default_text("gamma"), help="Cross-class mask-overlap weight (0: the paper's loss).")
     ] = _T.gamma,
     tau: Annotated[float, typer.Option(help="Modularization threshold.")] = ModularizeConfig.tau,
     seed: Annotated[int, typer.Option(help="Random seed.")] = _T.seed,

@@ -25,7 +25,14 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from mwt_core.config import DEFAULT_DATASET, PAPER_SETTINGS, ModularizeConfig, TrainConfig
+from mwt_core.config import (
+    DEFAULT_DATASET,
+    PAPER_SETTINGS,
+    ModularizeConfig,
+    TrainConfig,
+    loss_default_text,
+    loss_defaults,
+)
 from mwt_core.data.datasets import holdout, load_dataset
 from mwt_core.devices import resolve_device
 from mwt_core.models import architecture_info
@@ -52,15 +59,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--finetune-epochs", type=int, default=5)
     p.add_argument("--batch-size", type=int, default=_T.batch_size)
     p.add_argument("--lr", type=float, default=_T.lr)
-    p.add_argument("--mask-lr", type=float, default=_T.mask_lr,
-                   help="learning rate of the mask generators (the paper: same as --lr)")
-    p.add_argument("--alpha", type=float, default=_T.alpha, help="cohesion loss weight")
-    p.add_argument("--beta", type=float, default=_T.beta, help="coupling loss weight")
+    # The four loss settings not given take the data set's defaults (loss_defaults), as in
+    # `mwt train`: SUPPRESS leaves them out of the namespace until then.
+    p.add_argument("--mask-lr", type=float, default=argparse.SUPPRESS,
+                   help=f"learning rate of the mask generators ({loss_default_text('mask_lr')})")
+    p.add_argument("--alpha", type=float, default=argparse.SUPPRESS,
+                   help=f"cohesion loss weight ({loss_default_text('alpha')})")
+    p.add_argument("--beta", type=float, default=argparse.SUPPRESS,
+                   help=f"coupling loss weight ({loss_default_text('beta')})")
     p.add_argument("--holdout", type=float, default=0.0,
                    help="evaluate on this stratified fraction of the training split instead of "
                         "the test split (for choosing settings)")
-    p.add_argument("--gamma", type=float, default=_T.gamma,
-                   help="cross-class mask-overlap weight (0: the paper's loss)")
+    p.add_argument("--gamma", type=float, default=argparse.SUPPRESS,
+                   help=f"cross-class mask-overlap weight ({loss_default_text('gamma')})")
     p.add_argument("--paper", action="store_true",
                    help=f"the paper's loss and mask-generator rate {PAPER_SETTINGS} "
                         "(mask_lr None: same as --lr; overrides those four options)")
@@ -76,8 +87,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="use only the first N training images (smoke tests)",
     )
     args = p.parse_args(argv)
-    if args.paper:
-        for key, value in PAPER_SETTINGS.items():
+    chosen = PAPER_SETTINGS if args.paper else loss_defaults(False, args.dataset)
+    for key, value in chosen.items():
+        if args.paper or not hasattr(args, key):
             setattr(args, key, value)
     return args
 

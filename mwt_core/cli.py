@@ -55,10 +55,10 @@ from mwt_core.compose_options import DEFAULT_COMBINE, DEFAULT_PER_CLASS, METHODS
 from mwt_core.config import (
     DEFAULT_DATASET,
     PAPER_SETTINGS,
-    SMALL_DATA_SETTINGS,
     ModularizeConfig,
     TrainConfig,
     check_tau,
+    loss_default_text,
     loss_defaults,
 )
 from mwt_core.data.classes import parse_classes
@@ -111,11 +111,11 @@ def train_cmd(
     width: Annotated[float, typer.Option(help="Channel width multiplier.")] = _T.width,
     epochs: Annotated[int, typer.Option(help="Training epochs.")] = _T.epochs,
     modular: Annotated[bool, typer.Option("--modular/--standard", help="MwT (mask generators and losses) or plain training.")] = _T.modular,
-    alpha: Annotated[float, typer.Option(help=f"Weight of the cohesion loss (the paper: {PAPER_SETTINGS['alpha']}).")] = _T.alpha,
-    beta: Annotated[float, typer.Option(help=f"Weight of the coupling loss (the paper: {PAPER_SETTINGS['beta']}).")] = _T.beta,
-    gamma: Annotated[float, typer.Option(help="Weight of the cross-class mask-overlap term (0: the paper's loss).")] = _T.gamma,
+    alpha: Annotated[float, typer.Option(show_default=loss_default_text("alpha"), help=f"Weight of the cohesion loss (the paper: {PAPER_SETTINGS['alpha']}).")] = _T.alpha,
+    beta: Annotated[float, typer.Option(show_default=loss_default_text("beta"), help=f"Weight of the coupling loss (the paper: {PAPER_SETTINGS['beta']}).")] = _T.beta,
+    gamma: Annotated[float, typer.Option(show_default=loss_default_text("gamma"), help="Weight of the cross-class mask-overlap term (0: the paper's loss).")] = _T.gamma,
     lr: Annotated[float, typer.Option(help="SGD learning rate (cosine annealed).")] = _T.lr,
-    mask_lr: Annotated[float | None, typer.Option(help="Learning rate of the mask generators (the paper: same as --lr).")] = _T.mask_lr,
+    mask_lr: Annotated[float | None, typer.Option(show_default=loss_default_text("mask_lr"), help="Learning rate of the mask generators (the paper: same as --lr).")] = _T.mask_lr,
     weight_decay: Annotated[float, typer.Option(help="SGD weight decay.")] = _T.weight_decay,
     batch_size: Annotated[int, typer.Option(help="Batch size.")] = _T.batch_size,
     seed: Annotated[int, typer.Option(help="Random seed.")] = _T.seed,
@@ -133,10 +133,12 @@ def train_cmd(
 ) -> None:
     """Train a model; MwT runs are then modularized and cut into one module per class.
 
-    With --init-from, the mask rate and loss weights not given take FROM_WEIGHTS_SETTINGS."""
+    The mask rate and loss weights not given take the data set's defaults (digits: the
+    digits-tuned SMALL_DATA_SETTINGS; others: the paper's), or FROM_WEIGHTS_SETTINGS with
+    --init-from (mwt_core.config.loss_defaults)."""
     ui = Ui(as_json)
     loss: dict[str, Any] = {"mask_lr": mask_lr, "alpha": alpha, "beta": beta, "gamma": gamma}
-    loss.update({k: v for k, v in loss_defaults(init_from is not None).items() if not given(ctx, k)})
+    loss.update({k: v for k, v in loss_defaults(init_from is not None, dataset).items() if not given(ctx, k)})
     cfg = TrainConfig(arch=arch, width=width, epochs=epochs, batch_size=batch_size, lr=lr,
                       weight_decay=weight_decay, **loss, modular=modular, seed=seed, device=device,
                       amp=amp, augment=augment, init_from=init_from)
@@ -514,11 +516,10 @@ DEMO_DATASET = "digits"
 def demo_config(*, epochs: int = TrainConfig.epochs, width: float = TrainConfig.width,
                 seed: int = TrainConfig.seed, device: str = "auto") -> TrainConfig:
     """What ``mwt demo`` trains on :data:`DEMO_DATASET` (the README's defaults table reads it)."""
-    # digits gives 12 steps an epoch (CIFAR: 391): the settings chosen on a held-out fifth of
-    # its training split let the masks specialise in that budget (README, "Defaults and how
-    # they were chosen").
+    # The data set's own loss defaults, as `mwt train` takes them (digits: tuned on a held-out
+    # fifth of its training split; README, "Defaults and how they were chosen").
     return TrainConfig(arch="simcnn", width=width, epochs=epochs, modular=True, seed=seed,
-                       device=device, **SMALL_DATA_SETTINGS)
+                       device=device, **loss_defaults(False, DEMO_DATASET))
 
 
 @app.command("demo")

@@ -117,7 +117,7 @@ def training_defaults() -> str:
     """What each entry point trains when given no options; ``*`` marks values it cannot change."""
     from app.settings import Settings
     from mwt_core.cli import DEMO_DATASET, demo_config
-    from mwt_core.config import DEFAULT_DATASET, ModularizeConfig, TrainConfig
+    from mwt_core.config import DEFAULT_DATASET, ModularizeConfig, TrainConfig, loss_defaults
 
     core: dict[str, Any] = {"dataset": DEFAULT_DATASET}
     core.update({f.name: f.default for f in fields(TrainConfig)})
@@ -142,6 +142,11 @@ def training_defaults() -> str:
     api["device"] = (Settings.model_fields["device"].default, False)  # MWT_DEVICE of the worker
     train = from_cli("train", core)
     submit = from_cli("submit", {k: v for k, (v, _) in api.items()})
+    # The loss weights and mask rate an option does not set come from the data set
+    # (mwt_core.config.loss_defaults, applied by `mwt train` and the job schema; `mwt submit`
+    # sends only the options given).
+    for column in (train, api, submit):
+        column.update({k: (v, True) for k, v in loss_defaults(False, DEFAULT_DATASET).items()})
     demo_cmd = commands["demo"]
 
     def demo_default(name: str) -> Any:

@@ -2,7 +2,7 @@
 
     python scripts/walkthrough.py                  # check: exit 1 and a diff when README.md's shapes differ
     python scripts/walkthrough.py --write          # rewrite the blocks with this run's real output
-    python scripts/walkthrough.py --epochs 1 --width 0.125   # a fast run (what the test does)
+    python scripts/walkthrough.py --epochs 1 --first-epochs 1 --width 0.125   # a fast run (the test's)
 
 Each step's console block sits between ``<!-- walkthrough: NAME -->`` and ``<!-- end walkthrough:
 NAME -->``. The commands live here, in ``STEPS``; the README's ``$ ...`` lines are written from them.
@@ -35,14 +35,19 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from mwt_core.config import TrainConfig
+
 ROOT = Path(__file__).resolve().parent.parent
 README = ROOT / "README.md"
 REGEN = "python scripts/walkthrough.py --write"
 WIDTH = 100
 README_PORT = 8000
-# What the README's walk-through runs with; the test passes smaller ones.
+# What the README's walk-through runs with; the test passes smaller ones. Model 1 trains with
+# every default (TrainConfig's epochs: long enough that a 3-class module is a fraction of the
+# model); the other three with fewer epochs, to keep the run to minutes.
+FIRST_EPOCHS = TrainConfig.epochs
 DEFAULT_EPOCHS = 10
-DEFAULT_WIDTH = 0.25
+DEFAULT_WIDTH = TrainConfig.width
 
 Block = list[tuple[str, str]]  # (command, output) pairs
 
@@ -59,7 +64,7 @@ STEPS: tuple[Step, ...] = (
     Step("train", (
         "curl -s -X POST localhost:8000/api/v1/jobs -H \"$H\" -H 'Content-Type: application/json' "
         "-H 'Idempotency-Key: readme-demo-1' -d '{{\"dataset\": \"digits\", \"arch\": \"simcnn\", "
-        "\"width\": {width}, \"epochs\": {epochs}}}'",
+        "\"width\": {width}, \"epochs\": {first_epochs}}}'",
         "mwt submit --width {width} --epochs {epochs} --seed 1",
     )),
     Step("watch", (
@@ -265,7 +270,8 @@ def _api(port: int, key: str, path: str) -> Any:
     return r.json()
 
 
-def run_walkthrough(epochs: int, width: float, timeout: float = 900.0) -> dict[str, Block]:
+def run_walkthrough(epochs: int, width: float, first_epochs: int | None = None,
+                    timeout: float = 2400.0) -> dict[str, Block]:
     """Start ``mwt serve`` on a fresh registry, run every step, stop the server; the blocks."""
     sys.path.insert(0, str(ROOT))
     from tests.support.processes import ServiceProcess, clean_env, wait_http
@@ -286,7 +292,8 @@ def run_walkthrough(epochs: int, width: float, timeout: float = 900.0) -> dict[s
                          "H": f"Authorization: Bearer {key}",
                          "PATH": str(Path(sys.executable).parent) + os.pathsep + env["PATH"]}
             (work / "cwd").mkdir()
-            values: dict[str, Any] = {"epochs": epochs, "width": width}
+            values: dict[str, Any] = {"epochs": epochs, "width": width,
+                                      "first_epochs": epochs if first_epochs is None else first_epochs}
             blocks: dict[str, Block] = {}
             deadline = time.monotonic() + timeout
             for step in STEPS:
@@ -499,14 +506,16 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--write", action="store_true", help="rewrite README.md's blocks")
     parser.add_argument("--readme", type=Path, default=README)
-    parser.add_argument("--epochs", type=int, default=DEFAULT_EPOCHS)
+    parser.add_argument("--epochs", type=int, default=DEFAULT_EPOCHS, help="of jobs 2-4")
+    parser.add_argument("--first-epochs", type=int, default=FIRST_EPOCHS,
+                        help="of job 1 (default: TrainConfig's)")
     parser.add_argument("--width", type=float, default=DEFAULT_WIDTH)
     args = parser.parse_args(argv)
     text = args.readme.read_text()
     shown_blocks(text)  # fail on a missing marker before training anything
     start = time.monotonic()
     try:
-        fresh = run_walkthrough(args.epochs, args.width)
+        fresh = run_walkthrough(args.epochs, args.width, args.first_epochs)
     except (RuntimeError, TimeoutError, subprocess.TimeoutExpired) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

@@ -1,4 +1,5 @@
-"""`POST /jobs {}` and `mwt submit` with no options train the same thing: mwt_core's defaults."""
+"""`POST /jobs {}` and `mwt submit` with no options train the same thing: mwt_core's defaults
+(``TrainConfig``, with ``loss_defaults`` for the data set)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from typer.testing import CliRunner
 
 from app.cli import app as cli
 from app.client import MwtClient
-from mwt_core.config import ModularizeConfig, TrainConfig
+from mwt_core.config import DEFAULT_DATASET, ModularizeConfig, TrainConfig, loss_defaults
 
 
 def test_empty_submit_and_mwt_submit_train_the_core_defaults(
@@ -27,6 +28,8 @@ def test_empty_submit_and_mwt_submit_train_the_core_defaults(
     assert res.exit_code == 0, res.output
     from_cli = json.loads(res.output)["params"]
     assert from_cli == empty.json()["params"]
+    # TrainConfig's defaults, with the loss settings loss_defaults gives the default data set
     defaults = {k: f.default for k, f in TrainConfig.__dataclass_fields__.items() if k != "device"}
+    defaults.update(loss_defaults(False, DEFAULT_DATASET))
     assert {k: from_cli[k] for k in defaults} == defaults
     assert from_cli["tau"] == ModularizeConfig.tau

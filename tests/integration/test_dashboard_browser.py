@@ -20,6 +20,7 @@ from urllib.parse import urlparse
 import httpx
 import pytest
 
+from mwt_core.config import loss_defaults
 from tests.support.processes import ServiceProcess, clean_env, wait_http
 from tests.support.services import free_port
 
@@ -151,6 +152,12 @@ def test_dashboard_walkthrough(server: tuple[str, str, Path], browser: Any, tmp_
     )
     _shot(page, "job-desktop")
     job_url = page.url
+    # The loss weights left empty took the data set's defaults on the server; the typed one stayed.
+    params = httpx.get(f"{base}/api/v1/jobs/{job_url.rsplit('/', 1)[1]}",
+                       headers={"X-API-Key": key}).json()["params"]
+    assert params["mask_lr"] == 0.1
+    assert {k: params[k] for k in ("alpha", "beta", "gamma")} == {
+        k: loss_defaults(False, "digits")[k] for k in ("alpha", "beta", "gamma")}
 
     # The model card: metrics, the class x layer heatmap, the coupling matrix.
     page.click("#job-model-link")
