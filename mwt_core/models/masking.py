@@ -118,12 +118,55 @@ class ConvUnit(nn.Module):
             mask = self._mask(x)
             return torch.addcmul((shift * mask)[:, :, None, None], self.conv(x),
                                  (scale * mask)[:, :, None, None])
+        if self.gate is None and isinstance(bn, nn.BatchNorm2d) and not bn.training \
+                and bn.running_mean is not None and bn.running_var is not None \
+                and x.device.type == "cpu" and not torch.is_grad_enabled() \
+                and not _hooked(self.conv, bn):
+            # CPU inference of an ungated unit (a static module's, the first layer's, a
+            # shortcut's, a standard model's): BN and the keep vector folded into the conv's
+            # weights and bias, so no pass over the activation follows the conv. The folded
+            # weights are kept until a tensor they come from changes (see _folded).
+            weight, bias = self._folded(bn)
+            return self.conv._conv_forward(x, weight, bias)
         y = bn(self.conv(x))
         if self.gate is None:
             if self.keep is not None:
                 y = y * self.keep.view(1, -1, 1, 1)
             return y
         return y * self._mask(x)[:, :, None, None]
+
+    def _folded(self, bn: nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Tensor]:
+        """The conv's weight and bias with ``bn`` (eval) and ``keep`` folded in, cached.
+
+        The cache is keyed by the source tensors themselves, their in-place version counters,
+        storage and dtype, so optimiser steps, ``load_state_dict``, ``.to()`` and a replaced
+        parameter all refold.
+        """
+        # A trace (TorchScript/ONNX export) or a compiled graph records the fold from the
+        # parameters instead: a cached tensor would enter it as a constant.
+        use_cache = not (torch.jit.is_tracing() or torch.compiler.is_compiling())
+        sources = (self.conv.weight, self.conv.bias, bn.weight, bn.bias, bn.running_mean,
+                   bn.running_var, self.keep)
+        versions = tuple(None if t is None else (t._version, t.data_ptr(), t.dtype) for t in sources)
+        cached = self.__dict__.get("_fold_cache") if use_cache else None
+        if cached is not None and cached[1] == versions \
+                and all(a is b for a, b in zip(cached[0], sources, strict=True)):
+            return cached[2], cached[3]
+        assert bn.running_mean is not None and bn.running_var is not None
+        scale = torch.rsqrt(bn.running_var + bn.eps)
+        if bn.weight is not None:
+            scale = scale * bn.weight
+        shift = -bn.running_mean * scale
+        if bn.bias is not None:
+            shift = shift + bn.bias
+        if self.conv.bias is not None:
+            shift = shift + self.conv.bias * scale
+        if self.keep is not None:
+            scale, shift = scale * self.keep, shift * self.keep
+        weight = self.conv.weight * scale.view(-1, *([1] * (self.conv.weight.dim() - 1)))
+        if use_cache:  # a plain attribute, not a buffer: derived, never saved with the module
+            self.__dict__["_fold_cache"] = (sources, versions, weight, shift)
+        return weight, shift
 
     def _mask(self, x: torch.Tensor) -> torch.Tensor:
         assert self.gate is not None
@@ -132,6 +175,15 @@ class ConvUnit(nn.Module):
             mask = mask * self.keep
         self.last_mask = mask
         return mask
+
+
+def _hooked(*modules: nn.Module) -> bool:
+    """Whether a hook watches any of ``modules`` (or all modules): the folded path skips their
+    own forward, so it is taken only where nobody would miss the call."""
+    glob = nn.modules.module
+    if glob._global_forward_hooks or glob._global_forward_pre_hooks:
+        return True
+    return any(m._forward_hooks or m._forward_pre_hooks for m in modules)
 
 
 def set_keep(units: list[ConvUnit], keep: list[torch.Tensor] | None) -> None:

@@ -89,3 +89,46 @@ def test_inference_folds_batch_norm_and_mask_into_one_pass_with_the_same_values(
             expected = unit.bn(unit.conv(x)) * mask[:, :, None, None]
         assert torch.allclose(out, expected, atol=1e-5, rtol=0)
         assert torch.equal(unit.last_mask, mask)
+
+
+def test_inference_folds_batch_norm_into_an_ungated_units_conv_and_refolds_on_change():
+    # CPU inference of a unit without a mask generator runs one conv with BN (and keep)
+    # folded into its weights and bias; it must equal BN(conv) [* keep] for any conv (bias,
+    # groups), and fold again when a weight changes in place or is loaded.
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(6, 8, 3, padding=1, groups=2, bias=True)
+    bn = torch.nn.BatchNorm2d(8)
+    bn.running_mean.normal_()
+    bn.running_var.uniform_(0.5, 2.0)
+    bn.weight.data.normal_()
+    bn.bias.data.normal_()
+    unit = ConvUnit.from_layers(conv, bn, masked=False).eval()
+    x = torch.randn(3, 6, 7, 7)
+
+    def reference() -> torch.Tensor:
+        y = unit.bn(unit.conv(x))
+        return y * unit.keep.view(1, -1, 1, 1) if unit.keep is not None else y
+
+    for keep in (None, (torch.arange(8) % 3 != 0).float()):
+        unit.keep = keep
+        with torch.no_grad():
+            assert torch.allclose(unit(x), reference(), atol=1e-5, rtol=0)
+    with torch.no_grad():
+        unit.conv.weight.mul_(-2.0)  # an optimiser step would do the same, in place
+        assert torch.allclose(unit(x), reference(), atol=1e-5, rtol=0)
+        state = {k: v.clone() for k, v in unit.state_dict().items()}
+        state["bn.running_mean"].add_(1.0)
+        unit.load_state_dict(state)
+        assert torch.allclose(unit(x), reference(), atol=1e-5, rtol=0)
+    # A hook on the conv still sees its call: the unit runs unfolded while one is registered.
+    seen: list[torch.Size] = []
+    handle = unit.conv.register_forward_hook(lambda mod, inp, out: seen.append(out.shape))
+    with torch.no_grad():
+        assert torch.allclose(unit(x), reference(), atol=1e-5, rtol=0)
+    handle.remove()
+    assert seen == [torch.Size([3, 8, 7, 7])]
+    # With gradients wanted the unit runs unfolded, so they reach the conv's own weight.
+    unit(x).sum().backward()
+    assert unit.conv.weight.grad is not None and unit.conv.weight.grad.abs().sum() > 0
+    # The folded tensors are not state: nothing new is saved or loaded.
+    assert set(unit.state_dict()) == set(state)
