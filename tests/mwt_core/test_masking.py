@@ -122,9 +122,10 @@ def test_inference_folds_batch_norm_into_an_ungated_units_conv_and_refolds_on_ch
         assert torch.allclose(unit(x), reference(), atol=1e-5, rtol=0)
     # A hook on the conv still sees its call: the unit runs unfolded while one is registered.
     seen: list[torch.Size] = []
-    handle = unit.conv.register_forward_hook(lambda mod, inp, out: seen.append(out.shape))
     with torch.no_grad():
-        assert torch.allclose(unit(x), reference(), atol=1e-5, rtol=0)
+        expected = reference()
+        handle = unit.conv.register_forward_hook(lambda mod, inp, out: seen.append(out.shape))
+        assert torch.allclose(unit(x), expected, atol=1e-5, rtol=0)
     handle.remove()
     assert seen == [torch.Size([3, 8, 7, 7])]
     # With gradients wanted the unit runs unfolded, so they reach the conv's own weight.
