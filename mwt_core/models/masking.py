@@ -121,11 +121,12 @@ class ConvUnit(nn.Module):
         if self.gate is None and isinstance(bn, nn.BatchNorm2d) and not bn.training \
                 and bn.running_mean is not None and bn.running_var is not None \
                 and x.device.type == "cpu" and not torch.is_grad_enabled() \
-                and not _hooked(self.conv, bn):
+                and not torch.jit.is_tracing() and not _hooked(self.conv, bn):
             # CPU inference of an ungated unit (a static module's, the first layer's, a
             # shortcut's, a standard model's): BN and the keep vector folded into the conv's
             # weights and bias, so no pass over the activation follows the conv. The folded
-            # weights are kept until a tensor they come from changes (see _folded).
+            # weights are kept until a tensor they come from changes (see _folded). Not in a
+            # trace: it would depend on the grad mode, which torch.jit.trace's check varies.
             weight, bias = self._folded(bn)
             return self.conv._conv_forward(x, weight, bias)
         y = bn(self.conv(x))
@@ -142,9 +143,9 @@ class ConvUnit(nn.Module):
         storage and dtype, so optimiser steps, ``load_state_dict``, ``.to()`` and a replaced
         parameter all refold.
         """
-        # A trace (TorchScript/ONNX export) or a compiled graph records the fold from the
-        # parameters instead: a cached tensor would enter it as a constant.
-        use_cache = not (torch.jit.is_tracing() or torch.compiler.is_compiling())
+        # A compiled graph records the fold from the parameters instead: a cached tensor
+        # would enter it as a constant.
+        use_cache = not torch.compiler.is_compiling()
         sources = (self.conv.weight, self.conv.bias, bn.weight, bn.bias, bn.running_mean,
                    bn.running_var, self.keep)
         versions = tuple(None if t is None else (t._version, t.data_ptr(), t.dtype) for t in sources)
