@@ -109,12 +109,7 @@ class ConvUnit(nn.Module):
             # there these networks' inference is bound by kernel launches (README, "Speed
             # on a GPU"), and the fold takes seven small kernels where BN and the multiply
             # take two; it was measured on the CPU only.
-            scale = torch.rsqrt(bn.running_var + bn.eps)
-            if bn.weight is not None:
-                scale = scale * bn.weight
-            shift = -bn.running_mean * scale
-            if bn.bias is not None:
-                shift = shift + bn.bias
+            scale, shift = _bn_affine(bn)
             mask = self._mask(x)
             return torch.addcmul((shift * mask)[:, :, None, None], self.conv(x),
                                  (scale * mask)[:, :, None, None])
@@ -153,13 +148,7 @@ class ConvUnit(nn.Module):
         if cached is not None and cached[1] == versions \
                 and all(a is b for a, b in zip(cached[0], sources, strict=True)):
             return cached[2], cached[3]
-        assert bn.running_mean is not None and bn.running_var is not None
-        scale = torch.rsqrt(bn.running_var + bn.eps)
-        if bn.weight is not None:
-            scale = scale * bn.weight
-        shift = -bn.running_mean * scale
-        if bn.bias is not None:
-            shift = shift + bn.bias
+        scale, shift = _bn_affine(bn)
         if self.conv.bias is not None:
             shift = shift + self.conv.bias * scale
         if self.keep is not None:
@@ -176,6 +165,18 @@ class ConvUnit(nn.Module):
             mask = mask * self.keep
         self.last_mask = mask
         return mask
+
+
+def _bn_affine(bn: nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eval-mode ``bn`` as a per-channel scale and shift: ``bn(y) == y * scale + shift``."""
+    assert bn.running_mean is not None and bn.running_var is not None
+    scale = torch.rsqrt(bn.running_var + bn.eps)
+    if bn.weight is not None:
+        scale = scale * bn.weight
+    shift = -bn.running_mean * scale
+    if bn.bias is not None:
+        shift = shift + bn.bias
+    return scale, shift
 
 
 def _hooked(*modules: nn.Module) -> bool:
