@@ -100,29 +100,29 @@ class ConvUnit(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         bn = self.bn
-        if self.gate is not None and isinstance(bn, nn.BatchNorm2d) and not bn.training \
-                and bn.running_mean is not None and bn.running_var is not None \
-                and x.device.type == "cpu":
+        # An eval-mode BN with running statistics, on the CPU: the two folds below apply.
+        fold_bn = bn if isinstance(bn, nn.BatchNorm2d) and not bn.training \
+            and bn.running_mean is not None and bn.running_var is not None \
+            and x.device.type == "cpu" else None
+        if self.gate is not None and fold_bn is not None:
             # CPU inference: BN's affine map and the mask folded into one per-sample scale
             # and shift, so the activation is read and written once instead of twice
             # (y * m = conv * (s * m) + t * m with BN's scale s and shift t). Not on a GPU:
             # there these networks' inference is bound by kernel launches (README, "Speed
             # on a GPU"), and the fold takes seven small kernels where BN and the multiply
             # take two; it was measured on the CPU only.
-            scale, shift = _bn_affine(bn)
+            scale, shift = _bn_affine(fold_bn)
             mask = self._mask(x)
             return torch.addcmul((shift * mask)[:, :, None, None], self.conv(x),
                                  (scale * mask)[:, :, None, None])
-        if self.gate is None and isinstance(bn, nn.BatchNorm2d) and not bn.training \
-                and bn.running_mean is not None and bn.running_var is not None \
-                and x.device.type == "cpu" and not torch.is_grad_enabled() \
+        if self.gate is None and fold_bn is not None and not torch.is_grad_enabled() \
                 and not torch.jit.is_tracing() and not _hooked(self.conv, bn):
             # CPU inference of an ungated unit (a static module's, the first layer's, a
             # shortcut's, a standard model's): BN and the keep vector folded into the conv's
             # weights and bias, so no pass over the activation follows the conv. The folded
             # weights are kept until a tensor they come from changes (see _folded). Not in a
             # trace: it would depend on the grad mode, which torch.jit.trace's check varies.
-            weight, bias = self._folded(bn)
+            weight, bias = self._folded(fold_bn)
             return self.conv._conv_forward(x, weight, bias)
         y = bn(self.conv(x))
         if self.gate is None:
