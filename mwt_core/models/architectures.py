@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from mwt_core.models.base import MwTNet
-from mwt_core.models.masking import ConvUnit
+from mwt_core.models.masking import ConvUnit, inplace_ok
 from mwt_core.models.registry import register_model
 
 VGG16_PLAN: list[int | str] = [
@@ -43,7 +43,10 @@ class ConvReLU(nn.Module):
         self.act = nn.ReLU()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.act(self.unit(x))
+        y = self.unit(x)
+        # In inference the unit's output is a fresh buffer only this layer sees: ReLU in
+        # place spares allocating (and page-faulting in) another one.
+        return y.relu_() if inplace_ok(x, self.unit) else self.act(y)
 
 
 def _plain_stack(plan: list[int | str], in_channels: int, width: float, masked: bool) -> nn.Sequential:
@@ -101,7 +104,10 @@ class Residual(nn.Module):
         self.b = ConvReLU(channels, channels, masked=masked)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x + self.b(self.a(x))
+        y = self.b(self.a(x))
+        if inplace_ok(x, self.b):  # see ConvReLU.forward
+            return y.add_(x)
+        return x + y
 
 
 class ResCNN(MwTNet):
@@ -147,7 +153,10 @@ class BasicBlock(nn.Module):
         self.act = nn.ReLU()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.act(self.conv2(self.conv1(x)) + self.shortcut(x))
+        y = self.conv2(self.conv1(x))
+        if inplace_ok(x, self.conv2):  # see ConvReLU.forward
+            return y.add_(self.shortcut(x)).relu_()
+        return self.act(y + self.shortcut(x))
 
 
 class ResNet18(MwTNet):

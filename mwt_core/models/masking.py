@@ -113,8 +113,11 @@ class ConvUnit(nn.Module):
             # take two; it was measured on the CPU only.
             scale, shift = _bn_affine(fold_bn)
             mask = self._mask(x)
-            return torch.addcmul((shift * mask)[:, :, None, None], self.conv(x),
-                                 (scale * mask)[:, :, None, None])
+            y = self.conv(x)
+            # In place where nobody else holds the conv's output: a fresh activation-sized
+            # buffer costs its page faults, which here take about as long as the pass itself.
+            return torch.addcmul((shift * mask)[:, :, None, None], y, (scale * mask)[:, :, None, None],
+                                 **({"out": y} if inplace_ok(x, self.conv) else {}))
         if self.gate is None and fold_bn is not None and not torch.is_grad_enabled() \
                 and not torch.jit.is_tracing() and not _hooked(self.conv, bn):
             # CPU inference of an ungated unit (a static module's, the first layer's, a
@@ -125,11 +128,13 @@ class ConvUnit(nn.Module):
             weight, bias = self._folded(fold_bn)
             return self.conv._conv_forward(x, weight, bias)
         y = bn(self.conv(x))
+        inplace = inplace_ok(x, self.conv, bn)
         if self.gate is None:
             if self.keep is not None:
-                y = y * self.keep.view(1, -1, 1, 1)
+                y = y.mul_(self.keep.view(1, -1, 1, 1)) if inplace else y * self.keep.view(1, -1, 1, 1)
             return y
-        return y * self._mask(x)[:, :, None, None]
+        mask = self._mask(x)[:, :, None, None]
+        return y.mul_(mask) if inplace else y * mask
 
     def _folded(self, bn: nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Tensor]:
         """The conv's weight and bias with ``bn`` (eval) and ``keep`` folded in, cached.
@@ -180,12 +185,24 @@ def _bn_affine(bn: nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _hooked(*modules: nn.Module) -> bool:
-    """Whether a hook watches any of ``modules`` (or all modules): the folded path skips their
-    own forward, so it is taken only where nobody would miss the call."""
+    """Whether a hook watches any of ``modules``, their submodules, or all modules: the folded
+    path skips their own forward, and the in-place one overwrites what they returned."""
     glob = nn.modules.module
     if glob._global_forward_hooks or glob._global_forward_pre_hooks:
         return True
-    return any(m._forward_hooks or m._forward_pre_hooks for m in modules)
+    return any(m._forward_hooks or m._forward_pre_hooks for mod in modules for m in mod.modules())
+
+
+def inplace_ok(x: torch.Tensor, *producers: nn.Module) -> bool:
+    """Whether a forward pass on ``x`` may overwrite the fresh outputs of ``producers`` in place.
+
+    Only in inference on a plain tensor (no autograd graph to keep intact, no torch.fx or
+    TorchScript trace whose graph would then depend on the grad mode, not compiling) and with
+    no hook on a producer, since a hook may have kept the output it saw (the feature taps
+    of ``mwt_core.combine`` do).
+    """
+    return (not torch.is_grad_enabled() and type(x) is torch.Tensor and not torch.jit.is_tracing()
+            and not torch.compiler.is_compiling() and not _hooked(*producers))
 
 
 def set_keep(units: list[ConvUnit], keep: list[torch.Tensor] | None) -> None:

@@ -1,0 +1,103 @@
+"""The built-in blocks' inference path: in place where nobody else holds the buffer, and the
+same values as the autograd path (up to rounding: an ungated unit folds BN into its conv in
+inference only)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from mwt_core.models.architectures import BasicBlock, ConvReLU, Residual
+from mwt_core.models.masking import ConvUnit, inplace_ok
+
+
+def _trained_looking(block: nn.Module) -> nn.Module:
+    """Non-trivial BN statistics, eval mode, so every fold and mask path is exercised."""
+    torch.manual_seed(0)
+    for m in block.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.normal_()
+            m.running_var.uniform_(0.5, 2.0)
+            m.weight.data.normal_()
+            m.bias.data.normal_()
+    return block.eval()
+
+
+def _returns_recorded(unit: nn.Module, seen: list[torch.Tensor]) -> None:
+    # An instance attribute, not a hook: a hook would (rightly) turn the in-place path off.
+    inner = unit.forward
+
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        out = inner(x)
+        seen.append(out)
+        return out
+
+    unit.forward = forward
+
+
+@pytest.mark.parametrize("masked", [True, False])
+def test_conv_relu_in_inference_reuses_the_units_buffer_with_the_same_values(masked):
+    layer = _trained_looking(ConvReLU(6, 8, masked=masked))
+    x = torch.randn(4, 6, 9, 9)
+    with torch.no_grad():
+        torch.set_grad_enabled(True)  # eval with autograd on: the out-of-place path
+        expected = layer(x).detach()
+    seen: list[torch.Tensor] = []
+    _returns_recorded(layer.unit, seen)
+    with torch.inference_mode():
+        out = layer(x)
+    assert torch.allclose(out, expected, atol=1e-5, rtol=0)
+    assert out.data_ptr() == seen[0].data_ptr()  # ReLU wrote into the unit's output
+
+
+@pytest.mark.parametrize("stride, c_in", [(1, 8), (2, 6)])
+def test_basic_block_in_inference_adds_into_conv2s_buffer_with_the_same_values(stride, c_in):
+    block = _trained_looking(BasicBlock(c_in, 8, stride, masked=True))
+    x = torch.randn(3, c_in, 8, 8).contiguous(memory_format=torch.channels_last)
+    expected = block(x).detach()
+    seen: list[torch.Tensor] = []
+    _returns_recorded(block.conv2, seen)
+    with torch.inference_mode():
+        out = block(x)
+    assert torch.allclose(out, expected, atol=1e-5, rtol=0)
+    assert out.data_ptr() == seen[0].data_ptr()
+    assert out.is_contiguous(memory_format=torch.channels_last)
+
+
+def test_residual_pair_in_inference_leaves_its_input_alone():
+    block = _trained_looking(Residual(8, masked=True))
+    x = torch.randn(2, 8, 6, 6)
+    before = x.clone()
+    expected = block(x).detach()
+    with torch.no_grad():
+        out = block(x)
+    assert torch.allclose(out, expected, atol=1e-5, rtol=0)
+    assert torch.equal(x, before)  # the skip input is read, never written
+
+
+def test_a_hook_sees_the_output_it_was_given_not_one_changed_later():
+    # The feature taps of a composition keep a unit's output; the block must not then apply
+    # its ReLU or residual addition in place on it.
+    block = _trained_looking(BasicBlock(8, 8, 1, masked=True))
+    x = torch.randn(3, 8, 8, 8)
+    kept: list[torch.Tensor] = []
+    handle = block.conv2.register_forward_hook(lambda mod, inp, out: kept.append(out))
+    with torch.inference_mode():
+        block(x)
+        expected = block.conv2(block.conv1(x))
+    handle.remove()
+    assert torch.equal(kept[0], expected)
+    assert (kept[0] < 0).any()  # pre-activation: a ReLU in place would have removed these
+
+
+def test_in_place_only_in_inference_on_plain_tensors_without_hooks():
+    unit = ConvUnit(4, 4)
+    x = torch.randn(1, 4, 5, 5)
+    assert not inplace_ok(x, unit)  # autograd on
+    with torch.no_grad():
+        assert inplace_ok(x, unit)
+        handle = unit.gate.fc1.register_forward_pre_hook(lambda mod, inp: None)
+        assert not inplace_ok(x, unit)  # a hook anywhere inside the producer
+        handle.remove()
+        assert not inplace_ok(torch.fx.Proxy.__new__(torch.fx.Proxy), unit)  # tracing
