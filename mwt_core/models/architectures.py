@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from mwt_core.models.base import MwTNet
-from mwt_core.models.masking import ConvUnit, inplace_ok
+from mwt_core.models.masking import ConvUnit, inplace_ok, plain_inference
 from mwt_core.models.registry import register_model
 
 VGG16_PLAN: list[int | str] = [
@@ -49,12 +49,35 @@ class ConvReLU(nn.Module):
         return y.relu_() if inplace_ok(x, self.unit) else self.act(y)
 
 
+class MaxPool2(nn.MaxPool2d):
+    """2x2 max-pooling, stride 2; CPU inference takes the maximum of strided views.
+
+    Two elementwise maxima over the input's row pairs and then column pairs give exactly
+    max-pooling's values (a maximum is exact; NaN propagates either way) without the
+    indices max_pool2d computes, and they run at the speed of any elementwise op for every
+    channel count. ATen's channels_last max-pooling on this project's CPU took as long for 12
+    channels as for 16 (4.0 ms at 256 x 32 x 32) and twice as long for 31 as for 32 (2.05 vs
+    1.00 ms at 16 x 16); the maxima take 1.5 and 0.35 ms there.
+    Training keeps max_pool2d: its gradient goes to one input of a tie, not to both.
+    """
+
+    def __init__(self) -> None:
+        super().__init__(2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not plain_inference(x) or x.device.type != "cpu" or x.dim() != 4:
+            return super().forward(x)
+        h, w = x.shape[-2] // 2 * 2, x.shape[-1] // 2 * 2  # floor mode: an odd last row goes
+        rows = torch.maximum(x[:, :, 0:h:2, :w], x[:, :, 1:h:2, :w])
+        return torch.maximum(rows[:, :, :, 0::2], rows[:, :, :, 1::2])
+
+
 def _plain_stack(plan: list[int | str], in_channels: int, width: float, masked: bool) -> nn.Sequential:
     layers: list[nn.Module] = []
     c_in, first = in_channels, True
     for item in plan:
         if item == "M":
-            layers.append(nn.MaxPool2d(2))
+            layers.append(MaxPool2())
             continue
         c_out = scaled(int(item), width)
         layers.append(ConvReLU(c_in, c_out, masked=masked and not first))
@@ -118,13 +141,13 @@ class ResCNN(MwTNet):
         c64, c128, c256, c512 = (scaled(c, width) for c in (64, 128, 256, 512))
         self.features = nn.Sequential(
             ConvReLU(in_channels, c64, masked=False),
-            ConvReLU(c64, c128, masked=masked), nn.MaxPool2d(2),
+            ConvReLU(c64, c128, masked=masked), MaxPool2(),
             Residual(c128, masked),
-            ConvReLU(c128, c256, masked=masked), nn.MaxPool2d(2),
-            ConvReLU(c256, c512, masked=masked), nn.MaxPool2d(2),
+            ConvReLU(c128, c256, masked=masked), MaxPool2(),
+            ConvReLU(c256, c512, masked=masked), MaxPool2(),
             Residual(c512, masked),
-            ConvReLU(c512, c512, masked=masked), nn.MaxPool2d(2),
-            ConvReLU(c512, c512, masked=masked), nn.MaxPool2d(2),
+            ConvReLU(c512, c512, masked=masked), MaxPool2(),
+            ConvReLU(c512, c512, masked=masked), MaxPool2(),
             Residual(c512, masked),
         )
         flat = _flat_features(self.features, in_channels, input_size)

@@ -193,16 +193,20 @@ def _hooked(*modules: nn.Module) -> bool:
     return any(m._forward_hooks or m._forward_pre_hooks for mod in modules for m in mod.modules())
 
 
-def inplace_ok(x: torch.Tensor, *producers: nn.Module) -> bool:
-    """Whether a forward pass on ``x`` may overwrite the fresh outputs of ``producers`` in place.
-
-    Only in inference on a plain tensor (no autograd graph to keep intact, no torch.fx or
-    TorchScript trace whose graph would then depend on the grad mode, not compiling) and with
-    no hook on a producer, since a hook may have kept the output it saw (the feature taps
-    of ``mwt_core.combine`` do).
-    """
+def plain_inference(x: torch.Tensor) -> bool:
+    """Whether a forward pass on ``x`` is plain eager inference, where a layer may take a faster
+    path with the same values: no autograd graph to keep intact (or whose backward would
+    differ), no torch.fx or TorchScript trace whose graph would then depend on the grad mode,
+    not compiling."""
     return (not torch.is_grad_enabled() and type(x) is torch.Tensor and not torch.jit.is_tracing()
-            and not torch.compiler.is_compiling() and not _hooked(*producers))
+            and not torch.compiler.is_compiling())
+
+
+def inplace_ok(x: torch.Tensor, *producers: nn.Module) -> bool:
+    """Whether a forward pass on ``x`` may overwrite the fresh outputs of ``producers`` in place:
+    in :func:`plain_inference`, and with no hook on a producer, since a hook may have kept the
+    output it saw (the feature taps of ``mwt_core.combine`` do)."""
+    return plain_inference(x) and not _hooked(*producers)
 
 
 def set_keep(units: list[ConvUnit], keep: list[torch.Tensor] | None) -> None:

@@ -122,3 +122,19 @@ def test_registry_load_bench_tiny():
     assert set(r["runs"]) == {"1", "0"}
     for fig in r["runs"].values():
         assert fig["req_per_s"] > 0 and fig["non_2xx"] == 0 and fig["p50_ms"] <= fig["p99_ms"]
+
+
+def test_modules_bench_tiny(tmp_path):
+    """bench/modules.py end to end on a one-epoch model: every network timed, and the blocked
+    FLOPs add exactly the rounded-up output channels (none for the model at --block 4, whose
+    widths are multiples of 4; some for modules cut to other counts)."""
+    r = _last_json_line("modules.py", "--epochs", "1", "--width", "0.125", "--batch", "8",
+                        "--rounds", "1", "--block", "4", "--model-dir", str(tmp_path / "m"))
+    nets = {"model_nchw", "model", "module1_gen", "module1_static", "module3_gen", "module3_static",
+            "compose3_gen"}
+    assert set(r["batches"]["8"]) == nets and r["block"] == 4
+    assert r["blocked_flops"]["model"] == r["flops"]["model"]
+    assert all(r["blocked_flops"][k] >= r["flops"][k] for k in nets)
+    assert any(r["blocked_flops"][k] > r["flops"][k] for k in nets)
+    assert all(row["latency_s"] > 0 for row in r["batches"]["8"].values())
+    assert (tmp_path / "m" / "manifest.json").is_file()

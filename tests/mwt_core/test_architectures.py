@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from mwt_core.models.architectures import BasicBlock, ConvReLU, Residual
+from mwt_core.models.architectures import BasicBlock, ConvReLU, MaxPool2, Residual
 from mwt_core.models.masking import ConvUnit, inplace_ok
 
 
@@ -101,3 +101,28 @@ def test_in_place_only_in_inference_on_plain_tensors_without_hooks():
         assert not inplace_ok(x, unit)  # a hook anywhere inside the producer
         handle.remove()
         assert not inplace_ok(torch.fx.Proxy.__new__(torch.fx.Proxy), unit)  # tracing
+
+
+@pytest.mark.parametrize("channels_last", [True, False])
+@pytest.mark.parametrize("size", [(8, 8), (7, 9)])
+def test_max_pool_in_inference_gives_max_pool2ds_values(channels_last, size):
+    # Ties (rounded values), a NaN, odd sizes (floor mode drops the last row or column).
+    torch.manual_seed(0)
+    x = torch.randn(3, 5, *size).round()
+    x[1, 2, 3, 3] = float("nan")
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    pool = MaxPool2()
+    expected = torch.nn.functional.max_pool2d(x, 2)
+    with torch.inference_mode():
+        out = pool(x)
+    assert torch.allclose(out, expected, equal_nan=True, rtol=0, atol=0)
+    assert out.isnan().sum() == 1
+    assert out.is_contiguous(memory_format=torch.channels_last) == channels_last
+
+
+def test_max_pool_with_gradients_is_max_pool2d():
+    # Training keeps max_pool2d's backward: a tie sends the whole gradient to one input.
+    x = torch.zeros(1, 1, 2, 2, requires_grad=True)
+    MaxPool2()(x).sum().backward()
+    assert x.grad is not None and sorted(x.grad.flatten().tolist()) == [0.0, 0.0, 0.0, 1.0]
