@@ -55,9 +55,9 @@ class MaxPool2(nn.MaxPool2d):
     Two elementwise maxima over the input's row pairs and then column pairs give exactly
     max-pooling's values (a maximum is exact; NaN propagates either way) without the
     indices max_pool2d computes, and they run at the speed of any elementwise op for every
-    channel count. ATen's channels_last max-pooling on this project's CPU took as long for 12
-    channels as for 16 (4.0 ms at 256 x 32 x 32) and twice as long for 31 as for 32 (2.05 vs
-    1.00 ms at 16 x 16); the maxima take 1.5 and 0.35 ms there.
+    channel count. ATen's channels_last max-pooling on this project's CPU (one thread) took
+    3.5 ms for 12 channels and 3.9 ms for 16 at 256 x 32 x 32, and 2.8 ms for 31 channels
+    against 1.4 ms for 32 at 16 x 16; the maxima take 1.6 and 0.5 ms there.
     Training keeps max_pool2d: its gradient goes to one input of a tie, not to both.
     """
 
