@@ -10,30 +10,32 @@ from torch import nn
 
 from mwt_core.models.architectures import BasicBlock, ConvReLU, MaxPool2, Residual
 from mwt_core.models.masking import ConvUnit, inplace_ok
+from tests.support.nets import randomise_bn
 
 
 def _trained_looking(block: nn.Module) -> nn.Module:
     """Non-trivial BN statistics, eval mode, so every fold and mask path is exercised."""
     torch.manual_seed(0)
-    for m in block.modules():
-        if isinstance(m, nn.BatchNorm2d):
-            m.running_mean.normal_()
-            m.running_var.uniform_(0.5, 2.0)
-            m.weight.data.normal_()
-            m.bias.data.normal_()
-    return block.eval()
+    return randomise_bn(block).eval()
 
 
-def _returns_recorded(unit: nn.Module, seen: list[torch.Tensor]) -> None:
-    # An instance attribute, not a hook: a hook would (rightly) turn the in-place path off.
-    inner = unit.forward
+def _inference_writes_into(block: nn.Module, producer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``block(x)`` in inference mode, checked to return the very buffer ``producer`` returned."""
+    seen: list[torch.Tensor] = []
+    inner = producer.forward
 
     def forward(x: torch.Tensor) -> torch.Tensor:
         out = inner(x)
         seen.append(out)
         return out
 
-    unit.forward = forward
+    # An instance attribute, not a hook: a hook would (rightly) turn the in-place path off.
+    producer.forward = forward
+    with torch.inference_mode():
+        out = block(x)
+    del producer.forward
+    assert out.data_ptr() == seen[0].data_ptr()
+    return out
 
 
 @pytest.mark.parametrize("masked", [True, False])
@@ -43,12 +45,8 @@ def test_conv_relu_in_inference_reuses_the_units_buffer_with_the_same_values(mas
     with torch.no_grad():
         torch.set_grad_enabled(True)  # eval with autograd on: the out-of-place path
         expected = layer(x).detach()
-    seen: list[torch.Tensor] = []
-    _returns_recorded(layer.unit, seen)
-    with torch.inference_mode():
-        out = layer(x)
+    out = _inference_writes_into(layer, layer.unit, x)  # ReLU into the unit's output
     assert torch.allclose(out, expected, atol=1e-5, rtol=0)
-    assert out.data_ptr() == seen[0].data_ptr()  # ReLU wrote into the unit's output
 
 
 @pytest.mark.parametrize("stride, c_in", [(1, 8), (2, 6)])
@@ -56,12 +54,8 @@ def test_basic_block_in_inference_adds_into_conv2s_buffer_with_the_same_values(s
     block = _trained_looking(BasicBlock(c_in, 8, stride, masked=True))
     x = torch.randn(3, c_in, 8, 8).contiguous(memory_format=torch.channels_last)
     expected = block(x).detach()
-    seen: list[torch.Tensor] = []
-    _returns_recorded(block.conv2, seen)
-    with torch.inference_mode():
-        out = block(x)
+    out = _inference_writes_into(block, block.conv2, x)
     assert torch.allclose(out, expected, atol=1e-5, rtol=0)
-    assert out.data_ptr() == seen[0].data_ptr()
     assert out.is_contiguous(memory_format=torch.channels_last)
 
 

@@ -13,16 +13,7 @@ from mwt_core.models.catalogue import CATALOGUE, REFUSED
 from mwt_core.models.convert import ConversionError, convert
 from mwt_core.models.masking import ConvUnit, set_keep
 from mwt_core.slimming import analyse, slim
-
-
-def _randomise_bn(net: nn.Module) -> None:
-    # Fresh BN layers are identity-like; random statistics make the equality test bite.
-    for m in net.modules():
-        if isinstance(m, nn.BatchNorm2d):
-            m.running_mean.normal_()
-            m.running_var.uniform_(0.5, 2.0)
-            m.weight.data.normal_()
-            m.bias.data.normal_()
+from tests.support.nets import randomise_bn
 
 
 def _assert_slim_exact(net, x: torch.Tensor, classes: list[int], fraction: float = 0.3) -> None:
@@ -57,7 +48,7 @@ def _digits(digits32, n: int = 8) -> torch.Tensor:
 def test_catalogue_slims_exactly_on_real_digits(name, digits32):
     torch.manual_seed(0)
     net = create_model(f"tv_{name}", 10, in_channels=3, input_size=32, width=1)
-    _randomise_bn(net)
+    randomise_bn(net)
     units = net.mask_units()
     convs = [m for m in net.modules() if isinstance(m, nn.Conv2d)]
     assert all(isinstance(u, ConvUnit) for u in units) and units
@@ -157,7 +148,7 @@ def test_hand_written_cnn_with_every_supported_layer_kind_slims_exactly():
     torch.manual_seed(0)
     net = convert(Mixed(), in_channels=1, input_size=16)
     net.config.update(num_classes=10)
-    _randomise_bn(net)
+    randomise_bn(net)
     inner = net.net
     assert isinstance(inner.stem[0], ConvUnit) and inner.stem[0].gate is None  # reads the image
     assert inner.stem[0].conv.in_channels == 1  # rebuilt for the data's channels

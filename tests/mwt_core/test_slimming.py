@@ -6,25 +6,16 @@ import torch
 from mwt_core.models import create_model
 from mwt_core.models.masking import set_keep
 from mwt_core.slimming import SlimmingError, analyse, slim
+from tests.support.nets import randomise_bn
 
 ARCHS = ["simcnn", "rescnn", "vgg16", "resnet18"]
-
-
-def _randomise_bn(net):
-    # Fresh BN layers are identity-like; random statistics make the equality test bite.
-    for m in net.modules():
-        if isinstance(m, torch.nn.BatchNorm2d):
-            m.running_mean.normal_()
-            m.running_var.uniform_(0.5, 2.0)
-            m.weight.data.normal_()
-            m.bias.data.normal_()
 
 
 @pytest.mark.parametrize("arch", ARCHS)
 def test_slimmed_module_equals_masked_model_with_dropped_kernels_zeroed(arch, digits32):
     torch.manual_seed(0)
     net = create_model(arch, 10, in_channels=3, input_size=32, width=0.25).eval()
-    _randomise_bn(net)
+    randomise_bn(net)
     keep = [torch.rand(u.out_channels) < 0.3 for u in net.mask_units()]
     classes = [3, 5, 8]
     module = slim(net, keep, classes=classes).eval()
@@ -46,7 +37,7 @@ def test_channel_padding_keeps_values_and_rounds_cut_layers_to_the_multiple(arch
                                                                              digits32):
     torch.manual_seed(1)
     net = create_model(arch, 10, in_channels=3, input_size=32, width=0.25).eval()
-    _randomise_bn(net)
+    randomise_bn(net)
     keep = [torch.rand(u.out_channels) < 0.3 for u in net.mask_units()]
     plain = slim(net, keep, keep_mask_generators=generators, classes=[3, 5, 8]).eval()
     padded = slim(net, keep, keep_mask_generators=generators, classes=[3, 5, 8],
@@ -133,7 +124,7 @@ def test_modules_run_channels_last_whatever_the_input_layout(in_channels, genera
     # both NCHW and NHWC, so the stem's weight must fix the layout, not the image.
     torch.manual_seed(0)
     net = create_model("simcnn", 10, in_channels=in_channels, input_size=32, width=0.25).eval()
-    _randomise_bn(net)
+    randomise_bn(net)
     keep = [torch.rand(u.out_channels) < 0.5 for u in net.mask_units()]
     module = slim(net, keep, keep_mask_generators=generators, classes=[2, 7]).eval()
     layouts = []
