@@ -133,3 +133,32 @@ def test_inference_folds_batch_norm_into_an_ungated_units_conv_and_refolds_on_ch
     assert unit.conv.weight.grad is not None and unit.conv.weight.grad.abs().sum() > 0
     # The folded tensors are not state: nothing new is saved or loaded.
     assert set(unit.state_dict()) == set(state)
+
+
+def test_gated_unit_in_inference_keeps_bns_scale_and_shift_until_bn_changes():
+    # CPU inference reuses BN's scale and shift between calls (five small ops a unit saved),
+    # and computes them again once a statistic changes in place.
+    torch.manual_seed(0)
+    unit = ConvUnit(5, 7)
+    unit.bn.running_mean.normal_()
+    unit.bn.running_var.uniform_(0.5, 2.0)
+    unit.eval()
+    x = torch.randn(4, 5, 9, 9)
+
+    def reference() -> torch.Tensor:
+        return unit.bn(unit.conv(x)) * unit.gate(x)[:, :, None, None]
+
+    with torch.inference_mode():
+        first = unit(x)
+        kept = unit.__dict__["_affine_cache"]
+        assert torch.allclose(unit(x), first, atol=0, rtol=0)
+        assert unit.__dict__["_affine_cache"] is kept
+    with torch.no_grad():
+        unit.bn.running_mean.add_(1.0)
+        expected = reference()
+    with torch.inference_mode():
+        assert torch.allclose(unit(x), expected, atol=1e-5, rtol=0)
+    assert unit.__dict__["_affine_cache"] is not kept
+    # With autograd on nothing is reused, so gradients reach BN's weight.
+    unit(x).sum().backward()
+    assert unit.bn.weight.grad is not None and unit.bn.weight.grad.abs().sum() > 0
