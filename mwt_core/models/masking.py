@@ -138,6 +138,12 @@ class ConvUnit(nn.Module):
         mask = self._mask(x)[:, :, None, None]
         return y.mul_(mask) if inplace else y * mask
 
+    def output_sources(self) -> tuple[nn.Module, ...]:
+        """This unit and the layers whose output can be the very tensor it returns (the conv's
+        where BN is an identity, BN's): a hook on any of them may hold that tensor, so a block
+        may change it in place only where none has one (:func:`inplace_ok`)."""
+        return self, self.conv, self.bn
+
     def _folded(self, bn: nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Tensor]:
         """The conv's weight and bias with ``bn`` (eval) and ``keep`` folded in, cached."""
 
@@ -202,12 +208,13 @@ def _bn_affine(bn: nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _hooked(*modules: nn.Module) -> bool:
-    """Whether a hook watches any of ``modules``, their submodules, or all modules: the folded
-    path skips their own forward, and the in-place one overwrites what they returned."""
+    """Whether a hook watches any of ``modules`` (not their submodules: this runs several times
+    a forward pass) or all modules: the folded path skips their own forward, and the in-place
+    one overwrites what they returned."""
     glob = nn.modules.module
     if glob._global_forward_hooks or glob._global_forward_pre_hooks:
         return True
-    return any(m._forward_hooks or m._forward_pre_hooks for mod in modules for m in mod.modules())
+    return any(m._forward_hooks or m._forward_pre_hooks for m in modules)
 
 
 def plain_inference(x: torch.Tensor) -> bool:
