@@ -2,6 +2,7 @@ import pytest
 import torch
 
 from mwt_core.models.masking import ConvUnit, MaskGenerator, hidden_size
+from tests.support.nets import randomise_bn
 
 
 def test_hidden_size_rule():
@@ -73,12 +74,7 @@ def test_inference_folds_batch_norm_and_mask_into_one_pass_with_the_same_values(
     # BN(conv) * m, with and without a forced-zero keep vector.
     torch.manual_seed(0)
     unit = ConvUnit(5, 7)
-    unit.bn = torch.nn.BatchNorm2d(7, affine=affine)
-    unit.bn.running_mean.normal_()
-    unit.bn.running_var.uniform_(0.5, 2.0)
-    if affine:
-        unit.bn.weight.data.normal_()
-        unit.bn.bias.data.normal_()
+    unit.bn = randomise_bn(torch.nn.BatchNorm2d(7, affine=affine))
     unit.eval()
     x = torch.randn(4, 5, 9, 9)
     for keep in (None, (torch.arange(7) % 3 != 0).float()):
@@ -97,11 +93,7 @@ def test_inference_folds_batch_norm_into_an_ungated_units_conv_and_refolds_on_ch
     # groups), and fold again when a weight changes in place or is loaded.
     torch.manual_seed(0)
     conv = torch.nn.Conv2d(6, 8, 3, padding=1, groups=2, bias=True)
-    bn = torch.nn.BatchNorm2d(8)
-    bn.running_mean.normal_()
-    bn.running_var.uniform_(0.5, 2.0)
-    bn.weight.data.normal_()
-    bn.bias.data.normal_()
+    bn = randomise_bn(torch.nn.BatchNorm2d(8))
     unit = ConvUnit.from_layers(conv, bn, masked=False).eval()
     x = torch.randn(3, 6, 7, 7)
 
@@ -139,10 +131,7 @@ def test_gated_unit_in_inference_keeps_bns_scale_and_shift_until_bn_changes():
     # CPU inference reuses BN's scale and shift between calls (five small ops a unit saved),
     # and computes them again once a statistic changes in place.
     torch.manual_seed(0)
-    unit = ConvUnit(5, 7)
-    unit.bn.running_mean.normal_()
-    unit.bn.running_var.uniform_(0.5, 2.0)
-    unit.eval()
+    unit = randomise_bn(ConvUnit(5, 7)).eval()
     x = torch.randn(4, 5, 9, 9)
 
     def reference() -> torch.Tensor:
