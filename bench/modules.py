@@ -84,8 +84,9 @@ def _trained(args: argparse.Namespace) -> tuple[nn.Module, Modularization, dict[
     return result.model.cpu().eval(), mz, manifest
 
 
-def blocked_flops(net: nn.Module, shape: tuple[int, ...], block: int) -> int:
-    """FLOPs of one image with every (ungrouped) conv's output channels rounded up to ``block``."""
+def flops_and_blocked(net: nn.Module, shape: tuple[int, ...], block: int) -> tuple[int, int]:
+    """FLOPs of one image, and the same with every (ungrouped) conv's output channels rounded
+    up to ``block``, from one counted forward pass."""
     extra: list[int] = []
 
     def hook(conv: nn.Module, inputs: tuple[torch.Tensor, ...], out: torch.Tensor) -> None:
@@ -97,10 +98,11 @@ def blocked_flops(net: nn.Module, shape: tuple[int, ...], block: int) -> int:
     # The hooks also keep every unit on its unfolded path, so each conv runs as a module.
     handles = [m.register_forward_hook(hook) for m in net.modules() if isinstance(m, nn.Conv2d)]
     try:
-        return count_flops(net, shape) + sum(extra)
+        flops = count_flops(net, shape)
     finally:
         for h in handles:
             h.remove()
+    return flops, flops + sum(extra)
 
 
 @torch.inference_mode()
@@ -141,8 +143,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             krr[key] = mz.krr_of(classes)
     spec = spec or InputSpec(shape[0], shape[1], (0.5,) * shape[0], (0.5,) * shape[0])
     nets["compose3_gen"] = compose([Source(model, mz, [c], spec) for c in (0, 1, 2)])
-    flops = {k: count_flops(n, shape) for k, n in nets.items()}
-    blocked = {k: blocked_flops(n, shape, args.block) for k, n in nets.items()}
+    counted = {k: flops_and_blocked(n, shape, args.block) for k, n in nets.items()}
+    flops = {k: c[0] for k, c in counted.items()}
+    blocked = {k: c[1] for k, c in counted.items()}
     out: dict[str, Any] = {
         "arch": model.config.get("arch", cfg.get("arch")), "width": model.config.get("width"),
         "epochs": cfg.get("epochs"), "test_acc": manifest.get("test_acc"), "model_krr": mz.model_krr,
