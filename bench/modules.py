@@ -7,6 +7,9 @@ CPU with ``--threads`` threads, at each ``--batch``:
 - the model's latency as loaded (NCHW) and in channels_last (the baseline of the ratios);
 - 1-class and 3-class modules, with and without mask generators, and a composition of
   three 1-class modules: latency ratio and FLOPs ratio against the model, and their gap;
+- with ``--every-class``, the 1-class module of every class (with and without generators),
+  timed in the same rounds: how far class 0's module, which the targets are read on, is
+  typical of the model's classes;
 - beside it, the FLOPs ratio with every conv's output channels rounded up to ``--block``
   (oneDNN's CPU convolutions compute output channels in blocks of the vector width: 16
   floats with AVX-512, where 1 to 16 output channels take the same time), which is the
@@ -63,6 +66,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="auto: process CPU time with one thread, wall clock otherwise")
     p.add_argument("--block", type=int, default=16,
                    help="output channels a CPU conv computes at once (the 'blocked FLOPs' column)")
+    p.add_argument("--every-class", action="store_true",
+                   help="also time the 1-class module of every class (a table of its own)")
     return p.parse_args(argv)
 
 
@@ -141,6 +146,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             key = f"module{len(classes)}_{'gen' if gens else 'static'}"
             nets[key] = extract_module(model, mz, classes, keep_mask_generators=gens)
             krr[key] = mz.krr_of(classes)
+    # Class 0's modules are already above; the others join the same rounds under their own keys.
+    every = [_class_key(c, g) for c in range(mz.num_classes) for g in (True, False)] if args.every_class else []
+    for c in range(1, mz.num_classes if args.every_class else 0):
+        for gens in (True, False):
+            nets[_class_key(c, gens)] = extract_module(model, mz, [c], keep_mask_generators=gens)
+            krr[_class_key(c, gens)] = mz.krr_of([c])
     spec = spec or InputSpec(shape[0], shape[1], (0.5,) * shape[0], (0.5,) * shape[0])
     nets["compose3_gen"] = compose([Source(model, mz, [c], spec) for c in (0, 1, 2)])
     counted = {k: flops_and_blocked(n, shape, args.block) for k, n in nets.items()}
@@ -161,7 +172,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             lr, fr = lat[k] / lat["model"], flops[k] / flops["model"]
             rows[k] = {"latency_s": lat[k], "latency_ratio": lr, "flops_ratio": fr, "gap": lr - fr,
                        "blocked_flops_ratio": blocked[k] / blocked["model"]}
-        out["batches"][str(batch)] = rows
+        out["batches"][str(batch)] = {k: rows[k] for k in nets if not k.startswith("class")}
+        if every:
+            out.setdefault("every_class", {})[str(batch)] = {k: rows[k] for k in every}
     modules = [k for k in nets if k.startswith(("module", "compose"))]
     b256 = out["batches"].get("256", next(iter(out["batches"].values())))
     out["targets"] = {
@@ -169,7 +182,21 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                                       if k.startswith("module1")),
         "all_within_0.15_of_flops": all(abs(b256[k]["gap"]) <= 0.15 for k in modules),
     }
+    if every:
+        e256 = out["every_class"].get("256", next(iter(out["every_class"].values())))
+        for gens in (True, False):
+            tag = "gen" if gens else "static"
+            keys = [_class_key(c, gens) for c in range(mz.num_classes)]
+            out["targets"][f"classes_{tag}_le_0.7"] = sum(e256[k]["latency_ratio"] <= 0.7 for k in keys)
+            out["targets"][f"classes_{tag}_within_0.15"] = sum(abs(e256[k]["gap"]) <= 0.15 for k in keys)
+        out["targets"]["classes"] = mz.num_classes
     return out
+
+
+def _class_key(c: int, gens: bool) -> str:
+    """The key of class ``c``'s 1-class module; class 0's is the main table's ``module1_*``."""
+    kind = "gen" if gens else "static"
+    return f"module1_{kind}" if c == 0 else f"class{c}_{kind}"
 
 
 def render(r: dict[str, Any], console: Console) -> None:
@@ -185,6 +212,19 @@ def render(r: dict[str, Any], console: Console) -> None:
             t.add_row(k, f"{r['krr'][k]:.2f}" if k in r["krr"] else "", f"{r['flops'][k] / 1e6:.2f}",
                       f"{1000 * row['latency_s']:.2f}", f"{row['latency_ratio']:.2f}",
                       f"{row['flops_ratio']:.2f}", f"{row['gap']:+.2f}", f"{row['blocked_flops_ratio']:.2f}")
+        console.print(t)
+    for batch, rows in r.get("every_class", {}).items():
+        t = Table(title=f"1-class module of every class, batch {batch} (latency x / FLOPs x, gap)",
+                  title_justify="left")
+        for col in ("class", "KRR", "with generators", "gap", "static", "gap", f"FLOPs x, c_out to {r['block']}"):
+            t.add_column(col, justify="right")
+        keys = sorted({k.rsplit("_", 1)[0] for k in rows}, key=lambda k: -1 if k == "module1" else int(k[5:]))
+        for c, key in enumerate(keys):
+            gen, static = rows[f"{key}_gen"], rows[f"{key}_static"]
+            t.add_row(str(c), f"{r['krr'][f'{key}_gen']:.2f}",
+                      f"{gen['latency_ratio']:.2f} / {gen['flops_ratio']:.2f}", f"{gen['gap']:+.2f}",
+                      f"{static['latency_ratio']:.2f} / {static['flops_ratio']:.2f}", f"{static['gap']:+.2f}",
+                      f"{gen['blocked_flops_ratio']:.2f}")
         console.print(t)
     console.print(f"targets (batch 256): {r['targets']}")
 

@@ -127,9 +127,11 @@ def test_registry_load_bench_tiny():
 def test_modules_bench_tiny(tmp_path):
     """bench/modules.py end to end on a one-epoch model: every network timed, and the blocked
     FLOPs add exactly the rounded-up output channels (none for the model at --block 4, whose
-    widths are multiples of 4; some for modules cut to other counts)."""
+    widths are multiples of 4; some for modules cut to other counts). With --every-class each
+    class's 1-class modules are timed too, class 0's being the main table's, and counted
+    against the targets."""
     r = _last_json_line("modules.py", "--epochs", "1", "--width", "0.125", "--batch", "8",
-                        "--rounds", "1", "--block", "4", "--model-dir", str(tmp_path / "m"))
+                        "--rounds", "1", "--block", "4", "--every-class", "--model-dir", str(tmp_path / "m"))
     nets = {"model_nchw", "model", "module1_gen", "module1_static", "module3_gen", "module3_static",
             "compose3_gen"}
     assert set(r["batches"]["8"]) == nets and r["block"] == 4
@@ -138,3 +140,11 @@ def test_modules_bench_tiny(tmp_path):
     assert any(r["blocked_flops"][k] > r["flops"][k] for k in nets)
     assert all(row["latency_s"] > 0 for row in r["batches"]["8"].values())
     assert (tmp_path / "m" / "manifest.json").is_file()
+    every = r["every_class"]["8"]
+    assert set(every) == {"module1_gen", "module1_static"} | {
+        f"class{c}_{k}" for c in range(1, 10) for k in ("gen", "static")}
+    assert every["module1_gen"] == r["batches"]["8"]["module1_gen"]
+    assert all(row["latency_s"] > 0 and 0 < row["flops_ratio"] < 1 for row in every.values())
+    targets = r["targets"]
+    assert targets["classes"] == 10
+    assert targets["classes_gen_le_0.7"] == sum(every[k]["latency_ratio"] <= 0.7 for k in every if k.endswith("gen"))
