@@ -2,7 +2,7 @@
 
     python scripts/walkthrough.py                  # check: exit 1 and a diff when README.md's shapes differ
     python scripts/walkthrough.py --write          # rewrite the blocks with this run's real output
-    python scripts/walkthrough.py --epochs 1 --first-epochs 1 --width 0.125   # a fast run (the test's)
+    python scripts/walkthrough.py --epochs 1 --first-epochs 30 --width 0.125   # a fast run (the test's)
 
 Each step's console block sits between ``<!-- walkthrough: NAME -->`` and ``<!-- end walkthrough:
 NAME -->``. The commands live here, in ``STEPS``; the README's ``$ ...`` lines are written from them.
@@ -336,7 +336,18 @@ def _before(step: str, template: str, values: dict[str, Any], port: int, key: st
     ids it names: ``{module3}``, ``{model3}`` (job 3's model), ``{mod_2_8}`` (model 2's module of
     class index 8), from the API, so the README never hard-codes an id the registry assigns."""
     if template.startswith("curl -s localhost:8000/api/v1/jobs/{job1}"):
-        while not (_api(port, key, f"/jobs/{values['job1']}").get("progress") or {}).get("step"):
+        # The README shows job 1 training after an epoch has ended (its progress then has every
+        # key an epoch end adds): wait for that, and say so plainly when the job got past training
+        # first, which a shape diff of a later phase would not.
+        while True:
+            job = _api(port, key, f"/jobs/{values['job1']}")
+            progress = job.get("progress") or {}
+            phase = progress.get("phase")
+            if job["status"] == "running" and phase == "training" and "checkpoint_epoch" in progress:
+                break
+            if job["status"] not in ("queued", "running") or phase not in (None, "loading data", "training"):
+                raise RuntimeError(f"job 1 was past training ({job['status']}, {phase}) before the "
+                                   "walk-through watched it: give it more epochs (--first-epochs)")
             if time.monotonic() > deadline:
                 raise TimeoutError("job 1 reported no progress")
             time.sleep(0.1)
