@@ -259,7 +259,11 @@ def test_every_method_round_trips_and_traces(halves, method, tmp_path):
         want = composed(x)
         # The loaded copy runs its convolutions in another memory layout: float-level noise.
         assert torch.allclose(loaded(x), want, atol=1e-4, rtol=1e-4)
-        assert torch.allclose(scripted(x), want, atol=1e-5)
+        # The trace runs every layer unfolded while the eager CPU pass folds BN into the convs
+        # (ConvUnit.forward): float32 rounding that grows with the logits' scale (near 100 with
+        # the Gaussian head) and differs between CPUs' conv kernels, so it is bounded relative to
+        # that scale (this machine: at most 1.7e-6 of it, gauss_head; 1.6e-4 absolute).
+        assert (scripted(x) - want).abs().max() <= 1e-5 * want.abs().max()
         if method == "raw":
             assert torch.equal(want, torch.cat([p(x) for p in composed.parts], 1))
         else:  # every other method changes the answer of raw logits
