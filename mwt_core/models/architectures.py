@@ -48,6 +48,11 @@ class ConvReLU(nn.Module):
         # place spares allocating (and page-faulting in) another one.
         return y.relu_() if inplace_ok(x, *self.unit.output_sources()) else self.act(y)
 
+    def output_sources(self) -> tuple[nn.Module, ...]:
+        """This layer and those whose output can be the tensor it returns (its ReLU runs in
+        place on the unit's output): see :meth:`ConvUnit.output_sources`."""
+        return self, *self.unit.output_sources()
+
 
 class MaxPool2(nn.MaxPool2d):
     """2x2 max-pooling, stride 2; CPU inference takes the maximum of strided views.
@@ -129,7 +134,7 @@ class Residual(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.b(self.a(x))
-        if inplace_ok(x, self.b, *self.b.unit.output_sources()):  # see ConvReLU.forward
+        if inplace_ok(x, *self.b.output_sources()):  # see ConvReLU.forward
             return y.add_(x)
         return x + y
 
