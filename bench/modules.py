@@ -146,12 +146,16 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             key = f"module{len(classes)}_{'gen' if gens else 'static'}"
             nets[key] = extract_module(model, mz, classes, keep_mask_generators=gens)
             krr[key] = mz.krr_of(classes)
-    # Class 0's modules are already above; the others join the same rounds under their own keys.
-    every = [_class_key(c, g) for c in range(mz.num_classes) for g in (True, False)] if args.every_class else []
-    for c in range(1, mz.num_classes if args.every_class else 0):
-        for gens in (True, False):
-            nets[_class_key(c, gens)] = extract_module(model, mz, [c], keep_mask_generators=gens)
-            krr[_class_key(c, gens)] = mz.krr_of([c])
+    every: list[str] = []
+    if args.every_class:
+        # Class 0's modules are already above; the others join the same rounds under their own keys.
+        for c in range(mz.num_classes):
+            for gens in (True, False):
+                key = _class_key(c, gens)
+                every.append(key)
+                if key not in nets:
+                    nets[key] = extract_module(model, mz, [c], keep_mask_generators=gens)
+                    krr[key] = mz.krr_of([c])
     spec = spec or InputSpec(shape[0], shape[1], (0.5,) * shape[0], (0.5,) * shape[0])
     nets["compose3_gen"] = compose([Source(model, mz, [c], spec) for c in (0, 1, 2)])
     counted = {k: flops_and_blocked(n, shape, args.block) for k, n in nets.items()}
@@ -218,10 +222,9 @@ def render(r: dict[str, Any], console: Console) -> None:
                   title_justify="left")
         for col in ("class", "KRR", "with generators", "gap", "static", "gap", f"FLOPs x, c_out to {r['block']}"):
             t.add_column(col, justify="right")
-        keys = sorted({k.rsplit("_", 1)[0] for k in rows}, key=lambda k: -1 if k == "module1" else int(k[5:]))
-        for c, key in enumerate(keys):
-            gen, static = rows[f"{key}_gen"], rows[f"{key}_static"]
-            t.add_row(str(c), f"{r['krr'][f'{key}_gen']:.2f}",
+        for c in range(r["targets"]["classes"]):
+            gen, static = rows[_class_key(c, True)], rows[_class_key(c, False)]
+            t.add_row(str(c), f"{r['krr'][_class_key(c, True)]:.2f}",
                       f"{gen['latency_ratio']:.2f} / {gen['flops_ratio']:.2f}", f"{gen['gap']:+.2f}",
                       f"{static['latency_ratio']:.2f} / {static['flops_ratio']:.2f}", f"{static['gap']:+.2f}",
                       f"{gen['blocked_flops_ratio']:.2f}")
