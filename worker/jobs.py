@@ -203,6 +203,8 @@ def _execute(factory: sessionmaker[Session], settings: Settings, job: Job, worke
                 _train(factory, settings, job, ctx)
             elif job.kind == JobKind.finetune.value:
                 _finetune(factory, settings, job, ctx)
+            elif job.kind == JobKind.compose.value:
+                _compose(factory, settings, job, ctx)
             else:
                 raise ValueError(f"unknown job kind {job.kind!r}")
             return JobStatus.succeeded.value
@@ -509,3 +511,55 @@ def _finetune(
         )
         s.commit()
 
+
+
+# ------------------------------------------------------------------------------- compose
+
+
+def _compose(
+    factory: sessionmaker[Session], settings: Settings, job: Job, ctx: JobContext
+) -> None:
+    """A composition too large for a request: the API's own composing, run here."""
+    from sqlalchemy import select
+
+    from app.db.models import Composition
+
+    p = job.params
+    with factory() as s:
+        existing = s.scalar(select(Composition.id).where(
+            Composition.classes_key == p["key"], Composition.finetuned.is_(False)))
+        if existing is None:
+            ctx.phase("composing")
+            inputs = compose_svc.Inputs(
+                model=lambda m: compose_svc.load_model(settings, m),
+                bundle=lambda name, size: datasets_svc.load_bundle(
+                    settings, s, name, min_input_size=size),
+            )
+            if "modules" in p:
+                rows = [_ready(s, Module, int(i)) for i in p["modules"]]
+                comp = compose_svc.compose_modules(s, settings, inputs, rows,
+                                                   int(p["calibration_per_class"]),
+                                                   str(p["combine"]), p["key"])
+            else:
+                chosen = [(_ready(s, Model, int(m)), [int(c) for c in cs]) for m, cs in p["sources"]]
+                comp = compose_svc.compose_sources(s, settings, inputs, chosen,
+                                                   int(p["calibration_per_class"]),
+                                                   str(p["combine"]), p["key"])
+            comp.api_key_id = job.api_key_id
+            comp.job_id = job.id
+            s.add(comp)
+            s.flush()
+            existing = comp.id
+        job_store.mark_succeeded(
+            s, job.id, ctx.worker, utcnow(), {**ctx.progress, "phase": "done"},
+            {"composition_id": existing}, composition_id=existing,
+        )
+        s.commit()
+
+
+def _ready(s: Session, kind: type[Model] | type[Module], ident: int) -> Any:
+    row = s.get(kind, ident)
+    model = row if isinstance(row, Model) else getattr(row, "model", None)
+    if row is None or model is None or model.status != ModelStatus.ready.value:
+        raise ValueError(f"{kind.__name__.lower()} {ident} is gone or its model is not ready")
+    return row

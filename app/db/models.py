@@ -87,6 +87,7 @@ TERMINAL_STATUSES = tuple(s.value for s in JobStatus if s.terminal)
 class JobKind(enum.StrEnum):
     train = "train"
     finetune = "finetune"
+    compose = "compose"  # a composition too large to build within a request
 
 
 class ModelStatus(enum.StrEnum):
