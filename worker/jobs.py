@@ -526,8 +526,9 @@ def _compose(
 
     p = job.params
     with factory() as s:
-        existing = s.scalar(select(Composition.id).where(
-            Composition.classes_key == p["key"], Composition.finetuned.is_(False)))
+        existing = s.scalar(select(Composition.id).where(  # as the API finds a repeat
+            Composition.model_id == int(p["model_id"]), Composition.classes_key == p["key"],
+            Composition.finetuned.is_(False)))
         if existing is None:
             ctx.phase("composing")
             inputs = compose_svc.Inputs(

@@ -197,7 +197,7 @@ def _start_compose(db: DbDep, settings: Settings, dispatcher: DispatcherDep, pri
                    ) -> JSONResponse:
     """A composition of more parts than MWT_COMPOSE_INLINE_MAX_PARTS runs as a job: 202 with
     the job (the same request while it is queued or running answers that job)."""
-    params = {**params, "calibration_per_class": body.calibration_per_class,
+    params = {**params, "model_id": first.id, "calibration_per_class": body.calibration_per_class,
               "combine": body.combine, "key": key}
     job = jobs_svc.active_job_like(db, JobKind.compose, params)
     if job is None:
