@@ -44,7 +44,9 @@ def submit(
     key: KeyOpt = None,
     dataset: Annotated[str, typer.Option(help="Dataset name.")] = DEFAULT_DATASET,
     arch: Annotated[str, typer.Option(help="Architecture.")] = _T.arch,
-    width: Annotated[float, typer.Option(help="Width multiplier.")] = _T.width,
+    width: Annotated[
+        float | None, typer.Option(show_default="the architecture's", help="Width multiplier.")
+    ] = _T.width,
     epochs: Annotated[int, typer.Option(help="Epochs.")] = _T.epochs,
     batch_size: Annotated[int, typer.Option(help="Batch size.")] = _T.batch_size,
     lr: Annotated[float, typer.Option(help="Learning rate.")] = _T.lr,
