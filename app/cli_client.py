@@ -133,8 +133,10 @@ def weights_cmd(
         common.out.print_json(json.dumps(items))
         return
     common.out.print(_table(f"weights ({len(items)})", [Col("name", "text"), Col("tensors", "num"),
+                                                 Col("params", "num"), Col("dtypes", drop=1),
                                                  Col("size", "num")],
-                     [[w["name"], w["tensors"], _compact(w["size_bytes"], "B")] for w in items]))
+                     [[w["name"], w["tensors"], _compact(w["params"]), ", ".join(w["dtypes"]),
+                       _compact(w["size_bytes"], "B")] for w in items]))
 
 
 def _watch(hub: Any, job_id: str, as_json: bool) -> dict[str, Any]:
