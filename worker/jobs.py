@@ -232,7 +232,8 @@ def _execute(factory: sessionmaker[Session], settings: Settings, job: Job, worke
             log.exception("job %s failed", job.id)
             with factory() as s:
                 job_store.finish(
-                    s, job.id, worker, JobStatus.failed, error=_describe(exc), progress=ctx.progress
+                    s, job.id, worker, JobStatus.failed, error=_describe(exc, settings),
+                    progress=ctx.progress,
                 )
             return JobStatus.failed.value
 
@@ -251,14 +252,22 @@ def exit_hung_process() -> None:
     os._exit(EXIT_HUNG)
 
 
-def _describe(exc: BaseException) -> str:
+def _describe(exc: BaseException, settings: Settings) -> str:
+    """A failed job's ``error``, as the API shows it: the exception's own text with the
+    server's directories replaced by their setting names (the log keeps the full text).
+
+    The one place an exception's text becomes a job's error; every other error the job
+    store writes is a sentence of its own."""
+    from app.redact import path_scrubber
     from mwt_core.artifacts import ArtifactError
     from mwt_core.data.datasets import DatasetError
 
     if isinstance(exc, (DatasetError, ArtifactError, ValueError, compose_svc.CompositionError)):
-        return f"{type(exc).__name__}: {exc}"
-    tail = "".join(traceback.format_exception_only(type(exc), exc)).strip()
-    return f"internal error: {tail}"
+        text = f"{type(exc).__name__}: {exc}"
+    else:
+        tail = "".join(traceback.format_exception_only(type(exc), exc)).strip()
+        text = f"internal error: {tail}"
+    return path_scrubber(settings)(text)
 
 
 # ---------------------------------------------------------------------------------- train

@@ -17,7 +17,7 @@ from app.db.models import Composition, JobKind, Model, ModelStatus, Module
 from app.deps import DbDep, DispatcherDep, SettingsDep
 from app.files import artifact_response
 from app.routers._common import PagingDep, not_found, page
-from app.routers._export import EXPORT_DESCRIPTION, FormatQuery, export_response
+from app.routers._export import EXPORT_DESCRIPTION, EXPORT_RESPONSES, FormatQuery, export_response
 from app.schemas.common import Page, PathId, QueryId
 from app.schemas.compositions import CompositionCreate, CompositionOut
 from app.services import compose as svc
@@ -322,6 +322,7 @@ def download(
     summary="Download the composed classifier as TorchScript or ONNX (runs without this project)",
     description=EXPORT_DESCRIPTION,
     response_class=Response,
+    responses=EXPORT_RESPONSES,
 )
 def export(
     composition_id: PathId,
@@ -345,6 +346,7 @@ def export(
     summary="Download the composed classifier as TorchScript (same as export?format=torchscript)",
     description=EXPORT_DESCRIPTION,
     response_class=Response,
+    responses=EXPORT_RESPONSES,
 )
 def torchscript(
     composition_id: PathId, request: Request, db: DbDep, settings: SettingsDep, _: ReadKey,
