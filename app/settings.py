@@ -153,13 +153,13 @@ class Settings(BaseSettings):
         4096 * 4096, ge=1, description="Predict: most pixels of one decoded image (width x height)."
     )
     predict_max_image_side: int = Field(
-        8192, ge=1, description="Predict: longest side of one image (pixels)."
+        8192, ge=1, description="Predict: longest accepted side of one image (pixels)."
     )
     predict_max_aspect_ratio: float = Field(
         8.0,
         ge=1.0,
-        description="Predict: most one image's longer side may be over its shorter side (images "
-        "are squashed to the model's square input, so a strip of pixels carries nothing useful).",
+        description="Predict: largest ratio of an image's longer side to its shorter side (images "
+        "are squashed to the model's square input; a thin strip carries nothing useful).",
     )
     predict_max_request_pixels: int = Field(
         4 * 4096 * 4096,

@@ -245,7 +245,8 @@ def read_export_metadata(path: str | Path) -> dict[str, Any]:
 # Float values of one image converted and resized in one call; a larger image is resized in
 # strips of rows (first across, then down), so its float copy never exists whole: a legal
 # photo-sized input would otherwise cost several times its pixels in float32 at once.
-RESIZE_CHUNK_VALUES = 1 << 22
+RESIZE_CHUNK_VALUES = 1 << 20
+_GREY = (0.299, 0.587, 0.114)  # ITU-R 601 luma, as Pillow converts RGB to L
 
 
 def _as_channels(x: torch.Tensor, channels: int) -> torch.Tensor:
@@ -255,14 +256,43 @@ def _as_channels(x: torch.Tensor, channels: int) -> torch.Tensor:
     if f.shape[0] == 1 and channels == 3:
         return f.expand(3, -1, -1)
     if f.shape[0] == 3 and channels == 1:
-        grey = torch.tensor([0.299, 0.587, 0.114]).view(3, 1, 1)
-        return (f * grey).sum(0, keepdim=True)
+        return (f * torch.tensor(_GREY).view(3, 1, 1)).sum(0, keepdim=True)
     return f
 
 
 def _resize(x: torch.Tensor, size: tuple[int, int], antialias: bool) -> torch.Tensor:
     return F.interpolate(x[None], size=size, mode="bilinear", align_corners=False,
                          antialias=antialias)[0]
+
+
+def _resize_in_strips(img: torch.Tensor, channels: int, size: int, antialias: bool
+                      ) -> torch.Tensor:
+    """:func:`_resize` of ``_as_channels(img)`` to ``size x size``, a strip of rows at a time
+    along the width, then the ``H x size`` intermediate along the height.
+
+    The float buffers are allocated once and reused: a fresh one per strip leaves the
+    allocator's heap fragmented and growing by about a strip each time. Grey to RGB is
+    resized once and repeated (the channels are resized alike).
+    """
+    c_in, h, w = (int(n) for n in img.shape)
+    step = max(1, RESIZE_CHUNK_VALUES // (c_in * w))
+    buffer = torch.empty(c_in * min(step, h) * w)
+    weighted = torch.empty_like(buffer) if (c_in, channels) == (3, 1) else None
+    grey_buffer = torch.empty(min(step, h) * w) if weighted is not None else None
+    grey = torch.tensor(_GREY).view(3, 1, 1)
+    mid = torch.empty((c_in if weighted is None else 1, h, size))
+    for top in range(0, h, step):
+        rows = min(step, h - top)
+        x = buffer[: c_in * rows * w].view(c_in, rows, w)
+        x.copy_(img[:, top : top + rows])
+        if weighted is not None and grey_buffer is not None:
+            products = weighted[: 3 * rows * w].view(3, rows, w)
+            torch.mul(x, grey, out=products)
+            x = grey_buffer[: rows * w].view(1, rows, w)
+            torch.sum(products, 0, keepdim=True, out=x)
+        mid[:, top : top + rows] = _resize(x, (rows, size), antialias)
+    out = _resize(mid, (size, size), antialias)
+    return out.expand(3, -1, -1) if (out.shape[0], channels) == (1, 3) else out
 
 
 def prepare_image(img: torch.Tensor, spec: InputSpec) -> torch.Tensor:
@@ -273,7 +303,8 @@ def prepare_image(img: torch.Tensor, spec: InputSpec) -> torch.Tensor:
     :data:`RESIZE_CHUNK_VALUES` values the image is resized in strips of rows along its
     width, then the ``H x S`` intermediate along its height, as the one-call resize does
     (same result). A tall image narrower than ``S`` goes the other way round (columns down
-    first), where the result may differ from the one-call resize by float rounding.
+    first, as rows of its transpose), where the result may differ from the one-call resize
+    by float rounding.
     """
     if img.dim() != 3 or img.shape[0] not in (1, 3):
         raise ExportError(f"expected C x H x W with C 1 or 3, got {tuple(img.shape)}")
@@ -284,17 +315,10 @@ def prepare_image(img: torch.Tensor, spec: InputSpec) -> torch.Tensor:
         x = _as_channels(img, spec.channels)
         if (h, w) != (s, s):
             x = _resize(x, (s, s), shrink)
-    elif w >= h or w >= s:  # strips of rows resized across, then the H x S result down
-        step = max(1, RESIZE_CHUNK_VALUES // (img.shape[0] * w))
-        parts = [_resize(_as_channels(img[:, r : r + step], spec.channels),
-                         (min(step, h - r), s), shrink) for r in range(0, h, step)]
-        x = _resize(torch.cat(parts, dim=1), (s, s), shrink)
-    else:  # tall and narrower than S: across first would enlarge every row, so columns go
-        # down first, then the S x W result across
-        step = max(1, RESIZE_CHUNK_VALUES // (img.shape[0] * h))
-        parts = [_resize(_as_channels(img[:, :, c : c + step], spec.channels),
-                         (s, min(step, w - c)), shrink) for c in range(0, w, step)]
-        x = _resize(torch.cat(parts, dim=2), (s, s), shrink)
+    elif w >= h or w >= s:
+        x = _resize_in_strips(img, spec.channels, s, shrink)
+    else:  # across first would enlarge every row of this tall, narrow image
+        x = _resize_in_strips(img.transpose(1, 2), spec.channels, s, shrink).transpose(1, 2)
     return x.round().clamp_(0, 255)
 
 

@@ -128,10 +128,17 @@ def check_files(files: list[tuple[str, bytes]], settings: Settings) -> None:
             )
 
 
+# Pixels converted per strip when decoding: Pillow's own full-size copies (a converted image,
+# ``tobytes``) would each cost as much as the decoded image again.
+DECODE_STRIP_PIXELS = 1 << 20
+
+
 def decode_image(data: bytes, name: str, spec: InputSpec, settings: Settings) -> torch.Tensor:
     """A PNG or JPEG file -> uint8 ``C x H x W`` with the spec's channel count.
 
-    The size is checked from the header before any pixel is decoded.
+    The size is checked from the header before any pixel is decoded; the decoded image is
+    then converted and copied out in strips of rows, so memory peaks near the decoded image
+    plus its ``C x H x W`` copy.
     """
     import numpy as np
     import torch
@@ -141,17 +148,19 @@ def decode_image(data: bytes, name: str, spec: InputSpec, settings: Settings) ->
     with _open(data, name) as im:
         width, height = im.size
         check_image_size(name, width, height, settings)
+        out = np.empty((spec.channels, height, width), dtype=np.uint8)
+        step = max(1, DECODE_STRIP_PIXELS // width)
         try:
-            converted = im if im.mode == mode else im.convert(mode)
-            pixels = np.asarray(converted, dtype=np.uint8)  # read-only, backed by Pillow's bytes
-            converted.close()
+            im.load()
+            for top in range(0, height, step):
+                with im.crop((0, top, width, min(height, top + step))) as strip:
+                    rows = np.asarray(strip if strip.mode == mode else strip.convert(mode))
+                out[:, top : top + step] = rows[None] if rows.ndim == 2 else rows.transpose(2, 0, 1)
         except Image.DecompressionBombError as exc:
             raise PredictInputError(f"{name}: far more pixels than allowed ({exc})", 413) from None
         except (OSError, ValueError, SyntaxError) as exc:  # truncated or corrupt image data
             raise PredictInputError(f"{name}: the image cannot be decoded: {exc}") from None
-    # One writable C x H x W copy, made once Pillow's own buffers are gone.
-    chw = pixels[None] if pixels.ndim == 2 else pixels.transpose(2, 0, 1)
-    return torch.from_numpy(np.array(chw, order="C"))
+    return torch.from_numpy(out)
 
 
 def parse_json_batch(body: bytes | bytearray, spec: InputSpec, settings: Settings
