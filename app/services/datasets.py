@@ -135,26 +135,31 @@ def check_npz_sizes(path: Path, limit_bytes: int) -> int:
             f"its zip directory is {directory} bytes, more than the "
             f"{NPZ_MAX_DIRECTORY_BYTES} an .npz of a few arrays needs; save it with np.savez"
         )
-    total = 0
     try:
-        with zipfile.ZipFile(path) as archive:
-            for info in archive.infolist():
-                if info.is_dir():
-                    continue
-                size, what = _member_bytes(archive, info)
-                total += size
-                if total > limit_bytes:
-                    raise DatasetTooLarge(
-                        f"its arrays would take more than {limit_bytes // (1024 * 1024)} MiB "
-                        f"once decompressed ({what}); the limit is MWT_MAX_DATASET_MB"
-                    )
+        archive = zipfile.ZipFile(path)
     except zipfile.BadZipFile:
         # Not a zip: a plain .npy (not compressed, so bounded by the upload limit) or junk;
         # load_npz says which.
         return 0
-    except (EOFError, OSError, RuntimeError, NotImplementedError, zlib.error, struct.error) as exc:
-        # Truncated or corrupt data, an encrypted member, an unknown compression method.
-        raise ValueError(f"not a readable .npz archive ({type(exc).__name__}: {exc})") from None
+    total = 0
+    with archive:
+        for info in archive.infolist():
+            if info.is_dir():
+                continue
+            try:
+                size, what = _member_bytes(archive, info)
+            except (zipfile.BadZipFile, EOFError, OSError, RuntimeError, NotImplementedError,
+                    zlib.error, struct.error) as exc:
+                # A broken member anywhere refuses the file: numpy may load the others.
+                raise ValueError(
+                    f"not a readable .npz archive ({type(exc).__name__}: {exc})"
+                ) from None
+            total += size
+            if total > limit_bytes:
+                raise DatasetTooLarge(
+                    f"its arrays would take more than {limit_bytes // (1024 * 1024)} MiB "
+                    f"once decompressed ({what}); the limit is MWT_MAX_DATASET_MB"
+                )
     return total
 
 
@@ -211,15 +216,18 @@ def upload_path(settings: Settings, name: str) -> Path:
     return settings.datasets / UPLOAD_SUBDIR / f"{name}.npz"
 
 
-def upload_file(settings: Settings, row: Dataset) -> Path:
-    """The file of an uploaded dataset; DatasetGone when it is not on disk."""
-    path = settings.datasets / (row.path or upload_path(settings, row.name).name)
-    if not path.is_file():
+def upload_file(settings: Settings, row: Dataset) -> tuple[Path, int]:
+    """The file of an uploaded dataset and its mtime (ns); DatasetGone when it is not on disk."""
+    try:
+        if row.path is None:
+            raise FileNotFoundError(row.name)
+        path = settings.datasets / row.path
+        return path, path.stat().st_mtime_ns
+    except (FileNotFoundError, NotADirectoryError):
         raise DatasetGone(
             f"dataset {row.name!r} is registered but its file is missing from the server's "
             "dataset directory (MWT_DATASET_DIR); delete the dataset and upload it again"
-        )
-    return path
+        ) from None
 
 
 def load_bundle(
@@ -238,7 +246,7 @@ def _load(settings: Settings, name: str, row: Dataset | None, min_input_size: in
     from mwt_core.data.datasets import load_dataset
 
     if row is not None:
-        path = upload_file(settings, row)
+        path, _ = upload_file(settings, row)
         return load_dataset(str(path), min_input_size=min_input_size, display_name=name)
     return load_dataset(name, data_dir=settings.datasets, min_input_size=min_input_size)
 
@@ -297,9 +305,7 @@ class BundleCache(Lru[BundleKey, "DatasetBundle"]):
     ) -> DatasetBundle:
         """The dataset ``name`` (as :func:`load_bundle`), loaded or reused."""
         _, row = resolve(session, settings, name, visible)
-        content = None
-        if row is not None:
-            content = (row.sha256, upload_file(settings, row).stat().st_mtime_ns)
+        content = None if row is None else (row.sha256, upload_file(settings, row)[1])
         return self.get(
             (name, content, min_input_size), lambda: _load(settings, name, row, min_input_size)
         )
