@@ -43,5 +43,10 @@ class Lru(Generic[K, V]):
             for key in [k for k in self._items if drop(k)]:
                 del self._items[key]
 
+    def held_keys(self) -> list[K]:
+        """The keys held now, least recently used first."""
+        with self._lock:
+            return list(self._items)
+
     def __len__(self) -> int:
         return len(self._items)

@@ -165,11 +165,30 @@ class Settings(BaseSettings):
         32, ge=1, le=4096, description="Predict: most images (files or JSON array items) per request."
     )
     predict_max_image_kb: int = Field(
-        2048, ge=1, description="Predict: largest accepted image file (KiB); JSON bodies get this "
-        "much per allowed image."
+        2048, ge=1, description="Predict: largest accepted image file (KiB)."
     )
     predict_max_pixels: int = Field(
         4096 * 4096, ge=1, description="Predict: most pixels of one decoded image (width x height)."
+    )
+    predict_max_image_side: int = Field(
+        8192, ge=1, description="Predict: longest accepted side of one image (pixels)."
+    )
+    predict_max_aspect_ratio: float = Field(
+        8.0,
+        ge=1.0,
+        description="Predict: largest ratio of an image's longer side to its shorter side (images "
+        "are squashed to the model's square input; a thin strip carries nothing useful).",
+    )
+    predict_max_request_pixels: int = Field(
+        4 * 4096 * 4096,
+        ge=1,
+        description="Predict: most decoded pixels of all the images of one request together.",
+    )
+    predict_max_json_mb: int = Field(
+        16,
+        ge=1,
+        description="Predict: largest JSON body (MiB). Parsing costs several times the body in "
+        "memory; larger batches go as PNG files.",
     )
     predict_top_k: int = Field(5, ge=1, description="Predict: classes answered per image by default.")
     predict_cache_size: int = Field(
@@ -278,8 +297,17 @@ class Settings(BaseSettings):
 
     @property
     def predict_body_limit_bytes(self) -> int:
-        """Largest predict request: every allowed image at its largest, plus multipart framing."""
-        return self.predict_max_images * (self.predict_max_image_kb * 1024 + 1024) + 64 * 1024
+        """Largest predict request: every allowed image file at its largest, plus multipart
+        framing (a JSON body is held to :attr:`predict_json_limit_bytes`, which is smaller)."""
+        return max(
+            self.predict_max_images * (self.predict_max_image_kb * 1024 + 1024) + 64 * 1024,
+            self.predict_json_limit_bytes,
+        )
+
+    @property
+    def predict_json_limit_bytes(self) -> int:
+        """Largest JSON predict body."""
+        return self.predict_max_json_mb * MiB
 
     def ensure_dirs(self) -> None:
         """Create the local directories this configuration writes to."""

@@ -245,6 +245,86 @@ def read_export_metadata(path: str | Path) -> dict[str, Any]:
     return json.loads(files[METADATA_FILE])
 
 
+# Float values of one image converted and resized in one call; a larger image is resized in
+# strips of rows (first across, then down), so its float copy never exists whole: a legal
+# photo-sized input would otherwise cost several times its pixels in float32 at once.
+RESIZE_CHUNK_VALUES = 1 << 20
+_GREY = (0.299, 0.587, 0.114)  # ITU-R 601 luma, as Pillow converts RGB to L
+
+
+def _as_channels(x: torch.Tensor, channels: int) -> torch.Tensor:
+    """uint8 ``C x H x W`` -> float with ``channels`` channels (grey repeated to RGB, RGB
+    averaged to grey with the ITU-R 601 weights Pillow uses)."""
+    f = x.to(torch.float32)
+    if f.shape[0] == 1 and channels == 3:
+        return f.expand(3, -1, -1)
+    if f.shape[0] == 3 and channels == 1:
+        return (f * torch.tensor(_GREY).view(3, 1, 1)).sum(0, keepdim=True)
+    return f
+
+
+def _resize(x: torch.Tensor, size: tuple[int, int], antialias: bool) -> torch.Tensor:
+    return F.interpolate(x[None], size=size, mode="bilinear", align_corners=False,
+                         antialias=antialias)[0]
+
+
+def _resize_in_strips(img: torch.Tensor, channels: int, size: int, antialias: bool
+                      ) -> torch.Tensor:
+    """:func:`_resize` of ``_as_channels(img)`` to ``size x size``, a strip of rows at a time
+    along the width, then the ``H x size`` intermediate along the height.
+
+    The float buffers are allocated once and reused: a fresh one per strip leaves the
+    allocator's heap fragmented and growing by about a strip each time. Grey to RGB is
+    resized once and repeated (the channels are resized alike).
+    """
+    c_in, h, w = (int(n) for n in img.shape)
+    step = max(1, RESIZE_CHUNK_VALUES // (c_in * w))
+    buffer = torch.empty(c_in * min(step, h) * w)
+    weighted = torch.empty_like(buffer) if (c_in, channels) == (3, 1) else None
+    grey_buffer = torch.empty(min(step, h) * w) if weighted is not None else None
+    grey = torch.tensor(_GREY).view(3, 1, 1)
+    mid = torch.empty((c_in if weighted is None else 1, h, size))
+    for top in range(0, h, step):
+        rows = min(step, h - top)
+        x = buffer[: c_in * rows * w].view(c_in, rows, w)
+        x.copy_(img[:, top : top + rows])
+        if weighted is not None and grey_buffer is not None:
+            products = weighted[: 3 * rows * w].view(3, rows, w)
+            torch.mul(x, grey, out=products)
+            x = grey_buffer[: rows * w].view(1, rows, w)
+            torch.sum(products, 0, keepdim=True, out=x)
+        mid[:, top : top + rows] = _resize(x, (rows, size), antialias)
+    out = _resize(mid, (size, size), antialias)
+    return out.expand(3, -1, -1) if (out.shape[0], channels) == (1, 3) else out
+
+
+def prepare_image(img: torch.Tensor, spec: InputSpec) -> torch.Tensor:
+    """One uint8 ``C x H x W`` image (C = 1 or 3, any size) -> float ``C' x S x S`` by the
+    spec, in [0, 255] and rounded to 8 bits (see :func:`prepare_images`).
+
+    Memory stays near the image's own bytes whatever its size: past
+    :data:`RESIZE_CHUNK_VALUES` values the image is resized in strips of rows along its
+    width, then the ``H x S`` intermediate along its height, as the one-call resize does
+    (same result). A tall image narrower than ``S`` goes the other way round (columns down
+    first, as rows of its transpose), where the result may differ from the one-call resize
+    by float rounding.
+    """
+    if img.dim() != 3 or img.shape[0] not in (1, 3):
+        raise ExportError(f"expected C x H x W with C 1 or 3, got {tuple(img.shape)}")
+    s = spec.size
+    h, w = int(img.shape[1]), int(img.shape[2])
+    shrink = h > s or w > s
+    if img.numel() <= RESIZE_CHUNK_VALUES or (h, w) == (s, s):
+        x = _as_channels(img, spec.channels)
+        if (h, w) != (s, s):
+            x = _resize(x, (s, s), shrink)
+    elif w >= h or w >= s:
+        x = _resize_in_strips(img, spec.channels, s, shrink)
+    else:  # across first would enlarge every row of this tall, narrow image
+        x = _resize_in_strips(img.transpose(1, 2), spec.channels, s, shrink).transpose(1, 2)
+    return x.round().clamp_(0, 255)
+
+
 def prepare_images(images: list[torch.Tensor], spec: InputSpec) -> torch.Tensor:
     """uint8 ``C x H x W`` images (C = 1 or 3, any size) -> float ``N x C x S x S`` in [0, 1].
 
@@ -252,22 +332,14 @@ def prepare_images(images: list[torch.Tensor], spec: InputSpec) -> torch.Tensor:
     weights Pillow uses); each image is resized bilinearly to the spec's square size
     (aspect ratio not kept, as the datasets' own resize does) and rounded to 8 bits like
     the datasets' resize, so a dataset image and its PNG give the same tensor. Shrinking
-    uses antialiasing, which the datasets never need (they only enlarge).
+    uses antialiasing, which the datasets never need (they only enlarge). Large images are
+    resized piecewise (:func:`prepare_image`), so memory follows the largest image, not a
+    float copy of it.
     """
     out = torch.empty((len(images), spec.channels, spec.size, spec.size))
-    grey = torch.tensor([0.299, 0.587, 0.114]).view(3, 1, 1)
     for i, img in enumerate(images):
-        if img.dim() != 3 or img.shape[0] not in (1, 3):
-            raise ExportError(f"image {i}: expected C x H x W with C 1 or 3, got {tuple(img.shape)}")
-        x = img.to(torch.float32)
-        if x.shape[0] == 1 and spec.channels == 3:
-            x = x.expand(3, -1, -1)
-        elif x.shape[0] == 3 and spec.channels == 1:
-            x = (x * grey).sum(0, keepdim=True)
-        h, w = x.shape[1:]
-        if (h, w) != (spec.size, spec.size):
-            shrink = h > spec.size or w > spec.size
-            x = F.interpolate(x[None], size=(spec.size, spec.size), mode="bilinear",
-                              align_corners=False, antialias=shrink)[0]
-        out[i] = x.round().clamp_(0, 255)
+        try:
+            out[i] = prepare_image(img, spec)
+        except ExportError as exc:
+            raise ExportError(f"image {i}: {exc}") from None
     return out.div_(255.0)

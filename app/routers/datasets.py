@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
-from fastapi import APIRouter, File, Form, HTTPException, UploadFile, status
+from fastapi import APIRouter, File, Form, HTTPException, Request, UploadFile, status
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 
@@ -160,7 +160,9 @@ def build_router(settings: Settings) -> APIRouter:
     @router.delete(
         "/{name}", status_code=status.HTTP_204_NO_CONTENT, summary="Delete an uploaded dataset"
     )
-    def delete(name: str, db: DbDep, s: SettingsDep, principal: WriteKey) -> None:
+    def delete(
+        name: str, request: Request, db: DbDep, s: SettingsDep, principal: WriteKey
+    ) -> None:
         row = db.scalar(select(Dataset).where(Dataset.name == name))
         if name in svc.builtin_infos(s):
             raise HTTPException(
@@ -189,6 +191,8 @@ def build_router(settings: Settings) -> APIRouter:
             (s.datasets / row.path).unlink(missing_ok=True)
         db.delete(row)
         db.commit()
+        # Its arrays must not outlive it (nor be served if the name is uploaded again).
+        request.app.state.bundle_cache.evict(name)
 
     return router
 

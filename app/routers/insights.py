@@ -9,11 +9,12 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, HTTPException, Query, Request, status
 from pydantic import BaseModel, Field
+from sqlalchemy import Select
 
 from app import storage
-from app.auth import Principal, ReadKey, current_principal
+from app.auth import Principal, ReadKey, current_principal, visible_to
 from app.capacity import HeavyWork
-from app.db.models import Model
+from app.db.models import Dataset, Model
 from app.deps import DbDep, SettingsDep
 from app.routers._common import not_found
 from app.schemas.common import PathId
@@ -141,16 +142,27 @@ def dataset_samples(
     request: Request,
     db: DbDep,
     settings: SettingsDep,
-    _: ReadKey,
+    principal: ReadKey,
     _work: HeavyWork,
     per_class: Annotated[int, Query(ge=1, le=MAX_SAMPLES_PER_CLASS)] = 6,
 ) -> SamplesOut:
+    from mwt_core.data.datasets import DatasetError
+
+    def listed(query: Select[Any]) -> Select[Any]:
+        return visible_to(query, Dataset.api_key_id, principal, settings)
+
     try:
-        bundle = request.app.state.bundle_cache.load(settings, db, name, 0)
+        bundle = request.app.state.bundle_cache.load(settings, db, name, 0, listed)
     except datasets_svc.DatasetNotFound as exc:
         raise HTTPException(status.HTTP_404_NOT_FOUND, str(exc)) from None
+    except datasets_svc.DatasetGone as exc:
+        raise HTTPException(status.HTTP_410_GONE, str(exc)) from None
     except datasets_svc.DatasetUnavailable as exc:
         raise HTTPException(status.HTTP_409_CONFLICT, str(exc)) from None
+    except DatasetError as exc:  # a stored file that no longer reads as a dataset
+        raise HTTPException(
+            status.HTTP_409_CONFLICT, f"dataset {name!r} cannot be loaded: {exc}"
+        ) from None
     classes = list(bundle.class_names)[:MAX_SAMPLE_CLASSES]
     images: list[list[str]] = []
     for c in range(len(classes)):

@@ -15,7 +15,7 @@ from sqlalchemy import select
 from starlette.background import BackgroundTask
 
 from app.auth import ReadKey, WriteKey, can_see, ensure_owner, visible_to
-from app.db.models import Job, JobKind, JobStatus, Model
+from app.db.models import Dataset, Job, JobKind, JobStatus, Model
 from app.deps import DbDep, DispatcherDep, SettingsDep
 from app.routers._common import PagingDep, not_found, page
 from app.schemas.common import Page, QueryId, error_responses
@@ -71,7 +71,10 @@ def submit(
     except ValueError as exc:  # a fixed-width or refused architecture
         raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, str(exc)) from None
     try:
-        _, upload = datasets_svc.resolve(db, settings, body.dataset)
+        _, upload = datasets_svc.resolve(
+            db, settings, body.dataset,
+            lambda q: visible_to(q, Dataset.api_key_id, principal, settings),
+        )
     except (datasets_svc.DatasetNotFound, datasets_svc.DatasetUnavailable) as exc:
         raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, str(exc)) from None
     if body.init_from is not None or body.init_from_model is not None:

@@ -3,7 +3,6 @@ most probable class names. Read scope is enough (nothing in the registry changes
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from typing import Annotated, Any
 
@@ -62,13 +61,37 @@ def _description(settings: Settings, what: str) -> str:
     return (
         f"Classify images with {what}. Send PNG or JPEG files as `multipart/form-data` (one or "
         f"several `files` parts; at most {settings.predict_max_images} images of at most "
-        f"{settings.predict_max_image_kb} KiB and {settings.predict_max_pixels} pixels each), or a "
-        "JSON array of images already in the input spec's shape (C x H x W, values in [0, 1]). "
+        f"{settings.predict_max_image_kb} KiB and {settings.predict_max_pixels} pixels each, "
+        f"sides of at most {settings.predict_max_image_side} pixels, the longer at most "
+        f"{settings.predict_max_aspect_ratio:g} times the shorter, and "
+        f"{settings.predict_max_request_pixels} pixels in all), or a JSON array (at most "
+        f"{settings.predict_max_json_mb} MiB) of images already in the input spec's shape "
+        "(C x H x W, values in [0, 1]). "
         "Files are converted to the spec's channels, resized bilinearly to its square size and "
         "scaled to [0, 1]; the network applies its own normalisation. Answers the `top_k` classes "
         "of each image, most probable first: softmax over the classifier's classes, or, for a "
         "one-class module, sigmoid of its single logit (see `scoring`)."
     )
+
+
+async def _json_body(request: Request, settings: Settings) -> bytearray:
+    """The JSON body, refused (413) as soon as it is past ``predict_max_json_mb``: the route's
+    own body limit is sized for image files, which cost far less per byte than JSON."""
+    limit = settings.predict_json_limit_bytes
+    too_large = HTTPException(
+        status.HTTP_413_CONTENT_TOO_LARGE,
+        f"the JSON body is larger than {settings.predict_max_json_mb} MiB "
+        "(MWT_PREDICT_MAX_JSON_MB); send fewer images, or send them as PNG files",
+    )
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise too_large
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > limit:
+            raise too_large
+    return body
 
 
 async def _read_inputs(request: Request, settings: Settings) -> tuple[str, Any]:
@@ -105,9 +128,13 @@ async def _read_inputs(request: Request, settings: Settings) -> tuple[str, Any]:
                 status.HTTP_422_UNPROCESSABLE_CONTENT,
                 "no image files in the form; send them as `files` parts",
             )
+        try:  # sizes from the headers, before the model is looked up or a pixel decoded
+            svc.check_files(files, settings)
+        except svc.PredictInputError as exc:
+            raise HTTPException(exc.status_code, str(exc)) from None
         return "files", files
     if ctype == "application/json":
-        return "json", await request.body()
+        return "json", await _json_body(request, settings)
     raise HTTPException(
         status.HTTP_415_UNSUPPORTED_MEDIA_TYPE,
         "send PNG/JPEG files as multipart/form-data, or a JSON array of images (application/json)",
@@ -137,11 +164,7 @@ def _answer(
             x = svc.prepare_files(payload, clf.spec, settings)
             names = [name for name, _ in payload]
         else:
-            try:
-                items = json.loads(payload)
-            except (ValueError, UnicodeDecodeError) as exc:
-                raise svc.PredictInputError(f"the body is not valid JSON: {exc}") from None
-            x = svc.json_batch(items, clf.spec, settings)
+            x = svc.parse_json_batch(payload, clf.spec, settings)
             names = [f"#{i}" for i in range(len(x))]
         ranked = svc.rank(clf, x, names, top_k or settings.predict_top_k)
     except svc.PredictInputError as exc:

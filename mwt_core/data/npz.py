@@ -25,10 +25,15 @@ from mwt_core.data.bundle import (
 _NPZ_REQUIRED = ("x_train", "y_train", "x_test", "y_test")
 
 
+def _member(npz: Any, key: str) -> str:
+    """The zip member ``npz[key]`` reads: one named ``key`` itself wins over ``key.npy``."""
+    return key if key in npz.zip.namelist() else f"{key}.npy"
+
+
 def _peek_header(npz: Any, key: str) -> tuple[tuple[int, ...], np.dtype] | None:
     """Shape and dtype of ``key`` read from the .npy header, without loading the data."""
     try:
-        with npz.zip.open(f"{key}.npy") as fh:
+        with npz.zip.open(_member(npz, key)) as fh:
             version = np.lib.format.read_magic(fh)
             if version == (1, 0):
                 shape, _, dtype = np.lib.format.read_array_header_1_0(fh)
@@ -172,6 +177,10 @@ def load_npz(path: str | os.PathLike[str], name: str | None = None) -> DatasetBu
                 ) from exc
             except (OSError, EOFError, zipfile.BadZipFile) as exc:
                 raise DatasetError(f"{label}: {key} is corrupted ({exc})") from exc
+            if not isinstance(arrays[key], np.ndarray):  # numpy hands back other members' bytes
+                raise DatasetError(
+                    f"{label}: {key} is not a .npy array; save the arrays with np.savez"
+                )
 
     x_train = _images_nchw(arrays["x_train"], "x_train")
     x_test = _images_nchw(arrays["x_test"], "x_test")
