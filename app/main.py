@@ -22,6 +22,7 @@ from starlette.routing import Match
 
 from app import __doc__ as app_doc
 from app.auth import KeyCache, KeyFirstMiddleware
+from app.capacity import WorkPool
 from app.db.session import make_engine, make_sessionmaker
 from app.observability import Metrics, MetricsMiddleware
 from app.response_cache import ResponseCacheMiddleware
@@ -280,6 +281,7 @@ def create_app(settings: Settings | None = None, *, run_executor: bool | None = 
     from app.routers.jobs import StreamSlots
 
     app.state.stream_slots = StreamSlots(settings.sse_max_streams, settings.sse_max_streams_per_key)
+    app.state.work_pool = WorkPool(settings.heavy_workers, settings.heavy_queue, settings.heavy_wait_s)
 
     from app.routers import (
         compositions,

@@ -143,6 +143,19 @@ class Settings(BaseSettings):
     )
     sse_poll_s: float = Field(0.5, gt=0, description="SSE progress stream: DB poll period.")
     compose_cache_models: int = Field(4, ge=0, description="Models kept loaded for compositions.")
+    heavy_workers: int = Field(
+        2, ge=1, le=64,
+        description="Heavy requests (predict, export, composition, dataset samples) run at once in "
+        "one API process.",
+    )
+    heavy_queue: int = Field(
+        16, ge=0, le=1024,
+        description="Heavy requests that may wait for a free worker; past that they get 503 with "
+        "Retry-After at once.",
+    )
+    heavy_wait_s: float = Field(
+        30.0, gt=0, description="Longest wait of a queued heavy request before it gets 503."
+    )
     predict_max_images: int = Field(
         32, ge=1, le=4096, description="Predict: most images (files or JSON array items) per request."
     )

@@ -29,6 +29,7 @@ from torch import nn
 from mwt_core.artifacts import load_artifact
 from mwt_core.compose import NormalizedInput
 from mwt_core.data.datasets import InputSpec
+from mwt_core.tracing import exclusive_trace
 
 ExportFormat = Literal["torchscript", "onnx"]
 FORMATS: tuple[str, ...] = ("torchscript", "onnx")
@@ -160,7 +161,8 @@ def export_torchscript(net: nn.Module, manifest: dict[str, Any], path: str | Pat
             # it still loads everywhere with torch alone, which is the point of this file.
             warnings.simplefilter("ignore", torch.jit.TracerWarning)
             warnings.simplefilter("ignore", FutureWarning)
-            traced = torch.jit.trace(wrapped, example, check_trace=False)
+            with exclusive_trace():
+                traced = torch.jit.trace(wrapped, example, check_trace=False)
             torch.jit.save(traced, tmp, _extra_files=extra)
 
     return _write_atomically(Path(path), write)
@@ -189,12 +191,13 @@ def export_onnx(net: nn.Module, manifest: dict[str, Any], path: str | Path,
     def write(tmp: str) -> None:
         with torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore")  # the legacy exporter's deprecation and tracer notes
-            torch.onnx.export(
-                wrapped, (torch.rand(2, *spec.shape),), tmp,
-                input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
-                dynamic_axes={INPUT_NAME: {0: "N"}, OUTPUT_NAME: {0: "N"}},
-                opset_version=opset, do_constant_folding=True, **kwargs,
-            )
+            with exclusive_trace():
+                torch.onnx.export(
+                    wrapped, (torch.rand(2, *spec.shape),), tmp,
+                    input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
+                    dynamic_axes={INPUT_NAME: {0: "N"}, OUTPUT_NAME: {0: "N"}},
+                    opset_version=opset, do_constant_folding=True, **kwargs,
+                )
         model = onnx.load(tmp)
         entries = {METADATA_FILE: json.dumps(meta), "class_names": json.dumps(meta["class_names"]),
                    "input_spec": json.dumps(meta["input_spec"])}

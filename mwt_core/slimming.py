@@ -35,6 +35,7 @@ from torchvision.ops import StochasticDepth
 
 from mwt_core.models.base import MwTNet
 from mwt_core.models.masking import ConvUnit, set_keep
+from mwt_core.tracing import ThreadSafeTracer
 
 NetT = TypeVar("NetT", bound=nn.Module)
 
@@ -65,8 +66,9 @@ _MUL_FUNCTIONS: set[Callable[..., Any]] = {operator.mul, torch.mul, operator.imu
 LEAF_TYPES: tuple[type[nn.Module], ...] = (ConvUnit, StochasticDepth)
 
 
-class GraphTracer(fx.Tracer):
-    """torch.fx tracer that keeps :data:`LEAF_TYPES` (and torch.nn layers) as leaves."""
+class GraphTracer(ThreadSafeTracer):
+    """torch.fx tracer that keeps :data:`LEAF_TYPES` (and torch.nn layers) as leaves; safe
+    beside other threads' inference (:class:`~mwt_core.tracing.ThreadSafeTracer`)."""
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
         return isinstance(m, LEAF_TYPES) or super().is_leaf_module(m, qualname)

@@ -12,6 +12,7 @@ from sqlalchemy import select
 
 from app import storage
 from app.auth import Principal, ReadKey, WriteKey, ensure_owner, visible_to
+from app.capacity import HeavyWork
 from app.db.models import Composition, JobKind, Model, ModelStatus, Module
 from app.deps import DbDep, DispatcherDep, SettingsDep
 from app.files import artifact_response
@@ -67,6 +68,7 @@ def create(
     settings: SettingsDep,
     dispatcher: DispatcherDep,
     principal: WriteKey,
+    _work: HeavyWork,
 ) -> CompositionOut | JSONResponse:
     if body.modules is not None:
         return _create_from_modules(body, body.modules, request, response, db, settings, principal)
@@ -365,6 +367,7 @@ def export(
     db: DbDep,
     settings: SettingsDep,
     _: ReadKey,
+    _work: HeavyWork,
     fmt: FormatQuery = "torchscript",
 ) -> Response:
     c = _get(db, composition_id)
@@ -382,9 +385,10 @@ def export(
     response_class=Response,
 )
 def torchscript(
-    composition_id: PathId, request: Request, db: DbDep, settings: SettingsDep, _: ReadKey
+    composition_id: PathId, request: Request, db: DbDep, settings: SettingsDep, _: ReadKey,
+    _work: HeavyWork,
 ) -> Response:
-    return export(composition_id, request, db, settings, _, "torchscript")
+    return export(composition_id, request, db, settings, _, _work, "torchscript")
 
 
 @router.delete(

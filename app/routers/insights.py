@@ -12,6 +12,7 @@ from pydantic import BaseModel, Field
 
 from app import storage
 from app.auth import Principal, ReadKey, current_principal
+from app.capacity import HeavyWork
 from app.db.models import Model
 from app.deps import DbDep, SettingsDep
 from app.routers._common import not_found
@@ -141,6 +142,7 @@ def dataset_samples(
     db: DbDep,
     settings: SettingsDep,
     _: ReadKey,
+    _work: HeavyWork,
     per_class: Annotated[int, Query(ge=1, le=MAX_SAMPLES_PER_CLASS)] = 6,
 ) -> SamplesOut:
     try:

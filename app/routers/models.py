@@ -11,6 +11,7 @@ from sqlalchemy.orm import selectinload
 
 from app import storage
 from app.auth import ReadKey, WriteKey, ensure_owner, visible_to
+from app.capacity import HeavyWork
 from app.db.models import Composition, Job, Model
 from app.deps import DbDep, SettingsDep
 from app.files import artifact_response
@@ -169,6 +170,7 @@ def export(
     db: DbDep,
     settings: SettingsDep,
     _: ReadKey,
+    _work: HeavyWork,
     fmt: FormatQuery = "torchscript",
 ) -> Response:
     m = db.get(Model, model_id)

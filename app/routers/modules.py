@@ -10,6 +10,7 @@ from sqlalchemy import select
 
 from app import storage
 from app.auth import ReadKey
+from app.capacity import HeavyWork
 from app.db.models import Model, ModelStatus, Module
 from app.deps import DbDep, SettingsDep
 from app.files import artifact_response
@@ -151,6 +152,7 @@ def export(
     db: DbDep,
     settings: SettingsDep,
     _: ReadKey,
+    _work: HeavyWork,
     fmt: FormatQuery = "torchscript",
 ) -> Response:
     row = db.execute(

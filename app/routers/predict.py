@@ -15,6 +15,7 @@ from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from app.auth import ReadKey
+from app.capacity import HeavyWork
 from app.db.models import Composition, Model, ModelStatus, Module
 from app.deps import DbDep, SettingsDep
 from app.routers._common import not_found
@@ -232,7 +233,7 @@ def build_router(settings: Settings) -> APIRouter:
     )
     async def predict_composition(
         composition_id: PathId, request: Request, db: DbDep, s: SettingsDep, _: ReadKey,
-        top_k: TopK = None,
+        _work: HeavyWork, top_k: TopK = None,
     ) -> PredictOut:
         return await predict("composition", composition_id, request, db, s, top_k)
 
@@ -244,7 +245,7 @@ def build_router(settings: Settings) -> APIRouter:
     )
     async def predict_module(
         module_id: PathId, request: Request, db: DbDep, s: SettingsDep, _: ReadKey,
-        top_k: TopK = None,
+        _work: HeavyWork, top_k: TopK = None,
     ) -> PredictOut:
         return await predict("module", module_id, request, db, s, top_k)
 
@@ -256,7 +257,7 @@ def build_router(settings: Settings) -> APIRouter:
     )
     async def predict_model(
         model_id: PathId, request: Request, db: DbDep, s: SettingsDep, _: ReadKey,
-        top_k: TopK = None,
+        _work: HeavyWork, top_k: TopK = None,
     ) -> PredictOut:
         return await predict("model", model_id, request, db, s, top_k)
 

@@ -273,3 +273,70 @@ def test_torchvision_networks_train_into_modules_that_download_and_compose(
                                (model_ids["tv_efficientnet_b0"], [5, 6, 7, 8, 9])])
     assert comp["status"] == "ready" and comp["class_names"] == [str(c) for c in range(10)]
     assert comp["accuracy"] is not None and comp["metrics"]["test_samples"] == 360
+
+
+def test_concurrent_heavy_requests_never_break_the_server(
+    stack: tuple[MwtClient, ServiceProcess, Path],
+) -> None:
+    """32 exports, predicts and compositions at once: each is served or turned away (503 with
+    Retry-After), none fails, and the server answers every kind correctly afterwards."""
+    import threading
+
+    import httpx
+
+    hub, proc, _ = stack
+    final = hub.wait(hub.submit_job(**{**TINY, "epochs": 1})["id"], timeout=600)
+    assert final["status"] == "succeeded", (final["error"], proc.log())
+    model = hub.model(final["model_id"])
+    modules = sorted(hub.modules(model_id=model["id"])["items"], key=lambda m: m["class_index"])
+    spec = model["input_spec"]
+    image = [[[0.5] * spec["size"]] * spec["size"]] * spec["channels"]
+    comp = hub.compose(model["id"], [0, 1])
+    read = hub.request("POST", "/api/v1/keys", json={"name": "reader", "scopes": ["read"]}).json()
+    base = hub.base_url
+    write_token = str(hub.http.headers["Authorization"]).removeprefix("Bearer ")
+
+    def request(kind: str, i: int) -> tuple[str, str, httpx.Response]:
+        mod = modules[i % len(modules)]["id"]
+        if kind == "compose":
+            return "POST", "/api/v1/compositions", {"json": {"model_id": model["id"],
+                                                             "classes": [i % 10, (i + 3) % 10]}}
+        if kind == "predict":
+            return "POST", f"/api/v1/modules/{mod}/predict", {"json": [image]}
+        fmt = "onnx" if i % 2 else "torchscript"
+        if kind == "comp_export":
+            return "GET", f"/api/v1/compositions/{comp['id']}/export?format={fmt}", {}
+        return "GET", f"/api/v1/modules/{mod}/export?format={fmt}", {}
+
+    kinds = ["export"] * 12 + ["predict"] * 12 + ["comp_export"] * 4 + ["compose"] * 4
+    answers: list[tuple[str, int, str]] = []
+    start = threading.Barrier(len(kinds))
+
+    def send(kind: str, i: int) -> None:
+        method, path, kw = request(kind, i)
+        token = write_token if kind == "compose" else read["token"]
+        with httpx.Client(base_url=base, timeout=300,
+                          headers={"Authorization": f"Bearer {token}"}) as c:
+            start.wait()
+            r = c.request(method, path, **kw)
+        answers.append((kind, r.status_code, r.headers.get("retry-after", "")))
+
+    threads = [threading.Thread(target=send, args=(k, i)) for i, k in enumerate(kinds)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(answers) == len(kinds)
+    assert {code for _, code, _ in answers} <= {200, 201, 202, 429, 503}, (answers, proc.log())
+    assert all(after for _, code, after in answers if code in (429, 503)), answers
+    assert sum(code < 300 for _, code, _ in answers) >= 2, answers
+
+    # Afterwards every kind answers, and answers right.
+    predicted = hub.request("POST", f"/api/v1/modules/{modules[3]['id']}/predict", json=[image])
+    assert predicted.status_code == 200
+    assert predicted.json()["class_names"] == [modules[3]["class_name"]]
+    for fmt in ("torchscript", "onnx"):
+        r = hub.request("GET", f"/api/v1/modules/{modules[5]['id']}/export?format={fmt}")
+        assert hashlib.sha256(r.content).hexdigest() == r.headers["etag"].strip('"')
+    again = hub.compose(model["id"], [2, 7])
+    assert again["classes"] == [2, 7]
