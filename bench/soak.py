@@ -125,6 +125,7 @@ class Recorder:
         self.samples: list[str] = []  # the first few 5xx answers and transport errors
         self.wrong_answers: list[str] = []  # 200s that do not answer what was asked
         self.backoff_s = 0.0
+        self.throttled: Counter[str] = Counter()  # 429/503 that said when to come back (Retry-After)
 
     def record(self, kind: str, code: str, seconds: float, what: str = "", body: str = "") -> None:
         with self.lock:
@@ -176,6 +177,7 @@ class RssSampler(threading.Thread):
         super().__init__(name="rss-sampler", daemon=True)
         self.pid, self.period = pid, period
         self.samples: list[float] = []
+        self.load_samples: int | None = None
         self.stop_event = threading.Event()
 
     def run(self) -> None:
@@ -185,16 +187,25 @@ class RssSampler(threading.Thread):
                 self.samples.append(kb / 1024)
             self.stop_event.wait(self.period)
 
-    def finish(self) -> dict[str, Any]:
+    def load_over(self) -> None:
+        """Mark the end of the load: the timeline stops here (the peak does not)."""
+        self.load_samples = len(self.samples)
+
+    def finish(self, points: int = 11) -> dict[str, Any]:
         hwm = _proc_status_kb(self.pid, "VmHWM")  # read before the process is stopped
         self.stop_event.set()
         self.join()
         peak = max([*self.samples, (hwm or 0) / 1024]) if self.samples or hwm else None
+        load = self.samples[:self.load_samples]
+        # Evenly spaced samples, first to last: a leak climbs, a filling cache levels off.
+        timeline = [round(load[round(i * (len(load) - 1) / (points - 1))], 1)
+                    for i in range(points)] if load else []
         return {
             "peak_rss_mb": round(peak, 1) if peak is not None else None,
             "vmhwm_mb": round(hwm / 1024, 1) if hwm is not None else None,
-            "start_rss_mb": round(self.samples[0], 1) if self.samples else None,
-            "end_rss_mb": round(self.samples[-1], 1) if self.samples else None,
+            "start_rss_mb": timeline[0] if timeline else None,
+            "end_rss_mb": timeline[-1] if timeline else None,
+            "rss_timeline_mb": timeline,
         }
 
 
@@ -304,6 +315,7 @@ class Client(threading.Thread):
         return r
 
     def back_off(self, r: httpx.Response) -> None:
+        """Wait as the answer's Retry-After says (1 s without one: it is counted as an error)."""
         try:
             wait = float(r.headers.get("retry-after", "1"))
         except ValueError:
@@ -312,6 +324,8 @@ class Client(threading.Thread):
         wait *= 1 + 0.2 * self.rng.random()  # spread the retries of clients refused together
         with self.rec.lock:
             self.rec.backoff_s += wait
+            if "retry-after" in r.headers:
+                self.rec.throttled[str(r.status_code)] += 1
         time.sleep(wait)
 
     # -- the kinds
@@ -592,6 +606,7 @@ def soak(stack: Stack, args: argparse.Namespace, kill_after: float) -> dict[str,
     for c in clients:
         c.join()
     load_s = time.monotonic() - t0
+    rss.load_over()
     print(f"[soak] load over after {load_s:.0f} s; waiting for the job", file=sys.stderr)
     watch.join()
     memory = rss.finish()
@@ -613,7 +628,7 @@ def soak(stack: Stack, args: argparse.Namespace, kill_after: float) -> dict[str,
     job["resumed"] = bool(watch.killed and watch.killed.get("pid") and (job["attempts"] or 0) > 1
                           and (job["resumed_from_epoch"] or 0) >= 1)
     job["succeeded"] = job["status"] == "succeeded"
-    server_errors = sum(n for code, n in status_total.items() if code[0] == "5")
+    ge_500 = sum(n for code, n in status_total.items() if code[0] == "5")
     out = {
         "bench": "soak",
         "stack": args.stack,
@@ -623,9 +638,11 @@ def soak(stack: Stack, args: argparse.Namespace, kill_after: float) -> dict[str,
         "mix": MIX,
         "requests": sum(status_total.values()),
         "by_status": dict(sorted(status_total.items())),
-        "server_errors": server_errors,
+        "responses_ge_500": ge_500,
+        # 5xx other than the 503s that came with Retry-After (the server's own back-pressure)
+        "server_errors": ge_500 - rec.throttled["503"],
+        "throttled": sum(rec.throttled.values()),
         "transport_errors": status_total.get("error", 0),
-        "throttled": status_total.get("429", 0) + status_total.get("503", 0),
         "backoff_s": round(rec.backoff_s, 1),
         "kinds": kinds,
         "checksum_checks": rec.checksum_checks,
@@ -638,12 +655,34 @@ def soak(stack: Stack, args: argparse.Namespace, kill_after: float) -> dict[str,
         "api": {**memory, "alive_at_end": api_alive},
         "job": job,
     }
-    peak = memory["peak_rss_mb"]
-    out["ok"] = bool(server_errors == 0 and out["transport_errors"] == 0
-                     and out["checksum_mismatches"] == 0 and out["wrong_answers"] == 0
-                     and api_alive
-                     and peak is not None and peak < RSS_LIMIT_MB
-                     and job["resumed"] and job["succeeded"])
+    out["failures"] = failures(out)
+    out["ok"] = not out["failures"]
+    return out
+
+
+def failures(r: dict[str, Any]) -> list[str]:
+    """What keeps a soak from passing: any response >= 500 (a 503 with Retry-After included),
+    a transport error, a checksum mismatch or wrong answer, the API's peak RSS at or over
+    ``RSS_LIMIT_MB`` or its death, and a killed job that did not resume and succeed."""
+    out = []
+    if r["responses_ge_500"]:
+        out.append(f"{r['responses_ge_500']} responses >= 500 ({r['throttled']} of the 429/503 "
+                   "with Retry-After)")
+    if r["transport_errors"]:
+        out.append(f"{r['transport_errors']} transport errors")
+    if r["checksum_mismatches"] or r["wrong_answers"]:
+        out.append(f"{r['checksum_mismatches']} checksum mismatches, {r['wrong_answers']} wrong answers")
+    peak = r["api"]["peak_rss_mb"]
+    if peak is None or peak >= RSS_LIMIT_MB:
+        out.append(f"API peak RSS {peak} MB (limit {RSS_LIMIT_MB:.0f} MB)")
+    if not r["api"]["alive_at_end"]:
+        out.append("the API process died")
+    job = r["job"]
+    if not (job["killed"] and job["killed"].get("pid")):
+        out.append("the job's process was not killed")
+    elif not (job["resumed"] and job["succeeded"]):
+        out.append(f"the killed job ended {job['status']} after {job['attempts']} attempt(s), "
+                   f"resumed from epoch {job['resumed_from_epoch']}")
     return out
 
 
@@ -679,11 +718,11 @@ def _notes(result: dict[str, Any]) -> list[str]:
     api, job = result["api"], result["job"]
     killed = job["killed"] or {}
     lines = [
-        f"status codes: {json.dumps(result['by_status'])}; clients backed off "
-        f"{result['backoff_s']:.0f} s in all after 429/503",
+        f"status codes: {json.dumps(result['by_status'])}; {result['throttled']} 429/503 with "
+        f"Retry-After, after which the clients backed off {result['backoff_s']:.0f} s in all",
         f"API peak RSS {api['peak_rss_mb']} MB (VmHWM {api['vmhwm_mb']} MB; "
-        f"{api['start_rss_mb']} MB at the start of the load, {api['end_rss_mb']} MB at its end; "
-        f"limit {RSS_LIMIT_MB:.0f} MB); alive at the end: {api['alive_at_end']}",
+        f"limit {RSS_LIMIT_MB:.0f} MB); alive at the end: {api['alive_at_end']}; RSS through the "
+        f"load, evenly spaced: {', '.join(f'{v:.0f}' for v in api['rss_timeline_mb'])} MB",
         f"checksums: {result['checksum_checks']} checked, {result['checksum_mismatches']} mismatches; "
         f"{result['compositions_made']} compositions made",
         f"job: {job['status']} after {job['attempts']} attempt(s); process {killed.get('pid')} "
@@ -692,8 +731,9 @@ def _notes(result: dict[str, Any]) -> list[str]:
         f"{job['epochs_run']} epoch(s) run after it"
         + (f"; worker restarted {job['worker_restarts']}x" if job["worker_restarts"] else "")
         + (f"; {job['error']}" if job["error"] else ""),
-        f"verdict: {'PASS' if result['ok'] else 'FAIL'} (no 5xx, no transport error, no "
-        f"checksum mismatch, API peak RSS < {RSS_LIMIT_MB:.0f} MB, the killed job resumed and succeeded)",
+        "verdict: " + ("PASS (no response >= 500, no transport error, no checksum mismatch, API "
+                       f"peak RSS < {RSS_LIMIT_MB:.0f} MB, the killed job resumed and succeeded)"
+                       if result["ok"] else "FAIL: " + "; ".join(result["failures"])),
     ]
     return lines
 
