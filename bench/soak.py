@@ -78,11 +78,30 @@ BACKOFF_CAP_S = 10.0
 PREDICT_IMAGES = 2
 
 
+def _mix(text: str) -> dict[str, float]:
+    """``--mix``: ``compose=1,predict=2`` -> every kind's weight (0 for those left out)."""
+    out = dict.fromkeys(KINDS, 0.0)
+    for item in text.split(","):
+        kind, _, weight = item.partition("=")
+        if kind.strip() not in out:
+            raise argparse.ArgumentTypeError(f"unknown kind {kind.strip()!r}; kinds: {', '.join(KINDS)}")
+        try:
+            out[kind.strip()] = float(weight)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{item!r}: the weight must be a number") from None
+    if min(out.values()) < 0 or not sum(out.values()):
+        raise argparse.ArgumentTypeError("weights must be >= 0, and one of them > 0")
+    return out
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--stack", choices=["embedded", "celery"], default="embedded")
     p.add_argument("--duration", type=float, default=300.0, help="seconds of load")
     p.add_argument("--clients", type=int, default=16, help="concurrent clients (threads)")
+    p.add_argument("--mix", type=_mix, default=MIX,
+                   help="the clients' requests, as KIND=WEIGHT,... (kinds left out: none); "
+                        "default: " + ",".join(f"{k}={v}" for k, v in MIX.items()))
     p.add_argument("--epochs", type=int, default=4, help="of the training job")
     p.add_argument("--width", type=float, default=0.125, help="of the training job")
     p.add_argument("--job-train-images", type=int, default=0,
@@ -290,7 +309,7 @@ class Client(threading.Thread):
         self.payloads, self.job_id, self.deadline = payloads, job_id, deadline
 
     def run(self) -> None:
-        kinds, weights = list(MIX), list(MIX.values())
+        kinds, weights = list(self.args.mix), list(self.args.mix.values())
         with httpx.Client(base_url=self.stack.base, timeout=self.args.request_timeout,
                           headers={"Authorization": f"Bearer {self.stack.token}"}) as http:
             while time.monotonic() < self.deadline:
@@ -635,7 +654,7 @@ def soak(stack: Stack, args: argparse.Namespace, kill_after: float) -> dict[str,
         "duration_s": args.duration,
         "load_s": round(load_s, 1),
         "clients": args.clients,
-        "mix": MIX,
+        "mix": args.mix,
         "requests": sum(status_total.values()),
         "by_status": dict(sorted(status_total.items())),
         "responses_ge_500": ge_500,
