@@ -39,6 +39,7 @@ import json
 import os
 import platform
 import random
+import shlex
 import shutil
 import signal
 import subprocess
@@ -584,6 +585,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 if args.log_dir:
                     keep_logs(stack, Path(args.log_dir))
     result["machine"] = {"python": platform.python_version(), "cpus": os.cpu_count()}
+    result["command"] = shlex.join(["python", "bench/soak.py", *sys.argv[1:]])
     path = (ROOT / "bench" / "results" / f"soak-{args.stack}.md" if args.results is None
             else Path(args.results) if args.results else None)
     if path is not None:
@@ -781,8 +783,7 @@ def write_results(result: dict[str, Any], path: Path) -> None:
     lines = [
         f"# bench/soak.py, {result['stack']} stack",
         "",
-        f"`python bench/soak.py --stack {result['stack']} --duration {result['duration_s']:g}` "
-        f"at commit {commit}, {dt.date.today().isoformat()}, {result['machine']['cpus']} CPUs "
+        f"`{result['command']}` at commit {commit}, {dt.date.today().isoformat()}, {result['machine']['cpus']} CPUs "
         "(clients and services on this one machine).",
         "",
         "| " + " | ".join(HEADER) + " |",
