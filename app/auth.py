@@ -21,7 +21,8 @@ from fastapi.responses import JSONResponse, Response
 from sqlalchemy import Select, func, select, update
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, sessionmaker
-from starlette.types import ASGIApp, Receive, Send
+from starlette.routing import BaseRoute
+from starlette.types import ASGIApp, Message, Receive, Send
 from starlette.types import Scope as AsgiScope
 
 from app.db.models import ApiKey, Scope, utcnow
@@ -231,20 +232,51 @@ def authenticate(request: Request) -> Principal:
     return principal
 
 
+# The scope each dependency made by ``require`` checks, so that the scopes a route needs can
+# be read from its dependencies before the route runs (KeyFirstMiddleware).
+_REQUIRED_SCOPE: dict[Callable[..., Any], str] = {}
+
+
+def _scope_denied(principal: Principal, needed: str) -> HTTPException | None:
+    """The 403 for a key without ``needed`` (None: the key holds it)."""
+    if principal.has(needed):
+        return None
+    return HTTPException(
+        status.HTTP_403_FORBIDDEN,
+        f"this API key lacks the '{needed}' scope (it has: {', '.join(sorted(principal.scopes)) or 'none'})",
+    )
+
+
 def require(scope: Scope | str) -> Callable[..., Awaitable[Principal]]:
     """Dependency factory: the caller's key must hold ``scope`` (or a scope implying it)."""
     needed = Scope(scope).value
 
     async def dependency(principal: Annotated[Principal, Depends(current_principal)]) -> Principal:
-        if not principal.has(needed):
-            raise HTTPException(
-                status.HTTP_403_FORBIDDEN,
-                f"this API key lacks the '{needed}' scope (it has: {', '.join(sorted(principal.scopes)) or 'none'})",
-            )
+        if (denied := _scope_denied(principal, needed)) is not None:
+            raise denied
         return principal
 
     dependency.__name__ = f"require_{needed}"
+    _REQUIRED_SCOPE[dependency] = needed
     return dependency
+
+
+def route_scopes(route: BaseRoute) -> frozenset[str]:
+    """The scopes that the ``require`` dependencies of ``route`` (nested ones included) check."""
+    found: set[str] = set()
+    pending = [getattr(route, "dependant", None)]
+    while pending:
+        dependant = pending.pop()
+        if dependant is None:
+            continue
+        try:
+            needed = _REQUIRED_SCOPE.get(dependant.call)
+        except TypeError:  # an unhashable callable is no scope check
+            needed = None
+        if needed is not None:
+            found.add(needed)
+        pending.extend(dependant.dependencies)
+    return frozenset(found)
 
 
 def ensure_owner(principal: Principal, owner_key_id: int | None, what: str) -> None:
@@ -290,14 +322,43 @@ class KeyFirstMiddleware:
     FastAPI parses a multipart body before it runs the route's dependencies, so an upload
     route's key check alone would run only after the whole (up to MWT_MAX_UPLOAD_MB) body
     arrived: anyone could hold a temporary file and a worker thread open. Here a request
-    without a valid key is answered 401 from its headers; the principal is kept in the
-    request state for the route's own scope check (``authenticate`` reuses it).
+    without a valid key is answered 401 from its headers, and one with a body whose key
+    lacks a scope the route requires 403; the principal is kept in the request state for
+    the route's own checks (``authenticate`` reuses it).
     """
 
     def __init__(self, app: ASGIApp, prefix: str, open_paths: Iterable[str] = ()) -> None:
         self.app = app
         self.prefix = prefix
         self.open_paths = frozenset(open_paths)  # served without a key (health probes)
+        self._route_scopes: dict[int, frozenset[str]] = {}  # by id(route): routes live as long as the app
+
+    def _needed(self, route: BaseRoute) -> frozenset[str]:
+        needed = self._route_scopes.get(id(route))
+        if needed is None:
+            needed = self._route_scopes.setdefault(id(route), route_scopes(route))
+        return needed
+
+    def _scope_checked(self, scope: AsgiScope, receive: Receive, principal: Principal) -> Receive:
+        """``receive``, checking first that the key holds every scope the route requires.
+
+        FastAPI reads and parses a request's body (JSON or multipart) before it runs the
+        route's dependencies, so a read key's upload to a write route would otherwise be
+        received whole before its 403. The router has picked the route (``scope["route"]``)
+        by the time anything asks for the body: the first ask raises the 403 instead."""
+        checked = False
+
+        async def checked_receive() -> Message:
+            nonlocal checked
+            if not checked:
+                checked = True
+                route = scope.get("route")
+                for name in sorted(self._needed(route)) if isinstance(route, BaseRoute) else ():
+                    if (denied := _scope_denied(principal, name)) is not None:
+                        raise denied
+            return await receive()
+
+        return checked_receive
 
     async def __call__(self, scope: AsgiScope, receive: Receive, send: Send) -> None:
         if (
@@ -325,4 +386,14 @@ class KeyFirstMiddleware:
             await response(scope, receive, send)
             return
         scope.setdefault("state", {})["principal"] = principal
+        if _has_body(scope):
+            receive = self._scope_checked(scope, receive, principal)
         await self.app(scope, receive, send)
+
+
+def _has_body(scope: AsgiScope) -> bool:
+    """Whether the request declares a body (a length above zero, or chunked framing)."""
+    for name, value in scope.get("headers", ()):
+        if name == b"transfer-encoding" or (name == b"content-length" and value.strip() not in (b"", b"0")):
+            return True
+    return False

@@ -44,7 +44,9 @@ def submit(
     key: KeyOpt = None,
     dataset: Annotated[str, typer.Option(help="Dataset name.")] = DEFAULT_DATASET,
     arch: Annotated[str, typer.Option(help="Architecture.")] = _T.arch,
-    width: Annotated[float, typer.Option(help="Width multiplier.")] = _T.width,
+    width: Annotated[
+        float | None, typer.Option(show_default="the architecture's", help="Width multiplier.")
+    ] = _T.width,
     epochs: Annotated[int, typer.Option(help="Epochs.")] = _T.epochs,
     batch_size: Annotated[int, typer.Option(help="Batch size.")] = _T.batch_size,
     lr: Annotated[float, typer.Option(help="Learning rate.")] = _T.lr,
@@ -131,8 +133,10 @@ def weights_cmd(
         common.out.print_json(json.dumps(items))
         return
     common.out.print(_table(f"weights ({len(items)})", [Col("name", "text"), Col("tensors", "num"),
+                                                 Col("params", "num"), Col("dtypes", drop=1),
                                                  Col("size", "num")],
-                     [[w["name"], w["tensors"], _compact(w["size_bytes"], "B")] for w in items]))
+                     [[w["name"], w["tensors"], _compact(w["params"]), ", ".join(w["dtypes"]),
+                       _compact(w["size_bytes"], "B")] for w in items]))
 
 
 def _watch(hub: Any, job_id: str, as_json: bool) -> dict[str, Any]:

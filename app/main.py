@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -25,6 +25,7 @@ from app.auth import KeyCache, KeyFirstMiddleware
 from app.capacity import WorkPool
 from app.db.session import make_engine, make_sessionmaker
 from app.observability import Metrics, MetricsMiddleware
+from app.redact import path_scrubber
 from app.response_cache import ResponseCacheMiddleware
 from app.services.compose import ModelCache
 from app.services.datasets import BundleCache
@@ -46,31 +47,6 @@ def _describe_validation(exc: RequestValidationError) -> str:
     return "invalid request: " + "; ".join(parts)
 
 
-def _path_scrubber(settings: Settings) -> Callable[[str], str]:
-    """A function that replaces the server's directories in a message by their setting names.
-
-    Error details often carry an exception's text (``FileNotFoundError: /srv/mwt/...``):
-    clients must not learn the server's layout, and the relative part is all they can use.
-    """
-    named: dict[str, str] = {}
-    for label, d in (
-        ("<MWT_ARTIFACT_DIR>", settings.artifacts),
-        ("<MWT_DATASET_DIR>", settings.datasets),
-        ("<MWT_DATA_DIR>", settings.data_dir),
-    ):
-        for form in (str(d), str(d.resolve()), d.as_posix(), d.resolve().as_posix()):
-            if form not in (".", "/", "") and form not in named:
-                named[form] = label
-    ordered = sorted(named, key=len, reverse=True)  # longest first: the most precise name wins
-
-    def scrub(message: str) -> str:
-        for form in ordered:
-            message = message.replace(form, named[form])
-        return message
-
-    return scrub
-
-
 def _allowed_methods(app: FastAPI, scope: dict[str, Any]) -> list[str]:
     """Every method some route serves at this path (Starlette's 405 names only the first route's)."""
     methods: set[str] = set()
@@ -84,7 +60,7 @@ def _allowed_methods(app: FastAPI, scope: dict[str, Any]) -> list[str]:
 
 
 def _install_error_handlers(app: FastAPI, settings: Settings) -> None:
-    scrub = _path_scrubber(settings)
+    scrub = path_scrubber(settings)
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> Response:

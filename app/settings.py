@@ -142,6 +142,11 @@ class Settings(BaseSettings):
         "through the same API process is seen at once, one made elsewhere within this time. 0: off.",
     )
     sse_poll_s: float = Field(0.5, gt=0, description="SSE progress stream: DB poll period.")
+    compose_inline_max_parts: int = Field(
+        16, ge=1, le=1024,
+        description="Compositions of up to this many sources or modules are built within the "
+        "request (201); larger ones run as a job (202 with the job).",
+    )
     compose_cache_models: int = Field(4, ge=0, description="Models kept loaded for compositions.")
     heavy_workers: int = Field(
         2, ge=1, le=64,

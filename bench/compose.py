@@ -41,7 +41,7 @@ from mwt_core.combine import (
 from mwt_core.compose import Source, class_subset, compose_and_measure
 from mwt_core.config import PAPER_SETTINGS
 from mwt_core.data.datasets import DatasetBundle, holdout, load_dataset
-from mwt_core.models import MwTNet, architecture_info
+from mwt_core.models import MwTNet, architecture_info, default_width
 from mwt_core.modularize import Modularization, modularize
 from mwt_core.reuse import evaluate
 from mwt_core.training import TrainConfig, train
@@ -60,7 +60,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
     )
     p.add_argument("--arch", default="simcnn")
-    p.add_argument("--width", type=float, default=TrainConfig.width)
+    p.add_argument("--width", type=float, default=None, help="default: the architecture's")
     p.add_argument("--epochs", type=int, default=10)
     p.add_argument("--budget", choices=("steps", "epochs"), default="steps",
                    help="steps: every source model gets the single model's optimiser steps "
@@ -91,7 +91,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="use only the first N training images (smoke tests)")
     p.add_argument("--cache", type=Path, default=None,
                    help="keep trained models here (safetensors) and reuse them on the next run")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.width is None:
+        args.width = default_width(args.arch)
+    return args
 
 
 def trained(cfg: TrainConfig, data: DatasetBundle, cache: Path | None

@@ -42,6 +42,7 @@ from mwt_core.compose import Source, compose
 from mwt_core.config import PAPER_SETTINGS
 from mwt_core.data.datasets import InputSpec, load_dataset
 from mwt_core.metrics import count_flops
+from mwt_core.models import default_width
 from mwt_core.modularize import Modularization, modularize
 from mwt_core.reuse import extract_module
 from mwt_core.slimming import channels_last
@@ -56,7 +57,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="trained mwt model artifact with a 'modularization' in its manifest; "
                         "if missing, one is trained and saved there")
     p.add_argument("--arch", default="simcnn", help="architecture to train when --model-dir is empty")
-    p.add_argument("--width", type=float, default=TrainConfig.width)
+    p.add_argument("--width", type=float, default=None, help="default: the architecture's")
     p.add_argument("--epochs", type=int, default=30)
     p.add_argument("--batch", type=int, nargs="+", default=[256, 1])
     p.add_argument("--threads", type=int, default=1)
@@ -68,7 +69,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="output channels a CPU conv computes at once (the 'blocked FLOPs' column)")
     p.add_argument("--every-class", action="store_true",
                    help="also time the 1-class module of every class (a table of its own)")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.width is None:
+        args.width = default_width(args.arch)
+    return args
 
 
 def _trained(args: argparse.Namespace) -> tuple[nn.Module, Modularization, dict[str, Any]]:

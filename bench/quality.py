@@ -35,7 +35,7 @@ from mwt_core.config import (
 )
 from mwt_core.data.datasets import holdout, load_dataset
 from mwt_core.devices import resolve_device
-from mwt_core.models import architecture_info
+from mwt_core.models import architecture_info, default_width
 from mwt_core.pipeline import PipelineEvent, PipelineResult, run_pipeline
 from mwt_core.reuse import evaluate, extract_module, finetune_head, restrict
 
@@ -51,7 +51,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--dataset", default=DEFAULT_DATASET, help="dataset name or .npz path")
     p.add_argument("--arch", default=_T.arch)
-    p.add_argument("--width", type=float, default=_T.width)
+    p.add_argument("--width", type=float, default=None, help="default: the architecture's")
     p.add_argument("--epochs", type=int, default=_T.epochs)
     p.add_argument("--seed", type=int, default=_T.seed)
     p.add_argument("--tau", type=float, default=ModularizeConfig.tau)
@@ -87,6 +87,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="use only the first N training images (smoke tests)",
     )
     args = p.parse_args(argv)
+    if args.width is None:
+        args.width = default_width(args.arch)
     chosen = PAPER_SETTINGS if args.paper else loss_defaults(False, args.dataset)
     for key, value in chosen.items():
         if args.paper or not hasattr(args, key):

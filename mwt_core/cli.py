@@ -108,7 +108,7 @@ def train_cmd(
     ctx: typer.Context,
     arch: Annotated[str, typer.Option(help="Architecture (see `mwt archs`).")] = _T.arch,
     dataset: Annotated[str, typer.Option(help="Dataset name (see `mwt datasets`) or a .npz path.")] = DEFAULT_DATASET,
-    width: Annotated[float, typer.Option(help="Channel width multiplier.")] = _T.width,
+    width: Annotated[float | None, typer.Option(show_default="the architecture's (`mwt archs`)", help="Channel width multiplier.")] = _T.width,
     epochs: Annotated[int, typer.Option(help="Training epochs.")] = _T.epochs,
     modular: Annotated[bool, typer.Option("--modular/--standard", help="MwT (mask generators and losses) or plain training.")] = _T.modular,
     alpha: Annotated[float, typer.Option(show_default=loss_default_text("alpha"), help=f"Weight of the cohesion loss (the paper: {PAPER_SETTINGS['alpha']}).")] = _T.alpha,
@@ -495,7 +495,7 @@ def archs_cmd(as_json: JsonOpt = False) -> None:
 
     def render() -> None:
         table = Table(title="architectures", title_justify="left")
-        for col in ("name", "min input", "width", "description"):
+        for col in ("name", "min input", "width", "default width", "description"):
             table.add_column(col)
         for i in infos:
             about = i.description
@@ -504,7 +504,8 @@ def archs_cmd(as_json: JsonOpt = False) -> None:
             if i.unsupported:
                 about = f"not trainable: {i.unsupported}"
             width = "any" if i.width_multiplier else "1 only"
-            table.add_row(i.name, f"{i.min_input_size}x{i.min_input_size}", width, about)
+            table.add_row(i.name, f"{i.min_input_size}x{i.min_input_size}", width,
+                          f"{i.default_width:g}", about)
         ui.out.print(table)
 
     ui.emit({"architectures": [dataclasses.asdict(i) for i in infos]}, render)
@@ -513,7 +514,7 @@ def archs_cmd(as_json: JsonOpt = False) -> None:
 DEMO_DATASET = "digits"
 
 
-def demo_config(*, epochs: int = TrainConfig.epochs, width: float = TrainConfig.width,
+def demo_config(*, epochs: int = TrainConfig.epochs, width: float | None = TrainConfig.width,
                 seed: int = TrainConfig.seed, device: str = "auto") -> TrainConfig:
     """What ``mwt demo`` trains on :data:`DEMO_DATASET` (the README's defaults table reads it)."""
     # The data set's own loss defaults, as `mwt train` takes them (digits: tuned on a held-out
@@ -527,7 +528,7 @@ def demo_config(*, epochs: int = TrainConfig.epochs, width: float = TrainConfig.
 def demo_cmd(
     epochs: Annotated[int, typer.Option(help="Training epochs.")] = TrainConfig.epochs,
     out: Annotated[Path, typer.Option(help="Output directory.")] = Path(".mwt/demo"),
-    width: Annotated[float, typer.Option(help="SimCNN width multiplier.")] = TrainConfig.width,
+    width: Annotated[float | None, typer.Option(show_default="SimCNN's (`mwt archs`)", help="SimCNN width multiplier.")] = TrainConfig.width,
     tau: Annotated[float, typer.Option(help="Modularization threshold.")] = ModularizeConfig.tau,
     seed: Annotated[int, typer.Option(help="Random seed.")] = TrainConfig.seed,
     device: DeviceOpt = "auto",
@@ -536,13 +537,13 @@ def demo_cmd(
     """MwT in a few minutes: train SimCNN on digits, modularize, reuse the {3,5,8} module."""
     ui = Ui(as_json)
     cfg = demo_config(epochs=epochs, width=width, seed=seed, device=device)
-    ui.note(f"MwT demo: simcnn x{width} on digits, {epochs} epochs -> {out}")
+    ui.note(f"MwT demo: simcnn x{cfg.width} on digits, {epochs} epochs -> {out}")
     r, t = run_training(cfg, DEMO_DATASET, out, ui, tau=tau, restart_on_mismatch=True)
     assert r.modularization is not None and r.manifest is not None
     ex = _extract(r.model, r.manifest, r.modularization, r.data, DEMO_CLASSES,
                   out / "module_3_5_8", ui, device=device)
     summary = {
-        "out": str(out), "epochs": epochs, "width": width, "test_acc": t["test_acc"],
+        "out": str(out), "epochs": epochs, "width": cfg.width, "test_acc": t["test_acc"],
         "train_seconds": t["train_seconds"], "krr": t["krr"], "cohesion": t["cohesion"],
         "coupling": t["coupling"], "tau": tau, "module_classes": DEMO_CLASSES,
         "module_krr": ex["krr"], "module_acc": ex["accuracy"], "full_model_acc_on_module_classes":

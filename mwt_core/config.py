@@ -28,7 +28,8 @@ PAPER_SETTINGS: dict[str, Any] = {"mask_lr": None, "alpha": 0.5, "beta": 1.5, "g
 class TrainConfig:
     """Everything that determines a training run (with the dataset).
 
-    Defaults: a CPU-only machine trains SimCNN x0.25 on digits with them in a few minutes.
+    Defaults: a CPU-only machine trains SimCNN at its default width on digits with them in a
+    few minutes.
     The loss weights and mask-generator rate fields are the paper's; a run on a data set with
     its own tuned values (``DATASET_LOSS_SETTINGS``: digits) takes those through
     :func:`loss_defaults`, which every entry point applies to the options it was not given
@@ -36,7 +37,9 @@ class TrainConfig:
     """
 
     arch: str = "simcnn"
-    width: float = 0.25
+    # None: the architecture's default (its ArchInfo.default_width: the built-in CNNs' scaled
+    # DEFAULT_WIDTH, 1 for torchvision's fixed layouts); set to it when the config is made.
+    width: float | None = None
     epochs: int = 200
     batch_size: int = 128
     lr: float = 0.05
@@ -85,8 +88,10 @@ class TrainConfig:
         for ok, message in checks:
             if not ok:
                 raise ValueError(message)
-        from mwt_core.models import check_architecture  # torch: only when a run is configured
+        from mwt_core.models import check_architecture, default_width  # torch: only here
 
+        if self.width is None:
+            self.width = default_width(self.arch)
         check_architecture(self.arch, self.width)  # unknown names, bad widths fail here
 
     def to_json(self) -> dict[str, Any]:

@@ -26,7 +26,7 @@ from mwt_core.data.datasets import DatasetBundle
 from mwt_core.devices import resolve_device
 from mwt_core.evaluation import accuracy
 from mwt_core.losses import mask_overlap, mask_similarity_losses, outlier_exposure, quadrant_mix
-from mwt_core.models import MwTNet, create_model
+from mwt_core.models import MwTNet, create_model, default_width
 from mwt_core.models.masking import ConvUnit
 from mwt_core.progress import Progress, progress_record
 
@@ -48,9 +48,11 @@ class TrainResult:
 
 def build_model_for(cfg: TrainConfig, data: DatasetBundle) -> MwTNet:
     """The model ``cfg`` describes, shaped for ``data``'s input spec and classes."""
+    # __post_init__ fills in the default; None here only if it was set back afterwards.
+    width = default_width(cfg.arch) if cfg.width is None else cfg.width
     return create_model(
         cfg.arch, data.num_classes, in_channels=data.spec.channels,
-        input_size=data.spec.size, width=cfg.width, masked=cfg.modular,
+        input_size=data.spec.size, width=width, masked=cfg.modular,
     )
 
 

@@ -160,8 +160,11 @@ def training_defaults() -> str:
                    **{f.name: getattr(demo_cfg, f.name) for f in fields(TrainConfig)}}
     demo = {k: (demo_values[k], _param(demo_cmd, k) is not None) for k in core}
 
-    # What ``None`` means differs per field: mask_lr falls back to lr, init_from to no weights.
-    none_means = {"mask_lr": "= lr"}
+    # What ``None`` means differs per field: mask_lr falls back to lr, width to the
+    # architecture's default, init_from to no weights.
+    from mwt_core.models import default_width
+
+    none_means = {"mask_lr": "= lr", "width": f"{fmt(default_width(core['arch']))} ({core['arch']}'s)"}
 
     def cell(key: str, value: Any, option: bool) -> str:
         text = none_means.get(key, "none") if value is None else fmt(value)

@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from mwt_core.config import TrainConfig
+from mwt_core.models import default_width
 
 ROOT = Path(__file__).resolve().parent.parent
 README = ROOT / "README.md"
@@ -47,7 +48,7 @@ README_PORT = 8000
 # model); the other three with fewer epochs, to keep the run to minutes.
 FIRST_EPOCHS = TrainConfig.epochs
 DEFAULT_EPOCHS = 10
-DEFAULT_WIDTH = TrainConfig.width
+DEFAULT_WIDTH = default_width(TrainConfig.arch)
 
 Block = list[tuple[str, str]]  # (command, output) pairs
 

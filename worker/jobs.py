@@ -203,6 +203,8 @@ def _execute(factory: sessionmaker[Session], settings: Settings, job: Job, worke
                 _train(factory, settings, job, ctx)
             elif job.kind == JobKind.finetune.value:
                 _finetune(factory, settings, job, ctx)
+            elif job.kind == JobKind.compose.value:
+                _compose(factory, settings, job, ctx)
             else:
                 raise ValueError(f"unknown job kind {job.kind!r}")
             return JobStatus.succeeded.value
@@ -230,7 +232,8 @@ def _execute(factory: sessionmaker[Session], settings: Settings, job: Job, worke
             log.exception("job %s failed", job.id)
             with factory() as s:
                 job_store.finish(
-                    s, job.id, worker, JobStatus.failed, error=_describe(exc), progress=ctx.progress
+                    s, job.id, worker, JobStatus.failed, error=_describe(exc, settings),
+                    progress=ctx.progress,
                 )
             return JobStatus.failed.value
 
@@ -249,14 +252,22 @@ def exit_hung_process() -> None:
     os._exit(EXIT_HUNG)
 
 
-def _describe(exc: BaseException) -> str:
+def _describe(exc: BaseException, settings: Settings) -> str:
+    """A failed job's ``error``, as the API shows it: the exception's own text with the
+    server's directories replaced by their setting names (the log keeps the full text).
+
+    The one place an exception's text becomes a job's error; every other error the job
+    store writes is a sentence of its own."""
+    from app.redact import path_scrubber
     from mwt_core.artifacts import ArtifactError
     from mwt_core.data.datasets import DatasetError
 
     if isinstance(exc, (DatasetError, ArtifactError, ValueError, compose_svc.CompositionError)):
-        return f"{type(exc).__name__}: {exc}"
-    tail = "".join(traceback.format_exception_only(type(exc), exc)).strip()
-    return f"internal error: {tail}"
+        text = f"{type(exc).__name__}: {exc}"
+    else:
+        tail = "".join(traceback.format_exception_only(type(exc), exc)).strip()
+        text = f"internal error: {tail}"
+    return path_scrubber(settings)(text)
 
 
 # ---------------------------------------------------------------------------------- train
@@ -509,3 +520,56 @@ def _finetune(
         )
         s.commit()
 
+
+
+# ------------------------------------------------------------------------------- compose
+
+
+def _compose(
+    factory: sessionmaker[Session], settings: Settings, job: Job, ctx: JobContext
+) -> None:
+    """A composition too large for a request: the API's own composing, run here."""
+    from sqlalchemy import select
+
+    from app.db.models import Composition
+
+    p = job.params
+    with factory() as s:
+        existing = s.scalar(select(Composition.id).where(  # as the API finds a repeat
+            Composition.model_id == int(p["model_id"]), Composition.classes_key == p["key"],
+            Composition.finetuned.is_(False)))
+        if existing is None:
+            ctx.phase("composing")
+            inputs = compose_svc.Inputs(
+                model=lambda m: compose_svc.load_model(settings, m),
+                bundle=lambda name, size: datasets_svc.load_bundle(
+                    settings, s, name, min_input_size=size),
+            )
+            if "modules" in p:
+                rows = [_ready(s, Module, int(i)) for i in p["modules"]]
+                comp = compose_svc.compose_modules(s, settings, inputs, rows,
+                                                   int(p["calibration_per_class"]),
+                                                   str(p["combine"]), p["key"])
+            else:
+                chosen = [(_ready(s, Model, int(m)), [int(c) for c in cs]) for m, cs in p["sources"]]
+                comp = compose_svc.compose_sources(s, settings, inputs, chosen,
+                                                   int(p["calibration_per_class"]),
+                                                   str(p["combine"]), p["key"])
+            comp.api_key_id = job.api_key_id
+            comp.job_id = job.id
+            s.add(comp)
+            s.flush()
+            existing = comp.id
+        job_store.mark_succeeded(
+            s, job.id, ctx.worker, utcnow(), {**ctx.progress, "phase": "done"},
+            {"composition_id": existing}, composition_id=existing,
+        )
+        s.commit()
+
+
+def _ready(s: Session, kind: type[Model] | type[Module], ident: int) -> Any:
+    row = s.get(kind, ident)
+    model = row if isinstance(row, Model) else getattr(row, "model", None)
+    if row is None or model is None or model.status != ModelStatus.ready.value:
+        raise ValueError(f"{kind.__name__.lower()} {ident} is gone or its model is not ready")
+    return row

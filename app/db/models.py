@@ -87,6 +87,7 @@ TERMINAL_STATUSES = tuple(s.value for s in JobStatus if s.terminal)
 class JobKind(enum.StrEnum):
     train = "train"
     finetune = "finetune"
+    compose = "compose"  # a composition too large to build within a request
 
 
 class ModelStatus(enum.StrEnum):
@@ -345,3 +346,21 @@ class CompositionSource(Base):
     class_names: Mapped[list[Any]] = mapped_column(default=list)
 
     composition: Mapped[Composition] = relationship(back_populates="sources")
+
+
+class UploadedWeights(Base):
+    """A safetensors state dict uploaded for jobs to start from (``init_from``).
+
+    The file lives at ``<data_dir>/weights/<name>.safetensors``; this row holds what its
+    header said when it was stored, so listings never open the files.
+    """
+
+    __tablename__ = "weights"
+
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    size_bytes: Mapped[int] = mapped_column(BigInteger)
+    sha256: Mapped[str] = mapped_column(String(64))
+    tensors: Mapped[int]
+    params: Mapped[int] = mapped_column(BigInteger, doc="elements of all tensors (buffers too)")
+    dtypes: Mapped[list[Any]] = mapped_column(default=list, doc="the tensors' distinct dtypes")
+    created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)

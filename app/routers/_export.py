@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from fastapi import HTTPException, Query, Request, Response, status
 
 from app.files import artifact_response
+from app.schemas.common import error_responses
 from app.services import export as export_svc
 from app.settings import Settings
 
@@ -29,6 +30,27 @@ EXPORT_DESCRIPTION = (
     "Built on first request and cached; ETag = the file's sha256."
 )
 
+# What every export route answers (GET .../export, a composition's .../torchscript), from
+# export_response and artifact_response: written once, used by every such route.
+_EXPORT_ERRORS = {
+    404: "no such model, module or composition",
+    409: "it has no artifact yet (its job has not finished)",
+    410: "its artifact is gone from the store or cannot be loaded for export",
+    503: None,  # the registry database is unavailable: the shared text
+}
+EXPORT_RESPONSES: dict[int | str, dict[str, Any]] = {
+    200: {
+        "description": "the exported file (ETag: its sha256)",
+        "content": {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}},
+    },
+    206: {"description": "the requested byte range"},
+    304: {"description": "not modified (If-None-Match)"},
+    416: {"description": "the requested range is not satisfiable"},
+    **{
+        code: {**spec, "description": _EXPORT_ERRORS[int(code)] or spec["description"]}
+        for code, spec in error_responses(*_EXPORT_ERRORS).items()
+    },
+}
 
 def export_response(
     request: Request,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import TYPE_CHECKING, Annotated
+from typing import Annotated, Any
 
 from fastapi import APIRouter, HTTPException, Query, Request, Response, status
 from fastapi.responses import JSONResponse
@@ -17,15 +17,12 @@ from app.db.models import Composition, JobKind, Model, ModelStatus, Module
 from app.deps import DbDep, DispatcherDep, SettingsDep
 from app.files import artifact_response
 from app.routers._common import PagingDep, not_found, page
-from app.routers._export import EXPORT_DESCRIPTION, FormatQuery, export_response
+from app.routers._export import EXPORT_DESCRIPTION, EXPORT_RESPONSES, FormatQuery, export_response
 from app.schemas.common import Page, PathId, QueryId
 from app.schemas.compositions import CompositionCreate, CompositionOut
 from app.services import compose as svc
 from app.services import jobs as jobs_svc
 from app.settings import Settings
-
-if TYPE_CHECKING:
-    from torch import nn
 
 router = APIRouter(prefix="/compositions", tags=["compositions"])
 
@@ -54,10 +51,13 @@ def composition_out(c: Composition) -> CompositionOut:
     "(`mwt compose-local DIR...`). Where the registry holds a standard model of the same dataset and "
     "architecture, `metrics.standard_accuracy_loss` is the accuracy lost against it. Either way the classifier is "
     "measured on the test split(s) at once: 201 (200 if the same composition exists). With `finetune` "
-    "(one model only) a job is started: 202 with the job.",
+    "(one model only), or with more sources or modules than the server composes within a request "
+    "(MWT_COMPOSE_INLINE_MAX_PARTS), a job is started: 202 with the job; its `composition_id` names "
+    "the result once it has succeeded.",
     responses={
         200: {"description": "the same composition already existed"},
-        202: {"description": "fine-tune job"},
+        202: {"description": "a job: fine-tuning, or a composition of more parts than "
+              "MWT_COMPOSE_INLINE_MAX_PARTS"},
     },
 )
 def create(
@@ -71,7 +71,8 @@ def create(
     _work: HeavyWork,
 ) -> CompositionOut | JSONResponse:
     if body.modules is not None:
-        return _create_from_modules(body, body.modules, request, response, db, settings, principal)
+        return _create_from_modules(body, body.modules, request, response, db, settings, dispatcher,
+                                    principal)
     chosen = [_resolve(db, src.model_id, src.classes) for src in body.source_list()]
     if body.finetune is not None:
         model, classes = chosen[0]  # the schema allows finetune with one source only
@@ -88,35 +89,13 @@ def create(
     if existing is not None:
         response.status_code = status.HTTP_200_OK
         return composition_out(existing)
-    picks = [_load(request, settings, db, m, c) for m, c in chosen]
-    if len(picks) == 1:
-        p = picks[0]
-        module, metrics = svc.build(p.loaded, p.data, p.classes, device="cpu")
-        manifest = svc.manifest_for(p.model, p.loaded, p.classes, metrics, finetuned=False)
-        labels = None
-    else:
-        std = _standard(db, settings, picks)
-        try:
-            module, metrics = svc.build_across(
-                picks, body.calibration_per_class, combine=body.combine, device="cpu",
-                standard=std,
-            )
-        except svc.CompositionError as exc:
-            raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, str(exc)) from None
-        manifest = svc.manifest_across(picks, metrics)
-        labels = svc.output_labels(picks)
-    comp = svc.composition_row(
-        [(p.model.id, p.classes, p.names) for p in picks],
-        metrics,
-        svc.store(settings, module, manifest),
-        finetuned=False,
-        key=key,
-        labels=labels,
-    )
-    comp.api_key_id = principal.key_id
-    _commit(db, settings, comp)
-    response.headers["Location"] = f"/api/v1/compositions/{comp.id}"
-    return composition_out(comp)
+    if len(chosen) > settings.compose_inline_max_parts:
+        params = {"sources": [[m.id, c] for m, c in chosen]}
+        return _start_compose(db, settings, dispatcher, principal, body, params, key, chosen[0][0])
+    with _composing():
+        comp = svc.compose_sources(db, settings, _inputs(request, settings, db), chosen,
+                                   body.calibration_per_class, body.combine, key)
+    return _created(db, settings, response, principal, comp)
 
 
 def _resolve(db: DbDep, model_id: int, wanted: list[int | str]) -> tuple[Model, list[int]]:
@@ -146,8 +125,9 @@ def _create_from_modules(
     response: Response,
     db: DbDep,
     settings: Settings,
+    dispatcher: DispatcherDep,
     principal: Principal,
-) -> CompositionOut:
+) -> CompositionOut | JSONResponse:
     """The ``modules`` form: the stored per-class modules themselves as the parts."""
     rows = [_ready_module(db, i) for i in module_ids]
     key = svc.modules_key(module_ids, body.calibration_per_class, body.combine)
@@ -161,27 +141,13 @@ def _create_from_modules(
     if existing is not None:
         response.status_code = status.HTTP_200_OK
         return composition_out(existing)
-    models = {m.model_id: _loaded_model(request, settings, m.model) for m in rows}
-    picks = [_load_module(request, settings, db, m) for m in rows]
-    std = _standard(db, settings, picks)
-    try:
-        composed, metrics = svc.build_from_modules(
-            picks, body.calibration_per_class, combine=body.combine, models=models, standard=std
-        )
-    except svc.CompositionError as exc:
-        raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, str(exc)) from None
-    comp = svc.composition_row(
-        [(p.module.model_id, p.part.classes, p.part.class_names) for p in picks],
-        metrics,
-        svc.store(settings, composed, svc.manifest_modules(picks, metrics)),
-        finetuned=False,
-        key=key,
-        labels=svc.module_labels(picks),
-    )
-    comp.api_key_id = principal.key_id
-    _commit(db, settings, comp)
-    response.headers["Location"] = f"/api/v1/compositions/{comp.id}"
-    return composition_out(comp)
+    if len(rows) > settings.compose_inline_max_parts:
+        return _start_compose(db, settings, dispatcher, principal, body, {"modules": module_ids},
+                              key, rows[0].model)
+    with _composing():
+        comp = svc.compose_modules(db, settings, _inputs(request, settings, db), rows,
+                                   body.calibration_per_class, body.combine, key)
+    return _created(db, settings, response, principal, comp)
 
 
 def _ready_module(db: DbDep, module_id: int) -> Module:
@@ -198,58 +164,54 @@ def _ready_module(db: DbDep, module_id: int) -> Module:
 
 
 @contextmanager
-def _loading(what: str) -> Iterator[None]:
-    """How loading a source fails over HTTP: what a composition refuses is 422, an artifact or
-    dataset that cannot be read is 409 naming ``what``."""
+def _composing() -> Iterator[None]:
+    """How composing fails over HTTP: what a composition refuses is 422, an artifact or
+    dataset that cannot be read is 409."""
     try:
         yield
-    except svc.CompositionError as exc:  # before ValueError: it is one
+    except svc.CompositionError as exc:
         raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, str(exc)) from None
-    except (FileNotFoundError, ValueError) as exc:
-        raise HTTPException(status.HTTP_409_CONFLICT, f"{what} cannot be loaded: {exc}") from None
+    except svc.SourceUnavailable as exc:
+        raise HTTPException(status.HTTP_409_CONFLICT, str(exc)) from None
 
 
-def _load_module(request: Request, settings: Settings, db: DbDep, module: Module) -> svc.ModulePick:
-    from mwt_core.models import architecture_info
+def _inputs(request: Request, settings: Settings, db: DbDep) -> svc.Inputs:
+    """The sources through this process's caches of loaded models and datasets."""
+    models, bundles = request.app.state.model_cache, request.app.state.bundle_cache
+    return svc.Inputs(
+        model=lambda m: models.load(settings, m),
+        bundle=lambda name, size: bundles.load(settings, db, name, size),
+    )
 
-    with _loading(f"module {module.id}'s artifact or dataset"):
-        data = request.app.state.bundle_cache.load(
-            settings, db, module.dataset, architecture_info(module.arch).min_input_size
+
+def _created(db: DbDep, settings: Settings, response: Response, principal: Principal,
+             comp: Composition) -> CompositionOut:
+    comp.api_key_id = principal.key_id
+    _commit(db, settings, comp)
+    response.headers["Location"] = f"/api/v1/compositions/{comp.id}"
+    return composition_out(comp)
+
+
+def _start_compose(db: DbDep, settings: Settings, dispatcher: DispatcherDep, principal: Principal,
+                   body: CompositionCreate, params: dict[str, Any], key: str, first: Model
+                   ) -> JSONResponse:
+    """A composition of more parts than MWT_COMPOSE_INLINE_MAX_PARTS runs as a job: 202 with
+    the job (the same request while it is queued or running answers that job)."""
+    params = {**params, "model_id": first.id, "calibration_per_class": body.calibration_per_class,
+              "combine": body.combine, "key": key}
+    job = jobs_svc.active_job_like(db, JobKind.compose, params)
+    if job is None:
+        job, _ = jobs_svc.create_job(
+            db, kind=JobKind.compose, params=params, queue=settings.queue_for("light"),
+            max_attempts=settings.max_job_attempts, max_starts=settings.max_job_starts,
+            dataset=first.dataset, arch=first.arch, api_key_id=principal.key_id,
         )
-        return svc.load_module_part(settings, module, data)
-
-
-def _standard(
-    db: DbDep, settings: Settings, picks: list[svc.Pick] | list[svc.ModulePick]
-) -> tuple[Model, nn.Module] | None:
-    """The registry's standard model for these sources, loaded; None where there is none or it
-    cannot be read (an unreadable baseline leaves the figure out, not the composition)."""
-    standard = svc.standard_model_for(db, picks)
-    if standard is None:
-        return None
-    try:
-        return standard, svc.load_standard(settings, standard)
-    except (FileNotFoundError, ValueError):
-        return None
-
-
-def _loaded_model(request: Request, settings: Settings, model: Model) -> svc.LoadedModel:
-    with _loading(f"model {model.id}'s artifact"):
-        loaded: svc.LoadedModel = request.app.state.model_cache.load(settings, model)
-    return loaded
-
-
-def _load(
-    request: Request, settings: Settings, db: DbDep, model: Model, classes: list[int]
-) -> svc.Pick:
-    from mwt_core.models import architecture_info
-
-    loaded = _loaded_model(request, settings, model)
-    with _loading(f"model {model.id}'s artifact or dataset"):
-        data = request.app.state.bundle_cache.load(
-            settings, db, model.dataset, architecture_info(model.arch).min_input_size
-        )
-    return svc.Pick(model, loaded, data, classes)
+        jobs_svc.send(db, dispatcher.dispatch, job)
+    return JSONResponse(
+        jobs_svc.job_out(job).model_dump(mode="json"),
+        status_code=status.HTTP_202_ACCEPTED,
+        headers={"Location": f"/api/v1/jobs/{job.id}"},
+    )
 
 
 def _commit(db: DbDep, settings: Settings, comp: Composition) -> None:
@@ -360,6 +322,7 @@ def download(
     summary="Download the composed classifier as TorchScript or ONNX (runs without this project)",
     description=EXPORT_DESCRIPTION,
     response_class=Response,
+    responses=EXPORT_RESPONSES,
 )
 def export(
     composition_id: PathId,
@@ -383,6 +346,7 @@ def export(
     summary="Download the composed classifier as TorchScript (same as export?format=torchscript)",
     description=EXPORT_DESCRIPTION,
     response_class=Response,
+    responses=EXPORT_RESPONSES,
 )
 def torchscript(
     composition_id: PathId, request: Request, db: DbDep, settings: SettingsDep, _: ReadKey,

@@ -52,9 +52,16 @@ def submit(
     principal: WriteKey,
     idempotency_key: IdempotencyKey = None,
 ) -> JobOut:
-    from mwt_core.models import UnknownArchitecture, check_architecture, list_architectures
+    from mwt_core.models import (
+        UnknownArchitecture,
+        check_architecture,
+        default_width,
+        list_architectures,
+    )
 
     try:
+        if body.width is None:  # the architecture's own default, valid for it by construction
+            body.width = default_width(body.arch)
         arch = check_architecture(body.arch, body.width).name
     except UnknownArchitecture:
         raise HTTPException(

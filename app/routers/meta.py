@@ -16,6 +16,7 @@ class ArchitectureOut(BaseModel):
     description: str
     source: str  # "built-in" or "torchvision" (converted to its masked form)
     width_multiplier: bool  # False: the layout is fixed, jobs must use width 1
+    default_width: float  # what a job that names no width trains at
     features: list[str]  # layer kinds the conversion handles in it
     unsupported: str | None  # set: listed to say why it cannot be trained
 
@@ -33,6 +34,7 @@ def architectures(_: ReadKey) -> list[ArchitectureOut]:
             ArchitectureOut(
                 name=info.name, min_input_size=info.min_input_size, description=info.description,
                 source=info.source, width_multiplier=info.width_multiplier,
+                default_width=info.default_width,
                 features=list(info.features), unsupported=info.unsupported,
             )
         )

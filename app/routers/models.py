@@ -16,7 +16,7 @@ from app.db.models import Composition, Job, Model
 from app.deps import DbDep, SettingsDep
 from app.files import artifact_response
 from app.routers._common import PagingDep, not_found, page, sort_pattern, sorted_by
-from app.routers._export import EXPORT_DESCRIPTION, FormatQuery, export_response
+from app.routers._export import EXPORT_DESCRIPTION, EXPORT_RESPONSES, FormatQuery, export_response
 from app.routers.modules import module_out
 from app.schemas.common import Page, PathId
 from app.schemas.models import ModelDetail, ModelOut, ModelPatch
@@ -163,6 +163,7 @@ def download(
     summary="Download the full model as TorchScript or ONNX (runs without this project)",
     description=EXPORT_DESCRIPTION,
     response_class=Response,
+    responses=EXPORT_RESPONSES,
 )
 def export(
     model_id: PathId,

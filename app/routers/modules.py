@@ -15,7 +15,7 @@ from app.db.models import Model, ModelStatus, Module
 from app.deps import DbDep, SettingsDep
 from app.files import artifact_response
 from app.routers._common import PagingDep, not_found, page, sort_pattern, sorted_by
-from app.routers._export import EXPORT_DESCRIPTION, FormatQuery, export_response
+from app.routers._export import EXPORT_DESCRIPTION, EXPORT_RESPONSES, FormatQuery, export_response
 from app.schemas.common import Page, PathId, QueryId, QueryIndex
 from app.schemas.modules import ModuleOut
 
@@ -145,6 +145,7 @@ def download(
     summary="Download a module as TorchScript or ONNX (runs without this project)",
     description=EXPORT_DESCRIPTION,
     response_class=Response,
+    responses=EXPORT_RESPONSES,
 )
 def export(
     module_id: PathId,

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import datetime as dt
+
+import anyio
 from fastapi import APIRouter, HTTPException, Request, Response, status
-from pydantic import BaseModel
+from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy import select
 
 from app.auth import AdminKey, ReadKey, WriteKey
-from app.db.models import Job
+from app.db.models import Job, UploadedWeights
 from app.deps import DbDep, SettingsDep
 from app.files import StagedUpload
 from app.schemas.common import error_responses
@@ -18,30 +21,22 @@ router = APIRouter(prefix="/weights", tags=["weights"])
 
 
 class WeightsOut(BaseModel):
+    """Uploaded weights, as their header described them when they were stored."""
+
+    model_config = ConfigDict(from_attributes=True)
+
     name: str
     size_bytes: int
     sha256: str
     tensors: int
+    params: int = Field(description="elements of all tensors together (buffers included)")
+    dtypes: list[str] = Field(description="the tensors' distinct dtypes, e.g. float32")
+    created_at: dt.datetime
 
 
-class WeightsInfo(BaseModel):
-    name: str
-    size_bytes: int
-    tensors: int
-
-
-@router.get("", response_model=list[WeightsInfo], summary="List uploaded weights")
-def list_weights(settings: SettingsDep, _: ReadKey) -> list[WeightsInfo]:
-    from mwt_core.models.weights import WeightsError, read_shapes
-
-    out = []
-    for name, path in svc.list_uploads(settings):
-        try:
-            tensors = len(read_shapes(path))  # the header only
-        except WeightsError:
-            continue  # a file changed under the store is not offered to jobs
-        out.append(WeightsInfo(name=name, size_bytes=path.stat().st_size, tensors=tensors))
-    return out
+@router.get("", response_model=list[WeightsOut], summary="List uploaded weights")
+def list_weights(db: DbDep, settings: SettingsDep, _: ReadKey) -> list[WeightsOut]:
+    return [WeightsOut.model_validate(row) for row in svc.list_weights(db, settings)]
 
 
 @router.delete(
@@ -56,14 +51,19 @@ def delete_weights(name: str, db: DbDep, settings: SettingsDep, _: AdminKey) -> 
         path = svc.weights_path(settings, name)
     except ValueError as exc:
         raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, str(exc)) from None
-    if not path.is_file():
+    row = db.get(UploadedWeights, name)
+    if row is None and not path.is_file():
         raise HTTPException(status.HTTP_404_NOT_FOUND, f"no weights uploaded as {name!r}")
     active = db.scalars(select(Job.id).where(
         Job.status.in_(ACTIVE), Job.params["init_from"].as_string() == name)).all()
     if active:
         raise HTTPException(status.HTTP_409_CONFLICT,
                             f"weights {name!r} are used by queued or running job(s) {', '.join(active)}")
-    path.unlink()
+    if row is not None:
+        db.delete(row)
+        db.commit()
+    # The row first: a file whose unlink fails is recorded again, not listed without a file.
+    path.unlink(missing_ok=True)
     return Response(status_code=status.HTTP_204_NO_CONTENT)
 
 
@@ -75,8 +75,10 @@ def delete_weights(name: str, db: DbDep, settings: SettingsDep, _: AdminKey) -> 
     openapi_extra={"requestBody": {"required": True, "content": {
         "application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}}},
 )
-async def upload_weights(name: str, request: Request, settings: SettingsDep, _: WriteKey) -> WeightsOut:
-    from mwt_core.models.weights import WeightsError, read_shapes
+async def upload_weights(
+    name: str, request: Request, db: DbDep, settings: SettingsDep, _: WriteKey
+) -> WeightsOut:
+    from mwt_core.models.weights import WeightsError
 
     try:
         final = svc.weights_path(settings, name)
@@ -91,15 +93,14 @@ async def upload_weights(name: str, request: Request, settings: SettingsDep, _: 
     with StagedUpload(final, limit, f"weights exceed {limit} bytes") as up:
         async for chunk in request.stream():  # streamed: never the whole body in memory
             up.write(chunk)
-        try:
-            shapes = read_shapes(up.received())  # the header only; never unpickled
+        try:  # the header, the row and the move: file and database work, off the event loop
+            row = await anyio.to_thread.run_sync(svc.store_upload, db, name, up)
+        except svc.WeightsExist as exc:
+            raise HTTPException(status.HTTP_409_CONFLICT, str(exc)) from None
         except WeightsError as exc:
             raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT,
                                 "the body must be a safetensors state dict: " + str(exc).split(": ", 1)[-1]
                                 ) from None
-        if not shapes:
-            raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, "the state dict holds no tensor")
-        if final.exists():
-            raise HTTPException(status.HTTP_409_CONFLICT, f"weights {name!r} already exist")
-        up.commit()
-    return WeightsOut(name=name, size_bytes=up.size, sha256=up.sha256, tensors=len(shapes))
+        except ValueError as exc:
+            raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, str(exc)) from None
+    return WeightsOut.model_validate(row)

@@ -41,7 +41,11 @@ class JobCreate(BaseModel):
     arch: str = Field(
         _T.arch, min_length=1, max_length=32, description="see GET /api/v1/architectures"
     )
-    width: float = Field(_T.width, gt=0, le=_L.width, description="channel width multiplier")
+    width: float | None = Field(
+        _T.width, gt=0, le=_L.width,
+        description="channel width multiplier; null or not given: the architecture's "
+        "default_width (GET /api/v1/architectures)",
+    )
     epochs: int = Field(_T.epochs, ge=1, le=_L.epochs)
     batch_size: int = Field(_T.batch_size, ge=2, le=_L.batch_size)
     lr: float = Field(_T.lr, gt=0, le=_L.lr)

@@ -13,7 +13,8 @@ from __future__ import annotations
 import hashlib
 import threading
 import uuid
-from contextlib import ExitStack
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -494,4 +495,101 @@ def manifest_modules(picks: list[ModulePick], metrics: dict[str, Any]) -> dict[s
     ]
     return composition_manifest(
         picks[0].part.spec, module_labels(picks), sources, metrics, created_by="mwt-hub"
+    )
+
+
+# ------------------------------------------------------------- one composition, end to end
+# Written once for both callers: the API composes in the request (through its caches) and a
+# compose job does the same work in a worker when the composition is too large for a request.
+
+
+@dataclass
+class Inputs:
+    """Where a composition's models and datasets come from: ``model`` loads a registry model,
+    ``bundle`` a dataset by name for networks of at least that input size."""
+
+    model: Callable[[Model], LoadedModel]
+    bundle: Callable[[str, int], DatasetBundle]
+
+
+class SourceUnavailable(ValueError):
+    """An artifact or dataset a composition needs cannot be read (HTTP 409)."""
+
+
+@contextmanager
+def _loading(what: str) -> Iterator[None]:
+    try:
+        yield
+    except CompositionError:  # before ValueError: it is one, and says what to change
+        raise
+    except (FileNotFoundError, ValueError) as exc:
+        raise SourceUnavailable(f"{what} cannot be loaded: {exc}") from None
+
+
+def _standard(db: Any, settings: Settings, picks: list[Pick] | list[ModulePick]
+              ) -> tuple[Model, nn.Module] | None:
+    """The registry's standard model for these sources, loaded; None where there is none or it
+    cannot be read (an unreadable baseline leaves the figure out, not the composition)."""
+    standard = standard_model_for(db, picks)
+    if standard is None:
+        return None
+    try:
+        return standard, load_standard(settings, standard)
+    except (FileNotFoundError, ValueError):
+        return None
+
+
+def _pick(inputs: Inputs, model: Model, classes: list[int]) -> Pick:
+    from mwt_core.models import architecture_info
+
+    with _loading(f"model {model.id}'s artifact"):
+        loaded = inputs.model(model)
+    with _loading(f"model {model.id}'s artifact or dataset"):
+        data = inputs.bundle(model.dataset, architecture_info(model.arch).min_input_size)
+    return Pick(model, loaded, data, classes)
+
+
+def compose_sources(db: Any, settings: Settings, inputs: Inputs,
+                    chosen: list[tuple[Model, list[int]]], calibration_per_class: int,
+                    combine: str, key: str) -> Composition:
+    """Compose ``chosen`` ``(model, classes)`` sources, store the artifact and return its row
+    (not yet added to ``db``). Raises :class:`CompositionError` for what the caller must
+    change, :class:`SourceUnavailable` for what cannot be read."""
+    picks = [_pick(inputs, m, c) for m, c in chosen]
+    labels = None
+    if len(picks) == 1:
+        p = picks[0]
+        module, metrics = build(p.loaded, p.data, p.classes, device="cpu")
+        manifest = manifest_for(p.model, p.loaded, p.classes, metrics, finetuned=False)
+    else:
+        module, metrics = build_across(picks, calibration_per_class, combine=combine, device="cpu",
+                                       standard=_standard(db, settings, picks))
+        manifest = manifest_across(picks, metrics)
+        labels = output_labels(picks)
+    return composition_row([(p.model.id, p.classes, p.names) for p in picks], metrics,
+                           store(settings, module, manifest), finetuned=False, key=key,
+                           labels=labels)
+
+
+def compose_modules(db: Any, settings: Settings, inputs: Inputs, rows: list[Module],
+                    calibration_per_class: int, combine: str, key: str) -> Composition:
+    """Compose stored per-class modules (each a part as it is), store it and return its row
+    (not yet added to ``db``); errors as :func:`compose_sources`."""
+    from mwt_core.models import architecture_info
+
+    models = {}
+    for m in rows:
+        with _loading(f"model {m.model_id}'s artifact"):
+            models[m.model_id] = inputs.model(m.model)
+    picks = []
+    for m in rows:
+        with _loading(f"module {m.id}'s artifact or dataset"):
+            data = inputs.bundle(m.dataset, architecture_info(m.arch).min_input_size)
+            picks.append(load_module_part(settings, m, data))
+    composed, metrics = build_from_modules(picks, calibration_per_class, combine=combine,
+                                           models=models, standard=_standard(db, settings, picks))
+    return composition_row(
+        [(p.module.model_id, p.part.classes, p.part.class_names) for p in picks], metrics,
+        store(settings, composed, manifest_modules(picks, metrics)), finetuned=False, key=key,
+        labels=module_labels(picks),
     )

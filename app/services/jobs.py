@@ -110,6 +110,19 @@ def params_fingerprint(kind: str, params: dict[str, Any]) -> str:
     ).hexdigest()
 
 
+def active_job_like(session: Session, kind: JobKind, params: dict[str, Any]) -> Job | None:
+    """A queued or running job of ``kind`` for the same ``params``, if there is one (a repeated
+    request joins it rather than doing the same work twice)."""
+    fingerprint = params_fingerprint(kind.value, params)
+    candidates = session.scalars(
+        select(Job).where(
+            Job.kind == kind.value,
+            Job.status.in_([JobStatus.queued.value, JobStatus.running.value]),
+        )
+    )
+    return next((j for j in candidates if j.params.get("_fingerprint") == fingerprint), None)
+
+
 def create_job(
     session: Session,
     *,

@@ -13,6 +13,7 @@ from mwt_core.models.registry import (
     architecture_info,
     check_architecture,
     create_model,
+    default_width,
     list_architectures,
     register_model,
 )
@@ -24,6 +25,7 @@ __all__ = [
     "architecture_info",
     "check_architecture",
     "create_model",
+    "default_width",
     "list_architectures",
     "register_model",
 ]

@@ -26,6 +26,9 @@ class ArchInfo:
     description: str
     source: str = "built-in"  # or "torchvision" (converted to its masked form)
     width_multiplier: bool = True  # False: fixed layout, width must be 1
+    # The width a run takes when it names none: the one definition of that default
+    # (TrainConfig, POST /jobs and the command lines read it from here).
+    default_width: float = 1.0
     features: tuple[str, ...] = ()  # layer kinds the conversion handles in it (for listings)
     unsupported: str | None = None  # why it is listed but cannot be built
 
@@ -49,7 +52,12 @@ def register_model(
     def wrap(builder: Builder) -> Builder:
         if _normal(name) in {_normal(n) for n in _BUILDERS}:
             raise ValueError(f"architecture {name!r} is already registered")
-        _BUILDERS[name] = (builder, ArchInfo(name, min_input_size, description, **info))  # type: ignore[arg-type]
+        arch = ArchInfo(name, min_input_size, description, **info)  # type: ignore[arg-type]
+        if not 0 < arch.default_width <= LIMITS.width or (
+            not arch.width_multiplier and arch.default_width != 1
+        ):
+            raise ValueError(f"architecture {name!r} declares a default width it cannot run at")
+        _BUILDERS[name] = (builder, arch)
         return builder
 
     return wrap
@@ -70,6 +78,11 @@ def architecture_info(arch: str) -> ArchInfo:
             f"unknown architecture {arch!r}; choose one of: {', '.join(sorted(_BUILDERS))}"
         )
     return _BUILDERS[names[key]][1]
+
+
+def default_width(arch: str) -> float:
+    """The width a run of ``arch`` takes when it names none (1 for a fixed layout)."""
+    return architecture_info(arch).default_width
 
 
 def check_architecture(arch: str, width: float) -> ArchInfo:

@@ -8,6 +8,8 @@ stay freshly initialised: they are what MwT trains on top of the given network.
 
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -43,8 +45,34 @@ def read_weights(path: str | Path, max_bytes: int = LIMITS.init_weights_bytes) -
         raise WeightsError(f"{p} is not a safetensors state dict: {exc}") from exc
 
 
-def read_shapes(path: str | Path, max_bytes: int = LIMITS.init_weights_bytes) -> dict[str, tuple[int, ...]]:
-    """Names and shapes of a safetensors file's tensors, from its header (no tensor is read)."""
+# safetensors' dtype names -> torch's, for listings.
+_DTYPE_NAMES = {
+    "F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16",
+    "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2", "I64": "int64", "I32": "int32",
+    "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool",
+}
+
+
+@dataclass(frozen=True)
+class WeightsHeader:
+    """What a safetensors file's header says of its tensors (no tensor read)."""
+
+    shapes: dict[str, tuple[int, ...]]
+    dtypes: dict[str, str]  # tensor name -> torch dtype name ("float32")
+
+    @property
+    def params(self) -> int:
+        """Elements in all tensors together."""
+        return sum(math.prod(shape) for shape in self.shapes.values())
+
+    @property
+    def dtype_names(self) -> list[str]:
+        """The distinct dtypes of the tensors, sorted."""
+        return sorted(set(self.dtypes.values()))
+
+
+def read_header(path: str | Path, max_bytes: int = LIMITS.init_weights_bytes) -> WeightsHeader:
+    """Names, shapes and dtypes of a safetensors file's tensors, from its header only."""
     p = Path(path)
     if not p.is_file():
         raise WeightsError(f"no weights file at {p}")
@@ -52,9 +80,19 @@ def read_shapes(path: str | Path, max_bytes: int = LIMITS.init_weights_bytes) ->
         raise WeightsError(f"{p} has {p.stat().st_size} bytes, more than the {max_bytes} allowed")
     try:
         with safe_open(str(p), framework="pt") as f:
-            return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}  # noqa: SIM118
+            slices = {k: f.get_slice(k) for k in f.keys()}  # noqa: SIM118  (safe_open has no __iter__)
+            return WeightsHeader(
+                shapes={k: tuple(s.get_shape()) for k, s in slices.items()},
+                dtypes={k: _DTYPE_NAMES.get(s.get_dtype(), s.get_dtype().lower())
+                        for k, s in slices.items()},
+            )
     except (SafetensorError, OSError, ValueError) as exc:
         raise WeightsError(f"{p} is not a safetensors state dict: {exc}") from exc
+
+
+def read_shapes(path: str | Path, max_bytes: int = LIMITS.init_weights_bytes) -> dict[str, tuple[int, ...]]:
+    """Names and shapes of a safetensors file's tensors, from its header (no tensor is read)."""
+    return read_header(path, max_bytes).shapes
 
 
 def match_weights(model: MwTNet, shapes: dict[str, tuple[int, ...]]) -> dict[str, str]:

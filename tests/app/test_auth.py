@@ -1,7 +1,9 @@
 from __future__ import annotations
 
-from collections.abc import Callable
+import re
+from collections.abc import Callable, Iterator
 
+import pytest
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
 from sqlalchemy import select
@@ -98,3 +100,51 @@ def test_cannot_revoke_own_key(client: TestClient) -> None:
     own = client.get("/api/v1/keys").json()[0]["id"]
     assert client.delete(f"/api/v1/keys/{own}").status_code == 409
     assert client.delete("/api/v1/keys/999").status_code == 404
+
+
+def _routes_with_a_body(c: TestClient) -> list[tuple[str, str]]:
+    """(method, url) of every API operation that takes a body (POST, PUT, PATCH)."""
+    out = []
+    for path, ops in c.get("/openapi.json").json()["paths"].items():
+        if not path.startswith("/api/v1"):
+            continue
+        url = re.sub(r"\{\w+_id\}", "1", path)
+        url = re.sub(r"\{\w+\}", "x", url)
+        out += [(m.upper(), url) for m in ops if m in ("post", "put", "patch")]
+    return out
+
+
+@pytest.mark.parametrize("framing", ["chunked", "length"])
+def test_a_read_key_is_refused_before_any_of_its_body_is_read(
+    client: TestClient, make_key: Callable[..., str], framing: str
+) -> None:
+    """A read key's upload to a write route gets its 403 before the body is read: the body
+    generator below is never asked for a chunk. (Before, FastAPI parsed a multipart or JSON
+    body whole before the route's scope check ran.)"""
+    read = make_key("read")
+    chunk, chunks = bytes(8 * 1024), 16  # under every route's body limit: a 413 would not tell
+    refused = set()
+    for method, url in _routes_with_a_body(client):
+        consumed = 0
+
+        def body() -> Iterator[bytes]:
+            nonlocal consumed
+            head = b'--xyz\r\nContent-Disposition: form-data; name="file"; filename="a.npz"\r\n\r\n'
+            consumed += len(head)
+            yield head
+            for _ in range(chunks):
+                consumed += len(chunk)
+                yield chunk
+
+        headers = {"Authorization": f"Bearer {read}",
+                   "Content-Type": "multipart/form-data; boundary=xyz"}
+        if framing == "length":
+            headers["Content-Length"] = str(chunks * len(chunk) + 100)
+        r = client.request(method, url, content=body(), headers=headers)
+        if r.status_code != 403:
+            continue  # a route a read key may use (predictions)
+        assert "lacks the 'write' scope" in r.json()["detail"] or "lacks the 'admin' scope" in r.json()["detail"]
+        assert consumed == 0, (method, url, f"{consumed} bytes of the body were read before the 403")
+        refused.add((method, url))
+    assert {("POST", "/api/v1/datasets"), ("PUT", "/api/v1/weights/x"), ("POST", "/api/v1/jobs"),
+            ("POST", "/api/v1/keys")} <= refused

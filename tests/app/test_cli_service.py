@@ -98,7 +98,8 @@ class _FakeHub:
         return {"total": 1, "items": [m]}
 
     def weights(self) -> list[dict]:
-        return [{"name": "resnet50-imagenet-finetuned-digits", "tensors": 320, "size_bytes": 94_400_000}]
+        return [{"name": "resnet50-imagenet-finetuned-digits", "tensors": 320, "params": 25_610_205,
+                 "dtypes": ["float32", "int64"], "size_bytes": 94_400_000}]
 
     def compose(self, *_: object) -> dict:
         return {"id": 77, "sources": [{"model_id": 123}], "class_names": ["3", "5", "8"],
@@ -107,7 +108,7 @@ class _FakeHub:
 
 
 TABLES = {
-    "weights": (["weights"], ["resnet50-imagenet-finetuned-digits", "320", "94.4MB"]),
+    "weights": (["weights"], ["resnet50-imagenet-finetuned-digits", "320", "25.6M", "94.4MB"]),
     "jobs": (["jobs"], [JOB_ID[:8], "12345"]),
     "models": (["models"], ["97.2%", "84.6%", "11.2M", "0.997", "123"]),
     "modules": (["modules"], ["4567", "793k", "97.3%", "94.1%"]),

@@ -169,3 +169,36 @@ def test_composition_reports_loss_against_a_standard_model(
     want = accuracy(NormalizedInput(restrict(net, [0, 1, 7, 9], 10), spec), x, y)
     assert m["standard_accuracy"] == pytest.approx(want)
     assert m["standard_accuracy_loss"] == pytest.approx(want - m["accuracy"])
+
+
+def test_a_composition_past_the_inline_size_runs_as_a_job(
+    client: TestClient, app: FastAPI, settings: Settings, two_models: tuple[Model, Model]
+) -> None:
+    """More sources than MWT_COMPOSE_INLINE_MAX_PARTS: 202 with a compose job, the same
+    request joins that job, and the job stores what the request would have composed."""
+    from worker.jobs import run_job
+
+    a, b = two_models
+    body = {
+        "sources": [{"model_id": a.id, "classes": [3, 5]}, {"model_id": b.id, "classes": [8]}],
+        "calibration_per_class": 10,
+    }
+    app.state.settings = settings.model_copy(update={"compose_inline_max_parts": 1})
+    r = client.post("/api/v1/compositions", json=body)
+    assert r.status_code == 202, r.json()
+    job = r.json()
+    assert job["kind"] == "compose" and job["status"] == "queued"
+    assert r.headers["location"] == f"/api/v1/jobs/{job['id']}"
+    assert client.post("/api/v1/compositions", json=body).json()["id"] == job["id"]
+    one_model = client.post("/api/v1/compositions", json={"model_id": a.id, "classes": [3, 5]})
+    assert one_model.status_code == 201  # one source is within the size
+
+    assert run_job(job["id"], settings) == "succeeded"
+    done = client.get(f"/api/v1/jobs/{job['id']}").json()
+    comp = client.get(f"/api/v1/compositions/{done['composition_id']}").json()
+    assert comp["classes"] == [3, 5, 8] and comp["class_names"] == ["3", "5", "8"]
+    # The composition is the one the request would have built: asked again, it is found.
+    app.state.settings = settings
+    again = client.post("/api/v1/compositions", json=body)
+    assert again.status_code == 200 and again.json()["id"] == comp["id"]
+    assert again.json()["accuracy"] == comp["accuracy"]

@@ -28,8 +28,9 @@ def test_empty_submit_and_mwt_submit_train_the_core_defaults(
     assert res.exit_code == 0, res.output
     from_cli = json.loads(res.output)["params"]
     assert from_cli == empty.json()["params"]
-    # TrainConfig's defaults, with the loss settings loss_defaults gives the default data set
-    defaults = {k: f.default for k, f in TrainConfig.__dataclass_fields__.items() if k != "device"}
+    # TrainConfig's defaults (a width not given: the architecture's), with the loss settings
+    # loss_defaults gives the default data set
+    defaults = {k: v for k, v in TrainConfig().to_json().items() if k != "device"}
     defaults.update(loss_defaults(False, DEFAULT_DATASET))
     assert {k: from_cli[k] for k in defaults} == defaults
     assert from_cli["tau"] == ModularizeConfig.tau

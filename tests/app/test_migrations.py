@@ -16,7 +16,8 @@ from app.settings import Settings
 from tests.support.services import postgres_available, throwaway_postgres
 
 TABLES = {
-    "api_keys", "datasets", "jobs", "models", "modules", "compositions", "composition_sources"
+    "api_keys", "datasets", "jobs", "models", "modules", "compositions", "composition_sources",
+    "weights",
 }
 
 

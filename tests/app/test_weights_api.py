@@ -111,3 +111,67 @@ def test_list_and_delete_uploaded_weights(client, make_key):
     assert client.delete("/api/v1/weights/r18").status_code == 204
     assert client.get("/api/v1/weights").json() == []
     assert client.delete("/api/v1/weights/r18").status_code == 404
+
+
+def _no_file_reads(monkeypatch) -> None:
+    """Make every way of opening a weights file fail the test."""
+    import mwt_core.models.weights as weights_mod
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a weights file was opened")
+
+    for name in ("safe_open", "read_header", "read_shapes", "read_weights"):
+        monkeypatch.setattr(weights_mod, name, refuse, raising=False)
+    monkeypatch.setattr("mwt_core.checksums.sha256_file", refuse)
+
+
+def test_listing_weights_reads_the_registry_not_the_files(client, monkeypatch):
+    """What a listing shows was recorded when the weights were stored: listing opens no
+    weights file (before, each listing read every file's header)."""
+    body = _resnet18_bytes(10)
+    stored = client.put("/api/v1/weights/r18", content=body)
+    assert stored.status_code == 201, stored.text
+    state = tvm.resnet18(weights=None, num_classes=10).state_dict()
+    expected = {
+        "name": "r18", "size_bytes": len(body), "sha256": stored.json()["sha256"],
+        "tensors": len(state), "params": sum(t.numel() for t in state.values()),
+        "dtypes": ["float32", "int64"],  # num_batches_tracked: int64
+    }
+    _no_file_reads(monkeypatch)
+    listed = client.get("/api/v1/weights")
+    assert listed.status_code == 200, listed.text
+    assert [{k: w.get(k) for k in expected} for w in listed.json()] == [expected]
+    assert {k: stored.json().get(k) for k in expected} == expected
+
+
+def test_weights_stored_before_the_registry_recorded_them_are_listed(client, settings, monkeypatch):
+    """Files uploaded before the weights table existed get their row at the first listing
+    (their header read once); later listings read the registry only."""
+    legacy = weights_path(settings, "legacy")
+    legacy.parent.mkdir(parents=True, exist_ok=True)
+    legacy.write_bytes(save({"w": torch.zeros(3, 4, dtype=torch.float16)}))
+    weights_path(settings, "broken").write_bytes(b"not safetensors")  # left out, as before
+    first = client.get("/api/v1/weights").json()
+    assert [(w["name"], w["tensors"], w["params"], w["dtypes"]) for w in first] == [
+        ("legacy", 1, 12, ["float16"])
+    ]
+    _no_file_reads(monkeypatch)
+    assert client.get("/api/v1/weights").json() == first
+    assert client.put("/api/v1/weights/legacy", content=b"x").status_code == 409
+
+
+def test_concurrent_uploads_of_one_name_store_one_file_and_its_row(client, settings):
+    """Two uploads racing for one name: one is stored (file and row agree), the other 409."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from mwt_core.checksums import sha256_file
+
+    bodies = [save({"w": torch.full((64, 64), float(i))}) for i in range(2)]
+    with ThreadPoolExecutor(2) as pool:
+        answers = list(pool.map(lambda b: client.put("/api/v1/weights/race", content=b), bodies))
+    assert sorted(r.status_code for r in answers) == [201, 409], [r.text for r in answers]
+    stored = next(r.json() for r in answers if r.status_code == 201)
+    listed = client.get("/api/v1/weights").json()
+    assert [(w["name"], w["sha256"]) for w in listed] == [("race", stored["sha256"])]
+    assert sha256_file(weights_path(settings, "race")) == stored["sha256"]
+    assert not list(weights_path(settings, "race").parent.glob(".upload-*"))

@@ -55,3 +55,25 @@ def test_unknown_architecture_message():
     with pytest.raises(UnknownArchitecture, match="choose one of"):
         architecture_info("alexnet")
     assert architecture_info("VGG16-BN").name == "vgg16"
+
+
+def test_a_config_without_a_width_takes_its_architectures_default():
+    """TrainConfig's width is each architecture's own default, valid for it: a fixed-layout
+    torchvision network trains at 1, a built-in at the default it declares."""
+    from mwt_core.config import TrainConfig
+
+    assert TrainConfig(arch="tv_mobilenet_v2").width == 1
+    assert TrainConfig(arch="tv_mobilenet_v2", width=1).to_json()["width"] == 1
+
+    from mwt_core.models import check_architecture, default_width, register_model
+
+    for arch in list_architectures():
+        info = architecture_info(arch)
+        if info.unsupported is not None:
+            continue
+        assert TrainConfig(arch=arch).width == info.default_width == default_width(arch)
+        check_architecture(arch, info.default_width)
+    # A registration cannot declare a default its layout refuses.
+    with pytest.raises(ValueError, match="default width"):
+        register_model("fixed_but_scaled", min_input_size=8, description="x",
+                       width_multiplier=False, default_width=0.5)(lambda **kw: None)

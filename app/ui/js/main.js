@@ -149,7 +149,7 @@ async function pageJobs() {
       } else {
         const isInt = p.type === "integer";
         const blank = PER_DATASET.has(name) || def === null || def === undefined;
-        input = h("input", { type: name === "name" ? "text" : "number", step: isInt ? "1" : "any", value: blank ? "" : def, placeholder: PER_DATASET.has(name) ? "data set's" : blank ? "default" : null });
+        input = h("input", { type: name === "name" ? "text" : "number", step: isInt ? "1" : "any", value: blank ? "" : def, placeholder: PER_DATASET.has(name) ? "data set's" : name === "width" && blank ? "architecture's" : blank ? "default" : null });
       }
       input.name = name; inputs[name] = input;
       return h("label", { title: p.description || "" }, name.replace("_", " "), input);
