@@ -16,15 +16,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import json
 import platform
 import random
-import re
 import statistics
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from tempfile import TemporaryDirectory
 from typing import Any
@@ -33,22 +30,10 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from _stacks import distributed_stack, embedded_stack  # noqa: E402
+
 from app.client import MwtClient  # noqa: E402
-from tests.support.processes import (  # noqa: E402
-    ServiceProcess,
-    clean_env,
-    compose_service,
-    localize_env,
-    wait_http,
-)
-from tests.support.services import (  # noqa: E402
-    ensure_pg_role,
-    free_port,
-    postgres_available,
-    redis_available,
-    throwaway_postgres,
-    throwaway_redis_db,
-)
+from tests.support.services import postgres_available, redis_available  # noqa: E402
 
 TRAIN = {"dataset": "digits", "arch": "simcnn", "width": 0.125, "epochs": 1, "batch_size": 128}
 
@@ -210,58 +195,6 @@ def run_workloads(name: str, base: str, token: str, args: argparse.Namespace) ->
     }
 
 
-@contextlib.contextmanager
-def embedded_stack(root: Path) -> Iterator[tuple[str, str]]:
-    port = free_port()
-    key_file = root / "admin.key"
-    env = clean_env({"MWT_DATA_DIR": str(root / "data"), "MWT_LOG_LEVEL": "warning"})
-    proc = ServiceProcess(
-        "serve", ["mwt", "serve", "--port", str(port), "--key-file", str(key_file)], env, root
-    )
-    try:
-        wait_http(f"http://127.0.0.1:{port}/health", 120, proc)
-        yield f"http://127.0.0.1:{port}", key_file.read_text().strip()
-    finally:
-        proc.stop()
-
-
-@contextlib.contextmanager
-def postgres_stack(root: Path) -> Iterator[tuple[str, str]]:
-    with (
-        ensure_pg_role("mwt", "mwt"),
-        throwaway_postgres("mwt_bench", owner="mwt") as url,
-        throwaway_redis_db() as rdb,
-    ):
-
-        def env_of(service: str) -> dict[str, str]:
-            _, env = compose_service(service)
-            env = localize_env(env, database_url=url, redis_db=rdb, data_dir=root / "volume")
-            env["MWT_LOG_LEVEL"] = "warning"
-            return clean_env(env)
-
-        cmd, _ = compose_service("migrate")
-        mig = ServiceProcess("migrate", cmd, env_of("migrate"), root)
-        if mig.proc.wait(120) != 0:
-            raise RuntimeError(mig.log())
-        token = re.search(r"export MWT_API_KEY=(\S+)", mig.log())
-        if token is None:
-            raise RuntimeError(f"no admin key printed by migrate:\n{mig.log()}")
-        port = free_port()
-        cmd, _ = compose_service("api")
-        cmd = [
-            str(port) if prev == "--port" else c for prev, c in zip([None, *cmd], cmd, strict=False)
-        ]
-        api = ServiceProcess("api", cmd, env_of("api"), root)
-        wcmd, _ = compose_service("worker")
-        worker = ServiceProcess("worker", wcmd, env_of("worker"), root)
-        try:
-            wait_http(f"http://127.0.0.1:{port}/health", 120, api)
-            yield f"http://127.0.0.1:{port}", token.group(1)
-        finally:
-            worker.stop()
-            api.stop()
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -283,11 +216,11 @@ def main() -> None:
                 if not (postgres_available() and redis_available()):
                     print("[postgres] skipped: PostgreSQL/Redis not reachable", file=sys.stderr)
                     continue
-                ctx = postgres_stack(Path(tmp))
+                ctx = distributed_stack(Path(tmp))
             else:
                 raise SystemExit(f"unknown stack {name!r}")
-            with ctx as (base, token):
-                results[name] = run_workloads(name, base, token, args)
+            with ctx as stack:
+                results[name] = run_workloads(name, stack.base, stack.token, args)
 
     print()
     header = f"{'stack':<10} {'workload':<16} {'req/s':>8} {'p50 ms':>8} {'p99 ms':>8} {'errors':>7} {'MB/s':>7}"

@@ -148,3 +148,30 @@ def test_modules_bench_tiny(tmp_path):
     targets = r["targets"]
     assert targets["classes"] == 10
     assert targets["classes_gen_le_0.7"] == sum(every[k]["latency_ratio"] <= 0.7 for k in every if k.endswith("gen"))
+
+
+def test_soak_bench_tiny(tmp_path):
+    """bench/soak.py for a few seconds on the embedded stack, its job on 128 images: the JSON
+    line has every figure, each checked download and export matched its sha256, the job's
+    process was killed after its first checkpoint and the job resumed from it, and the table
+    went to --results."""
+    results = tmp_path / "soak.md"
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "soak.py"), "--duration", "15", "--clients", "4",
+         "--epochs", "2", "--job-train-images", "128", "--job-timeout", "400",
+         "--results", str(results)],
+        cwd=ROOT, capture_output=True, text=True, timeout=580,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    r = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert r["bench"] == "soak" and r["stack"] == "embedded" and r["clients"] == 4
+    assert set(r["kinds"]) == {"query", "download", "predict", "export", "compose", "job"}
+    for k in r["kinds"].values():
+        assert k["requests"] == sum(k["by_status"].values())
+    assert r["requests"] == sum(k["requests"] for k in r["kinds"].values()) > 0
+    assert r["checksum_checks"] > 0 and r["checksum_mismatches"] == 0, r["mismatch_samples"]
+    assert r["api"]["peak_rss_mb"] >= r["api"]["start_rss_mb"] > 0 and r["api"]["alive_at_end"]
+    job = r["job"]
+    assert job["killed"]["checkpoint_epoch"] == 1 and job["killed"]["pid"] > 0
+    assert job["succeeded"] and job["resumed"] and job["resumed_from_epoch"] == 1, job
+    assert isinstance(r["ok"], bool) and results.read_text().startswith("# bench/soak.py")

@@ -106,12 +106,15 @@ def seed_trained_model(
     train_images: int = 256,
     name: str = "digits-tiny",
     with_modules: bool = False,
+    time_modules: bool = True,
 ) -> Model:
     """Train a tiny real MwT model on part of digits (about a second) and register it as ready.
 
     The registry row and the artifact are real (safetensors + manifest with its modularization),
     so compositions can load and measure it. With ``with_modules`` its per-class modules are
-    written and registered as the worker does (``mwt_core.pipeline.export_class_modules``).
+    written and registered as the worker does (``mwt_core.pipeline.export_class_modules``);
+    without ``time_modules`` their CPU latency is not timed (that timing is most of the time
+    a seeding takes, and only the modules' ``latency_ms`` shows it).
     """
     from dataclasses import replace
 
@@ -169,7 +172,7 @@ def seed_trained_model(
     )
     model.sha256, model.size_bytes = storage.pack(art)
     if with_modules:
-        _register_modules(session, settings, model, result.model, mz, written)
+        _register_modules(session, settings, model, result.model, mz, written, time_modules)
     model.artifact_path = storage.relative(settings.artifacts, art)
     model.status, model.ready_at = ModelStatus.ready.value, utcnow()
     session.commit()
@@ -177,13 +180,15 @@ def seed_trained_model(
 
 
 def _register_modules(
-    session: Session, settings: Settings, model: Model, net: Any, mz: Any, written: dict[str, Any]
+    session: Session, settings: Settings, model: Model, net: Any, mz: Any, written: dict[str, Any],
+    time_modules: bool = True,
 ) -> None:
-    from mwt_core.pipeline import export_class_modules
+    from mwt_core.pipeline import LATENCY_BATCH, export_class_modules
 
     modules_dir = storage.module_artifact_dir(settings.artifacts, model.id, 0).parent
     names = [str(c) for c in range(mz.num_classes)]
-    for m in export_class_modules(net, mz, written, modules_dir, dirnames=names, write_index=False):
+    for m in export_class_modules(net, mz, written, modules_dir, dirnames=names, write_index=False,
+                                  latency_batch=LATENCY_BATCH if time_modules else 0):
         sha, size = storage.pack(m.dir)
         session.add(
             Module(
