@@ -29,7 +29,7 @@ from torch import nn
 from mwt_core.artifacts import load_artifact
 from mwt_core.compose import NormalizedInput
 from mwt_core.data.datasets import InputSpec
-from mwt_core.tracing import exclusive_trace
+from mwt_core.tracing import exclusive_trace, save_traced
 
 ExportFormat = Literal["torchscript", "onnx"]
 FORMATS: tuple[str, ...] = ("torchscript", "onnx")
@@ -161,9 +161,7 @@ def export_torchscript(net: nn.Module, manifest: dict[str, Any], path: str | Pat
             # it still loads everywhere with torch alone, which is the point of this file.
             warnings.simplefilter("ignore", torch.jit.TracerWarning)
             warnings.simplefilter("ignore", FutureWarning)
-            with exclusive_trace():
-                traced = torch.jit.trace(wrapped, example, check_trace=False)
-            torch.jit.save(traced, tmp, _extra_files=extra)
+            save_traced(wrapped, example, tmp, extra)
 
     return _write_atomically(Path(path), write)
 

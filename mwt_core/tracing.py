@@ -16,6 +16,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
+import torch
 from torch import fx, nn
 
 # Reentrant: a trace may build a network that is itself traced (loading a module slims it).
@@ -27,6 +28,27 @@ def exclusive_trace() -> Iterator[None]:
     """Hold the process-wide tracing lock (around ``torch.jit.trace`` or ``torch.onnx.export``)."""
     with _TRACE_LOCK:
         yield
+
+
+def save_traced(net: nn.Module, example: torch.Tensor, path: str, extra_files: dict[str, str]
+                ) -> None:
+    """``torch.jit.trace`` ``net`` on ``example`` and save it to ``path``, leaving nothing behind.
+
+    Every traced module registers its TorchScript class types in torch's process-wide
+    compilation unit, and they stay there after the traced module is gone: a server that
+    exports one artifact after another would grow without end. The trace is dropped once
+    saved and the registry cleared, under the tracing lock, so no other traced module can
+    be alive to lose its types (loaded TorchScript files have compilation units of their own).
+    """
+    with _TRACE_LOCK:
+        traced = torch.jit.trace(net, example, check_trace=False)
+        try:
+            torch.jit.save(traced, path, _extra_files=extra_files)
+        finally:
+            del traced
+            torch._C._jit_clear_class_registry()
+            torch.jit._recursive.concrete_type_store = torch.jit._recursive.ConcreteTypeStore()
+            torch.jit._state._clear_class_state()
 
 
 class ThreadSafeTracer(fx.Tracer):
