@@ -20,11 +20,12 @@ $(STAMP): pyproject.toml constraints.txt | $(BIN)/python
 run: venv
 	$(BIN)/mwt serve
 
-# Chromium, wrk and redis-server (apt-get when root), and a check that PostgreSQL and Redis answer.
+# Chromium, wrk, redis-server (apt-get as root or with password-less sudo, else one line saying
+# what to install), and a check that PostgreSQL and Redis answer. .ci/run calls it too.
 system-deps:
-	scripts/system-deps.sh
+	bash scripts/system-deps.sh
 
-test: venv system-deps
+test: system-deps venv
 	$(BIN)/python -m pytest -q
 
 # The tests of learning outcomes once more on PyTorch's and oneDNN's AVX2 kernels, as on a CPU
