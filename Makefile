@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 # Written after a successful install; rebuilt when pyproject.toml or constraints.txt change.
 STAMP := $(VENV)/.mwt-hub-installed
 
-.PHONY: venv run test lint typecheck format readme walkthrough clean
+.PHONY: venv system-deps run test test-avx2 lint typecheck format readme walkthrough clean
 
 venv: $(STAMP)
 
@@ -20,8 +20,18 @@ $(STAMP): pyproject.toml constraints.txt | $(BIN)/python
 run: venv
 	$(BIN)/mwt serve
 
-test: venv
+# Chromium, wrk, redis-server (apt-get as root or with password-less sudo, else one line saying
+# what to install), and a check that PostgreSQL and Redis answer. .ci/run calls it too.
+system-deps:
+	bash scripts/system-deps.sh
+
+test: system-deps venv
 	$(BIN)/python -m pytest -q
+
+# The tests of learning outcomes once more on PyTorch's and oneDNN's AVX2 kernels, as on a CPU
+# without AVX-512: float sums round differently there, so training takes another trajectory.
+test-avx2: venv
+	ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 $(BIN)/python -m pytest -q -m training_outcome
 
 lint: venv
 	$(BIN)/ruff check .

@@ -116,7 +116,7 @@ def test_archs_bench_init_study_tiny():
 
 
 def test_registry_load_bench_tiny():
-    # wrk is installed by .ci/run (apt-get) like chromium; the figures themselves are the bench's.
+    # wrk comes from scripts/system-deps.sh (make test, .ci/run); the figures are the bench's.
     r = _last_json_line("registry_load.py", "--duration", "1", "--warmup", "0", "--models", "1",
                         "--connections", "4", "--threads", "1")
     assert set(r["runs"]) == {"1", "0"}

@@ -32,16 +32,22 @@ def run_json(*args: str) -> dict:
     return json.loads(lines[0])
 
 
-# Short, but long enough to learn digits well above chance (0.1): the accuracy checks
-# below compare figures that a model predicting one class everywhere would get right anyway.
-TRAIN_ARGS = ("--width", "0.125", "--epochs", "6", "--batch-size", "32", "--train-limit", "1000",
-              "--no-augment", "--device", "cpu")
+# Short, but long enough to learn every digit (chance: 0.1): the accuracy checks below
+# compare figures that a model predicting one class everywhere would get right anyway, and
+# the tests marked training_outcome assert what it learnt. RESCNN, not the default SimCNN:
+# SimCNN x0.125 trained this briefly with digits' loss defaults left whole classes unlearnt
+# (their masks switched off early) on some seeds and CPUs: test accuracy 0.32-0.79 over seeds
+# 0-5 on the AVX-512 and the AVX2 kernels (0.45-0.86 at 12 epochs). RESCNN learns every class
+# in the same steps: 0.972-0.989, its {3,5,8} module at most one test image below the model.
+ARCH = "rescnn"
+TRAIN_ARGS = ("--arch", ARCH, "--width", "0.125", "--epochs", "6", "--batch-size", "32",
+              "--train-limit", "1000", "--no-augment", "--device", "cpu")
 
 
 @pytest.fixture(scope="session")
 def trained(tmp_path_factory) -> tuple[Path, dict]:
     out = tmp_path_factory.mktemp("cli") / "run"
-    summary = run_json("train", "--arch", "simcnn", "--dataset", "digits", *TRAIN_ARGS, "--out", out)
+    summary = run_json("train", "--dataset", "digits", *TRAIN_ARGS, "--out", out)
     return out, summary
 
 
@@ -118,6 +124,7 @@ def test_train_defaults_are_the_cores(trained):
     assert summary["tau"] == ModularizeConfig.tau
 
 
+@pytest.mark.training_outcome
 def test_reported_accuracy_is_the_saved_models(trained):
     out, summary = trained
     net, _ = load_artifact(out / "model")
@@ -149,7 +156,7 @@ def test_show_human_and_json(trained):
     out, _ = trained
     result = run("show", out / "model")
     assert result.exit_code == 0, result.output
-    assert "verified" in result.stdout and "simcnn" in result.stdout
+    assert "verified" in result.stdout and ARCH in result.stdout
     data = run_json("show", out / "model")
     assert data["kind"] == "model" and data["sha256_verified"] is True
     assert data["metrics"]["krr"] == pytest.approx(read_manifest(out / "model")["metrics"]["krr"])
@@ -166,9 +173,12 @@ class _Pick(torch.nn.Module):
 
 # Zero-training module vs the full model restricted to the same classes: at most this far
 # below (a module drops only kernels that its classes use on fewer than tau of their samples).
+# Measured on the fixture's setting (seeds 0-5, both kernel sets): at most 0.9 pp (one of the
+# 109 images) below, the model at 0.97-1.0 on 3, 5 and 8, the module keeping 54-64% of kernels.
 MODULE_MARGIN = 0.05
 
 
+@pytest.mark.training_outcome
 def test_extract_evaluate_module(trained, tmp_path):
     out, summary = trained
     dst = tmp_path / "m358"
@@ -250,6 +260,7 @@ def test_modularize_updates_manifest(model_copy, tmp_path):
     assert run("show", model_copy).exit_code == 0
 
 
+@pytest.mark.training_outcome
 def test_modularize_recuts_the_modules_beside_the_model(trained, tmp_path):
     """`mwt modularize OUT/model` re-cuts OUT/modules at the new tau: every module then comes
     from the rewritten model (its sha256) with that tau's per-class KRR, none from the old cut."""
@@ -430,6 +441,7 @@ def test_compose_across_two_model_dirs(trained, tmp_path, standard_model):
         assert result.exit_code == 1 and message in result.output, (args, result.output)
 
 
+@pytest.mark.training_outcome
 def test_evaluate_one_class_module_scores_one_vs_rest(trained):
     """A one-output module always wins an argmax: evaluate reports its one-vs-rest AUROC
     (checked here by counting pairs by hand) and the registry's figure, the full model's recall."""

@@ -207,6 +207,7 @@ def halves(digits32):
     return _disjoint_sources(digits32, [[0, 1, 2, 3, 4], [5, 6, 7, 8, 9]], epochs=8)
 
 
+@pytest.mark.training_outcome
 def test_default_method_beats_raw_on_models_of_disjoint_classes(halves, digits32):
     """Open set on real digits: models of 0-4 and 5-9 answer confidently for digits they never
     saw; the default method must beat raw logits by a clear margin on the union's test split."""
@@ -216,7 +217,8 @@ def test_default_method_beats_raw_on_models_of_disjoint_classes(halves, digits32
     sources, subs = halves
     composed, m = compose_and_measure(sources, subs, 20, combine=DEFAULT_COMBINE)
     assert m["combine"] == DEFAULT_COMBINE and m["test_samples"] == len(digits32.test_y)
-    # 18 of the 360 test images: these small 8-epoch models score ~77% with it, ~68% raw.
+    # 18 of the 360 test images. Measured on this setting (seeds 0-5, on the AVX-512 and the
+    # AVX2 kernels, one thread): 0.69-0.97 with it, 0.56-0.87 raw, 0.078-0.153 better at every seed.
     assert m["accuracy"] >= m["raw_accuracy"] + 0.05, m
     from mwt_core.combine import LABELLED_METHODS
 

@@ -212,6 +212,7 @@ def test_higher_tau_keeps_fewer_kernels_on_designed_activity(monkeypatch):
 # ------------------------------------------------------------------ 2. trained model, real digits
 
 
+@pytest.mark.training_outcome
 @pytest.mark.parametrize("tau", [0.9, 0.5])
 def test_metrics_match_brute_force_on_trained_model(trained_digits, monkeypatch, tau):
     model, data = trained_digits
@@ -233,6 +234,7 @@ def test_metrics_match_brute_force_on_trained_model(trained_digits, monkeypatch,
     assert len(result.layer_coupling()) == len(model.kernel_counts())
 
 
+@pytest.mark.training_outcome
 def test_union_json_roundtrip_and_errors(trained_digits, digits32):
     model, data = trained_digits
     result = modularize(model, data, device="cpu")
@@ -281,6 +283,7 @@ def test_class_frequencies_in_chunks(monkeypatch):
     assert torch.allclose(freq, (onehot.T @ act.float()) / onehot.sum(0)[:, None], atol=0)
 
 
+@pytest.mark.training_outcome
 def test_tau_sweep_runs_the_model_once(trained_digits, monkeypatch):
     model, data = trained_digits
     calls = []

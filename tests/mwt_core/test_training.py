@@ -83,9 +83,11 @@ def test_bad_config_is_rejected():
         resolve_device("tpu")
 
 
+@pytest.mark.training_outcome
 def test_overlap_term_switches_kernels_off(digits32):
     # The optional gamma term (cross-class mask overlap) must lower the share of active kernels
-    # against the same run without it.
+    # against the same run without it. Measured on this setting (seeds 0-5, on the AVX-512 and
+    # the AVX2 kernels): a drop of 0.21-0.31, twice the bound at every seed.
     data = _subset(digits32)
     rates = {}
     for gamma in (0.0, 10.0):
@@ -105,11 +107,13 @@ def test_checkpoint_of_an_older_config_still_resumes():
     assert not same_run(older, {**cfg, "gamma": 0.5})
 
 
-# Smallest coupling drop accepted from the MwT losses. Measured on this setting (seeds 0-5):
-# MwT 0.580-0.652 against CE-only 0.697-0.724, a drop of 0.072-0.117 at every seed.
+# Smallest coupling drop accepted from the MwT losses. Measured on this setting (seeds 0-5,
+# on the AVX-512 and the AVX2 kernels, one thread): MwT 0.631-0.667 against CE-only
+# 0.727-0.773, a drop of 0.084-0.113 at every seed; test accuracy 0.98-1.0 for both.
 MWT_COUPLING_DROP = 0.04
 
 
+@pytest.mark.training_outcome
 def test_mwt_losses_lower_coupling_against_standard_training():
     """MwT training (DESIGN §1.2) yields modules that share fewer kernels than standard training.
 
