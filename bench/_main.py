@@ -18,9 +18,8 @@ def bench_main(
     argv: list[str] | None = None,
 ) -> int:
     """Run a benchmark; bad options (unknown architecture, sizes, no CUDA) are one line, exit 1."""
-    args = parse_args(argv)
-    try:
-        result = run(args)
+    try:  # parsing fills in defaults that depend on the architecture, so it can refuse too
+        result = run(parse_args(argv))
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
