@@ -9,6 +9,9 @@ Names understood by :func:`load_dataset`:
 
 - ``digits``: scikit-learn's bundled 8x8 handwritten digits (1,797 real images,
   no download), split 80/20 stratified with a fixed seed.
+- ``digits28``: a harder ``digits`` (see :mod:`mwt_core.data.digits28`): ten
+  distorted, noisy 1x28x28 copies of each of its images (rotation, scale, shear,
+  shift, stroke width), 14,370 train / 3,600 test, split by source image.
 - ``synthetic``: generated CIFAR-shaped (3x32x32) images whose class decides a
   colour and a stripe pattern, plus noise; for smoke tests and benchmarks.
 - ``cifar10``, ``cifar100``, ``svhn``, ``mnist``, ``fashion_mnist``: the torchvision
@@ -47,6 +50,7 @@ from mwt_core.data.bundle import (
     holdout,
     resize_images,
 )
+from mwt_core.data.digits28 import digits28_dataset
 from mwt_core.data.npz import load_npz
 from mwt_core.data.torchvision_sets import _TORCHVISION, _torchvision_available, torchvision_dataset
 
@@ -62,6 +66,7 @@ __all__ = [
     "InputSpec",
     "channel_stats",
     "default_data_dir",
+    "digits28_dataset",
     "digits_dataset",
     "holdout",
     "ensure_min_size",
@@ -73,7 +78,7 @@ __all__ = [
     "torchvision_dataset",
 ]
 
-DATASET_NAMES: tuple[str, ...] = ("digits", "synthetic", *_TORCHVISION)
+DATASET_NAMES: tuple[str, ...] = ("digits", "digits28", "synthetic", *_TORCHVISION)
 
 _ALIASES = {
     "fashionmnist": "fashion_mnist",
@@ -221,6 +226,9 @@ def load_dataset(
     if key == "digits":
         no_options()
         bundle = digits_dataset()
+    elif key == "digits28":
+        no_options()
+        bundle = digits28_dataset()
     elif key == "synthetic":
         allowed = {"num_train", "num_test", "num_classes", "seed"}
         unknown = sorted(set(kw) - allowed)
@@ -255,6 +263,7 @@ def list_datasets(data_dir: str | os.PathLike[str] | None = None) -> list[Datase
     root = _data_dir(data_dir)
     infos = [
         DatasetInfo("digits", 10, 1, 8, True, "scikit-learn"),
+        DatasetInfo("digits28", 10, 1, 28, True, "scikit-learn"),
         DatasetInfo("synthetic", 10, 3, 32, True, "generated"),
     ]
     for name, meta in _TORCHVISION.items():

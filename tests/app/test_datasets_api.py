@@ -30,6 +30,7 @@ def test_list_and_show_builtins(client: TestClient) -> None:
     names = {d["name"]: d for d in client.get("/api/v1/datasets").json()}
     assert names["digits"]["available"] and names["digits"]["num_classes"] == 10
     assert names["synthetic"]["available"]
+    assert names["digits28"]["available"] and names["digits28"]["input_size"] == 28
     assert names["cifar10"]["available"] is False and "download" in names["cifar10"]["hint"]
     assert client.get("/api/v1/datasets/digits").json()["input_size"] == 8
     assert client.get("/api/v1/datasets/nope").status_code == 404

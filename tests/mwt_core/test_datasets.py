@@ -100,6 +100,93 @@ def test_digits_takes_no_options() -> None:
         load_dataset("digits", seed=3)
 
 
+# --------------------------------------------------------------------------- digits28
+
+
+@pytest.fixture(scope="module")
+def digits28() -> DatasetBundle:
+    return load_dataset("digits28")
+
+
+def _nearest_centroid_accuracy(data: DatasetBundle) -> float:
+    """Test accuracy of the per-class mean training image, on raw pixels."""
+    train = data.train_x.flatten(1).float()
+    centroids = torch.stack([train[data.train_y == k].mean(0) for k in range(data.num_classes)])
+    nearest = torch.cdist(data.test_x.flatten(1).float(), centroids).argmin(1)
+    return float((nearest == data.test_y).float().mean())
+
+
+def test_digits28_shapes_dtypes_and_spec(digits28: DatasetBundle) -> None:
+    assert digits28.name == "digits28"
+    assert digits28.train_x.shape == (14370, 1, 28, 28)
+    assert digits28.test_x.shape == (3600, 1, 28, 28)
+    assert digits28.train_y.shape == (14370,) and digits28.test_y.shape == (3600,)
+    assert digits28.train_x.dtype == torch.uint8 and digits28.test_x.dtype == torch.uint8
+    assert digits28.train_y.dtype == torch.int64 and digits28.test_y.dtype == torch.int64
+    assert digits28.class_names == [str(i) for i in range(10)]
+    spec = digits28.spec
+    assert (spec.channels, spec.size, spec.hflip) == (1, 28, False)
+    mean, std = channel_stats(digits28.train_x)
+    assert spec.mean == pytest.approx(mean) and spec.std == pytest.approx(std)
+    # ten different copies of each source image, none of them blank
+    copies = digits28.train_x[:10].flatten(1)
+    assert len({row.numpy().tobytes() for row in copies}) == 10
+    assert (digits28.test_x.flatten(1).float().amax(1) > 128).all()
+
+
+def test_digits28_is_deterministic_and_split_by_source_image(
+    digits: DatasetBundle, digits28: DatasetBundle, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from mwt_core.data import digits28 as module
+
+    sources: list[torch.Tensor] = []
+    real = module.distort_digits
+
+    def spy(images: torch.Tensor, copies: int, gen: torch.Generator) -> torch.Tensor:
+        sources.append(images.clone())
+        return real(images, copies, gen)
+
+    monkeypatch.setattr(module, "distort_digits", spy)
+    again = load_dataset("digits28")
+    for name in ("train_x", "train_y", "test_x", "test_y"):
+        assert torch.equal(getattr(again, name), getattr(digits28, name)), name
+    assert again.spec == digits28.spec
+    # The copies are made from digits' own splits, train from train and test from test,
+    # and those splits share no image: no copy of a test image can be in training.
+    train_src, test_src = sources
+    assert torch.equal(train_src, digits.train_x) and torch.equal(test_src, digits.test_x)
+    assert torch.equal(digits28.train_y, digits.train_y.repeat_interleave(10))
+    assert torch.equal(digits28.test_y, digits.test_y.repeat_interleave(10))
+    train_rows = {row.numpy().tobytes() for row in train_src}
+    assert not any(row.numpy().tobytes() in train_rows for row in test_src)
+
+
+def test_digits28_is_harder_than_digits(digits: DatasetBundle, digits28: DatasetBundle) -> None:
+    easy, hard = _nearest_centroid_accuracy(digits), _nearest_centroid_accuracy(digits28)
+    assert easy > 0.8
+    assert 0.15 < hard < 0.6  # well above chance (0.1): the digits are still there
+
+
+def test_distort_digits_order_and_errors(digits: DatasetBundle) -> None:
+    from mwt_core.data.digits28 import distort_digits
+
+    images = digits.train_x[:3]
+    out = distort_digits(images, 4, torch.Generator().manual_seed(1))
+    assert out.shape == (12, 1, 28, 28) and out.dtype == torch.uint8
+    same = distort_digits(images, 4, torch.Generator().manual_seed(1))
+    other = distort_digits(images, 4, torch.Generator().manual_seed(2))
+    assert torch.equal(out, same) and not torch.equal(out, other)
+    with pytest.raises(ValueError, match="N x 1 x H x W"):
+        distort_digits(images[:, 0], 4, torch.Generator())
+    with pytest.raises(ValueError, match="copies"):
+        distort_digits(images, 0, torch.Generator())
+
+
+def test_digits28_takes_no_options() -> None:
+    with pytest.raises(DatasetError, match="takes no options"):
+        load_dataset("digits28", seed=3)
+
+
 # --------------------------------------------------------------------------- resize rule
 
 
@@ -448,6 +535,7 @@ def test_list_datasets(tmp_path: Path) -> None:
     assert all(isinstance(i, DatasetInfo) for i in infos.values())
     assert infos["digits"] == DatasetInfo("digits", 10, 1, 8, True, "scikit-learn")
     assert infos["synthetic"].available and infos["synthetic"].channels == 3
+    assert infos["digits28"] == DatasetInfo("digits28", 10, 1, 28, True, "scikit-learn")
     for name in ("cifar10", "cifar100", "svhn", "mnist", "fashion_mnist"):
         assert infos[name].available is False and infos[name].source == "torchvision"
     assert infos["cifar100"].num_classes == 100
