@@ -49,6 +49,21 @@ class TrainConfig:
     alpha: float = PAPER_SETTINGS["alpha"]  # weight of the cohesion loss
     beta: float = PAPER_SETTINGS["beta"]  # weight of the coupling loss
     gamma: float = PAPER_SETTINGS["gamma"]  # weight of the cross-class mask-overlap term
+    # Kernel budget of modular training: the share of each layer's kernels a sample may keep
+    # switched on, on average. Enforced during training by a Lagrange multiplier on the mean
+    # mask (training.KernelBudget), whatever the data set or run length; None: no budget (the
+    # paper's loss alone).
+    target_krr: float | None = 0.3
+    # How fast the multiplier may grow, per run: its step is budget_rate / (optimiser steps of
+    # the run), so a short run and a long one tighten alike.
+    budget_rate: float = 40.0
+    # A stratified share of the training split held out for validation (fixed by the seed):
+    # the accuracy guard, the per-epoch validation accuracy and the choice of tau read it. The
+    # test split is never read to decide anything. 0: no validation slice.
+    val_fraction: float = 0.1
+    # Accuracy guard, in percentage points: when an epoch's validation accuracy falls more than
+    # this below the run's best, the kernel budget is relaxed by BUDGET_RELAX_STEP.
+    guard_pp: float = 1.0
     # Weight of an outlier-exposure term (losses.outlier_exposure): synthetic images made of
     # other images' quadrants are pushed to a uniform softmax, so the model scores low on
     # what it has not seen; 0 (off) is the paper's loss (README: it did not help composition).
@@ -81,6 +96,12 @@ class TrainConfig:
              f"alpha, beta and gamma must be in [0, {lim.loss_weight:g}]"),
             (0 <= self.outlier_weight <= lim.loss_weight,
              f"outlier_weight must be in [0, {lim.loss_weight:g}], got {self.outlier_weight}"),
+            (self.target_krr is None or 0 < self.target_krr <= 1,
+             f"target_krr must be in (0, 1] or None, got {self.target_krr}"),
+            (0 <= self.budget_rate <= lim.loss_weight,
+             f"budget_rate must be in [0, {lim.loss_weight:g}], got {self.budget_rate}"),
+            (0 <= self.val_fraction <= 0.5, f"val_fraction must be in [0, 0.5], got {self.val_fraction}"),
+            (0 <= self.guard_pp <= 100, f"guard_pp must be in [0, 100], got {self.guard_pp}"),
             (0 <= self.seed <= lim.seed, f"seed must be in 0..{lim.seed}, got {self.seed}"),
             (self.init_from is None or (isinstance(self.init_from, str) and self.init_from != ""),
              f"init_from must be a path to a safetensors file or None, got {self.init_from!r}"),
@@ -168,5 +189,9 @@ def loss_default_text(key: str) -> str:
 # a checkpoint that lacks a key ran with this value, whatever today's default is.
 LEGACY_VALUES: dict[str, Any] = {"mask_lr": None, "gamma": 0.0, "weight_decay": 0.0,
                                  "outlier_weight": 0.0, "compile": False,
-                                 "init_from": None}
+                                 "init_from": None, "target_krr": None, "budget_rate": 0.0,
+                                 "val_fraction": 0.0, "guard_pp": 0.0}
+
+# How much the accuracy guard loosens the kernel budget each time it trips.
+BUDGET_RELAX_STEP = 0.05
 

@@ -26,6 +26,10 @@ class Progress:
     kernel_rate: float | None
     elapsed_s: float
     eta_s: float
+    # Set on epoch ends: accuracy on the run's validation slice (None: no slice).
+    val_acc: float | None = None
+    # The kernel budget in force (the guard may have relaxed it); None: no budget.
+    kernel_budget: float | None = None
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)

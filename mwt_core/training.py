@@ -20,8 +20,9 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from mwt_core.config import LEGACY_VALUES, TrainConfig
+from mwt_core.config import BUDGET_RELAX_STEP, LEGACY_VALUES, TrainConfig
 from mwt_core.data.batches import ImageBatches
+from mwt_core.data.bundle import split_validation
 from mwt_core.data.datasets import DatasetBundle
 from mwt_core.devices import resolve_device
 from mwt_core.evaluation import accuracy
@@ -44,6 +45,85 @@ class TrainResult:
     train_seconds: float
     epochs_run: int
     history: list[dict[str, Any]] = field(default_factory=list)
+    val_acc: float | None = None  # on the validation slice, after the run
+    budget: dict[str, Any] | None = None  # KernelBudget.report(): asked, reached, relaxed
+
+
+class KernelBudget:
+    """A kernel budget held by a Lagrange multiplier (dual ascent), the way structured
+    pruning reaches a target sparsity.
+
+    The loss gains ``multiplier * s``, ``s`` the mean mask value over every masked kernel and
+    sample of the batch (differentiable). After each step the multiplier moves by
+    ``step * (rate - target)`` and stays >= 0, ``rate`` being the share of kernels actually on
+    (mask > 0, what a module keeps): it grows while the network keeps more kernels than the
+    budget and shrinks once it keeps fewer, so the budget is reached whatever the loss
+    weights, data set or run length, and the cohesion and coupling terms decide *which*
+    kernels each class keeps. ``step`` is ``budget_rate / total_steps``: a run of a hundred
+    steps and one of a hundred thousand tighten over the same share of the run.
+    The target can be relaxed by the accuracy guard (:meth:`relax`). Kept on the device: no
+    host synchronisation in the step.
+    """
+
+    def __init__(self, target: float | None, rate: float, total_steps: int, device: torch.device) -> None:
+        self.asked = target
+        self.target = target
+        self.step = rate / max(1, total_steps)
+        self.multiplier = torch.zeros((), device=device)
+        self.relaxed = 0
+
+    @property
+    def active(self) -> bool:
+        return self.target is not None and self.target < 1
+
+    def penalty(self, masks: list[torch.Tensor]) -> torch.Tensor:
+        """The multiplier times the mean mask value (0 without a budget or masks)."""
+        if not self.active or not masks:
+            return self.multiplier * 0.0
+        total = sum(m.float().sum() for m in masks)
+        count = sum(m.numel() for m in masks)
+        return self.multiplier * (total / count)
+
+    @torch.no_grad()
+    def update(self, rate: torch.Tensor) -> None:
+        """One dual-ascent step from the batch's share of kernels on."""
+        if self.active:
+            assert self.target is not None
+            self.multiplier.add_(self.step * (rate - self.target)).clamp_(min=0.0)
+
+    def relax(self) -> None:
+        """Loosen the budget by one step (the accuracy guard tripped)."""
+        if self.target is not None:
+            self.target = min(1.0, round(self.target + BUDGET_RELAX_STEP, 10))
+            self.relaxed += 1
+
+    def state(self) -> dict[str, Any]:
+        return {"target": self.target, "multiplier": float(self.multiplier), "relaxed": self.relaxed}
+
+    def load(self, state: dict[str, Any]) -> None:
+        self.target = state["target"]
+        self.multiplier.fill_(float(state["multiplier"]))
+        self.relaxed = int(state["relaxed"])
+
+    def report(self, reached: float | None) -> dict[str, Any]:
+        """What the run was asked, what it ended with and how often the guard relaxed it."""
+        return {"target_krr": self.asked, "final_target": self.target, "kernel_rate": reached,
+                "relaxed": self.relaxed, "multiplier": float(self.multiplier)}
+
+
+def guard_margin(guard_pp: float, best: float, n_val: int) -> float:
+    """How far validation accuracy may fall below the run's best before the guard trips:
+    ``guard_pp`` points, or two standard errors of a difference of two accuracies on
+    ``n_val`` images where that is larger, so that on a small slice the epoch-to-epoch
+    noise of a few images does not read as modularity costing accuracy."""
+    noise = 2.0 * math.sqrt(2.0 * max(best * (1.0 - best), 1e-4) / max(1, n_val))
+    return max(guard_pp / 100.0, noise)
+
+
+def kernel_rate(masks: list[torch.Tensor]) -> torch.Tensor:
+    """Share of all masked kernels on (mask > 0) over a batch, every kernel weighing the same."""
+    on = sum((m > 0).sum() for m in masks)
+    return on / sum(m.numel() for m in masks)
 
 
 def build_model_for(cfg: TrainConfig, data: DatasetBundle) -> MwTNet:
@@ -149,8 +229,10 @@ def train(
         init_from(model, cfg.init_from)  # checked before any training; generators stay fresh
     model = model.to(device)
     model = model.to(memory_format=torch.channels_last)
-    train_set = ImageBatches(data.train_x, data.train_y, data.spec, device)
+    fit, val = split_validation(data, cfg.val_fraction, cfg.seed)
+    train_set = ImageBatches(fit.train_x, fit.train_y, data.spec, device)
     test_set = ImageBatches(data.test_x, data.test_y, data.spec, device)
+    val_set = ImageBatches(val.test_x, val.test_y, data.spec, device) if val is not None else None
     optimizer = torch.optim.SGD(
         param_groups(model, cfg), lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.momentum > 0,
         weight_decay=cfg.weight_decay,
@@ -160,6 +242,12 @@ def train(
     use_scaler = _autocast_dtype(device, cfg.amp) == torch.float16
     scaler = torch.amp.GradScaler("cuda", enabled=use_scaler)
 
+    n = len(train_set)
+    # A trailing batch of one sample would break batch norm; drop it.
+    steps = n // cfg.batch_size + (1 if n % cfg.batch_size >= 2 else 0)
+    budget = KernelBudget(cfg.target_krr if cfg.modular else None, cfg.budget_rate,
+                          steps * cfg.epochs, device)
+    best_val = 0.0
     history: list[dict[str, Any]] = []
     start_epoch, spent = 0, 0.0
     ckpt_path = Path(checkpoint_dir) / CHECKPOINT_NAME if checkpoint_dir else None
@@ -175,20 +263,20 @@ def train(
         _set_rng_state(gen, state["rng"])
         start_epoch, spent = state["epoch"], state["train_seconds"]
         history = [progress_record(r) for r in state["history"]]
+        if "budget" in state:
+            budget.load(state["budget"])
+            best_val = float(state["budget"].get("best_val", 0.0))
 
-    n = len(train_set)
-    # A trailing batch of one sample would break batch norm; drop it.
-    steps = n // cfg.batch_size + (1 if n % cfg.batch_size >= 2 else 0)
     test_acc = history[-1]["test_acc"] if history else 0.0
     # Walk the module tree once, not every step.
     units = model.mask_units() if cfg.modular else []
     static_shapes = n % cfg.batch_size < 2  # every step sees a full batch
-    forward = _loss_step(model, units, cfg, device, static_shapes, gen)
+    forward = _loss_step(model, units, cfg, device, static_shapes, gen, budget)
     model.train()
     for epoch in range(start_epoch, cfg.epochs):
         t0 = time.perf_counter()
         sums = torch.zeros(6, device=device)  # loss, ce, coh, coup, correct, kernel_rate
-        seen = rated = 0
+        seen = 0
         perm = torch.randperm(n, device=device, generator=gen)
         for step in range(steps):
             idx = perm[step * cfg.batch_size:(step + 1) * cfg.batch_size]
@@ -204,12 +292,8 @@ def train(
             with torch.no_grad():
                 b = y.shape[0]
                 seen += b
-                # The kernel rate is a report, not a loss: sample it on reporting steps only.
-                if reporting and masks:
-                    rate = torch.stack([(m > 0).float().mean() for m in masks]).mean()
-                    rated += b
-                else:
-                    rate = torch.zeros((), device=device)
+                rate = kernel_rate(masks) if masks else torch.zeros((), device=device)
+                budget.update(rate)
                 sums += torch.stack([loss.detach() * b, ce.detach() * b, cohesion.detach() * b,
                                      coupling.detach() * b, (logits.argmax(1) == y).sum().float(),
                                      rate * b])
@@ -217,27 +301,37 @@ def train(
                 raise TrainingCancelled(f"stopped at epoch {epoch + 1}, step {step + 1}")
             if progress is not None and step % progress_every == 0 and not last_step:
                 progress(_report(cfg, epoch, step, steps, sums, seen, None, spent + time.perf_counter() - t0,
-                                 rated))
+                                 budget))
         scheduler.step()
         spent += time.perf_counter() - t0
         test_acc = accuracy(model, test_set.ordered(512))
-        report = _report(cfg, epoch, steps - 1, steps, sums, seen, test_acc, spent, rated)
+        val_acc = accuracy(model, val_set.ordered(512)) if val_set is not None else None
+        report = _report(cfg, epoch, steps - 1, steps, sums, seen, test_acc, spent, budget, val_acc)
+        if val_acc is not None:
+            # The guard: validation accuracy fell clearly below the run's best while the budget
+            # binds, so modularity is costing accuracy; loosen the budget for the epochs left.
+            if budget.active and best_val - val_acc > guard_margin(cfg.guard_pp, best_val, len(val_set)):
+                budget.relax()
+            best_val = max(best_val, val_acc)
         history.append({k: v for k, v in report.to_json().items() if k not in ("step", "steps")})
         if ckpt_path is not None:
             save_checkpoint(ckpt_path, {
                 "config": cfg.to_json(), "epoch": epoch + 1, "train_seconds": spent,
                 "history": history, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
-                "rng": _rng_state(gen),
+                "rng": _rng_state(gen), "budget": {**budget.state(), "best_val": best_val},
             })
         if progress is not None:
             progress(report)
     if cfg.modular:
         recalibrate_batchnorm(model, train_set.ordered(cfg.batch_size))
         test_acc = accuracy(model, test_set.ordered(512))
+    val_acc = accuracy(model, val_set.ordered(512)) if val_set is not None else None
     model.eval()
+    reached = history[-1].get("kernel_rate") if history else None
     return TrainResult(model=model, test_acc=test_acc, train_seconds=spent,
-                       epochs_run=cfg.epochs - start_epoch, history=history)
+                       epochs_run=cfg.epochs - start_epoch, history=history, val_acc=val_acc,
+                       budget=budget.report(reached) if cfg.modular else None)
 
 
 def recalibrate_batchnorm(model: torch.nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]]
@@ -280,8 +374,8 @@ def recalibrate_batchnorm(model: torch.nn.Module, batches: Iterable[tuple[torch.
 
 
 def _loss_step(model: MwTNet, units: list[ConvUnit], cfg: TrainConfig, device: torch.device,
-               static_shapes: bool, gen: torch.Generator | None = None
-               ) -> Callable[[torch.Tensor, torch.Tensor], tuple[Any, ...]]:
+               static_shapes: bool, gen: torch.Generator | None = None,
+               budget: KernelBudget | None = None) -> Callable[[torch.Tensor, torch.Tensor], tuple[Any, ...]]:
     """The forward half of a training step: ``(loss, ce, cohesion, coupling, logits, masks)``.
 
     Free of host synchronisation (no ``.item()`` or tensor-valued ``if``), so with
@@ -302,6 +396,8 @@ def _loss_step(model: MwTNet, units: list[ConvUnit], cfg: TrainConfig, device: t
             loss = ce + cfg.alpha * cohesion + cfg.beta * coupling
             if cfg.gamma > 0 and masks:
                 loss = loss + cfg.gamma * mask_overlap(masks, y)
+            if budget is not None and budget.active:
+                loss = loss + budget.penalty(masks)
             if cfg.outlier_weight > 0:
                 outliers = quadrant_mix(x, y, generator=gen)
                 loss = loss + cfg.outlier_weight * outlier_exposure(model(outliers).float())
@@ -326,13 +422,14 @@ def _loss_step(model: MwTNet, units: list[ConvUnit], cfg: TrainConfig, device: t
 
 
 def _report(cfg: TrainConfig, epoch: int, step: int, steps: int, sums: torch.Tensor, seen: int,
-            test_acc: float | None, elapsed: float, rated: int) -> Progress:
+            test_acc: float | None, elapsed: float, budget: KernelBudget,
+            val_acc: float | None = None) -> Progress:
     loss, ce, coh, coup, correct, rate = (sums / max(1, seen)).tolist()
-    rate = rate * seen / max(1, rated)  # the rate was sampled on reporting steps only
     done = epoch + (step + 1) / steps
     eta = elapsed / done * (cfg.epochs - done) if done > 0 else math.inf
     return Progress(
         epoch=epoch + 1, epochs=cfg.epochs, step=step + 1, steps=steps, loss=loss, ce=ce,
         cohesion_loss=coh, coupling_loss=coup, train_acc=correct, test_acc=test_acc,
         kernel_rate=rate if cfg.modular else None, elapsed_s=elapsed, eta_s=eta,
+        val_acc=val_acc, kernel_budget=budget.target if budget.active else None,
     )

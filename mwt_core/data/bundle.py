@@ -280,3 +280,37 @@ def holdout(bundle: DatasetBundle, fraction: float = 0.2, seed: int = 0) -> Data
     tr, va = torch.from_numpy(np.sort(tr)), torch.from_numpy(np.sort(va))
     return replace(bundle, name=f"{bundle.name}-holdout", train_x=bundle.train_x[tr],
                    train_y=bundle.train_y[tr], test_x=bundle.train_x[va], test_y=bundle.train_y[va])
+
+
+def split_validation(bundle: DatasetBundle, fraction: float, seed: int
+                     ) -> tuple[DatasetBundle, DatasetBundle | None]:
+    """``(fit, val)``: ``bundle`` with a stratified ``fraction`` of its training split moved
+    out, and that part as a bundle whose *test* split it is (same spec, so images are
+    normalised as in training). ``val`` is None where ``fraction`` is 0 or rounds to no image.
+
+    Each class gives ``round(fraction * its size)`` images, drawn by a generator seeded with
+    ``seed``, so the slice is fixed by the run's seed whatever the machine; a class of one image
+    stays whole in training. The test split is untouched and never part of either.
+    """
+    if not 0 <= fraction < 1:
+        raise DatasetError(f"validation fraction must be in [0, 1), got {fraction}")
+    if fraction == 0:
+        return bundle, None
+    gen = torch.Generator().manual_seed(seed)
+    labels = bundle.train_y
+    held: list[torch.Tensor] = []
+    for c in torch.unique(labels).tolist():
+        idx = (labels == c).nonzero().flatten()
+        take = min(int(round(fraction * len(idx))), len(idx) - 1)
+        if take > 0:
+            held.append(idx[torch.randperm(len(idx), generator=gen)[:take]])
+    if not held:
+        return bundle, None
+    val_idx = torch.cat(held).sort().values
+    keep = torch.ones(len(labels), dtype=torch.bool)
+    keep[val_idx] = False
+    fit = replace(bundle, train_x=bundle.train_x[keep], train_y=labels[keep])
+    val = replace(bundle, name=f"{bundle.name}-validation", train_x=bundle.train_x[val_idx],
+                  train_y=labels[val_idx], test_x=bundle.train_x[val_idx],
+                  test_y=labels[val_idx])
+    return fit, val
