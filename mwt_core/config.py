@@ -57,6 +57,8 @@ class TrainConfig:
     # How fast the multiplier may grow, per run: its step is budget_rate / (optimiser steps of
     # the run), so a short run and a long one tighten alike.
     budget_rate: float = 40.0
+    # Share of the run over which the budget tightens from every kernel to target_krr.
+    budget_warmup: float = 0.5
     # A stratified share of the training split held out for validation (fixed by the seed):
     # the accuracy guard, the per-epoch validation accuracy and the choice of tau read it. The
     # test split is never read to decide anything. 0: no validation slice.
@@ -98,6 +100,8 @@ class TrainConfig:
              f"outlier_weight must be in [0, {lim.loss_weight:g}], got {self.outlier_weight}"),
             (self.target_krr is None or 0 < self.target_krr <= 1,
              f"target_krr must be in (0, 1] or None, got {self.target_krr}"),
+            (0 <= self.budget_warmup <= 1,
+             f"budget_warmup must be in [0, 1], got {self.budget_warmup}"),
             (0 <= self.budget_rate <= lim.loss_weight,
              f"budget_rate must be in [0, {lim.loss_weight:g}], got {self.budget_rate}"),
             (0 <= self.val_fraction <= 0.5, f"val_fraction must be in [0, 0.5], got {self.val_fraction}"),
@@ -189,7 +193,7 @@ def loss_default_text(key: str) -> str:
 # a checkpoint that lacks a key ran with this value, whatever today's default is.
 LEGACY_VALUES: dict[str, Any] = {"mask_lr": None, "gamma": 0.0, "weight_decay": 0.0,
                                  "outlier_weight": 0.0, "compile": False,
-                                 "init_from": None, "target_krr": None, "budget_rate": 0.0,
+                                 "init_from": None, "target_krr": None, "budget_warmup": 0.0, "budget_rate": 0.0,
                                  "val_fraction": 0.0, "guard_pp": 0.0}
 
 # How much the accuracy guard loosens the kernel budget each time it trips.

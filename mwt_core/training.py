@@ -61,20 +61,37 @@ class KernelBudget:
     weights, data set or run length, and the cohesion and coupling terms decide *which*
     kernels each class keeps. ``step`` is ``budget_rate / total_steps``: a run of a hundred
     steps and one of a hundred thousand tighten over the same share of the run.
-    The target can be relaxed by the accuracy guard (:meth:`relax`). Kept on the device: no
-    host synchronisation in the step.
+
+    The target itself falls linearly from 1 (every kernel) to the budget over the first
+    ``warmup`` share of the run: held from the first step, the budget switches kernels off
+    before the network has learned what to use them for, and a mask generator that outputs 0
+    for every sample gets no gradient back. The accuracy guard may loosen the budget
+    (:meth:`relax`). Kept on the device: no host synchronisation in the step.
     """
 
-    def __init__(self, target: float | None, rate: float, total_steps: int, device: torch.device) -> None:
+    def __init__(self, target: float | None, rate: float, total_steps: int, device: torch.device,
+                 warmup: float = 0.0) -> None:
         self.asked = target
-        self.target = target
-        self.step = rate / max(1, total_steps)
+        self.total_steps = max(1, total_steps)
+        self.step = rate / self.total_steps
+        self.warmup_steps = warmup * self.total_steps
         self.multiplier = torch.zeros((), device=device)
+        self.relaxation = 0.0  # added to the scheduled target by the guard
         self.relaxed = 0
+        self.steps_done = 0
+        self.below_last = False  # the previous epoch's validation accuracy tripped the guard
 
     @property
     def active(self) -> bool:
-        return self.target is not None and self.target < 1
+        return self.asked is not None and self.asked < 1
+
+    @property
+    def target(self) -> float | None:
+        """The budget in force now (scheduled, plus what the guard relaxed)."""
+        if self.asked is None:
+            return None
+        ramp = min(1.0, self.steps_done / self.warmup_steps) if self.warmup_steps > 0 else 1.0
+        return min(1.0, 1.0 - (1.0 - self.asked) * ramp + self.relaxation)
 
     def penalty(self, masks: list[torch.Tensor]) -> torch.Tensor:
         """The multiplier times the mean mask value (0 without a budget or masks)."""
@@ -87,23 +104,27 @@ class KernelBudget:
     @torch.no_grad()
     def update(self, rate: torch.Tensor) -> None:
         """One dual-ascent step from the batch's share of kernels on."""
-        if self.active:
-            assert self.target is not None
-            self.multiplier.add_(self.step * (rate - self.target)).clamp_(min=0.0)
+        target = self.target
+        if self.active and target is not None:
+            self.multiplier.add_(self.step * (rate - target)).clamp_(min=0.0)
+        self.steps_done += 1
 
     def relax(self) -> None:
-        """Loosen the budget by one step (the accuracy guard tripped)."""
-        if self.target is not None:
-            self.target = min(1.0, round(self.target + BUDGET_RELAX_STEP, 10))
-            self.relaxed += 1
+        """Loosen the budget by ``BUDGET_RELAX_STEP`` (the accuracy guard tripped)."""
+        self.relaxation = round(self.relaxation + BUDGET_RELAX_STEP, 10)
+        self.relaxed += 1
 
     def state(self) -> dict[str, Any]:
-        return {"target": self.target, "multiplier": float(self.multiplier), "relaxed": self.relaxed}
+        return {"multiplier": float(self.multiplier), "relaxation": self.relaxation,
+                "relaxed": self.relaxed, "steps_done": self.steps_done,
+                "below_last": self.below_last}
 
     def load(self, state: dict[str, Any]) -> None:
-        self.target = state["target"]
         self.multiplier.fill_(float(state["multiplier"]))
+        self.relaxation = float(state["relaxation"])
         self.relaxed = int(state["relaxed"])
+        self.steps_done = int(state["steps_done"])
+        self.below_last = bool(state["below_last"])
 
     def report(self, reached: float | None) -> dict[str, Any]:
         """What the run was asked, what it ended with and how often the guard relaxed it."""
@@ -246,7 +267,7 @@ def train(
     # A trailing batch of one sample would break batch norm; drop it.
     steps = n // cfg.batch_size + (1 if n % cfg.batch_size >= 2 else 0)
     budget = KernelBudget(cfg.target_krr if cfg.modular else None, cfg.budget_rate,
-                          steps * cfg.epochs, device)
+                          steps * cfg.epochs, device, cfg.budget_warmup)
     best_val = 0.0
     history: list[dict[str, Any]] = []
     start_epoch, spent = 0, 0.0
@@ -308,10 +329,14 @@ def train(
         val_acc = accuracy(model, val_set.ordered(512)) if val_set is not None else None
         report = _report(cfg, epoch, steps - 1, steps, sums, seen, test_acc, spent, budget, val_acc)
         if val_acc is not None:
-            # The guard: validation accuracy fell clearly below the run's best while the budget
-            # binds, so modularity is costing accuracy; loosen the budget for the epochs left.
-            if budget.active and best_val - val_acc > guard_margin(cfg.guard_pp, best_val, len(val_set)):
+            # The guard: validation accuracy stayed clearly below the run's best for two epochs
+            # in a row while the budget binds, so modularity is costing accuracy (one epoch
+            # alone is as often the learning rate's noise); loosen the budget for what is left.
+            below = best_val - val_acc > guard_margin(cfg.guard_pp, best_val, len(val_set))
+            if budget.active and below and budget.below_last:
                 budget.relax()
+                below = False  # the next trip needs two more epochs below
+            budget.below_last = below
             best_val = max(best_val, val_acc)
         history.append({k: v for k, v in report.to_json().items() if k not in ("step", "steps")})
         if ckpt_path is not None:

@@ -175,3 +175,19 @@ def test_soak_bench_tiny(tmp_path):
     assert job["killed"]["checkpoint_epoch"] == 1 and job["killed"]["pid"] > 0
     assert job["succeeded"] and job["resumed"] and job["resumed_from_epoch"] == 1, job
     assert isinstance(r["ok"], bool) and results.read_text().startswith("# bench/soak.py")
+
+
+def test_modularity_bench_tiny(tmp_path):
+    results = tmp_path / "modularity.md"
+    r = _last_json_line("modularity.py", "--datasets", "digits", "--epochs", "1", "--seeds", "0",
+                        "--width", "0.125", "--train-limit", "300", "--device", "cpu",
+                        "--results", str(results))
+    keys = ("std_acc", "acc", "krr", "coupling", "module1_params", "module3_params",
+            "module3_acc_gap", "train_s_ratio")
+    assert {f"digits_{k}" for k in keys} <= set(r)
+    assert {(row["variant"], row["seed"]) for row in r["runs"]} == {
+        ("standard", 0), ("paper", 0), ("default", 0)}
+    for key in ("krr", "coupling", "module1_params", "module3_params"):
+        assert 0.0 < r[f"digits_{key}"] <= 1.0, key
+    assert r["digits_train_s_ratio"] > 0
+    assert "Means over seeds" in results.read_text()
