@@ -221,11 +221,18 @@ class MwtClient:
         return self._json("GET", f"/api/v1/modules/{module_id}")
 
     def compose(
-        self, model_id: int, classes: list[int | str], finetune: dict[str, Any] | None = None
+        self, model_id: int, classes: list[int | str], finetune: dict[str, Any] | None = None,
+        tau: float | str | None = None, margin_pp: float | None = None,
     ) -> dict[str, Any]:
+        """The module of ``classes`` of one model; ``tau`` ("auto" or a number) and
+        ``margin_pp`` default to the server's (auto where the model has a validation slice)."""
         body: dict[str, Any] = {"model_id": model_id, "classes": classes}
         if finetune is not None:
             body["finetune"] = finetune
+        if tau is not None:
+            body["tau"] = tau
+        if margin_pp is not None:
+            body["margin_pp"] = margin_pp
         return self._json("POST", "/api/v1/compositions", json=body)
 
     def compose_across(

@@ -44,6 +44,7 @@ from mwt_core.cli_support import (
     _render_train,
     _require_dir,
     _source_label,
+    _tau_line,
     _verify,
     _with_arch,
     command_boundary,
@@ -60,6 +61,7 @@ from mwt_core.config import (
     check_tau,
     loss_default_text,
     loss_defaults,
+    parse_tau,
 )
 from mwt_core.data.classes import parse_classes
 from mwt_core.data.datasets import list_datasets
@@ -210,22 +212,30 @@ def extract_cmd(
     finetune_epochs: Annotated[int, typer.Option(help="Fine-tune the module's head this many epochs.")] = 0,
     mask_generators: Annotated[bool, typer.Option("--mask-generators/--no-mask-generators", help="Keep the mask generators (exact masked computation) or drop them (paper's modules).")] = True,
     latency_batch: Annotated[int, typer.Option(help="Time module and model on the CPU with batches of N images (0: skip).", min=0)] = 64,
+    tau: Annotated[str | None, typer.Option(help="'auto': the smallest module within --margin-pp of the full model on the model's validation slice; a number in (0, 1]: that threshold. Default: auto if the model was trained with a validation slice, else the model's own tau.")] = None,
+    margin_pp: Annotated[float, typer.Option(help="With tau auto: how many percentage points of validation accuracy the module may lose against the full model on its classes.", min=0, max=100)] = ModularizeConfig.margin_pp,
     data_dir: DataDirOpt = None,
     device: DeviceOpt = "auto",
     as_json: JsonOpt = False,
 ) -> None:
     """Build the module of a class set from a modularized model, evaluate and save it."""
     ui = Ui(as_json)
+    try:
+        chosen_tau = parse_tau(tau) if tau is not None else None
+    except ValueError as exc:
+        raise CliError(f"--tau: {exc}") from None
     model, manifest = _load_model_artifact(model_dir)
     mod = _modularization_of(manifest, model_dir)
     names = list(manifest.get("class_names") or [str(i) for i in range(mod.num_classes)])
     class_list = parse_classes(classes, names)
     data = data_for_manifest(manifest, data_dir)
     s = _extract(model, manifest, mod, data, class_list, out, ui, finetune_epochs=finetune_epochs,
-                 mask_generators=mask_generators, device=device, latency_batch=latency_batch)
+                 mask_generators=mask_generators, device=device, latency_batch=latency_batch,
+                 tau=chosen_tau, margin_pp=margin_pp)
 
     def render() -> None:
         ui.out.print(_extract_table(s, f"module for classes {', '.join(s['class_names'])}"))
+        ui.out.print(_tau_line(s))
         ui.out.print(f"saved to {out}")
 
     ui.emit(s, render)
@@ -546,6 +556,7 @@ def demo_cmd(
         "out": str(out), "epochs": epochs, "width": cfg.width, "test_acc": t["test_acc"],
         "train_seconds": t["train_seconds"], "krr": t["krr"], "cohesion": t["cohesion"],
         "coupling": t["coupling"], "tau": tau, "module_classes": DEMO_CLASSES,
+        "module_tau": ex["tau"], "module_tau_mode": ex["tau_mode"],
         "module_krr": ex["krr"], "module_acc": ex["accuracy"], "full_model_acc_on_module_classes":
         ex["full_model_acc"], "module_params": ex["params"], "full_params": ex["full_params"],
         "module_flops": ex["flops"], "full_flops": ex["full_flops"],
@@ -556,6 +567,7 @@ def demo_cmd(
     def render() -> None:
         _render_train(ui, t)
         ui.out.print(_extract_table(ex, "reusing the module of classes 3, 5, 8 (no retraining)"))
+        ui.out.print(_tau_line(ex))
         ui.out.print(
             f"\nThe {{3,5,8}} module keeps {_pct(ex['krr'])} of the kernels, "
             f"{_pct(ex['params_ratio'])} of the parameters and {_pct(ex['flops_ratio'])} of the FLOPs; "

@@ -40,6 +40,7 @@ from mwt_core.modularize import Modularization
 from mwt_core.pipeline import (
     CheckpointMismatch,
     Layout,
+    NoValidationSlice,
     PipelineEvent,
     PipelineResult,
     data_for_manifest,
@@ -380,15 +381,33 @@ def _render_train(ui: Ui, s: dict[str, Any]) -> None:
 
 def _extract(model: MwTNet, manifest: dict[str, Any], mod: Modularization, data: DatasetBundle,
              classes: list[int], out: Path, ui: Ui, *, finetune_epochs: int = 0,
-             mask_generators: bool = True, device: str = "auto", latency_batch: int = 64
+             mask_generators: bool = True, device: str = "auto", latency_batch: int = 64,
+             tau: float | str | None = None, margin_pp: float = ModularizeConfig.margin_pp
              ) -> dict[str, Any]:
     if finetune_epochs < 0:
         raise CliError(f"--finetune-epochs must be >= 0, got {finetune_epochs}")
     with PipelineView(ui, "") as view:
-        return extract_classes(model, manifest, mod, data, classes, out,
-                               finetune_epochs=finetune_epochs, mask_generators=mask_generators,
-                               device=device, created_by=CREATED_BY, progress=view,
-                               latency_batch=latency_batch)
+        try:
+            return extract_classes(model, manifest, mod, data, classes, out,
+                                   finetune_epochs=finetune_epochs, mask_generators=mask_generators,
+                                   device=device, created_by=CREATED_BY, progress=view,
+                                   latency_batch=latency_batch, tau=tau, margin_pp=margin_pp)
+        except NoValidationSlice as exc:
+            raise CliError(f"--tau auto: {exc} (e.g. --tau {mod.tau:g})") from None
+
+
+def _tau_line(s: dict[str, Any]) -> str:
+    """How the module's threshold was decided, in one line for a person."""
+    tau = f"tau {s['tau']:g}"
+    if s.get("tau_mode") == "auto":
+        verdict = "within" if s["met_margin"] else "none within"
+        return (f"{tau}: chosen on {s['val_samples']} validation images, {verdict} "
+                f"{s['margin_pp']:g} pp of the full model (module {_pct(s['module_val_acc'])}, "
+                f"full model {_pct(s['full_val_acc'])})")
+    if s.get("tau_mode") == "fixed":
+        return f"{tau} (given)"
+    note = f"; {s['tau_note']}" if s.get("tau_note") else ""
+    return f"{tau} (the model's own{note})"
 
 
 def _extract_table(s: dict[str, Any], title: str) -> Table:

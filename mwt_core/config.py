@@ -132,9 +132,21 @@ class ModularizeConfig:
     """Settings of modularization (DESIGN §1.3)."""
 
     tau: float = 0.9  # keep a kernel for a class when it is active on >= tau of its samples
+    # Accuracy budget of a class set's module when its tau is chosen on the validation slice
+    # ("auto"): the smallest module whose validation accuracy is at most this many percentage
+    # points below the full model's on the same classes (reuse.choose_tau).
+    margin_pp: float = 1.0
 
     def __post_init__(self) -> None:
         check_tau(self.tau)
+        check_margin(self.margin_pp)
+
+
+# The thresholds "auto" chooses among, largest (smallest module) first is how they are tried.
+TAU_GRID: tuple[float, ...] = tuple(round(0.5 + 0.05 * i, 2) for i in range(11))
+
+# What a request for a chosen threshold is called wherever a tau may be given.
+AUTO_TAU = "auto"
 
 
 def check_tau(tau: float) -> float:
@@ -142,6 +154,37 @@ def check_tau(tau: float) -> float:
     if not 0 < tau <= 1:
         raise ValueError(f"tau must be in (0, 1], got {tau}")
     return tau
+
+
+def check_margin(margin_pp: float) -> float:
+    """``margin_pp`` if it is a valid accuracy margin in percentage points, else ``ValueError``."""
+    if not 0 <= margin_pp <= 100:
+        raise ValueError(f"margin_pp must be in [0, 100] percentage points, got {margin_pp}")
+    return margin_pp
+
+
+def parse_tau(value: str | float) -> float | str:
+    """A tau as a user writes it: ``"auto"`` (:data:`AUTO_TAU`) or a threshold in (0, 1];
+    ``ValueError`` naming both forms otherwise."""
+    if isinstance(value, str):
+        text = value.strip().lower()
+        if text == AUTO_TAU:
+            return AUTO_TAU
+        try:
+            value = float(text)
+        except ValueError:
+            raise ValueError(f"tau must be {AUTO_TAU!r} or a number in (0, 1], got {value!r}") from None
+    return check_tau(float(value))
+
+
+def validation_fraction(train_config: dict[str, Any] | None) -> float:
+    """The validation share a run held out, from its recorded ``train_config`` (a run recorded
+    before the slice existed held none): a model has a validation slice where this is > 0."""
+    value = (train_config or {}).get("val_fraction", LEGACY_VALUES["val_fraction"])
+    try:
+        return max(0.0, float(value or 0.0))
+    except (TypeError, ValueError):
+        return 0.0
 
 
 # Chosen on a held-out fifth of digits (12 optimiser steps an epoch): the masks specialise

@@ -213,14 +213,29 @@ def modularize_sweep(
     """:func:`modularize` at several thresholds from one pass over the training set."""
     for tau in taus:
         check_tau(tau)
+    activity, labels = training_activity(model, data, device, batch_size)
+    return [modularize_activity(activity, labels, data.num_classes, tau) for tau in taus]
+
+
+def training_activity(model: MwTNet, data: DatasetBundle, device: str = "auto",
+                      batch_size: int = 512) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """The kernel activity of ``data``'s training split (:func:`collect_activity`) and its
+    labels on the CPU: what every threshold's modularization is computed from."""
     if not model.mask_units():
         raise ValueError("this model has no mask generators (standard training); train it with MwT")
     dev = resolve_device(device)
     model = model.to(dev)
     batches = ImageBatches(data.train_x, data.train_y, data.spec, dev)
     activity = collect_activity(model, batches, batch_size)
-    labels = data.train_y.to(torch.long).cpu()
-    return [modularize_activity(activity, labels, data.num_classes, tau) for tau in taus]
+    return activity, data.train_y.to(torch.long).cpu()
+
+
+def union_at(freqs: list[torch.Tensor], classes: list[int], tau: float) -> list[torch.Tensor]:
+    """Per layer, the kernels the module of ``classes`` keeps at ``tau``, from the layers'
+    ``classes x K`` frequencies (:func:`class_frequencies`): the same masks as
+    ``modularize_activity(...).union(classes)``, without the metrics of every class."""
+    idx = torch.tensor(classes, dtype=torch.long)
+    return [module_masks(freq.index_select(0, idx), tau).any(0) for freq in freqs]
 
 
 def modularize_activity(activity: list[torch.Tensor], labels: torch.Tensor, num_classes: int,

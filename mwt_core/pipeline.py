@@ -30,15 +30,30 @@ import torch
 
 from mwt_core import __version__
 from mwt_core.artifacts import ArtifactError, caller_fields, save_artifact
-from mwt_core.config import ModularizeConfig, TrainConfig, check_tau
+from mwt_core.config import (
+    AUTO_TAU,
+    ModularizeConfig,
+    TrainConfig,
+    check_margin,
+    check_tau,
+    validation_fraction,
+)
 from mwt_core.data.batches import ImageBatches
+from mwt_core.data.bundle import split_validation
 from mwt_core.data.datasets import DatasetBundle, DatasetError, InputSpec, load_dataset
 from mwt_core.devices import resolve_device
 from mwt_core.evaluation import class_recall, predictions
 from mwt_core.metrics import count_flops, count_params, paired_latency
 from mwt_core.models import MwTNet, architecture_info
 from mwt_core.modularize import Modularization, modularize
-from mwt_core.reuse import ModuleClassifier, evaluate, extract_module, finetune_head, restrict
+from mwt_core.reuse import (
+    ModuleClassifier,
+    choose_tau,
+    evaluate,
+    extract_module,
+    finetune_head,
+    restrict,
+)
 from mwt_core.slimming import channels_last
 from mwt_core.training import (
     CHECKPOINT_NAME,
@@ -485,19 +500,114 @@ def _ratio(part: float, whole: float) -> float:
     return float(part) / float(whole) if whole else float("nan")
 
 
+class NoValidationSlice(ValueError):
+    """tau "auto" was asked of a model trained without a validation slice."""
+
+
+def validation_slice(manifest: dict[str, Any], data: DatasetBundle
+                     ) -> tuple[DatasetBundle, DatasetBundle] | None:
+    """``(fit, val)``: the validation slice the model of ``manifest`` held out of ``data``
+    (its training split as trained: :func:`as_trained`), recomputed from its recorded
+    ``val_fraction`` and seed; None where it held none."""
+    cfg = manifest.get("train_config") or {}
+    fraction = validation_fraction(cfg)
+    if fraction <= 0:
+        return None
+    fit, val = split_validation(data, fraction, int(cfg.get("seed", 0)))
+    return None if val is None else (fit, val)
+
+
+@dataclass
+class ModuleTau:
+    """The modularization a class set's module is cut from, and how its tau was decided.
+
+    ``record`` goes into the module's metrics and manifest: ``tau``; ``tau_mode`` ("auto":
+    chosen on the validation slice, "fixed": given, "model": the model's own, where "auto"
+    could not choose); ``margin_pp``, ``module_val_acc``, ``full_val_acc``, ``val_samples``
+    and ``met_margin`` (auto only, else None); ``tau_note`` (why "auto" did not choose).
+    """
+
+    modularization: Modularization
+    record: dict[str, Any]
+    tried: list[tuple[float, float]] = field(default_factory=list)
+
+
+def module_tau(model: MwTNet, manifest: dict[str, Any], mod: Modularization, data: DatasetBundle,
+               classes: list[int], tau: float | str | None = None,
+               margin_pp: float = ModularizeConfig.margin_pp, device: str = "auto") -> ModuleTau:
+    """Decide the threshold of the module of ``classes`` of a saved model (``manifest``, its
+    stored modularization ``mod``, ``data`` its dataset as trained).
+
+    ``tau`` a number: that threshold (the stored modularization if it is the model's own,
+    else the training split modularized again at it). ``"auto"``:
+    :func:`mwt_core.reuse.choose_tau` on the model's validation slice with ``margin_pp``;
+    :class:`NoValidationSlice` if the model was trained without one. None (the default):
+    "auto" where the model has a slice, else its own tau.
+
+    "auto" cannot choose for one class (its module's accuracy among its classes is 100%
+    whatever it keeps) nor without validation images of the classes: the model's own
+    modularization is used, and ``tau_note`` says why.
+    """
+    check_margin(margin_pp)
+    split = validation_slice(manifest, data)
+    record: dict[str, Any] = {"tau": mod.tau, "tau_mode": "model", "margin_pp": None,
+                              "module_val_acc": None, "full_val_acc": None, "val_samples": None,
+                              "met_margin": None, "tau_note": None}
+    if tau is None:
+        if split is None:
+            return ModuleTau(mod, record)
+        tau = AUTO_TAU
+    if tau != AUTO_TAU:
+        if isinstance(tau, str):
+            raise ValueError(f"tau must be {AUTO_TAU!r} or a number in (0, 1], got {tau!r}")
+        value = check_tau(float(tau))
+        if abs(value - mod.tau) > 1e-9:
+            mod = modularize(model, data, tau=value, device=device)
+        return ModuleTau(mod, {**record, "tau": mod.tau, "tau_mode": "fixed"})
+    if split is None:
+        raise NoValidationSlice(
+            f"the model was trained without a validation slice (val_fraction 0, or recorded "
+            f"before the slice existed), so tau {AUTO_TAU!r} has nothing to choose on: give a "
+            f"fixed tau (a number in (0, 1]; the model's own is {mod.tau:g}) or retrain it with "
+            "val_fraction > 0")
+    fit, val = split
+    unjudged = None
+    if len(classes) < 2:
+        unjudged = "one class: its module always answers that class, so accuracy cannot size it"
+    elif not bool(torch.isin(val.test_y, torch.tensor(classes)).any()):
+        unjudged = "the validation slice holds no images of these classes"
+    if unjudged is not None:
+        return ModuleTau(mod, {**record, "margin_pp": float(margin_pp),
+                               "tau_note": f"not chosen ({unjudged}); the model's own tau is used"})
+    choice = choose_tau(model, fit, val, classes, margin_pp, device=device)
+    return ModuleTau(choice.modularization, {
+        **record, "tau": choice.tau, "tau_mode": AUTO_TAU, "margin_pp": choice.margin_pp,
+        "module_val_acc": choice.module_val_acc, "full_val_acc": choice.full_val_acc,
+        "val_samples": choice.val_samples, "met_margin": choice.met_margin,
+        "tau_note": None if choice.met_margin else (
+            f"no tau of the grid kept the module within {choice.margin_pp:g} pp on the "
+            f"validation slice; the grid's smallest ({choice.tau:g}) is used")}, choice.tried)
+
+
 def extract_classes(model: MwTNet, manifest: dict[str, Any], mod: Modularization,
                     data: DatasetBundle, classes: list[int], out: Path, *, finetune_epochs: int = 0,
                     mask_generators: bool = True, device: str = "auto",
                     created_by: str | None = None, progress: ProgressSink | None = None,
-                    latency_batch: int = LATENCY_BATCH) -> dict[str, Any]:
+                    latency_batch: int = LATENCY_BATCH, tau: float | str | None = None,
+                    margin_pp: float = ModularizeConfig.margin_pp) -> dict[str, Any]:
     """Cut the module of ``classes`` from a saved model (``manifest``), measure it against
     the full model restricted to the same classes (accuracy, size and, unless
     ``latency_batch`` is 0, CPU latency), optionally fine-tune its head, save it to ``out``;
-    returns the figures."""
+    returns the figures. ``tau`` and ``margin_pp``: which threshold the module is cut at
+    (:func:`module_tau`; by default chosen on the validation slice where the model has one),
+    recorded in the module's metrics and manifest (``tau_choice``)."""
     if finetune_epochs < 0:
         raise ValueError(f"finetune_epochs must be >= 0, got {finetune_epochs}")
     run = _Run(progress, None)
     shape = data.spec.shape
+    run.emit(PipelineEvent("deciding tau"))
+    decided = module_tau(model, manifest, mod, data, classes, tau, margin_pp, device)
+    mod = decided.modularization
     run.emit(PipelineEvent("extracting the module"))
     module = extract_module(model, mod, classes, keep_mask_generators=mask_generators)
     run.emit(PipelineEvent("evaluating"))
@@ -521,12 +631,14 @@ def extract_classes(model: MwTNet, manifest: dict[str, Any], mod: Modularization
     metrics = {
         "test_acc": acc, "zero_shot_acc": zero_acc, "finetuned_acc": ft_acc,
         "full_model_acc": full_acc, "krr": module.krr, "params": params, "flops": flops,
-        "full_params": full_params, "full_flops": full_flops,
+        "full_params": full_params, "full_flops": full_flops, **decided.record,
     }
     written = save_artifact(out, module, module_manifest(
         manifest, module, metrics=metrics, created_by=created_by,
-        extra={"finetune_epochs": finetune_epochs, "mask_generators": mask_generators}))
+        extra={"finetune_epochs": finetune_epochs, "mask_generators": mask_generators,
+               "tau_choice": {**decided.record, "tried": [[t, a] for t, a in decided.tried]}}))
     return {
+        **decided.record,
         "out": str(out), "classes": classes, "class_names": written["class_names"], "krr": module.krr,
         "accuracy": acc, "zero_shot_acc": zero_acc, "finetuned_acc": ft_acc,
         "full_model_acc": full_acc, "accuracy_loss": full_acc - acc,

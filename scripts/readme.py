@@ -212,10 +212,25 @@ def other_defaults() -> str:
         p = _param(commands[command], "tau")
         if p is not None:
             add(f"`mwt {command}`", "`--tau`", p.default, "`mwt_core.config.ModularizeConfig.tau`")
+    # A class set's module: tau chosen on the validation slice where the model has one.
+    auto_tau = "`auto` with a validation slice, else the model's"
+    p = _param(commands["extract"], "tau")
+    if p is not None:
+        rows.append(["`mwt extract`", "`--tau`", auto_tau, "`mwt_core.pipeline.module_tau`"])
+    p = _param(commands["extract"], "margin_pp")
+    if p is not None:
+        add("`mwt extract`", f"`{p.opts[0]}`", p.default,
+            "`mwt_core.config.ModularizeConfig.margin_pp`")
+    rows.append(["`POST /api/v1/compositions`", "`tau`", auto_tau,
+                 "`mwt_core.pipeline.module_tau`"])
+    add("`POST /api/v1/compositions`", "`margin_pp`", api["margin_pp"].default,
+        "`mwt_core.config.ModularizeConfig.margin_pp`")
     # The sources themselves, so a differing entry point shows against them.
     add("(library)", "`combine`, per class", f"{DEFAULT_COMBINE}, {DEFAULT_PER_CLASS}",
         "`mwt_core.compose_options`")
     add("(library)", "`tau`", ModularizeConfig.tau, "`mwt_core.config.ModularizeConfig`")
+    add("(library)", "`margin_pp`", ModularizeConfig.margin_pp,
+        "`mwt_core.config.ModularizeConfig`")
     return markdown(["entry point", "option", "default", "defined in"], rows)
 
 

@@ -496,9 +496,13 @@ def _finetune(
         )
         model_id, class_names = model.id, list(model.class_names)
     classes = [int(c) for c in p["classes"]]
+    # A job queued before tau could be chosen cuts at the model's own, as it was asked then.
+    tau = p.get("tau", loaded.modularization.tau)
+    margin_pp = float(p.get("margin_pp", ModularizeConfig.margin_pp))
     ctx.phase("fine-tuning")
     module, metrics = compose_svc.build(
-        loaded, data, classes, device=settings.device, finetune=p.get("finetune") or {}
+        loaded, data, classes, device=settings.device, finetune=p.get("finetune") or {},
+        tau=tau, margin_pp=margin_pp,
     )
     ctx.phase("saving")
     manifest = compose_svc.manifest_for(model, loaded, classes, metrics, finetuned=True)
@@ -507,7 +511,9 @@ def _finetune(
     with factory() as s:
         comp = compose_svc.composition_row(
             [(model_id, classes, [str(class_names[c]) for c in classes])], metrics, stored,
-            finetuned=True, key=compose_svc.classes_key(classes), job_id=job.id,
+            finetuned=True, job_id=job.id,
+            key=compose_svc.classes_key(
+                classes, compose_svc.tau_suffix(tau, margin_pp, loaded.modularization.tau)),
         )
         comp.api_key_id = job.api_key_id  # owned by whoever asked for the fine-tune
         s.add(comp)

@@ -23,12 +23,15 @@ from app.schemas.compositions import CompositionCreate, CompositionOut
 from app.services import compose as svc
 from app.services import jobs as jobs_svc
 from app.settings import Settings
+from mwt_core.config import AUTO_TAU, validation_fraction
 
 router = APIRouter(prefix="/compositions", tags=["compositions"])
 
 
 def composition_out(c: Composition) -> CompositionOut:
     out = CompositionOut.model_validate(c)
+    metrics = c.metrics or {}
+    out.tau, out.margin_pp = metrics.get("tau"), metrics.get("margin_pp")
     if c.accuracy is not None and c.baseline_accuracy is not None:
         out.accuracy_loss = c.baseline_accuracy - c.accuracy
     if c.artifact_path:
@@ -45,7 +48,10 @@ def composition_out(c: Composition) -> CompositionOut:
     "`sources`: one module per model, side by side, their outputs combined by `combine` (default: "
     "the best method measured; models that learned different classes need an open-set method), the "
     "labelled methods fitted on `calibration_per_class` training images per class (the models must "
-    "take images of one shape). `modules`: stored per-class modules (ids from GET /modules, of one "
+    "take images of one shape). One model's classes: `tau` \"auto\" (the default for a model trained "
+    "with a validation slice) cuts the smallest module whose validation accuracy stays within "
+    "`margin_pp` points of the full model's on those classes; a number cuts at that threshold "
+    "(the default without a slice: the model's own). `modules`: stored per-class modules (ids from GET /modules, of one "
     "model or several, in output order) become the parts themselves, combined and fitted the same "
     "way; a client that downloads the same modules rebuilds this classifier to 1e-5 "
     "(`mwt compose-local DIR...`). Where the registry holds a standard model of the same dataset and "
@@ -74,11 +80,13 @@ def create(
         return _create_from_modules(body, body.modules, request, response, db, settings, dispatcher,
                                     principal)
     chosen = [_resolve(db, src.model_id, src.classes) for src in body.source_list()]
+    tau = _module_tau(body, chosen[0][0]) if len(chosen) == 1 else None
     if body.finetune is not None:
         model, classes = chosen[0]  # the schema allows finetune with one source only
-        return _start_finetune(db, settings, dispatcher, principal, model, classes, body)
+        return _start_finetune(db, settings, dispatcher, principal, model, classes, body, tau)
 
-    key = svc.sources_key([(m.id, c) for m, c in chosen], body.calibration_per_class, body.combine)
+    key = svc.sources_key([(m.id, c) for m, c in chosen], body.calibration_per_class, body.combine,
+                          svc.tau_suffix(tau, body.margin_pp, chosen[0][0].tau))
     existing = db.scalar(
         select(Composition).where(
             Composition.model_id == chosen[0][0].id,
@@ -94,8 +102,28 @@ def create(
         return _start_compose(db, settings, dispatcher, principal, body, params, key, chosen[0][0])
     with _composing():
         comp = svc.compose_sources(db, settings, _inputs(request, settings, db), chosen,
-                                   body.calibration_per_class, body.combine, key)
+                                   body.calibration_per_class, body.combine, key, tau=tau,
+                                   margin_pp=body.margin_pp)
     return _created(db, settings, response, principal, comp)
+
+
+def _module_tau(body: CompositionCreate, model: Model) -> float | str | None:
+    """The threshold of one model's module as the request decides it: "auto" or a number;
+    by default "auto" where the model was trained with a validation slice, else its own tau.
+    "auto" asked of a model without a slice is refused (422) before anything is loaded."""
+    has_slice = validation_fraction(model.config) > 0
+    if body.tau is None:
+        return AUTO_TAU if has_slice else model.tau
+    if body.tau == AUTO_TAU and not has_slice:
+        own = f" (the model's own is {model.tau:g})" if model.tau is not None else ""
+        raise HTTPException(
+            status.HTTP_422_UNPROCESSABLE_CONTENT,
+            f"tau {AUTO_TAU!r}: model {model.id} was trained without a validation slice "
+            "(val_fraction 0, or trained before the slice existed), so there is nothing to "
+            f"choose tau on: give tau as a number in (0, 1]{own} or train the model again "
+            "with val_fraction > 0",
+        )
+    return body.tau
 
 
 def _resolve(db: DbDep, model_id: int, wanted: list[int | str]) -> tuple[Model, list[int]]:
@@ -235,9 +263,11 @@ def _start_finetune(
     model: Model,
     classes: list[int],
     body: CompositionCreate,
+    tau: float | str | None,
 ) -> JSONResponse:
     assert body.finetune is not None
-    params = {"model_id": model.id, "classes": classes, "finetune": body.finetune.model_dump()}
+    params = {"model_id": model.id, "classes": classes, "finetune": body.finetune.model_dump(),
+              "tau": tau, "margin_pp": body.margin_pp}
     job, created = jobs_svc.create_job(
         db,
         kind=JobKind.finetune,

@@ -7,6 +7,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from app.schemas.common import MAX_ID, DbId, OrmModel
 from mwt_core.compose_options import DEFAULT_COMBINE, DEFAULT_PER_CLASS, METHODS
+from mwt_core.config import AUTO_TAU, ModularizeConfig
 
 ClassRef = Annotated[int, Field(ge=0, le=MAX_ID)] | Annotated[str, Field(max_length=200)]
 ClassList = Annotated[
@@ -75,6 +76,22 @@ class CompositionCreate(BaseModel):
     finetune: FinetuneOptions | None = Field(
         None, description="fine-tune a head on the sub-task (runs as a job; one model only)"
     )
+    tau: Literal[AUTO_TAU] | Annotated[float, Field(gt=0, le=1)] | None = Field(  # type: ignore[valid-type]
+        None,
+        description="threshold the module of one model's classes is cut at: \"auto\" (the "
+        "smallest module whose accuracy on the model's validation slice is within margin_pp "
+        "points of the full model's on the same classes; needs a model trained with a "
+        "validation slice) or a number in (0, 1]. Default: auto where the model has a "
+        "validation slice, else the model's own tau. One model only (model_id and classes, or "
+        "one source).",
+    )
+    margin_pp: float = Field(
+        ModularizeConfig.margin_pp,
+        ge=0,
+        le=100,
+        description="with tau auto: the validation accuracy, in percentage points, the module "
+        "may lose against the full model on its classes",
+    )
 
     @model_validator(mode="after")
     def _one_form(self) -> CompositionCreate:
@@ -101,6 +118,17 @@ class CompositionCreate(BaseModel):
                     "finetune works on one model's classes; a cross-model composition is "
                     "calibrated instead (calibration_per_class)"
                 )
+        tau_given = {"tau", "margin_pp"} & self.model_fields_set
+        if tau_given and (self.modules is not None or len(self.sources or []) > 1):
+            raise ValueError(
+                f"{' and '.join(sorted(tau_given))} choose the module of one model's classes "
+                "(model_id and classes, or one source); several sources and stored modules "
+                "keep their models' own tau"
+            )
+        if "margin_pp" in self.model_fields_set and isinstance(self.tau, float):
+            raise ValueError(
+                f"margin_pp applies to tau {AUTO_TAU!r}; a number tau is used as given"
+            )
         if self.modules is not None:
             dup = next((i for i in self.modules if self.modules.count(i) > 1), None)
             if dup is not None:
@@ -136,6 +164,12 @@ class CompositionOut(OrmModel):
     sources: list[SourceOut] = Field(description="the models the classes come from, in order")
     finetuned: bool
     status: str
+    tau: float | None = Field(
+        None,
+        description="the threshold the module was cut at (one model; metrics.tau_mode says "
+        "whether it was chosen on the validation slice, given, or the model's own)",
+    )
+    margin_pp: float | None = Field(None, description="the accuracy margin tau auto was held to")
     accuracy: float | None = None
     baseline_accuracy: float | None = None
     accuracy_loss: float | None = None

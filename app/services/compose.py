@@ -26,6 +26,7 @@ from app.db.models import Composition, CompositionSource, Model, ModelStatus, Mo
 from app.lru import Lru
 from app.settings import Settings
 from mwt_core.compose_options import CompositionError
+from mwt_core.config import AUTO_TAU, ModularizeConfig
 
 __all__ = ["CompositionError"]  # re-exported: the router and the worker catch it from here
 
@@ -125,13 +126,30 @@ def build(
     *,
     device: str = "cpu",
     finetune: dict[str, Any] | None = None,
+    tau: float | str | None = None,
+    margin_pp: float = ModularizeConfig.margin_pp,
 ) -> tuple[nn.Module, dict[str, Any]]:
-    """Extract (and optionally fine-tune) the module for ``classes``; measure it on the test split."""
+    """Extract (and optionally fine-tune) the module for ``classes``; measure it on the test split.
+
+    ``tau``, ``margin_pp``: the module's threshold (``mwt_core.pipeline.module_tau``: "auto"
+    chooses it on the model's validation slice; None: auto where the model has one, else the
+    model's own); how it was decided goes into the metrics."""
+    from mwt_core.data.datasets import DatasetError
     from mwt_core.metrics import count_flops, count_params
+    from mwt_core.pipeline import NoValidationSlice, as_trained, module_tau
     from mwt_core.reuse import evaluate, extract_module, finetune_head, restrict
 
+    try:
+        trained_on = as_trained(data, loaded.manifest)  # the split the validation slice is cut from
+    except DatasetError as exc:
+        raise SourceUnavailable(f"the model's dataset cannot be read as trained: {exc}") from None
     with loaded.lock:  # the cached full model is shared between request threads
-        module = extract_module(loaded.net, loaded.modularization, classes)
+        try:
+            decided = module_tau(loaded.net, loaded.manifest, loaded.modularization, trained_on,
+                                 classes, tau, margin_pp, device)
+        except NoValidationSlice as exc:
+            raise CompositionError(f"tau {AUTO_TAU!r}: {exc}") from None
+        module = extract_module(loaded.net, decided.modularization, classes)
         baseline = evaluate(
             restrict(loaded.net, classes, loaded.modularization.num_classes),
             data,
@@ -139,7 +157,8 @@ def build(
             device=device,
         )
     zero_shot = evaluate(module, data, classes, device=device)
-    metrics: dict[str, Any] = {"zero_training_accuracy": zero_shot}
+    metrics: dict[str, Any] = {"zero_training_accuracy": zero_shot, **decided.record,
+                               "tau_tried": [[t, a] for t, a in decided.tried]}
     accuracy = zero_shot
     if finetune:
         module = finetune_head(
@@ -159,7 +178,7 @@ def build(
             "accuracy": accuracy,
             "baseline_accuracy": baseline,
             "accuracy_loss": baseline - accuracy,
-            "krr": float(getattr(module, "krr", None) or loaded.modularization.krr_of(classes)),
+            "krr": float(getattr(module, "krr", None) or decided.modularization.krr_of(classes)),
             "params": int(count_params(module)),
             "flops": int(count_flops(module, data.spec.shape)),
             "test_samples": int(sum(int((data.test_y == c).sum()) for c in classes)),
@@ -183,6 +202,9 @@ def manifest_for(
         "input_spec": src.get("input_spec"),
         "train_config": src.get("train_config"),
         "source_model": {"sha256": src.get("sha256"), "tau": loaded.modularization.tau},
+        # How the module's own threshold was decided (mwt_core.pipeline.ModuleTau.record).
+        "tau_choice": {key: metrics.get(key) for key in TAU_RECORD_KEYS}
+        | {"tried": metrics.get("tau_tried") or []},
         "registry": {
             "model_id": model.id,
             "model_name": model.name,
@@ -216,21 +238,41 @@ def uses_model(model_id: int) -> ColumnElement[bool]:
 
 MAX_KEY = 400  # the column's width; longer keys are hashed
 
+# The keys of how a module's tau was decided, in its metrics and manifest.
+TAU_RECORD_KEYS = ("tau", "tau_mode", "margin_pp", "module_val_acc", "full_val_acc",
+                   "val_samples", "met_margin", "tau_note")
 
-def classes_key(classes: list[int]) -> str:
-    """The registry's lookup key of one model's class list (one zero-training composition per key)."""
-    return _fit(",".join(map(str, classes)))
+
+def tau_suffix(tau: float | str | None, margin_pp: float, model_tau: float | None) -> str:
+    """The part of a one-model composition's key that says how its tau is decided: none for
+    the model's own tau (the keys written before tau could be chosen), else the given tau, or
+    "auto" with its margin, so compositions cut at different thresholds never share a key."""
+    if tau is None:
+        return ""
+    if tau == AUTO_TAU:
+        return f"@tau={AUTO_TAU}:{float(margin_pp)!r}"
+    value = float(tau)
+    if model_tau is not None and abs(value - float(model_tau)) <= 1e-9:
+        return ""
+    return f"@tau={value!r}"
+
+
+def classes_key(classes: list[int], suffix: str = "") -> str:
+    """The registry's lookup key of one model's class list (one zero-training composition per
+    key); ``suffix``: :func:`tau_suffix`."""
+    return _fit(",".join(map(str, classes)) + suffix)
 
 
 def sources_key(sources: list[tuple[int, list[int]]], calibration_per_class: int,
-                combine: str = "scale_bias") -> str:
+                combine: str = "scale_bias", tau: str = "") -> str:
     """The lookup key of a cross-model composition: every (model, classes), the method and,
     for the labelled methods, the calibration. Keys of ``scale_bias`` compositions are those
-    written before ``combine`` existed, so those compositions are still found."""
+    written before ``combine`` existed, so those compositions are still found. One source is
+    a class set of one model: :func:`classes_key`, with ``tau`` (:func:`tau_suffix`)."""
     from mwt_core.compose_options import LABELLED_METHODS
 
     if len(sources) == 1:
-        return classes_key(sources[0][1])
+        return classes_key(sources[0][1], tau)
     raw = "|".join(f"{m}:{','.join(map(str, c))}" for m, c in sources)
     if combine == "scale_bias":
         return _fit(f"{raw}@{calibration_per_class}")
@@ -551,15 +593,18 @@ def _pick(inputs: Inputs, model: Model, classes: list[int]) -> Pick:
 
 def compose_sources(db: Any, settings: Settings, inputs: Inputs,
                     chosen: list[tuple[Model, list[int]]], calibration_per_class: int,
-                    combine: str, key: str) -> Composition:
+                    combine: str, key: str, *, tau: float | str | None = None,
+                    margin_pp: float = ModularizeConfig.margin_pp) -> Composition:
     """Compose ``chosen`` ``(model, classes)`` sources, store the artifact and return its row
-    (not yet added to ``db``). Raises :class:`CompositionError` for what the caller must
+    (not yet added to ``db``). ``tau`` and ``margin_pp`` decide the threshold of one model's
+    module (:func:`build`). Raises :class:`CompositionError` for what the caller must
     change, :class:`SourceUnavailable` for what cannot be read."""
     picks = [_pick(inputs, m, c) for m, c in chosen]
     labels = None
     if len(picks) == 1:
         p = picks[0]
-        module, metrics = build(p.loaded, p.data, p.classes, device="cpu")
+        module, metrics = build(p.loaded, p.data, p.classes, device="cpu", tau=tau,
+                                margin_pp=margin_pp)
         manifest = manifest_for(p.model, p.loaded, p.classes, metrics, finetuned=False)
     else:
         module, metrics = build_across(picks, calibration_per_class, combine=combine, device="cpu",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 import tarfile
 
 import pytest
@@ -202,3 +203,102 @@ def test_a_composition_past_the_inline_size_runs_as_a_job(
     again = client.post("/api/v1/compositions", json=body)
     assert again.status_code == 200 and again.json()["id"] == comp["id"]
     assert again.json()["accuracy"] == comp["accuracy"]
+
+
+def _manifest_of(client: TestClient, comp: dict) -> dict:
+    """The manifest inside a composition's download."""
+    with tarfile.open(fileobj=io.BytesIO(client.get(comp["download_url"]).content)) as tar:
+        member = next(m for m in tar.getmembers() if m.name.endswith("manifest.json"))
+        file = tar.extractfile(member)
+        assert file is not None
+        return dict(json.loads(file.read()))
+
+
+def test_one_model_composition_chooses_tau_on_the_validation_slice(
+    client: TestClient, app: FastAPI, settings: Settings
+) -> None:
+    """A model trained with a validation slice: its classes are cut at the tau chosen on the
+    slice by default, recorded in the response and the manifest; "auto", another margin and a
+    number are compositions of their own, each found again."""
+    from mwt_core.config import TAU_GRID, ModularizeConfig
+
+    with app.state.sessionmaker() as s:
+        model = seed_trained_model(s, settings, record_config=True, name="digits-sliced")
+    one = {"model_id": model.id, "classes": [3, 5, 8]}
+    r = client.post("/api/v1/compositions", json=one)
+    assert r.status_code == 201, r.json()
+    comp = r.json()
+    m = comp["metrics"]
+    assert m["tau_mode"] == "auto" and comp["tau"] == m["tau"] and comp["tau"] in TAU_GRID
+    assert comp["margin_pp"] == m["margin_pp"] == ModularizeConfig.margin_pp
+    assert m["val_samples"] > 0 and 0 <= m["module_val_acc"] <= 1 and 0 <= m["full_val_acc"] <= 1
+    assert m["met_margin"] is (m["module_val_acc"] >= m["full_val_acc"] - 0.01 - 1e-9)
+    choice = _manifest_of(client, comp)["tau_choice"]
+    assert choice["tau"] == comp["tau"] and choice["tau_mode"] == "auto"
+    assert choice["margin_pp"] == ModularizeConfig.margin_pp and choice["tried"]
+    assert choice["module_val_acc"] == m["module_val_acc"]
+
+    auto = client.post("/api/v1/compositions", json={**one, "tau": "auto"})
+    assert auto.status_code == 200 and auto.json()["id"] == comp["id"]  # auto is the default
+    loose = client.post("/api/v1/compositions", json={**one, "tau": "auto", "margin_pp": 100})
+    assert loose.status_code == 201 and loose.json()["id"] != comp["id"]
+    assert loose.json()["tau"] == max(TAU_GRID)  # any loss is allowed: the smallest module
+    ids = {comp["id"], loose.json()["id"]}
+    for tau in (0.9, 0.8):
+        fixed = client.post("/api/v1/compositions", json={**one, "tau": tau})
+        assert fixed.status_code == 201 and fixed.json()["id"] not in ids, fixed.json()
+        assert fixed.json()["tau"] == tau and fixed.json()["metrics"]["tau_mode"] == "fixed"
+        assert fixed.json()["margin_pp"] is None
+        assert _manifest_of(client, fixed.json())["tau_choice"]["tau"] == tau
+        ids.add(fixed.json()["id"])
+        again = client.post("/api/v1/compositions", json={**one, "tau": tau})
+        assert again.status_code == 200 and again.json()["id"] == fixed.json()["id"]
+
+
+def test_finetuned_composition_uses_the_chosen_tau(
+    client: TestClient, app: FastAPI, settings: Settings
+) -> None:
+    from worker.jobs import run_job
+
+    with app.state.sessionmaker() as s:
+        model = seed_trained_model(s, settings, record_config=True, name="digits-sliced")
+    body = {"model_id": model.id, "classes": [3, 5], "finetune": {"epochs": 1}, "tau": 0.85}
+    r = client.post("/api/v1/compositions", json=body)
+    assert r.status_code == 202, r.json()
+    assert run_job(r.json()["id"], settings) == "succeeded"
+    done = client.get(f"/api/v1/jobs/{r.json()['id']}").json()
+    comp = client.get(f"/api/v1/compositions/{done['composition_id']}").json()
+    assert comp["finetuned"] and comp["tau"] == 0.85
+    assert comp["metrics"]["tau_mode"] == "fixed"
+
+
+def test_tau_validation(client: TestClient, seeded: Model) -> None:
+    one = {"model_id": seeded.id, "classes": [1, 2]}
+    src = [{"model_id": seeded.id, "classes": [1]}, {"model_id": seeded.id + 1, "classes": [2]}]
+    cases = [
+        ({**one, "tau": "fast"}, "tau"),
+        ({**one, "tau": "AUTO"}, "tau"),
+        ({**one, "tau": "0.5"}, "tau"),
+        ({**one, "tau": 0}, "tau"),
+        ({**one, "tau": 1.5}, "tau"),
+        ({**one, "tau": True}, "tau"),
+        ({**one, "margin_pp": -1}, "margin_pp"),
+        ({**one, "margin_pp": 101}, "margin_pp"),
+        ({**one, "margin_pp": "1"}, "margin_pp"),
+        ({**one, "tau": 0.8, "margin_pp": 2}, "margin_pp applies to tau 'auto'"),
+        ({"sources": src, "tau": 0.8}, "one model's classes"),
+        ({"sources": src, "margin_pp": 2}, "one model's classes"),
+        ({"modules": [1, 2], "tau": "auto"}, "one model's classes"),
+    ]
+    for body, message in cases:
+        r = client.post("/api/v1/compositions", json=body)
+        assert r.status_code == 422, (body, r.json())
+        assert message in r.json()["detail"], (body, r.json())
+    # The seeded model records no validation slice: "auto" is refused before anything is
+    # loaded, saying what to give instead.
+    for body in ({**one, "tau": "auto"}, {"sources": [one], "tau": "auto"}):
+        r = client.post("/api/v1/compositions", json=body)
+        assert r.status_code == 422, r.json()
+        detail = r.json()["detail"]
+        assert "without a validation slice" in detail and "number in (0, 1]" in detail, detail
+    assert client.get("/api/v1/compositions").json()["total"] == 0

@@ -223,6 +223,41 @@ def test_extract_evaluate_module(trained, tmp_path):
     assert ev["samples"] < 360
 
 
+def test_extract_tau_auto_fixed_and_refused(trained, tmp_path):
+    """--tau auto chooses on the validation slice `mwt train` held out (the default where there
+    is one); a number is used as given; a model without a slice refuses auto, saying what to do."""
+    from mwt_core.artifacts import caller_fields
+    from mwt_core.config import TAU_GRID
+
+    out, _ = trained
+    common = ("--classes", "3,5,8", "--device", "cpu", "--latency-batch", "0")
+    auto = run_json("extract", out / "model", *common, "--out", tmp_path / "a", "--tau", "auto",
+                    "--margin-pp", "2")
+    assert auto["tau_mode"] == "auto" and auto["margin_pp"] == 2 and auto["tau"] in TAU_GRID
+    assert auto["val_samples"] > 0 and auto["module_val_acc"] is not None
+    choice = read_manifest(tmp_path / "a")["tau_choice"]
+    assert choice["tau"] == auto["tau"] and choice["margin_pp"] == 2 and choice["tried"]
+    default = run_json("extract", out / "model", *common, "--out", tmp_path / "d")
+    assert default["tau_mode"] == "auto" and default["margin_pp"] == ModularizeConfig.margin_pp
+    fixed = run_json("extract", out / "model", *common, "--out", tmp_path / "f", "--tau", "0.8")
+    assert fixed["tau_mode"] == "fixed" and fixed["tau"] == 0.8
+    assert read_manifest(tmp_path / "f")["tau_choice"]["tau"] == 0.8
+    human = run("extract", out / "model", *common, "--out", tmp_path / "h", "--tau", "0.8")
+    assert human.exit_code == 0 and "tau 0.8 (given)" in human.stdout
+    bad = run("extract", out / "model", *common, "--out", tmp_path / "b", "--tau", "fast")
+    assert bad.exit_code == 1 and "tau must be 'auto' or a number" in bad.output
+
+    net, manifest = load_artifact(out / "model")
+    old = caller_fields(manifest)
+    old["train_config"] = {k: v for k, v in old["train_config"].items() if k != "val_fraction"}
+    save_artifact(tmp_path / "old", net, old)  # a model recorded before the slice existed
+    kept = run_json("extract", tmp_path / "old", *common, "--out", tmp_path / "o")
+    assert kept["tau_mode"] == "model" and kept["tau"] == manifest["modularization"]["tau"]
+    refused = run("extract", tmp_path / "old", *common, "--out", tmp_path / "r", "--tau", "auto")
+    assert refused.exit_code == 1
+    assert "without a validation slice" in refused.output and "--tau 0.9" in refused.output
+
+
 def test_extract_human_output_without_mask_generators(trained, tmp_path):
     out, _ = trained
     result = run("extract", out / "model", "--classes", "1,0", "--out", tmp_path / "m10",

@@ -107,6 +107,7 @@ def seed_trained_model(
     name: str = "digits-tiny",
     with_modules: bool = False,
     time_modules: bool = True,
+    record_config: bool = False,
 ) -> Model:
     """Train a tiny real MwT model on part of digits (about a second) and register it as ready.
 
@@ -114,7 +115,10 @@ def seed_trained_model(
     so compositions can load and measure it. With ``with_modules`` its per-class modules are
     written and registered as the worker does (``mwt_core.pipeline.export_class_modules``);
     without ``time_modules`` their CPU latency is not timed (that timing is most of the time
-    a seeding takes, and only the modules' ``latency_ms`` shows it).
+    a seeding takes, and only the modules' ``latency_ms`` shows it). With ``record_config`` the
+    training config (its validation slice among it) and the training images used are recorded
+    as the worker records them, so the slice can be recomputed; without, the model reads as one
+    trained before the slice existed.
     """
     from dataclasses import replace
 
@@ -146,7 +150,7 @@ def seed_trained_model(
         num_classes=data.num_classes,
         class_names=list(data.class_names),
         input_spec=data.spec.to_json(),
-        config={"arch": arch},
+        config=cfg.to_json() if record_config else {"arch": arch},
         tags={"seed": str(seed)},
         accuracy=result.test_acc,
         krr=mz.model_krr,
@@ -168,6 +172,8 @@ def seed_trained_model(
             "class_names": list(data.class_names),
             "modularization": mz.to_json(),
             "registry": {"model_id": model.id, "model_name": name, "model_version": version},
+            **({"train_config": cfg.to_json(), "train_limit": train_images}
+               if record_config else {}),
         },
     )
     model.sha256, model.size_bytes = storage.pack(art)

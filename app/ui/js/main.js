@@ -475,6 +475,13 @@ async function pageCompose() {
     pickerBox, summary, go, cerr, result);
 }
 
+// How the module's threshold was decided (metrics.tau_mode: auto, fixed or the model's own).
+function tauText(c) {
+  const m = c.metrics || {};
+  if (m.tau_mode === "auto") return `${c.tau} (chosen: validation accuracy ${pct(m.module_val_acc)} vs ${pct(m.full_val_acc)}, margin ${c.margin_pp} pts${m.met_margin ? "" : ", not met"})`;
+  return `${c.tau} (${m.tau_mode === "fixed" ? "given" : "the model's own"})`;
+}
+
 async function showComposition(c, box, models) {
   const dl = downloadArea();
   const srcModels = c.sources.map((s) => models.find((m) => m.id === s.model_id)).filter(Boolean);
@@ -485,7 +492,7 @@ async function showComposition(c, box, models) {
       h("div", { class: "card", id: "composition-card" }, kv([
         ["accuracy", h("strong", { id: "composition-accuracy" }, pct(c.accuracy))],
         ["baseline accuracy", pct(c.baseline_accuracy)], ["accuracy change", c.accuracy_loss != null ? `${(-100 * c.accuracy_loss).toFixed(1)} pts` : "–"],
-        ["KRR", pct(c.krr)], ["params", `${num(c.params)} (source models: ${num(srcParams)})`], ["FLOPs", `${num(c.flops)} (source models: ${num(srcFlops)})`],
+        ["KRR", pct(c.krr)], ...(c.tau != null ? [["tau", tauText(c)]] : []), ["params", `${num(c.params)} (source models: ${num(srcParams)})`], ["FLOPs", `${num(c.flops)} (source models: ${num(srcFlops)})`],
         ["sha256", h("code", {}, c.sha256 || "–")]]),
       h("p", { class: "muted" }, "Baseline: the source model(s) on the same test images, predicting among the chosen classes only."),
       h("div", { class: "row" }, c.sha256 ? await downloadButton("Download .tar", `${API}/compositions/${c.id}/download`, c.sha256, dl) : null,
