@@ -97,7 +97,7 @@ class KernelBudget:
         """The multiplier times the mean mask value (0 without a budget or masks)."""
         if not self.active or not masks:
             return self.multiplier * 0.0
-        total = sum(m.float().sum() for m in masks)
+        total = torch.stack([m.float().sum() for m in masks]).sum()
         count = sum(m.numel() for m in masks)
         return self.multiplier * (total / count)
 
@@ -143,7 +143,7 @@ def guard_margin(guard_pp: float, best: float, n_val: int) -> float:
 
 def kernel_rate(masks: list[torch.Tensor]) -> torch.Tensor:
     """Share of all masked kernels on (mask > 0) over a batch, every kernel weighing the same."""
-    on = sum((m > 0).sum() for m in masks)
+    on = torch.stack([(m > 0).sum() for m in masks]).sum()
     return on / sum(m.numel() for m in masks)
 
 
@@ -328,7 +328,7 @@ def train(
         test_acc = accuracy(model, test_set.ordered(512))
         val_acc = accuracy(model, val_set.ordered(512)) if val_set is not None else None
         report = _report(cfg, epoch, steps - 1, steps, sums, seen, test_acc, spent, budget, val_acc)
-        if val_acc is not None:
+        if val_set is not None and val_acc is not None:
             # The guard: validation accuracy stayed clearly below the run's best for two epochs
             # in a row while the budget binds, so modularity is costing accuracy (one epoch
             # alone is as often the learning rate's noise); loosen the budget for what is left.
