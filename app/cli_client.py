@@ -31,7 +31,6 @@ from mwt_core.config import (
     PAPER_SETTINGS,
     ModularizeConfig,
     TrainConfig,
-    loss_default_text,
 )
 
 _T = TrainConfig  # the same defaults as POST /jobs {} and `mwt train` (mwt_core.config)
@@ -50,13 +49,15 @@ def submit(
     epochs: Annotated[int, typer.Option(help="Epochs.")] = _T.epochs,
     batch_size: Annotated[int, typer.Option(help="Batch size.")] = _T.batch_size,
     lr: Annotated[float, typer.Option(help="Learning rate.")] = _T.lr,
-    alpha: Annotated[float, typer.Option(show_default=loss_default_text("alpha"), help=f"Cohesion loss weight (the paper: {PAPER_SETTINGS['alpha']}).")] = _T.alpha,
-    beta: Annotated[float, typer.Option(show_default=loss_default_text("beta"), help=f"Coupling loss weight (the paper: {PAPER_SETTINGS['beta']}).")] = _T.beta,
+    alpha: Annotated[float, typer.Option(help=f"Cohesion loss weight (the paper: {PAPER_SETTINGS['alpha']}).")] = _T.alpha,
+    beta: Annotated[float, typer.Option(help=f"Coupling loss weight (the paper: {PAPER_SETTINGS['beta']}).")] = _T.beta,
     mask_lr: Annotated[
-        float | None, typer.Option(show_default=loss_default_text("mask_lr"), help="Mask-generator learning rate (the paper: same as --lr).")
+        float | None,
+        typer.Option(show_default="same as --lr" if _T.mask_lr is None else f"{_T.mask_lr:g}",
+                     help="Mask-generator learning rate (the paper: same as --lr)."),
     ] = _T.mask_lr,
     gamma: Annotated[
-        float, typer.Option(show_default=loss_default_text("gamma"), help="Cross-class mask-overlap weight (0: the paper's loss).")
+        float, typer.Option(help=f"Cross-class mask-overlap weight (the paper: {PAPER_SETTINGS['gamma']}).")
     ] = _T.gamma,
     tau: Annotated[float, typer.Option(help="Modularization threshold.")] = ModularizeConfig.tau,
     seed: Annotated[int, typer.Option(help="Random seed.")] = _T.seed,
@@ -85,7 +86,8 @@ def submit(
         modular=not standard, name=name, init_from=init_from, init_from_model=init_from_model,
     )
     # Only what was asked for is sent: the server fills in the rest from the one place the
-    # defaults live, including those that depend on other settings (a run from weights).
+    # defaults live (mwt_core.config), so a server with other defaults than this client's
+    # applies its own.
     params = {k: v for k, v in params.items() if given(ctx, "standard" if k == "modular" else k)}
     with common._client(url, key) as hub:
         job = _call(hub.submit_job, idempotency_key=idempotency_key, **params)

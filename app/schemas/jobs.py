@@ -6,13 +6,11 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, field_validator, model_validator
 
 from mwt_core.config import (
-    DATASET_LOSS_SETTINGS,
     DEFAULT_DATASET,
     LIMITS,
     PAPER_SETTINGS,
     ModularizeConfig,
     TrainConfig,
-    loss_defaults,
 )
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
@@ -20,18 +18,17 @@ NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
 
 _T = TrainConfig  # defaults: mwt_core.config, the one place they are written
 _L = LIMITS
-_PER_DATASET = (
-    "; not given: the data set's default ("
-    + ", ".join(f"{name}: {values}" for name, values in DATASET_LOSS_SETTINGS.items())
-    + "; others the paper's), or FROM_WEIGHTS_SETTINGS when the job starts from weights"
-)
+
+
+def _paper(key: str) -> str:
+    value = PAPER_SETTINGS[key]
+    return "same as lr" if value is None else f"{value:g}"
 
 
 class JobCreate(BaseModel):
     """A training job. Every setting defaults to mwt_core's ``TrainConfig`` (the README's
-    "Defaults and how they were chosen"), except that mask_lr, alpha, beta and gamma not given
-    take ``mwt_core.config.loss_defaults`` (the data set's tuned values, or the from-weights
-    ones); bounds are mwt_core's ``LIMITS``."""
+    "Defaults and how they were chosen"), whatever the data set and whether the job starts
+    from weights; bounds are mwt_core's ``LIMITS`` and ``TrainConfig``'s checks."""
 
     model_config = ConfigDict(extra="forbid", strict=True)  # JSON types as declared: no 0 for false
 
@@ -55,17 +52,17 @@ class JobCreate(BaseModel):
     )
     mask_lr: float | None = Field(
         _T.mask_lr, gt=0, le=_L.lr,
-        description=f"learning rate of the mask generators (null: same as lr, the paper's){_PER_DATASET}",
+        description=f"learning rate of the mask generators (null: same as lr; the paper: {_paper('mask_lr')})",
     )
     alpha: float = Field(
-        _T.alpha, ge=0, le=_L.loss_weight, description=f"cohesion loss weight (the paper: {PAPER_SETTINGS['alpha']}){_PER_DATASET}"
+        _T.alpha, ge=0, le=_L.loss_weight, description=f"cohesion loss weight (the paper: {_paper('alpha')})"
     )
     beta: float = Field(
-        _T.beta, ge=0, le=_L.loss_weight, description=f"coupling loss weight (the paper: {PAPER_SETTINGS['beta']}){_PER_DATASET}"
+        _T.beta, ge=0, le=_L.loss_weight, description=f"coupling loss weight (the paper: {_paper('beta')})"
     )
     gamma: float = Field(
         _T.gamma, ge=0, le=_L.loss_weight,
-        description=f"weight of the cross-class mask-overlap term (0: the paper's loss){_PER_DATASET}",
+        description=f"weight of the cross-class mask-overlap term (the paper: {_paper('gamma')})",
     )
     outlier_weight: float = Field(
         _T.outlier_weight, ge=0, le=_L.loss_weight,
@@ -83,8 +80,7 @@ class JobCreate(BaseModel):
     init_from: str | None = Field(
         _T.init_from, pattern=NAME_PATTERN,
         description="start from weights uploaded with PUT /api/v1/weights/{name} (fresh mask "
-        "generators; mask_lr, alpha, beta and gamma not given take FROM_WEIGHTS_SETTINGS); "
-        "null: random initialisation",
+        "generators); null: random initialisation",
     )
     init_from_model: int | None = Field(
         None, ge=1, le=2**31 - 1,
@@ -101,10 +97,6 @@ class JobCreate(BaseModel):
     def _one_start(self) -> JobCreate:
         if self.init_from is not None and self.init_from_model is not None:
             raise ValueError("give init_from (uploaded weights) or init_from_model (a registry model), not both")
-        from_weights = self.init_from is not None or self.init_from_model is not None
-        for key, value in loss_defaults(from_weights, self.dataset).items():
-            if key not in self.model_fields_set:  # what the caller chose stays
-                setattr(self, key, value)
         return self
 
     @field_validator("tags")

@@ -7,7 +7,7 @@ from fastapi.testclient import TestClient
 from sqlalchemy import update
 
 from app.db.models import Job
-from mwt_core.config import PAPER_SETTINGS, SMALL_DATA_SETTINGS
+from mwt_core.config import TrainConfig
 
 TINY = {"dataset": "digits", "arch": "simcnn", "width": 0.125, "epochs": 2}
 
@@ -22,16 +22,17 @@ def test_submit_returns_202_with_id_and_location(client: TestClient) -> None:
     # No broker: the in-process executor runs it, so no Celery queue name is reported.
     assert job["queue"] == "embedded"
     assert client.get(f"/api/v1/jobs/{job['id']}").json()["id"] == job["id"]
-    # The paper's optimiser; digits' own loss settings (tuned on its held-out part) where the
-    # caller gave none, the paper's loss on other data sets; what is given is stored as given.
+    # TrainConfig's loss settings and kernel budget on every data set; what is given is stored
+    # as given.
+    defaults = {k: v for k, v in TrainConfig().to_json().items()
+                if k not in ("device", "width", "target_krr", "budget_rate", "val_fraction", "guard_pp")}
     p = job["params"]
-    assert p["weight_decay"] == 0.0
-    assert {k: p[k] for k in SMALL_DATA_SETTINGS} == SMALL_DATA_SETTINGS
-    paper = client.post("/api/v1/jobs", json={**TINY, "dataset": "synthetic"}).json()["params"]
-    assert {k: paper[k] for k in PAPER_SETTINGS} == PAPER_SETTINGS
+    assert {k: p[k] for k in defaults if k not in TINY} == {k: v for k, v in defaults.items() if k not in TINY}
+    synthetic = client.post("/api/v1/jobs", json={**TINY, "dataset": "synthetic"}).json()["params"]
+    assert {k: synthetic[k] for k in defaults if k != "epochs"} == {k: p[k] for k in defaults if k != "epochs"}
     given = client.post("/api/v1/jobs", json={**TINY, "mask_lr": None, "gamma": 0.0}).json()
     assert given["params"]["mask_lr"] is None and given["params"]["gamma"] == 0.0
-    assert given["params"]["beta"] == SMALL_DATA_SETTINGS["beta"]
+    assert given["params"]["beta"] == TrainConfig.beta
 
 
 def test_bad_input_says_what_to_fix(client: TestClient) -> None:

@@ -21,7 +21,7 @@ import httpx
 import pytest
 from playwright import sync_api
 
-from mwt_core.config import loss_defaults
+from mwt_core.config import TrainConfig
 from tests.support.processes import ServiceProcess, clean_env, wait_http
 from tests.support.services import free_port
 
@@ -158,12 +158,12 @@ def test_dashboard_walkthrough(server: tuple[str, str, Path], browser: Any, tmp_
     )
     _shot(page, "job-desktop")
     job_url = page.url
-    # The loss weights left empty took the data set's defaults on the server; the typed one stayed.
+    # The loss weights the form showed are TrainConfig's, on digits as anywhere; the typed one stayed.
     params = httpx.get(f"{base}/api/v1/jobs/{job_url.rsplit('/', 1)[1]}",
                        headers={"X-API-Key": key}).json()["params"]
     assert params["mask_lr"] == 0.1
     assert {k: params[k] for k in ("alpha", "beta", "gamma")} == {
-        k: loss_defaults(False, "digits")[k] for k in ("alpha", "beta", "gamma")}
+        k: getattr(TrainConfig, k) for k in ("alpha", "beta", "gamma")}
 
     # The model card: metrics, the class x layer heatmap, the coupling matrix.
     page.click("#job-model-link")

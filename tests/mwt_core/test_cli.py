@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 from mwt_core.artifacts import load_artifact, read_manifest, save_artifact
 from mwt_core.cli import app
 from mwt_core.compose_options import DEFAULT_COMBINE, LABELLED_METHODS
-from mwt_core.config import ModularizeConfig, TrainConfig, loss_defaults
+from mwt_core.config import ModularizeConfig, TrainConfig
 from mwt_core.data.classes import parse_classes
 from mwt_core.data.datasets import load_dataset
 from mwt_core.models import create_model
@@ -113,13 +113,11 @@ def test_train_writes_model_modules_and_manifest(trained):
 
 def test_train_defaults_are_the_cores(trained):
     # Every setting the command was not given is mwt_core's default (one place for defaults):
-    # TrainConfig's, with the loss weights and mask rate that loss_defaults gives digits.
+    # TrainConfig's field defaults, the same for digits as for any data set.
     out, summary = trained
     given = {"arch", "width", "epochs", "batch_size", "augment", "device"}
     config = read_manifest(out / "model")["train_config"]
     expected = {k: f.default for k, f in TrainConfig.__dataclass_fields__.items() if k not in given}
-    expected.update(loss_defaults(False, "digits"))
-    assert expected["beta"] != TrainConfig.beta  # digits has its own (else this shows nothing)
     assert {k: v for k, v in config.items() if k not in given} == expected
     assert summary["tau"] == ModularizeConfig.tau
 

@@ -108,9 +108,8 @@ async function jobSchema() {
   return jobDefaults;
 }
 const JOB_FIELDS = ["dataset", "arch", "epochs", "width", "batch_size", "lr", "mask_lr", "alpha", "beta", "gamma", "tau", "seed", "modular", "augment", "name"];
-// Left empty unless typed in: the server then applies the data set's own values (digits has
-// tuned ones; others the paper's), which a schema default here would override.
-const PER_DATASET = new Set(["mask_lr", "alpha", "beta", "gamma"]);
+// What a field shows where its default is null (the server then applies its own rule).
+const NULL_MEANS = { width: "architecture's", mask_lr: "same as lr" };
 
 async function pageJobs() {
   const err = errorBox();
@@ -148,8 +147,8 @@ async function pageJobs() {
         return h("label", { class: "check", title: p.description || "" }, input, name);
       } else {
         const isInt = p.type === "integer";
-        const blank = PER_DATASET.has(name) || def === null || def === undefined;
-        input = h("input", { type: name === "name" ? "text" : "number", step: isInt ? "1" : "any", value: blank ? "" : def, placeholder: PER_DATASET.has(name) ? "data set's" : name === "width" && blank ? "architecture's" : blank ? "default" : null });
+        const blank = def === null || def === undefined;
+        input = h("input", { type: name === "name" ? "text" : "number", step: isInt ? "1" : "any", value: blank ? "" : def, placeholder: blank ? NULL_MEANS[name] || "default" : null });
       }
       input.name = name; inputs[name] = input;
       return h("label", { title: p.description || "" }, name.replace("_", " "), input);
@@ -170,7 +169,7 @@ async function pageJobs() {
       } catch (e) { showError(ferr, e); }
     } }, JOB_FIELDS.filter((f) => props[f]).map(field), h("button", { type: "submit" }, "Submit job"));
     fill(formBox, h("h2", {}, "Train a model"),
-      h("p", { class: "muted" }, "Defaults come from the API schema; the loss weights left empty take the data set's (on digits the ones tuned on it, elsewhere the paper's). A few epochs are enough to try things out."), form, ferr);
+      h("p", { class: "muted" }, "Defaults come from the API schema, the same for every data set. A few epochs are enough to try things out."), form, ferr);
   } catch (e) { showError(err, e); }
 }
 
