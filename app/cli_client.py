@@ -53,12 +53,31 @@ def submit(
     beta: Annotated[float, typer.Option(help=f"Coupling loss weight (the paper: {PAPER_SETTINGS['beta']}).")] = _T.beta,
     mask_lr: Annotated[
         float | None,
-        typer.Option(show_default="same as --lr" if _T.mask_lr is None else f"{_T.mask_lr:g}",
+        typer.Option(show_default="same as --lr" if _T.mask_lr is None else True,
                      help="Mask-generator learning rate (the paper: same as --lr)."),
     ] = _T.mask_lr,
     gamma: Annotated[
         float, typer.Option(help=f"Cross-class mask-overlap weight (the paper: {PAPER_SETTINGS['gamma']}).")
     ] = _T.gamma,
+    target_krr: Annotated[
+        float | None,
+        typer.Option(show_default="none (no budget)" if _T.target_krr is None else True,
+                     help="Kernel budget: the share of each layer's kernels a sample may keep on, "
+                     "in (0, 1]; 1 turns it off (as --no-budget)."),
+    ] = _T.target_krr,
+    no_budget: Annotated[
+        bool, typer.Option("--no-budget", help="No kernel budget: the paper's loss alone.")
+    ] = False,
+    budget_rate: Annotated[
+        float, typer.Option(help="How fast the budget's multiplier may grow over the run.")
+    ] = _T.budget_rate,
+    val_fraction: Annotated[
+        float, typer.Option(help="Share of the training split held out for validation (0: none).")
+    ] = _T.val_fraction,
+    guard_pp: Annotated[
+        float,
+        typer.Option(help="Accuracy guard: validation accuracy this many points below the best loosens the budget."),
+    ] = _T.guard_pp,
     tau: Annotated[float, typer.Option(help="Modularization threshold.")] = ModularizeConfig.tau,
     seed: Annotated[int, typer.Option(help="Random seed.")] = _T.seed,
     standard: Annotated[
@@ -80,15 +99,23 @@ def submit(
     """Submit a training job (options not given take the server's defaults)."""
     from mwt_core.cli_support import given
 
+    if no_budget and given(ctx, "target_krr"):
+        _fail("give --target-krr or --no-budget, not both")
     params = dict(
         dataset=dataset, arch=arch, width=width, epochs=epochs, batch_size=batch_size, lr=lr,
-        alpha=alpha, beta=beta, mask_lr=mask_lr, gamma=gamma, tau=tau, seed=seed,
+        alpha=alpha, beta=beta, mask_lr=mask_lr, gamma=gamma, target_krr=target_krr,
+        budget_rate=budget_rate, val_fraction=val_fraction, guard_pp=guard_pp, tau=tau, seed=seed,
         modular=not standard, name=name, init_from=init_from, init_from_model=init_from_model,
     )
     # Only what was asked for is sent: the server fills in the rest from the one place the
     # defaults live (mwt_core.config), so a server with other defaults than this client's
     # applies its own.
-    params = {k: v for k, v in params.items() if given(ctx, "standard" if k == "modular" else k)}
+    option = {"modular": "standard", "target_krr": "no_budget" if no_budget else "target_krr"}
+    params = {k: v for k, v in params.items() if given(ctx, option.get(k, k))}
+    if no_budget:
+        # 1 rather than null: the client leaves null values out of a request (the server's
+        # default would apply), and a budget of every kernel is no budget.
+        params["target_krr"] = 1.0
     with common._client(url, key) as hub:
         job = _call(hub.submit_job, idempotency_key=idempotency_key, **params)
         if as_json and not watch_it:

@@ -48,6 +48,7 @@ from mwt_core.cli_support import (
     _with_arch,
     command_boundary,
     compose_sources,
+    given,
     run_training,
 )
 from mwt_core.compose_options import DEFAULT_COMBINE, DEFAULT_PER_CLASS, METHODS
@@ -99,14 +100,20 @@ DataDirOpt = Annotated[
 _T = TrainConfig  # every training default comes from the core's config (mwt_core.config)
 
 
-def _mask_lr_default() -> str:
+def _mask_lr_default() -> bool | str:
     """How --help shows mask_lr's default: None follows --lr."""
-    return "same as --lr" if _T.mask_lr is None else f"{_T.mask_lr:g}"
+    return "same as --lr" if _T.mask_lr is None else True
+
+
+def _budget_default() -> bool | str:
+    """How --help shows target_krr's default: None is no budget."""
+    return "none (no budget)" if _T.target_krr is None else True
 
 
 @app.command("train")
 @command_boundary
 def train_cmd(
+    ctx: typer.Context,
     arch: Annotated[str, typer.Option(help="Architecture (see `mwt archs`).")] = _T.arch,
     dataset: Annotated[str, typer.Option(help="Dataset name (see `mwt datasets`) or a .npz path.")] = DEFAULT_DATASET,
     width: Annotated[float | None, typer.Option(show_default="the architecture's (`mwt archs`)", help="Channel width multiplier.")] = _T.width,
@@ -117,6 +124,11 @@ def train_cmd(
     gamma: Annotated[float, typer.Option(help=f"Weight of the cross-class mask-overlap term (the paper: {PAPER_SETTINGS['gamma']}).")] = _T.gamma,
     lr: Annotated[float, typer.Option(help="SGD learning rate (cosine annealed).")] = _T.lr,
     mask_lr: Annotated[float | None, typer.Option(show_default=_mask_lr_default(), help="Learning rate of the mask generators (the paper: same as --lr).")] = _T.mask_lr,
+    target_krr: Annotated[float | None, typer.Option(show_default=_budget_default(), help="Kernel budget of MwT training: the share of each layer's kernels a sample may keep on, on average, in (0, 1]; 1 turns it off (as --no-budget).")] = _T.target_krr,
+    no_budget: Annotated[bool, typer.Option("--no-budget", help="No kernel budget: the paper's loss alone.")] = False,
+    budget_rate: Annotated[float, typer.Option(help="How fast the budget's multiplier may grow over the run (its step: this / the run's optimiser steps).")] = _T.budget_rate,
+    val_fraction: Annotated[float, typer.Option(help="Share of the training split held out for validation (stratified, fixed by --seed; 0: none).")] = _T.val_fraction,
+    guard_pp: Annotated[float, typer.Option(help="Accuracy guard: validation accuracy this many points below the run's best loosens the budget.")] = _T.guard_pp,
     weight_decay: Annotated[float, typer.Option(help="SGD weight decay.")] = _T.weight_decay,
     batch_size: Annotated[int, typer.Option(help="Batch size.")] = _T.batch_size,
     seed: Annotated[int, typer.Option(help="Random seed.")] = _T.seed,
@@ -137,10 +149,14 @@ def train_cmd(
     Options not given take TrainConfig's defaults, the same for every data set and with or
     without --init-from (mwt_core.config)."""
     ui = Ui(as_json)
+    if no_budget and given(ctx, "target_krr"):
+        raise CliError("give --target-krr or --no-budget, not both")
     cfg = TrainConfig(arch=arch, width=width, epochs=epochs, batch_size=batch_size, lr=lr,
                       weight_decay=weight_decay, mask_lr=mask_lr, alpha=alpha, beta=beta,
-                      gamma=gamma, modular=modular, seed=seed, device=device, amp=amp,
-                      augment=augment, init_from=init_from)
+                      gamma=gamma, target_krr=None if no_budget else target_krr,
+                      budget_rate=budget_rate, val_fraction=val_fraction, guard_pp=guard_pp,
+                      modular=modular, seed=seed, device=device, amp=amp, augment=augment,
+                      init_from=init_from)
     if out is None:
         stem = Path(dataset).stem if dataset.lower().endswith(".npz") else dataset
         out = Path("runs") / f"{cfg.arch}-{class_dirnames([stem])[0]}-{'mwt' if modular else 'std'}"

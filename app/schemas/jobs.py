@@ -64,6 +64,27 @@ class JobCreate(BaseModel):
         _T.gamma, ge=0, le=_L.loss_weight,
         description=f"weight of the cross-class mask-overlap term (the paper: {_paper('gamma')})",
     )
+    target_krr: float | None = Field(
+        _T.target_krr, gt=0, le=1,
+        description="kernel budget of MwT training: the share of each layer's kernels a sample "
+        "may keep switched on, on average, held by a Lagrange multiplier during training; in "
+        "(0, 1]; null or 1: no budget (the paper's loss alone)",
+    )
+    budget_rate: float = Field(
+        _T.budget_rate, ge=0, le=_L.loss_weight,
+        description="how fast the budget's multiplier may grow over the run (its step is "
+        "budget_rate / the run's optimiser steps)",
+    )
+    val_fraction: float = Field(
+        _T.val_fraction, ge=0, le=_L.val_fraction,
+        description="stratified share of the training split held out for validation (fixed by "
+        "the seed): the per-epoch val_acc and the accuracy guard read it; 0: no validation slice",
+    )
+    guard_pp: float = Field(
+        _T.guard_pp, ge=0, le=_L.guard_pp,
+        description="accuracy guard, in percentage points: an epoch whose validation accuracy "
+        "falls more than this below the run's best loosens the kernel budget",
+    )
     outlier_weight: float = Field(
         _T.outlier_weight, ge=0, le=_L.loss_weight,
         description="weight of the outlier-exposure term on quadrant-mixed images (0: off, the paper's loss)",

@@ -24,8 +24,7 @@ def test_submit_returns_202_with_id_and_location(client: TestClient) -> None:
     assert client.get(f"/api/v1/jobs/{job['id']}").json()["id"] == job["id"]
     # TrainConfig's loss settings and kernel budget on every data set; what is given is stored
     # as given.
-    defaults = {k: v for k, v in TrainConfig().to_json().items()
-                if k not in ("device", "width", "target_krr", "budget_rate", "val_fraction", "guard_pp")}
+    defaults = {k: v for k, v in TrainConfig().to_json().items() if k not in ("device", "width")}
     p = job["params"]
     assert {k: p[k] for k in defaults if k not in TINY} == {k: v for k, v in defaults.items() if k not in TINY}
     synthetic = client.post("/api/v1/jobs", json={**TINY, "dataset": "synthetic"}).json()["params"]
@@ -47,6 +46,13 @@ def test_bad_input_says_what_to_fix(client: TestClient) -> None:
         ({**TINY, "gamma": -1}, "gamma: Input should be greater than or equal to 0"),
         ({**TINY, "optimizer": "adam"}, "optimizer: Extra inputs are not permitted"),
         ({**TINY, "name": "bad name!"}, "name: String should match pattern"),
+        # the kernel budget is a share of kernels in (0, 1] (1: off), bounded as TrainConfig checks
+        ({**TINY, "target_krr": 0}, "target_krr: Input should be greater than 0"),
+        ({**TINY, "target_krr": -1}, "target_krr: Input should be greater than 0"),
+        ({**TINY, "target_krr": 2}, "target_krr: Input should be less than or equal to 1"),
+        ({**TINY, "val_fraction": 0.9}, "val_fraction: Input should be less than or equal to 0.5"),
+        ({**TINY, "guard_pp": -1}, "guard_pp: Input should be greater than or equal to 0"),
+        ({**TINY, "budget_rate": -1}, "budget_rate: Input should be greater than or equal to 0"),
     ]
     for body, message in cases:
         r = client.post("/api/v1/jobs", json=body)
@@ -60,6 +66,22 @@ def test_bad_input_says_what_to_fix(client: TestClient) -> None:
         "/api/v1/jobs", content=b"x" * (300 * 1024), headers={"Content-Type": "application/json"}
     )
     assert r.status_code == 413
+
+
+def test_budget_off_and_budget_settings_are_stored_as_given(client: TestClient) -> None:
+    for value in (None, 1, 0.5):  # null and 1: no budget; anything in (0, 1) is one
+        r = client.post("/api/v1/jobs", json={**TINY, "target_krr": value})
+        assert r.status_code == 202, r.text
+        assert r.json()["params"]["target_krr"] == value
+    given = {"budget_rate": 10.0, "val_fraction": 0.2, "guard_pp": 2.5}
+    r = client.post("/api/v1/jobs", json={**TINY, **given})
+    assert r.status_code == 202, r.text
+    assert {k: r.json()["params"][k] for k in given} == given
+    # the schema publishes TrainConfig's defaults and bounds (the dashboard's form reads them)
+    props = client.get("/openapi.json").json()["components"]["schemas"]["JobCreate"]["properties"]
+    assert props["target_krr"]["default"] == TrainConfig.target_krr
+    assert props["val_fraction"]["default"] == TrainConfig.val_fraction
+    assert "no budget" in props["target_krr"]["description"]
 
 
 def test_idempotency_key(client: TestClient) -> None:

@@ -27,7 +27,8 @@ def test_upload_then_submit_checks_shapes_against_the_dataset(client, settings, 
     assert ok.status_code == 202, ok.text
     assert ok.json()["params"]["init_from"] == "r18-digits"
     # a run from weights takes the same defaults as one from scratch, on any data set
-    loss_keys = ("mask_lr", "alpha", "beta", "gamma", "lr")
+    loss_keys = ("mask_lr", "alpha", "beta", "gamma", "lr", "target_krr", "budget_rate",
+                 "val_fraction", "guard_pp")
     defaults = {k: getattr(TrainConfig, k) for k in loss_keys}
     assert {k: ok.json()["params"][k] for k in loss_keys} == defaults
     chosen = client.post("/api/v1/jobs", json={"arch": "tv_resnet18", "width": 1, "epochs": 1,

@@ -136,6 +136,9 @@ def test_dashboard_walkthrough(server: tuple[str, str, Path], browser: Any, tmp_
     # Submit a 1-epoch job; the form's defaults come from the API schema.
     page.wait_for_selector("#job-form")
     assert page.input_value("#job-form [name=epochs]") == "200"  # JobCreate's default, not hard-coded here
+    budget = TrainConfig.target_krr  # the kernel budget field shows TrainConfig's, via the schema
+    assert page.input_value("#job-form [name=target_krr]") == ("" if budget is None else f"{budget:g}")
+    expect(page.locator("#job-form")).to_contain_text("kernel budget (target KRR)")
     page.fill("#job-form [name=epochs]", "1")
     page.fill("#job-form [name=width]", "0.125")
     page.fill("#job-form [name=batch_size]", "32")  # more steps, so more live points in one epoch

@@ -107,9 +107,10 @@ async function jobSchema() {
   }
   return jobDefaults;
 }
-const JOB_FIELDS = ["dataset", "arch", "epochs", "width", "batch_size", "lr", "mask_lr", "alpha", "beta", "gamma", "tau", "seed", "modular", "augment", "name"];
+const JOB_FIELDS = ["dataset", "arch", "epochs", "width", "batch_size", "lr", "mask_lr", "alpha", "beta", "gamma", "target_krr", "tau", "seed", "modular", "augment", "name"];
 // What a field shows where its default is null (the server then applies its own rule).
-const NULL_MEANS = { width: "architecture's", mask_lr: "same as lr" };
+const NULL_MEANS = { width: "architecture's", mask_lr: "same as lr", target_krr: "no budget" };
+const LABELS = { target_krr: "kernel budget (target KRR)" };
 
 async function pageJobs() {
   const err = errorBox();
@@ -151,7 +152,7 @@ async function pageJobs() {
         input = h("input", { type: name === "name" ? "text" : "number", step: isInt ? "1" : "any", value: blank ? "" : def, placeholder: blank ? NULL_MEANS[name] || "default" : null });
       }
       input.name = name; inputs[name] = input;
-      return h("label", { title: p.description || "" }, name.replace("_", " "), input);
+      return h("label", { title: p.description || "" }, LABELS[name] || name.replace("_", " "), input);
     };
     const ferr = errorBox();
     const form = h("form", { class: "grid", id: "job-form", onsubmit: async (ev) => {
