@@ -32,6 +32,7 @@ from mwt_core.config import (
     ModularizeConfig,
     TrainConfig,
 )
+from mwt_core.progress import budget_text
 
 _T = TrainConfig  # the same defaults as POST /jobs {} and `mwt train` (mwt_core.config)
 
@@ -186,6 +187,8 @@ def _watch(hub: Any, job_id: str, as_json: bool) -> dict[str, Any]:
         transient=False,
     ) as bar:
         task = bar.add_task("queued", total=100)
+        # Validation and test accuracy come with epoch ends only: the last ones stay shown.
+        last: dict[str, float] = {}
 
         def update(job: dict[str, Any]) -> None:
             p = job.get("progress") or {}
@@ -195,8 +198,11 @@ def _watch(hub: Any, job_id: str, as_json: bool) -> dict[str, Any]:
                 desc += f" epoch {p['epoch']}/{p['epochs']}"
             if p.get("loss") is not None:
                 desc += f" loss {p['loss']:.3f}"
-            if p.get("test_acc") is not None:
-                desc += f" test {_pct(p['test_acc'])}"
+            last.update({k: p[k] for k in ("val_acc", "test_acc") if p.get(k) is not None})
+            if "val_acc" in last:
+                desc += f" val {_pct(last['val_acc'])}"
+            if "test_acc" in last:
+                desc += f" test {_pct(last['test_acc'])}"
             bar.update(task, completed=job.get("percent") or 0, description=desc)
 
         job = _call(hub.wait, job_id, on_update=update)
@@ -211,6 +217,10 @@ def _watch(hub: Any, job_id: str, as_json: bool) -> dict[str, Any]:
                 f": model {r.get('model_id')} ({r.get('model_name')} v{r.get('model_version')}), "
                 f"accuracy {_pct(r.get('accuracy'))}, KRR {_pct(r.get('krr'))}, {r.get('modules')} modules"
             )
+            if r.get("val_acc") is not None:
+                line += f", validation {_pct(r['val_acc'])}"
+            if r.get("kernel_budget"):
+                line += f", kernel budget {budget_text(r['kernel_budget'])}"
         elif job["status"] == "succeeded":
             line += f": composition {r.get('composition_id')}, accuracy {_pct(r.get('accuracy'))}"
         elif job.get("error"):

@@ -69,6 +69,7 @@ from mwt_core.pipeline import (
     modularization_metrics,
     remodularize,
 )
+from mwt_core.progress import budget_text
 from mwt_core.reuse import evaluate
 
 app = typer.Typer(
@@ -468,7 +469,9 @@ def show_cmd(
                                  f"classes {src.get('classes')}, KRR {_pct(src.get('krr'))}, "
                                  f"module accuracy {_pct(acc)}"))
                 continue
-            if isinstance(value, float):
+            if key == "kernel_budget":
+                text = budget_text(value)
+            elif isinstance(value, float):
                 text = _pct(value) if ("acc" in key or key == "krr") else f"{value:.4g}"
             elif isinstance(value, int) and key in ("params", "flops", "full_params", "full_flops"):
                 text = _num(value)

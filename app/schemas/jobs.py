@@ -144,6 +144,12 @@ class ProgressOut(BaseModel):
     train_acc: float | None = None
     test_acc: float | None = None
     kernel_rate: float | None = None
+    val_acc: float | None = Field(
+        None, description="accuracy on the validation slice of the training split (epoch ends)"
+    )
+    kernel_budget: float | None = Field(
+        None, description="the kernel budget in force (the accuracy guard may have loosened it); null: none"
+    )
     elapsed_s: float | None = None
     eta_s: float | None = None
     # Declared so that every progress answer has the same keys (null until known), however

@@ -157,6 +157,8 @@ def test_progress_percent_and_eta(client: TestClient, app: FastAPI) -> None:
         "train_acc": 0.5,
         "test_acc": None,
         "kernel_rate": 0.7,
+        "val_acc": 0.9,
+        "kernel_budget": 0.35,
         "elapsed_s": 30.0,
         "eta_s": 10.0,
     }
@@ -169,6 +171,7 @@ def test_progress_percent_and_eta(client: TestClient, app: FastAPI) -> None:
         s.commit()
     job = client.get(f"/api/v1/jobs/{job_id}").json()
     assert job["progress"]["epoch"] == 2 and job["progress"]["loss"] == 1.5
+    assert job["progress"]["val_acc"] == 0.9 and job["progress"]["kernel_budget"] == 0.35
     assert job["percent"] == 71.25  # (1 + 6/12) / 2 of the 95 % training share
     assert job["eta_s"] == 10.0
     eta_at = dt.datetime.fromisoformat(job["eta_at"])
@@ -187,6 +190,7 @@ def test_progress_names_loss_terms_as_losses(client: TestClient, app: FastAPI) -
     progress = client.get(f"/api/v1/jobs/{job_id}").json()["progress"]
     assert progress["cohesion_loss"] == 0.01 and progress["coupling_loss"] == 0.9
     assert "cohesion" not in progress and "coupling" not in progress
+    assert progress["val_acc"] is None and progress["kernel_budget"] is None  # not recorded then
     schema = client.get("/openapi.json").json()["components"]["schemas"]["ProgressOut"]
     assert {"cohesion_loss", "coupling_loss"} <= set(schema["properties"])
     assert not {"cohesion", "coupling"} & set(schema["properties"])

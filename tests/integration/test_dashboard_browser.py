@@ -171,6 +171,9 @@ def test_dashboard_walkthrough(server: tuple[str, str, Path], browser: Any, tmp_
     # The model card: metrics, the class x layer heatmap, the coupling matrix.
     page.click("#job-model-link")
     page.wait_for_selector("#kept-heatmap svg")
+    # the budget asked and reached, and validation accuracy beside test accuracy
+    expect(page.locator("#model-budget")).to_contain_text("none" if TrainConfig.target_krr is None else "asked")
+    expect(page.locator("#model-metrics")).to_contain_text("validation accuracy")
     model_id = int(page.url.rsplit("/", 1)[1])
     insights = httpx.get(
         f"{base}/api/v1/models/{model_id}/insights", headers={"X-API-Key": key}

@@ -29,6 +29,14 @@ const secs = (s) => {
   if (s < 5400) return `${Math.round(s / 60)} min`;
   return `${(s / 3600).toFixed(1)} h`;
 };
+// A run's kernel budget (metrics.kernel_budget): the share of kernels asked, the share reached,
+// and how often the accuracy guard loosened it.
+function budgetText(b) {
+  if (!b || b.target_krr == null || b.target_krr >= 1) return "none";
+  let t = `asked ${pct(b.target_krr)}, reached ${pct(b.kernel_rate)}`;
+  if (b.relaxed) t += ` (the guard loosened it ${b.relaxed}×, to ${pct(b.final_target)})`;
+  return t;
+}
 function kv(pairs) {
   return h("dl", { class: "kv" }, pairs.flatMap(([k, v]) => [h("dt", {}, k), h("dd", {}, v ?? "–")]));
 }
@@ -176,8 +184,8 @@ async function pageJobs() {
 
 const CURVES = {
   loss: { title: "Loss and its parts", y: "loss", keys: ["loss", "ce", "cohesion_loss", "coupling_loss"] },
-  acc: { title: "Accuracy", y: "accuracy", keys: ["train_acc", "test_acc"], yMin: 0, yMax: 1 },
-  kr: { title: "Kernel rate", y: "kept fraction", keys: ["kernel_rate"], yMin: 0, yMax: 1 },
+  acc: { title: "Accuracy", y: "accuracy", keys: ["train_acc", "val_acc", "test_acc"], yMin: 0, yMax: 1 },
+  kr: { title: "Kernel rate and budget", y: "kept fraction", keys: ["kernel_rate", "kernel_budget"], yMin: 0, yMax: 1 },
 };
 // Curves from progress records: x = epochs done (fractional within an epoch).
 function curveBox(records, id) {
@@ -337,7 +345,9 @@ async function pageModel(id) {
     h("h1", {}, `${modelLabel(m)} `, statusBadge(m.status)), err,
     h("div", { class: "cards" },
       h("div", { class: "card", id: "model-metrics" }, h("h2", {}, "Metrics"), kv([
-        ["test accuracy", pct(m.accuracy)], ["KRR (kernel retention)", pct(m.krr)], ["cohesion", m.cohesion?.toFixed(3)],
+        ["test accuracy", pct(m.accuracy)], ["validation accuracy", pct(m.metrics?.val_acc)],
+        ["KRR (kernel retention)", pct(m.krr)], ["kernel budget", h("span", { id: "model-budget" }, budgetText(m.metrics?.kernel_budget))],
+        ["cohesion", m.cohesion?.toFixed(3)],
         ["coupling", m.coupling?.toFixed(3)], ["params", num(m.params)], ["FLOPs", num(m.flops)],
         ["train time", secs(m.train_seconds)], ["epochs", m.epochs], ["classes", m.num_classes]])),
       h("div", { class: "card" }, h("h2", {}, "Lineage"), kv([
