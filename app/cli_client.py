@@ -31,8 +31,8 @@ from mwt_core.config import (
     PAPER_SETTINGS,
     ModularizeConfig,
     TrainConfig,
-    loss_default_text,
 )
+from mwt_core.progress import budget_text
 
 _T = TrainConfig  # the same defaults as POST /jobs {} and `mwt train` (mwt_core.config)
 
@@ -50,14 +50,35 @@ def submit(
     epochs: Annotated[int, typer.Option(help="Epochs.")] = _T.epochs,
     batch_size: Annotated[int, typer.Option(help="Batch size.")] = _T.batch_size,
     lr: Annotated[float, typer.Option(help="Learning rate.")] = _T.lr,
-    alpha: Annotated[float, typer.Option(show_default=loss_default_text("alpha"), help=f"Cohesion loss weight (the paper: {PAPER_SETTINGS['alpha']}).")] = _T.alpha,
-    beta: Annotated[float, typer.Option(show_default=loss_default_text("beta"), help=f"Coupling loss weight (the paper: {PAPER_SETTINGS['beta']}).")] = _T.beta,
+    alpha: Annotated[float, typer.Option(help=f"Cohesion loss weight (the paper: {PAPER_SETTINGS['alpha']}).")] = _T.alpha,
+    beta: Annotated[float, typer.Option(help=f"Coupling loss weight (the paper: {PAPER_SETTINGS['beta']}).")] = _T.beta,
     mask_lr: Annotated[
-        float | None, typer.Option(show_default=loss_default_text("mask_lr"), help="Mask-generator learning rate (the paper: same as --lr).")
+        float | None,
+        typer.Option(show_default="same as --lr" if _T.mask_lr is None else True,
+                     help="Mask-generator learning rate (the paper: same as --lr)."),
     ] = _T.mask_lr,
     gamma: Annotated[
-        float, typer.Option(show_default=loss_default_text("gamma"), help="Cross-class mask-overlap weight (0: the paper's loss).")
+        float, typer.Option(help=f"Cross-class mask-overlap weight (the paper: {PAPER_SETTINGS['gamma']}).")
     ] = _T.gamma,
+    target_krr: Annotated[
+        float | None,
+        typer.Option(show_default="none (no budget)" if _T.target_krr is None else True,
+                     help="Kernel budget: the share of each layer's kernels a sample may keep on, "
+                     "in (0, 1]; 1 turns it off (as --no-budget)."),
+    ] = _T.target_krr,
+    no_budget: Annotated[
+        bool, typer.Option("--no-budget", help="No kernel budget: the paper's loss alone.")
+    ] = False,
+    budget_rate: Annotated[
+        float, typer.Option(help="How fast the budget's multiplier may grow over the run.")
+    ] = _T.budget_rate,
+    val_fraction: Annotated[
+        float, typer.Option(help="Share of the training split held out for validation (0: none).")
+    ] = _T.val_fraction,
+    guard_pp: Annotated[
+        float,
+        typer.Option(help="Accuracy guard: validation accuracy this many points below the best loosens the budget."),
+    ] = _T.guard_pp,
     tau: Annotated[float, typer.Option(help="Modularization threshold.")] = ModularizeConfig.tau,
     seed: Annotated[int, typer.Option(help="Random seed.")] = _T.seed,
     standard: Annotated[
@@ -79,14 +100,23 @@ def submit(
     """Submit a training job (options not given take the server's defaults)."""
     from mwt_core.cli_support import given
 
+    if no_budget and given(ctx, "target_krr"):
+        _fail("give --target-krr or --no-budget, not both")
     params = dict(
         dataset=dataset, arch=arch, width=width, epochs=epochs, batch_size=batch_size, lr=lr,
-        alpha=alpha, beta=beta, mask_lr=mask_lr, gamma=gamma, tau=tau, seed=seed,
+        alpha=alpha, beta=beta, mask_lr=mask_lr, gamma=gamma, target_krr=target_krr,
+        budget_rate=budget_rate, val_fraction=val_fraction, guard_pp=guard_pp, tau=tau, seed=seed,
         modular=not standard, name=name, init_from=init_from, init_from_model=init_from_model,
     )
     # Only what was asked for is sent: the server fills in the rest from the one place the
-    # defaults live, including those that depend on other settings (a run from weights).
-    params = {k: v for k, v in params.items() if given(ctx, "standard" if k == "modular" else k)}
+    # defaults live (mwt_core.config), so a server with other defaults than this client's
+    # applies its own.
+    option = {"modular": "standard", "target_krr": "no_budget" if no_budget else "target_krr"}
+    params = {k: v for k, v in params.items() if given(ctx, option.get(k, k))}
+    if no_budget:
+        # 1 rather than null: the client leaves null values out of a request (the server's
+        # default would apply), and a budget of every kernel is no budget.
+        params["target_krr"] = 1.0
     with common._client(url, key) as hub:
         job = _call(hub.submit_job, idempotency_key=idempotency_key, **params)
         if as_json and not watch_it:
@@ -157,6 +187,8 @@ def _watch(hub: Any, job_id: str, as_json: bool) -> dict[str, Any]:
         transient=False,
     ) as bar:
         task = bar.add_task("queued", total=100)
+        # Validation and test accuracy come with epoch ends only: the last ones stay shown.
+        last: dict[str, float] = {}
 
         def update(job: dict[str, Any]) -> None:
             p = job.get("progress") or {}
@@ -166,8 +198,11 @@ def _watch(hub: Any, job_id: str, as_json: bool) -> dict[str, Any]:
                 desc += f" epoch {p['epoch']}/{p['epochs']}"
             if p.get("loss") is not None:
                 desc += f" loss {p['loss']:.3f}"
-            if p.get("test_acc") is not None:
-                desc += f" test {_pct(p['test_acc'])}"
+            last.update({k: p[k] for k in ("val_acc", "test_acc") if p.get(k) is not None})
+            if "val_acc" in last:
+                desc += f" val {_pct(last['val_acc'])}"
+            if "test_acc" in last:
+                desc += f" test {_pct(last['test_acc'])}"
             bar.update(task, completed=job.get("percent") or 0, description=desc)
 
         job = _call(hub.wait, job_id, on_update=update)
@@ -182,6 +217,10 @@ def _watch(hub: Any, job_id: str, as_json: bool) -> dict[str, Any]:
                 f": model {r.get('model_id')} ({r.get('model_name')} v{r.get('model_version')}), "
                 f"accuracy {_pct(r.get('accuracy'))}, KRR {_pct(r.get('krr'))}, {r.get('modules')} modules"
             )
+            if r.get("val_acc") is not None:
+                line += f", validation {_pct(r['val_acc'])}"
+            if r.get("kernel_budget"):
+                line += f", kernel budget {budget_text(r['kernel_budget'])}"
         elif job["status"] == "succeeded":
             line += f": composition {r.get('composition_id')}, accuracy {_pct(r.get('accuracy'))}"
         elif job.get("error"):

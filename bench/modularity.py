@@ -69,7 +69,7 @@ def _variant(base: TrainConfig, name: str) -> TrainConfig:
     if name == "standard":
         return replace(base, modular=False)
     if name == "paper":
-        return replace(base, target_krr=None, target_coupling=None, **PAPER_SETTINGS)
+        return replace(base, **PAPER_SETTINGS)
     return base
 
 

@@ -30,8 +30,6 @@ from mwt_core.config import (
     PAPER_SETTINGS,
     ModularizeConfig,
     TrainConfig,
-    loss_default_text,
-    loss_defaults,
 )
 from mwt_core.data.datasets import holdout, load_dataset
 from mwt_core.devices import resolve_device
@@ -59,22 +57,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--finetune-epochs", type=int, default=5)
     p.add_argument("--batch-size", type=int, default=_T.batch_size)
     p.add_argument("--lr", type=float, default=_T.lr)
-    # The four loss settings not given take the data set's defaults (loss_defaults), as in
-    # `mwt train`: SUPPRESS leaves them out of the namespace until then.
-    p.add_argument("--mask-lr", type=float, default=argparse.SUPPRESS,
-                   help=f"learning rate of the mask generators ({loss_default_text('mask_lr')})")
-    p.add_argument("--alpha", type=float, default=argparse.SUPPRESS,
-                   help=f"cohesion loss weight ({loss_default_text('alpha')})")
-    p.add_argument("--beta", type=float, default=argparse.SUPPRESS,
-                   help=f"coupling loss weight ({loss_default_text('beta')})")
+    # TrainConfig's defaults, as `mwt train` and POST /jobs take them, whatever the data set.
+    p.add_argument("--mask-lr", type=float, default=_T.mask_lr,
+                   help="learning rate of the mask generators (None: same as --lr)")
+    p.add_argument("--alpha", type=float, default=_T.alpha, help="cohesion loss weight")
+    p.add_argument("--beta", type=float, default=_T.beta, help="coupling loss weight")
     p.add_argument("--holdout", type=float, default=0.0,
                    help="evaluate on this stratified fraction of the training split instead of "
                         "the test split (for choosing settings)")
-    p.add_argument("--gamma", type=float, default=argparse.SUPPRESS,
-                   help=f"cross-class mask-overlap weight ({loss_default_text('gamma')})")
+    p.add_argument("--gamma", type=float, default=_T.gamma, help="cross-class mask-overlap weight")
+    p.add_argument("--target-krr", type=float, default=_T.target_krr,
+                   help="kernel budget of the MwT run (1: no budget)")
     p.add_argument("--paper", action="store_true",
-                   help=f"the paper's loss and mask-generator rate {PAPER_SETTINGS} "
-                        "(mask_lr None: same as --lr; overrides those four options)")
+                   help=f"the paper's loss, mask-generator rate and no kernel budget "
+                        f"{PAPER_SETTINGS} (mask_lr None: same as --lr; overrides those options)")
     p.add_argument(
         "--no-mask-generators",
         action="store_true",
@@ -89,9 +85,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.width is None:
         args.width = default_width(args.arch)
-    chosen = PAPER_SETTINGS if args.paper else loss_defaults(False, args.dataset)
-    for key, value in chosen.items():
-        if args.paper or not hasattr(args, key):
+    if args.paper:
+        for key, value in PAPER_SETTINGS.items():
             setattr(args, key, value)
     return args
 
@@ -143,6 +138,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         alpha=args.alpha,
         beta=args.beta,
         gamma=args.gamma,
+        target_krr=args.target_krr,
     )
 
     std = _train(replace(base, modular=False), data, "standard", args.tau, err)
@@ -214,6 +210,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "alpha": args.alpha,
             "beta": args.beta,
             "gamma": args.gamma,
+            "target_krr": args.target_krr,
+            "kernel_budget": mwt.training.budget,
+            "mwt_val_acc": mwt.training.val_acc,
             "eval_split": f"holdout {args.holdout} of train" if args.holdout else "test",
             "device": device,
             "mask_generators": keep_gens,

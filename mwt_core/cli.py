@@ -59,8 +59,6 @@ from mwt_core.config import (
     ModularizeConfig,
     TrainConfig,
     check_tau,
-    loss_default_text,
-    loss_defaults,
     parse_tau,
 )
 from mwt_core.data.classes import parse_classes
@@ -73,6 +71,7 @@ from mwt_core.pipeline import (
     modularization_metrics,
     remodularize,
 )
+from mwt_core.progress import budget_text
 from mwt_core.reuse import evaluate
 
 app = typer.Typer(
@@ -104,6 +103,16 @@ DataDirOpt = Annotated[
 _T = TrainConfig  # every training default comes from the core's config (mwt_core.config)
 
 
+def _mask_lr_default() -> bool | str:
+    """How --help shows mask_lr's default: None follows --lr."""
+    return "same as --lr" if _T.mask_lr is None else True
+
+
+def _budget_default() -> bool | str:
+    """How --help shows target_krr's default: None is no budget."""
+    return "none (no budget)" if _T.target_krr is None else True
+
+
 @app.command("train")
 @command_boundary
 def train_cmd(
@@ -113,11 +122,16 @@ def train_cmd(
     width: Annotated[float | None, typer.Option(show_default="the architecture's (`mwt archs`)", help="Channel width multiplier.")] = _T.width,
     epochs: Annotated[int, typer.Option(help="Training epochs.")] = _T.epochs,
     modular: Annotated[bool, typer.Option("--modular/--standard", help="MwT (mask generators and losses) or plain training.")] = _T.modular,
-    alpha: Annotated[float, typer.Option(show_default=loss_default_text("alpha"), help=f"Weight of the cohesion loss (the paper: {PAPER_SETTINGS['alpha']}).")] = _T.alpha,
-    beta: Annotated[float, typer.Option(show_default=loss_default_text("beta"), help=f"Weight of the coupling loss (the paper: {PAPER_SETTINGS['beta']}).")] = _T.beta,
-    gamma: Annotated[float, typer.Option(show_default=loss_default_text("gamma"), help="Weight of the cross-class mask-overlap term (0: the paper's loss).")] = _T.gamma,
+    alpha: Annotated[float, typer.Option(help=f"Weight of the cohesion loss (the paper: {PAPER_SETTINGS['alpha']}).")] = _T.alpha,
+    beta: Annotated[float, typer.Option(help=f"Weight of the coupling loss (the paper: {PAPER_SETTINGS['beta']}).")] = _T.beta,
+    gamma: Annotated[float, typer.Option(help=f"Weight of the cross-class mask-overlap term (the paper: {PAPER_SETTINGS['gamma']}).")] = _T.gamma,
     lr: Annotated[float, typer.Option(help="SGD learning rate (cosine annealed).")] = _T.lr,
-    mask_lr: Annotated[float | None, typer.Option(show_default=loss_default_text("mask_lr"), help="Learning rate of the mask generators (the paper: same as --lr).")] = _T.mask_lr,
+    mask_lr: Annotated[float | None, typer.Option(show_default=_mask_lr_default(), help="Learning rate of the mask generators (the paper: same as --lr).")] = _T.mask_lr,
+    target_krr: Annotated[float | None, typer.Option(show_default=_budget_default(), help="Kernel budget of MwT training: the share of each layer's kernels a sample may keep on, on average, in (0, 1]; 1 turns it off (as --no-budget).")] = _T.target_krr,
+    no_budget: Annotated[bool, typer.Option("--no-budget", help="No kernel budget: the paper's loss alone.")] = False,
+    budget_rate: Annotated[float, typer.Option(help="How fast the budget's multiplier may grow over the run (its step: this / the run's optimiser steps).")] = _T.budget_rate,
+    val_fraction: Annotated[float, typer.Option(help="Share of the training split held out for validation (stratified, fixed by --seed; 0: none).")] = _T.val_fraction,
+    guard_pp: Annotated[float, typer.Option(help="Accuracy guard: validation accuracy this many points below the run's best loosens the budget.")] = _T.guard_pp,
     weight_decay: Annotated[float, typer.Option(help="SGD weight decay.")] = _T.weight_decay,
     batch_size: Annotated[int, typer.Option(help="Batch size.")] = _T.batch_size,
     seed: Annotated[int, typer.Option(help="Random seed.")] = _T.seed,
@@ -135,15 +149,17 @@ def train_cmd(
 ) -> None:
     """Train a model; MwT runs are then modularized and cut into one module per class.
 
-    The mask rate and loss weights not given take the data set's defaults (digits: the
-    digits-tuned SMALL_DATA_SETTINGS; others: the paper's), or FROM_WEIGHTS_SETTINGS with
-    --init-from (mwt_core.config.loss_defaults)."""
+    Options not given take TrainConfig's defaults, the same for every data set and with or
+    without --init-from (mwt_core.config)."""
     ui = Ui(as_json)
-    loss: dict[str, Any] = {"mask_lr": mask_lr, "alpha": alpha, "beta": beta, "gamma": gamma}
-    loss.update({k: v for k, v in loss_defaults(init_from is not None, dataset).items() if not given(ctx, k)})
+    if no_budget and given(ctx, "target_krr"):
+        raise CliError("give --target-krr or --no-budget, not both")
     cfg = TrainConfig(arch=arch, width=width, epochs=epochs, batch_size=batch_size, lr=lr,
-                      weight_decay=weight_decay, **loss, modular=modular, seed=seed, device=device,
-                      amp=amp, augment=augment, init_from=init_from)
+                      weight_decay=weight_decay, mask_lr=mask_lr, alpha=alpha, beta=beta,
+                      gamma=gamma, target_krr=None if no_budget else target_krr,
+                      budget_rate=budget_rate, val_fraction=val_fraction, guard_pp=guard_pp,
+                      modular=modular, seed=seed, device=device, amp=amp, augment=augment,
+                      init_from=init_from)
     if out is None:
         stem = Path(dataset).stem if dataset.lower().endswith(".npz") else dataset
         out = Path("runs") / f"{cfg.arch}-{class_dirnames([stem])[0]}-{'mwt' if modular else 'std'}"
@@ -463,7 +479,9 @@ def show_cmd(
                                  f"classes {src.get('classes')}, KRR {_pct(src.get('krr'))}, "
                                  f"module accuracy {_pct(acc)}"))
                 continue
-            if isinstance(value, float):
+            if key == "kernel_budget":
+                text = budget_text(value)
+            elif isinstance(value, float):
                 text = _pct(value) if ("acc" in key or key == "krr") else f"{value:.4g}"
             elif isinstance(value, int) and key in ("params", "flops", "full_params", "full_flops"):
                 text = _num(value)
@@ -526,11 +544,10 @@ DEMO_DATASET = "digits"
 
 def demo_config(*, epochs: int = TrainConfig.epochs, width: float | None = TrainConfig.width,
                 seed: int = TrainConfig.seed, device: str = "auto") -> TrainConfig:
-    """What ``mwt demo`` trains on :data:`DEMO_DATASET` (the README's defaults table reads it)."""
-    # The data set's own loss defaults, as `mwt train` takes them (digits: tuned on a held-out
-    # fifth of its training split; README, "Defaults and how they were chosen").
+    """What ``mwt demo`` trains on :data:`DEMO_DATASET` (the README's defaults table reads it):
+    TrainConfig's defaults, as ``mwt train`` takes them."""
     return TrainConfig(arch="simcnn", width=width, epochs=epochs, modular=True, seed=seed,
-                       device=device, **loss_defaults(False, DEMO_DATASET))
+                       device=device)
 
 
 @app.command("demo")

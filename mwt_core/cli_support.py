@@ -49,6 +49,7 @@ from mwt_core.pipeline import (
     load_training_data,
     run_pipeline,
 )
+from mwt_core.progress import budget_text
 from mwt_core.training import TrainingCancelled
 
 if TYPE_CHECKING:
@@ -201,6 +202,7 @@ class PipelineView:
         self.widget: Any = None
         self.task: Any = None
         self.last_acc: float | None = None
+        self.last_val: float | None = None
 
     def __enter__(self) -> PipelineView:
         return self
@@ -232,7 +234,11 @@ class PipelineView:
             self._switch("training", f"{self.mode} training")
             if p.test_acc is not None:
                 self.last_acc = p.test_acc
-            acc = f" test {_pct(self.last_acc)}" if self.last_acc is not None else ""
+            if p.val_acc is not None:
+                self.last_val = p.val_acc
+            # Validation and test accuracy are measured at epoch ends: the last ones stay shown.
+            acc = f" val {_pct(self.last_val)}" if self.last_val is not None else ""
+            acc += f" test {_pct(self.last_acc)}" if self.last_acc is not None else ""
             self.widget.update(self.task, total=p.epochs * p.steps,
                                completed=(p.epoch - 1) * p.steps + p.step,
                                description=f"{self.mode} epoch {p.epoch}/{p.epochs} loss {p.loss:.3f}{acc}")
@@ -363,11 +369,13 @@ def _render_train(ui: Ui, s: dict[str, Any]) -> None:
     rows = [
         ("model", f"{s['arch']} x{s['width']} on {s['dataset']} ({'MwT' if s['modular'] else 'standard'})"),
         ("test accuracy", _pct(s["test_acc"])),
+        ("validation accuracy", _pct(s.get("val_acc"))),
         ("training time", f"{s['train_seconds']:.1f} s over {s['epochs']} epochs"),
         ("params / FLOPs", f"{_num(s['params'])} / {_num(s['flops'])}"),
     ]
     if s["modular"]:
         rows += [
+            ("kernel budget", budget_text(s.get("kernel_budget"))),
             ("tau", f"{s['tau']:g}"),
             ("KRR (mean over class modules)", _pct(s["krr"])),
             ("cohesion (higher is better)", f"{s['cohesion']:.4f}"),

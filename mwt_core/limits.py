@@ -18,7 +18,10 @@ class Limits:
     batch_size: int = 8192
     lr: float = 10.0  # also bounds mask_lr
     weight_decay: float = 1.0
-    loss_weight: float = 100.0  # alpha, beta and gamma
+    loss_weight: float = 100.0  # alpha, beta and gamma; also bounds budget_rate
+    # At most half the training split held out for validation: the rest must still train.
+    val_fraction: float = 0.5
+    guard_pp: float = 100.0  # percentage points
     seed: int = 2**31 - 1
     # A state dict to start from (TrainConfig.init_from): VGG-16-BN, the catalogue's largest,
     # is 0.55 GB in float32.

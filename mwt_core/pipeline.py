@@ -455,6 +455,10 @@ def run_pipeline(
         "params": int(count_params(model)),
         "flops": int(count_flops(model, shape)),
         "class_recall": recall,
+        # On the validation slice (TrainConfig.val_fraction); None: no slice.
+        "val_acc": result.val_acc,
+        # The budget asked and reached (KernelBudget.report); None for standard training.
+        "kernel_budget": result.budget,
     }
     if mod is not None:
         metrics.update(modularization_metrics(mod))

@@ -48,3 +48,19 @@ def progress_record(record: dict[str, Any]) -> dict[str, Any]:
             value = out.pop(old)
             out.setdefault(new, value)
     return out
+
+
+def budget_text(report: dict[str, Any] | None) -> str:
+    """A run's kernel budget for a person (``TrainResult.budget``, a model's ``kernel_budget``
+    metric): the share of kernels asked, the share reached, and how often the accuracy guard
+    loosened it; ``"none"`` where the run had no budget."""
+    if not report or report.get("target_krr") is None or report["target_krr"] >= 1:
+        return "none"
+
+    def pct(x: Any) -> str:
+        return "-" if x is None else f"{100 * x:.2f}%"
+
+    text = f"asked {pct(report['target_krr'])}, reached {pct(report.get('kernel_rate'))}"
+    if report.get("relaxed"):
+        text += f" (the guard loosened it {report['relaxed']}x, to {pct(report.get('final_target'))})"
+    return text

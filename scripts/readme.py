@@ -117,7 +117,7 @@ def training_defaults() -> str:
     """What each entry point trains when given no options; ``*`` marks values it cannot change."""
     from app.settings import Settings
     from mwt_core.cli import DEMO_DATASET, demo_config
-    from mwt_core.config import DEFAULT_DATASET, ModularizeConfig, TrainConfig, loss_defaults
+    from mwt_core.config import DEFAULT_DATASET, ModularizeConfig, TrainConfig
 
     core: dict[str, Any] = {"dataset": DEFAULT_DATASET}
     core.update({f.name: f.default for f in fields(TrainConfig)})
@@ -142,11 +142,6 @@ def training_defaults() -> str:
     api["device"] = (Settings.model_fields["device"].default, False)  # MWT_DEVICE of the worker
     train = from_cli("train", core)
     submit = from_cli("submit", {k: v for k, (v, _) in api.items()})
-    # The loss weights and mask rate an option does not set come from the data set
-    # (mwt_core.config.loss_defaults, applied by `mwt train` and the job schema; `mwt submit`
-    # sends only the options given).
-    for column in (train, api, submit):
-        column.update({k: (v, True) for k, v in loss_defaults(False, DEFAULT_DATASET).items()})
     demo_cmd = commands["demo"]
 
     def demo_default(name: str) -> Any:
@@ -161,10 +156,11 @@ def training_defaults() -> str:
     demo = {k: (demo_values[k], _param(demo_cmd, k) is not None) for k in core}
 
     # What ``None`` means differs per field: mask_lr falls back to lr, width to the
-    # architecture's default, init_from to no weights.
+    # architecture's default, target_krr to no kernel budget, init_from to no weights.
     from mwt_core.models import default_width
 
-    none_means = {"mask_lr": "= lr", "width": f"{fmt(default_width(core['arch']))} ({core['arch']}'s)"}
+    none_means = {"mask_lr": "= lr", "width": f"{fmt(default_width(core['arch']))} ({core['arch']}'s)",
+                  "target_krr": "none (no budget)"}
 
     def cell(key: str, value: Any, option: bool) -> str:
         text = none_means.get(key, "none") if value is None else fmt(value)

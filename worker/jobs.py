@@ -384,7 +384,7 @@ def _train(factory: sessionmaker[Session], settings: Settings, job: Job, ctx: Jo
 _MODEL_METRICS = (
     "accuracy", "train_seconds", "params", "flops", "epochs_run", "resumed_from_epoch",
     "class_recall", "krr", "cohesion", "coupling", "module_krr", "per_class_cohesion",
-    "layer_coupling",
+    "layer_coupling", "val_acc", "kernel_budget",
 )
 
 

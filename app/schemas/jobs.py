@@ -6,13 +6,11 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, field_validator, model_validator
 
 from mwt_core.config import (
-    DATASET_LOSS_SETTINGS,
     DEFAULT_DATASET,
     LIMITS,
     PAPER_SETTINGS,
     ModularizeConfig,
     TrainConfig,
-    loss_defaults,
 )
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
@@ -20,18 +18,17 @@ NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
 
 _T = TrainConfig  # defaults: mwt_core.config, the one place they are written
 _L = LIMITS
-_PER_DATASET = (
-    "; not given: the data set's default ("
-    + ", ".join(f"{name}: {values}" for name, values in DATASET_LOSS_SETTINGS.items())
-    + "; others the paper's), or FROM_WEIGHTS_SETTINGS when the job starts from weights"
-)
+
+
+def _paper(key: str) -> str:
+    value = PAPER_SETTINGS[key]
+    return "same as lr" if value is None else f"{value:g}"
 
 
 class JobCreate(BaseModel):
     """A training job. Every setting defaults to mwt_core's ``TrainConfig`` (the README's
-    "Defaults and how they were chosen"), except that mask_lr, alpha, beta and gamma not given
-    take ``mwt_core.config.loss_defaults`` (the data set's tuned values, or the from-weights
-    ones); bounds are mwt_core's ``LIMITS``."""
+    "Defaults and how they were chosen"), whatever the data set and whether the job starts
+    from weights; bounds are mwt_core's ``LIMITS`` and ``TrainConfig``'s checks."""
 
     model_config = ConfigDict(extra="forbid", strict=True)  # JSON types as declared: no 0 for false
 
@@ -55,17 +52,38 @@ class JobCreate(BaseModel):
     )
     mask_lr: float | None = Field(
         _T.mask_lr, gt=0, le=_L.lr,
-        description=f"learning rate of the mask generators (null: same as lr, the paper's){_PER_DATASET}",
+        description=f"learning rate of the mask generators (null: same as lr; the paper: {_paper('mask_lr')})",
     )
     alpha: float = Field(
-        _T.alpha, ge=0, le=_L.loss_weight, description=f"cohesion loss weight (the paper: {PAPER_SETTINGS['alpha']}){_PER_DATASET}"
+        _T.alpha, ge=0, le=_L.loss_weight, description=f"cohesion loss weight (the paper: {_paper('alpha')})"
     )
     beta: float = Field(
-        _T.beta, ge=0, le=_L.loss_weight, description=f"coupling loss weight (the paper: {PAPER_SETTINGS['beta']}){_PER_DATASET}"
+        _T.beta, ge=0, le=_L.loss_weight, description=f"coupling loss weight (the paper: {_paper('beta')})"
     )
     gamma: float = Field(
         _T.gamma, ge=0, le=_L.loss_weight,
-        description=f"weight of the cross-class mask-overlap term (0: the paper's loss){_PER_DATASET}",
+        description=f"weight of the cross-class mask-overlap term (the paper: {_paper('gamma')})",
+    )
+    target_krr: float | None = Field(
+        _T.target_krr, gt=0, le=1,
+        description="kernel budget of MwT training: the share of each layer's kernels a sample "
+        "may keep switched on, on average, held by a Lagrange multiplier during training; in "
+        "(0, 1]; null or 1: no budget (the paper's loss alone)",
+    )
+    budget_rate: float = Field(
+        _T.budget_rate, ge=0, le=_L.loss_weight,
+        description="how fast the budget's multiplier may grow over the run (its step is "
+        "budget_rate / the run's optimiser steps)",
+    )
+    val_fraction: float = Field(
+        _T.val_fraction, ge=0, le=_L.val_fraction,
+        description="stratified share of the training split held out for validation (fixed by "
+        "the seed): the per-epoch val_acc and the accuracy guard read it; 0: no validation slice",
+    )
+    guard_pp: float = Field(
+        _T.guard_pp, ge=0, le=_L.guard_pp,
+        description="accuracy guard, in percentage points: an epoch whose validation accuracy "
+        "falls more than this below the run's best loosens the kernel budget",
     )
     outlier_weight: float = Field(
         _T.outlier_weight, ge=0, le=_L.loss_weight,
@@ -83,8 +101,7 @@ class JobCreate(BaseModel):
     init_from: str | None = Field(
         _T.init_from, pattern=NAME_PATTERN,
         description="start from weights uploaded with PUT /api/v1/weights/{name} (fresh mask "
-        "generators; mask_lr, alpha, beta and gamma not given take FROM_WEIGHTS_SETTINGS); "
-        "null: random initialisation",
+        "generators); null: random initialisation",
     )
     init_from_model: int | None = Field(
         None, ge=1, le=2**31 - 1,
@@ -101,10 +118,6 @@ class JobCreate(BaseModel):
     def _one_start(self) -> JobCreate:
         if self.init_from is not None and self.init_from_model is not None:
             raise ValueError("give init_from (uploaded weights) or init_from_model (a registry model), not both")
-        from_weights = self.init_from is not None or self.init_from_model is not None
-        for key, value in loss_defaults(from_weights, self.dataset).items():
-            if key not in self.model_fields_set:  # what the caller chose stays
-                setattr(self, key, value)
         return self
 
     @field_validator("tags")
@@ -131,6 +144,12 @@ class ProgressOut(BaseModel):
     train_acc: float | None = None
     test_acc: float | None = None
     kernel_rate: float | None = None
+    val_acc: float | None = Field(
+        None, description="accuracy on the validation slice of the training split (epoch ends)"
+    )
+    kernel_budget: float | None = Field(
+        None, description="the kernel budget in force (the accuracy guard may have loosened it); null: none"
+    )
     elapsed_s: float | None = None
     eta_s: float | None = None
     # Declared so that every progress answer has the same keys (null until known), however

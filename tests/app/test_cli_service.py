@@ -171,7 +171,7 @@ def test_upload_weights_then_submit_init_from(use_app: TestClient, tmp_path: Pat
     import torchvision.models as tvm
     from safetensors.torch import save_file
 
-    from mwt_core.config import FROM_WEIGHTS_SETTINGS
+    from mwt_core.config import TrainConfig
 
     path = tmp_path / "r18.safetensors"
     state = tvm.resnet18(weights=None, num_classes=10).state_dict()
@@ -184,7 +184,8 @@ def test_upload_weights_then_submit_init_from(use_app: TestClient, tmp_path: Pat
                               "--init-from", "r18"])
     assert res.exit_code == 0, res.output
     params = json.loads(res.output)["params"]
-    assert params["init_from"] == "r18" and params["beta"] == FROM_WEIGHTS_SETTINGS["beta"]
+    # the same defaults as a run from scratch
+    assert params["init_from"] == "r18" and params["beta"] == TrainConfig.beta
     res = runner.invoke(cli, ["submit", "--arch", "simcnn", "--init-from", "r18"])
     assert res.exit_code != 0 and "is not a weight of simcnn" in res.output
     res = runner.invoke(cli, ["weights"])

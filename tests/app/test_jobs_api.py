@@ -7,7 +7,7 @@ from fastapi.testclient import TestClient
 from sqlalchemy import update
 
 from app.db.models import Job
-from mwt_core.config import PAPER_SETTINGS, SMALL_DATA_SETTINGS
+from mwt_core.config import TrainConfig
 
 TINY = {"dataset": "digits", "arch": "simcnn", "width": 0.125, "epochs": 2}
 
@@ -22,16 +22,16 @@ def test_submit_returns_202_with_id_and_location(client: TestClient) -> None:
     # No broker: the in-process executor runs it, so no Celery queue name is reported.
     assert job["queue"] == "embedded"
     assert client.get(f"/api/v1/jobs/{job['id']}").json()["id"] == job["id"]
-    # The paper's optimiser; digits' own loss settings (tuned on its held-out part) where the
-    # caller gave none, the paper's loss on other data sets; what is given is stored as given.
+    # TrainConfig's loss settings and kernel budget on every data set; what is given is stored
+    # as given.
+    defaults = {k: v for k, v in TrainConfig().to_json().items() if k not in ("device", "width")}
     p = job["params"]
-    assert p["weight_decay"] == 0.0
-    assert {k: p[k] for k in SMALL_DATA_SETTINGS} == SMALL_DATA_SETTINGS
-    paper = client.post("/api/v1/jobs", json={**TINY, "dataset": "synthetic"}).json()["params"]
-    assert {k: paper[k] for k in PAPER_SETTINGS} == PAPER_SETTINGS
+    assert {k: p[k] for k in defaults if k not in TINY} == {k: v for k, v in defaults.items() if k not in TINY}
+    synthetic = client.post("/api/v1/jobs", json={**TINY, "dataset": "synthetic"}).json()["params"]
+    assert {k: synthetic[k] for k in defaults if k != "epochs"} == {k: p[k] for k in defaults if k != "epochs"}
     given = client.post("/api/v1/jobs", json={**TINY, "mask_lr": None, "gamma": 0.0}).json()
     assert given["params"]["mask_lr"] is None and given["params"]["gamma"] == 0.0
-    assert given["params"]["beta"] == SMALL_DATA_SETTINGS["beta"]
+    assert given["params"]["beta"] == TrainConfig.beta
 
 
 def test_bad_input_says_what_to_fix(client: TestClient) -> None:
@@ -46,6 +46,13 @@ def test_bad_input_says_what_to_fix(client: TestClient) -> None:
         ({**TINY, "gamma": -1}, "gamma: Input should be greater than or equal to 0"),
         ({**TINY, "optimizer": "adam"}, "optimizer: Extra inputs are not permitted"),
         ({**TINY, "name": "bad name!"}, "name: String should match pattern"),
+        # the kernel budget is a share of kernels in (0, 1] (1: off), bounded as TrainConfig checks
+        ({**TINY, "target_krr": 0}, "target_krr: Input should be greater than 0"),
+        ({**TINY, "target_krr": -1}, "target_krr: Input should be greater than 0"),
+        ({**TINY, "target_krr": 2}, "target_krr: Input should be less than or equal to 1"),
+        ({**TINY, "val_fraction": 0.9}, "val_fraction: Input should be less than or equal to 0.5"),
+        ({**TINY, "guard_pp": -1}, "guard_pp: Input should be greater than or equal to 0"),
+        ({**TINY, "budget_rate": -1}, "budget_rate: Input should be greater than or equal to 0"),
     ]
     for body, message in cases:
         r = client.post("/api/v1/jobs", json=body)
@@ -59,6 +66,22 @@ def test_bad_input_says_what_to_fix(client: TestClient) -> None:
         "/api/v1/jobs", content=b"x" * (300 * 1024), headers={"Content-Type": "application/json"}
     )
     assert r.status_code == 413
+
+
+def test_budget_off_and_budget_settings_are_stored_as_given(client: TestClient) -> None:
+    for value in (None, 1, 0.5):  # null and 1: no budget; anything in (0, 1) is one
+        r = client.post("/api/v1/jobs", json={**TINY, "target_krr": value})
+        assert r.status_code == 202, r.text
+        assert r.json()["params"]["target_krr"] == value
+    given = {"budget_rate": 10.0, "val_fraction": 0.2, "guard_pp": 2.5}
+    r = client.post("/api/v1/jobs", json={**TINY, **given})
+    assert r.status_code == 202, r.text
+    assert {k: r.json()["params"][k] for k in given} == given
+    # the schema publishes TrainConfig's defaults and bounds (the dashboard's form reads them)
+    props = client.get("/openapi.json").json()["components"]["schemas"]["JobCreate"]["properties"]
+    assert props["target_krr"]["default"] == TrainConfig.target_krr
+    assert props["val_fraction"]["default"] == TrainConfig.val_fraction
+    assert "no budget" in props["target_krr"]["description"]
 
 
 def test_idempotency_key(client: TestClient) -> None:
@@ -134,6 +157,8 @@ def test_progress_percent_and_eta(client: TestClient, app: FastAPI) -> None:
         "train_acc": 0.5,
         "test_acc": None,
         "kernel_rate": 0.7,
+        "val_acc": 0.9,
+        "kernel_budget": 0.35,
         "elapsed_s": 30.0,
         "eta_s": 10.0,
     }
@@ -146,6 +171,7 @@ def test_progress_percent_and_eta(client: TestClient, app: FastAPI) -> None:
         s.commit()
     job = client.get(f"/api/v1/jobs/{job_id}").json()
     assert job["progress"]["epoch"] == 2 and job["progress"]["loss"] == 1.5
+    assert job["progress"]["val_acc"] == 0.9 and job["progress"]["kernel_budget"] == 0.35
     assert job["percent"] == 71.25  # (1 + 6/12) / 2 of the 95 % training share
     assert job["eta_s"] == 10.0
     eta_at = dt.datetime.fromisoformat(job["eta_at"])
@@ -164,6 +190,7 @@ def test_progress_names_loss_terms_as_losses(client: TestClient, app: FastAPI) -
     progress = client.get(f"/api/v1/jobs/{job_id}").json()["progress"]
     assert progress["cohesion_loss"] == 0.01 and progress["coupling_loss"] == 0.9
     assert "cohesion" not in progress and "coupling" not in progress
+    assert progress["val_acc"] is None and progress["kernel_budget"] is None  # not recorded then
     schema = client.get("/openapi.json").json()["components"]["schemas"]["ProgressOut"]
     assert {"cohesion_loss", "coupling_loss"} <= set(schema["properties"])
     assert not {"cohesion", "coupling"} & set(schema["properties"])

@@ -7,7 +7,7 @@ import torchvision.models as tvm
 from safetensors.torch import save
 
 from app.services.weights import weights_path
-from mwt_core.config import FROM_WEIGHTS_SETTINGS, PAPER_SETTINGS, SMALL_DATA_SETTINGS
+from mwt_core.config import TrainConfig
 
 
 def _resnet18_bytes(num_classes: int) -> bytes:
@@ -26,17 +26,19 @@ def test_upload_then_submit_checks_shapes_against_the_dataset(client, settings, 
                                            "init_from": "r18-digits"})
     assert ok.status_code == 202, ok.text
     assert ok.json()["params"]["init_from"] == "r18-digits"
-    # a run from weights takes the loss settings chosen for it where the caller chose none
-    assert {k: ok.json()["params"][k] for k in FROM_WEIGHTS_SETTINGS} == FROM_WEIGHTS_SETTINGS
+    # a run from weights takes the same defaults as one from scratch, on any data set
+    loss_keys = ("mask_lr", "alpha", "beta", "gamma", "lr", "target_krr", "budget_rate",
+                 "val_fraction", "guard_pp")
+    defaults = {k: getattr(TrainConfig, k) for k in loss_keys}
+    assert {k: ok.json()["params"][k] for k in loss_keys} == defaults
     chosen = client.post("/api/v1/jobs", json={"arch": "tv_resnet18", "width": 1, "epochs": 1,
                                                "init_from": "r18-digits", "beta": 2.0, "mask_lr": None})
     assert (chosen.json()["params"]["beta"], chosen.json()["params"]["mask_lr"]) == (2.0, None)
-    assert chosen.json()["params"]["alpha"] == FROM_WEIGHTS_SETTINGS["alpha"]
-    # from scratch: the data set's own defaults (digits: tuned on it), the paper's elsewhere
+    assert chosen.json()["params"]["alpha"] == TrainConfig.alpha
     scratch = client.post("/api/v1/jobs", json={"epochs": 1})
-    assert {k: scratch.json()["params"][k] for k in SMALL_DATA_SETTINGS} == SMALL_DATA_SETTINGS
-    synthetic = client.post("/api/v1/jobs", json={"epochs": 1, "dataset": "synthetic", "beta": 2.0})
-    assert {k: synthetic.json()["params"][k] for k in PAPER_SETTINGS} == {**PAPER_SETTINGS, "beta": 2.0}
+    synthetic = client.post("/api/v1/jobs", json={"epochs": 1, "dataset": "synthetic"})
+    for other in (scratch, synthetic):
+        assert {k: other.json()["params"][k] for k in loss_keys} == defaults
 
     client.put("/api/v1/weights/r18-imagenet", content=_resnet18_bytes(1000))
     bad = client.post("/api/v1/jobs", json={"arch": "tv_resnet18", "width": 1,

@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pytest
 
+from mwt_core.config import TrainConfig
+
 ROOT = Path(__file__).resolve().parents[2]
 
 QUALITY_KEYS = {
@@ -40,6 +42,9 @@ def test_quality_bench_tiny():
     for key in QUALITY_KEYS - {"standard_s", "mwt_s"}:
         assert 0.0 <= r[key] <= 1.0, key
     assert r["standard_s"] > 0 and r["mwt_s"] > 0 and r["eval_split"] == "test"
+    # TrainConfig's defaults, kernel budget included, whatever the data set
+    assert r["target_krr"] == TrainConfig.target_krr and r["alpha"] == TrainConfig.alpha
+    assert r["kernel_budget"]["target_krr"] == TrainConfig.target_krr and 0 <= r["mwt_val_acc"] <= 1
 
 
 def test_quality_bench_can_choose_on_a_holdout_of_train():
@@ -109,6 +114,7 @@ def test_archs_bench_init_study_tiny():
                         "--batch", "16", "--device", "cpu")
     s = r["init_study"]
     assert r["archs"] == {} and s["scratch_epochs"] == s["std_epochs"] + s["init_epochs"]
+    assert s["settings"] == "default"
     for key in ("std", "init", "scratch"):
         assert 0 <= s[f"{key}_acc"] <= 1 and s[f"{key}_s"] > 0
     for key in ("init", "scratch"):

@@ -21,7 +21,7 @@ import httpx
 import pytest
 from playwright import sync_api
 
-from mwt_core.config import loss_defaults
+from mwt_core.config import TrainConfig
 from tests.support.processes import ServiceProcess, clean_env, wait_http
 from tests.support.services import free_port
 
@@ -136,6 +136,9 @@ def test_dashboard_walkthrough(server: tuple[str, str, Path], browser: Any, tmp_
     # Submit a 1-epoch job; the form's defaults come from the API schema.
     page.wait_for_selector("#job-form")
     assert page.input_value("#job-form [name=epochs]") == "200"  # JobCreate's default, not hard-coded here
+    budget = TrainConfig.target_krr  # the kernel budget field shows TrainConfig's, via the schema
+    assert page.input_value("#job-form [name=target_krr]") == ("" if budget is None else f"{budget:g}")
+    expect(page.locator("#job-form")).to_contain_text("kernel budget (target KRR)")
     page.fill("#job-form [name=epochs]", "1")
     page.fill("#job-form [name=width]", "0.125")
     page.fill("#job-form [name=batch_size]", "32")  # more steps, so more live points in one epoch
@@ -158,16 +161,19 @@ def test_dashboard_walkthrough(server: tuple[str, str, Path], browser: Any, tmp_
     )
     _shot(page, "job-desktop")
     job_url = page.url
-    # The loss weights left empty took the data set's defaults on the server; the typed one stayed.
+    # The loss weights the form showed are TrainConfig's, on digits as anywhere; the typed one stayed.
     params = httpx.get(f"{base}/api/v1/jobs/{job_url.rsplit('/', 1)[1]}",
                        headers={"X-API-Key": key}).json()["params"]
     assert params["mask_lr"] == 0.1
     assert {k: params[k] for k in ("alpha", "beta", "gamma")} == {
-        k: loss_defaults(False, "digits")[k] for k in ("alpha", "beta", "gamma")}
+        k: getattr(TrainConfig, k) for k in ("alpha", "beta", "gamma")}
 
     # The model card: metrics, the class x layer heatmap, the coupling matrix.
     page.click("#job-model-link")
     page.wait_for_selector("#kept-heatmap svg")
+    # the budget asked and reached, and validation accuracy beside test accuracy
+    expect(page.locator("#model-budget")).to_contain_text("none" if TrainConfig.target_krr is None else "asked")
+    expect(page.locator("#model-metrics")).to_contain_text("validation accuracy")
     model_id = int(page.url.rsplit("/", 1)[1])
     insights = httpx.get(
         f"{base}/api/v1/models/{model_id}/insights", headers={"X-API-Key": key}

@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 
 from app.client import MwtClient
-from mwt_core.config import loss_defaults
+from mwt_core.config import TrainConfig
 from tests.support.processes import ServiceProcess, clean_env, wait_http
 from tests.support.services import free_port
 
@@ -67,9 +67,9 @@ def test_full_session(stack: tuple[MwtClient, ServiceProcess, Path]) -> None:
     model_id = final["model_id"]
     model = hub.model(model_id)
     assert model["status"] == "ready" and len(model["modules"]) == 10
-    # the given mask rate kept; gamma not given: digits' own default (loss_defaults)
+    # the given mask rate kept; gamma not given: TrainConfig's, as on any data set
     assert model["config"]["mask_lr"] == TINY["mask_lr"]
-    assert model["config"]["gamma"] == loss_defaults(False, "digits")["gamma"]
+    assert model["config"]["gamma"] == TrainConfig.gamma
     for metric in ("accuracy", "krr", "cohesion", "coupling", "params", "flops", "train_seconds"):
         assert model[metric] is not None, metric
 
@@ -212,7 +212,7 @@ def _check_client_cli(hub: MwtClient, model_id: int, job_id: str) -> None:
     assert res.exit_code == 0, res.output
     submitted = json.loads(res.output)
     assert submitted["params"]["mask_lr"] == 0.1
-    assert submitted["params"]["gamma"] == loss_defaults(False, "digits")["gamma"]
+    assert submitted["params"]["gamma"] == TrainConfig.gamma
     assert hub.wait(submitted["id"], timeout=300)["status"] == "succeeded"
     res = runner.invoke(cli, ["models", "--url", auth[1], "--key", "wrong"])
     assert res.exit_code != 0 and "Traceback" not in res.output

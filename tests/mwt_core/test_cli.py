@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 from mwt_core.artifacts import load_artifact, read_manifest, save_artifact
 from mwt_core.cli import app
 from mwt_core.compose_options import DEFAULT_COMBINE, LABELLED_METHODS
-from mwt_core.config import ModularizeConfig, TrainConfig, loss_defaults
+from mwt_core.config import ModularizeConfig, TrainConfig
 from mwt_core.data.classes import parse_classes
 from mwt_core.data.datasets import load_dataset
 from mwt_core.models import create_model
@@ -35,7 +35,7 @@ def run_json(*args: str) -> dict:
 # Short, but long enough to learn every digit (chance: 0.1): the accuracy checks below
 # compare figures that a model predicting one class everywhere would get right anyway, and
 # the tests marked training_outcome assert what it learnt. RESCNN, not the default SimCNN:
-# SimCNN x0.125 trained this briefly with digits' loss defaults left whole classes unlearnt
+# SimCNN x0.125 trained this briefly with the digits-tuned loss left whole classes unlearnt
 # (their masks switched off early) on some seeds and CPUs: test accuracy 0.32-0.79 over seeds
 # 0-5 on the AVX-512 and the AVX2 kernels (0.45-0.86 at 12 epochs). RESCNN learns every class
 # in the same steps: 0.972-0.989, its {3,5,8} module at most one test image below the model.
@@ -113,15 +113,42 @@ def test_train_writes_model_modules_and_manifest(trained):
 
 def test_train_defaults_are_the_cores(trained):
     # Every setting the command was not given is mwt_core's default (one place for defaults):
-    # TrainConfig's, with the loss weights and mask rate that loss_defaults gives digits.
+    # TrainConfig's field defaults, the same for digits as for any data set.
     out, summary = trained
     given = {"arch", "width", "epochs", "batch_size", "augment", "device"}
     config = read_manifest(out / "model")["train_config"]
     expected = {k: f.default for k, f in TrainConfig.__dataclass_fields__.items() if k not in given}
-    expected.update(loss_defaults(False, "digits"))
-    assert expected["beta"] != TrainConfig.beta  # digits has its own (else this shows nothing)
     assert {k: v for k, v in config.items() if k not in given} == expected
     assert summary["tau"] == ModularizeConfig.tau
+
+
+def test_train_budget_options_reach_the_config(monkeypatch, tmp_path):
+    seen = []
+
+    def fake_run(cfg, dataset, out, ui, **kw):
+        seen.append(cfg)
+        return None, {"ok": True}
+
+    monkeypatch.setattr("mwt_core.cli.run_training", fake_run)
+    out = ("--out", tmp_path / "run")
+    run_json("train", *out, "--target-krr", "0.5", "--budget-rate", "10", "--val-fraction", "0.2",
+             "--guard-pp", "2.5")
+    cfg = seen.pop()
+    assert (cfg.target_krr, cfg.budget_rate, cfg.val_fraction, cfg.guard_pp) == (0.5, 10.0, 0.2, 2.5)
+    run_json("train", *out, "--no-budget")
+    assert seen.pop().target_krr is None
+    run_json("train", *out, "--target-krr", "1")  # every kernel: the budget is off
+    assert seen.pop().target_krr == 1.0
+    run_json("train", *out)
+    assert seen.pop().target_krr == TrainConfig.target_krr
+    for bad, message in ((["--target-krr", "2"], "target_krr must be in (0, 1]"),
+                         (["--target-krr", "0"], "target_krr must be in (0, 1]"),
+                         (["--val-fraction", "0.9"], "val_fraction must be in [0, 0.5]"),
+                         (["--guard-pp", "-1"], "guard_pp must be in [0, 100]"),
+                         (["--target-krr", "0.5", "--no-budget"], "not both")):
+        result = run("train", *out, *bad)
+        assert result.exit_code == 1 and message in result.output, result.output
+    assert not seen  # refused before any training
 
 
 @pytest.mark.training_outcome

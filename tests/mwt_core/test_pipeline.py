@@ -37,6 +37,13 @@ def test_pipeline_writes_model_and_modules_and_reports_phases(tiny, tmp_path):
     net, manifest = load_artifact(layout.model_dir)
     assert manifest["sha256"] == r.manifest["sha256"] == sha256_file(layout.model_dir / "weights.safetensors")
     assert manifest["metrics"]["class_recall"] == r.metrics["class_recall"]
+    # Validation accuracy (the slice of the training split) per epoch and at the end, and the
+    # kernel budget asked and reached, land in the manifest (the registry's model card reads it).
+    assert r.training.val_acc is not None and manifest["metrics"]["val_acc"] == r.training.val_acc
+    assert 0 <= r.training.val_acc <= 1
+    assert manifest["metrics"]["kernel_budget"] == r.training.budget
+    assert manifest["metrics"]["kernel_budget"]["target_krr"] == TrainConfig.target_krr
+    assert all(h["val_acc"] is not None for h in manifest["history"])
     # Every module names its source model by checksum and records its class's recall.
     assert [m.class_index for m in r.modules] == [0, 1, 2, 3]
     for m in r.modules:

@@ -28,7 +28,9 @@ def _submit(factory: sessionmaker[Session], base_id: int) -> str:
             s, kind=JobKind.train, queue="local", max_attempts=1, dataset="digits", arch="simcnn",
             # lr so small the network cannot move: what it ends with is what it started from
             params={"arch": "simcnn", "width": 0.125, "epochs": 1, "batch_size": 64, "lr": 1e-9,
-                    "mask_lr": 1e-9, "init_from_model": base_id, "augment": False},
+                    "mask_lr": 1e-9, "init_from_model": base_id, "augment": False,
+                    # as the API writes them (a job without these keys runs as older ones did)
+                    "target_krr": 0.5, "val_fraction": 0.2},
         )
         return job.id
 
@@ -49,6 +51,10 @@ def test_a_job_starts_from_a_registry_models_weights(
         assert made is not None and made.status == ModelStatus.ready.value
         # lineage by reference: no path of the worker's store in the registry
         assert made.config["base_model"] == base_id and made.config["init_from"] is None
+        # the registry keeps the validation accuracy and the kernel budget asked and reached
+        assert made.metrics["val_acc"] is not None and job.result is not None
+        assert made.metrics["kernel_budget"]["target_krr"] == made.config["target_krr"] == 0.5
+        assert job.result["val_acc"] == made.metrics["val_acc"]
         state = _weights(settings, made)
     convs = [k for k in base_state if k.endswith("conv.weight")]
     assert convs and all(torch.allclose(state[k], base_state[k], atol=1e-5) for k in convs)

@@ -29,6 +29,14 @@ const secs = (s) => {
   if (s < 5400) return `${Math.round(s / 60)} min`;
   return `${(s / 3600).toFixed(1)} h`;
 };
+// A run's kernel budget (metrics.kernel_budget): the share of kernels asked, the share reached,
+// and how often the accuracy guard loosened it.
+function budgetText(b) {
+  if (!b || b.target_krr == null || b.target_krr >= 1) return "none";
+  let t = `asked ${pct(b.target_krr)}, reached ${pct(b.kernel_rate)}`;
+  if (b.relaxed) t += ` (the guard loosened it ${b.relaxed}×, to ${pct(b.final_target)})`;
+  return t;
+}
 function kv(pairs) {
   return h("dl", { class: "kv" }, pairs.flatMap(([k, v]) => [h("dt", {}, k), h("dd", {}, v ?? "–")]));
 }
@@ -107,10 +115,10 @@ async function jobSchema() {
   }
   return jobDefaults;
 }
-const JOB_FIELDS = ["dataset", "arch", "epochs", "width", "batch_size", "lr", "mask_lr", "alpha", "beta", "gamma", "tau", "seed", "modular", "augment", "name"];
-// Left empty unless typed in: the server then applies the data set's own values (digits has
-// tuned ones; others the paper's), which a schema default here would override.
-const PER_DATASET = new Set(["mask_lr", "alpha", "beta", "gamma"]);
+const JOB_FIELDS = ["dataset", "arch", "epochs", "width", "batch_size", "lr", "mask_lr", "alpha", "beta", "gamma", "target_krr", "tau", "seed", "modular", "augment", "name"];
+// What a field shows where its default is null (the server then applies its own rule).
+const NULL_MEANS = { width: "architecture's", mask_lr: "same as lr", target_krr: "no budget" };
+const LABELS = { target_krr: "kernel budget (target KRR)" };
 
 async function pageJobs() {
   const err = errorBox();
@@ -148,11 +156,11 @@ async function pageJobs() {
         return h("label", { class: "check", title: p.description || "" }, input, name);
       } else {
         const isInt = p.type === "integer";
-        const blank = PER_DATASET.has(name) || def === null || def === undefined;
-        input = h("input", { type: name === "name" ? "text" : "number", step: isInt ? "1" : "any", value: blank ? "" : def, placeholder: PER_DATASET.has(name) ? "data set's" : name === "width" && blank ? "architecture's" : blank ? "default" : null });
+        const blank = def === null || def === undefined;
+        input = h("input", { type: name === "name" ? "text" : "number", step: isInt ? "1" : "any", value: blank ? "" : def, placeholder: blank ? NULL_MEANS[name] || "default" : null });
       }
       input.name = name; inputs[name] = input;
-      return h("label", { title: p.description || "" }, name.replace("_", " "), input);
+      return h("label", { title: p.description || "" }, LABELS[name] || name.replace("_", " "), input);
     };
     const ferr = errorBox();
     const form = h("form", { class: "grid", id: "job-form", onsubmit: async (ev) => {
@@ -170,14 +178,14 @@ async function pageJobs() {
       } catch (e) { showError(ferr, e); }
     } }, JOB_FIELDS.filter((f) => props[f]).map(field), h("button", { type: "submit" }, "Submit job"));
     fill(formBox, h("h2", {}, "Train a model"),
-      h("p", { class: "muted" }, "Defaults come from the API schema; the loss weights left empty take the data set's (on digits the ones tuned on it, elsewhere the paper's). A few epochs are enough to try things out."), form, ferr);
+      h("p", { class: "muted" }, "Defaults come from the API schema, the same for every data set. A few epochs are enough to try things out."), form, ferr);
   } catch (e) { showError(err, e); }
 }
 
 const CURVES = {
   loss: { title: "Loss and its parts", y: "loss", keys: ["loss", "ce", "cohesion_loss", "coupling_loss"] },
-  acc: { title: "Accuracy", y: "accuracy", keys: ["train_acc", "test_acc"], yMin: 0, yMax: 1 },
-  kr: { title: "Kernel rate", y: "kept fraction", keys: ["kernel_rate"], yMin: 0, yMax: 1 },
+  acc: { title: "Accuracy", y: "accuracy", keys: ["train_acc", "val_acc", "test_acc"], yMin: 0, yMax: 1 },
+  kr: { title: "Kernel rate and budget", y: "kept fraction", keys: ["kernel_rate", "kernel_budget"], yMin: 0, yMax: 1 },
 };
 // Curves from progress records: x = epochs done (fractional within an epoch).
 function curveBox(records, id) {
@@ -337,7 +345,9 @@ async function pageModel(id) {
     h("h1", {}, `${modelLabel(m)} `, statusBadge(m.status)), err,
     h("div", { class: "cards" },
       h("div", { class: "card", id: "model-metrics" }, h("h2", {}, "Metrics"), kv([
-        ["test accuracy", pct(m.accuracy)], ["KRR (kernel retention)", pct(m.krr)], ["cohesion", m.cohesion?.toFixed(3)],
+        ["test accuracy", pct(m.accuracy)], ["validation accuracy", pct(m.metrics?.val_acc)],
+        ["KRR (kernel retention)", pct(m.krr)], ["kernel budget", h("span", { id: "model-budget" }, budgetText(m.metrics?.kernel_budget))],
+        ["cohesion", m.cohesion?.toFixed(3)],
         ["coupling", m.coupling?.toFixed(3)], ["params", num(m.params)], ["FLOPs", num(m.flops)],
         ["train time", secs(m.train_seconds)], ["epochs", m.epochs], ["classes", m.num_classes]])),
       h("div", { class: "card" }, h("h2", {}, "Lineage"), kv([
