@@ -20,6 +20,7 @@ of the default per data set (``<ds>_acc``, ``<ds>_krr`` ...) and the paper's
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 from dataclasses import replace
 from pathlib import Path
@@ -30,7 +31,7 @@ from rich.console import Console
 from rich.table import Table
 
 from mwt_core.config import PAPER_SETTINGS, ModularizeConfig, TrainConfig
-from mwt_core.data.datasets import load_dataset
+from mwt_core.data.datasets import holdout, load_dataset
 from mwt_core.metrics import count_params
 from mwt_core.models import architecture_info, default_width
 from mwt_core.pipeline import run_pipeline
@@ -58,11 +59,31 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--device", default=TrainConfig.device)
     p.add_argument("--train-limit", type=int, default=None,
                    help="use only the first N training images (smoke tests)")
+    p.add_argument("--holdout", type=float, default=0.0,
+                   help="measure on this stratified fraction of the training split instead of "
+                        "the test split (for choosing settings)")
+    p.add_argument("--set", nargs="*", default=[], metavar="FIELD=VALUE",
+                   help="TrainConfig fields of the default runs (to compare settings on --holdout)")
     p.add_argument("--results", default=str(DEFAULT_RESULTS), help="where the table is written")
     args = p.parse_args(argv)
     if args.width is None:
         args.width = default_width(args.arch)
     return args
+
+
+def overrides(pairs: list[str]) -> dict[str, Any]:
+    """``FIELD=VALUE`` pairs as TrainConfig fields (``none`` for None), checked by name."""
+    out: dict[str, Any] = {}
+    known = TrainConfig.__dataclass_fields__
+    for pair in pairs:
+        name, sep, text = pair.partition("=")
+        if not sep or name not in known:
+            raise ValueError(f"--set wants FIELD=VALUE with a TrainConfig field, got {pair!r}")
+        try:  # numbers, true/false and null as JSON writes them; anything else is a string
+            out[name] = None if text.lower() == "none" else json.loads(text)
+        except json.JSONDecodeError:
+            out[name] = text
+    return out
 
 
 def _variant(base: TrainConfig, name: str) -> TrainConfig:
@@ -103,10 +124,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         if args.train_limit is not None:
             data = replace(data, train_x=data.train_x[:args.train_limit],
                            train_y=data.train_y[:args.train_limit])
+        if args.holdout:
+            data = holdout(data, args.holdout)
         epochs = args.epochs or DEFAULT_EPOCHS.get(ds, 10)
         for seed in args.seeds:
             base = TrainConfig(arch=args.arch, width=args.width, epochs=epochs, seed=seed,
-                               device=args.device)
+                               device=args.device, **overrides(args.set))
             for name in VARIANTS:
                 cfg = _variant(base, name)
                 with err.status(f"{ds} seed {seed}: {name} ({epochs} epochs)"):
@@ -122,6 +145,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                           + ", ".join(f"{k} {v:.4g}" for k, v in row.items()
                                       if isinstance(v, float)))
     out: dict[str, Any] = {"arch": args.arch, "width": args.width, "tau": args.tau,
+                           "eval_split": f"holdout {args.holdout} of train" if args.holdout else "test",
+                           "settings": args.set,
                            "seeds": args.seeds, "runs": runs}
     for ds in args.datasets:
         def mean(variant: str, key: str, ds: str = ds) -> float:
@@ -145,7 +170,7 @@ def render(r: dict[str, Any], console: Console) -> None:
         return "-" if x is None else f"{x:.3f}"
 
     table = Table(title=f"Modularity: {r['arch']} x{r['width']}, tau {r['tau']}, seeds "
-                        f"{', '.join(map(str, r['seeds']))} (test split)", title_justify="left")
+                        f"{', '.join(map(str, r['seeds']))} ({r['eval_split']})", title_justify="left")
     for col in ("data set", "epochs", "seed", "training", "accuracy", "val. acc.", "KRR",
                 "coupling", "1-class module", "3-class module", "3-class gap (pp)", "time s"):
         table.add_column(col, justify="left" if col in ("data set", "training") else "right")
