@@ -63,7 +63,7 @@ def submit(
     target_krr: Annotated[
         float | None,
         typer.Option(show_default="none (no budget)" if _T.target_krr is None else True,
-                     help="Kernel budget: the share of each layer's kernels a sample may keep on, "
+                     help="Kernel budget: the share of the masked kernels a sample may keep on, "
                      "in (0, 1]; 1 turns it off (as --no-budget)."),
     ] = _T.target_krr,
     no_budget: Annotated[
@@ -72,6 +72,9 @@ def submit(
     budget_rate: Annotated[
         float, typer.Option(help="How fast the budget's multiplier may grow over the run.")
     ] = _T.budget_rate,
+    budget_warmup: Annotated[
+        float, typer.Option(help="Share of the run over which the budget tightens to --target-krr.")
+    ] = _T.budget_warmup,
     val_fraction: Annotated[
         float, typer.Option(help="Share of the training split held out for validation (0: none).")
     ] = _T.val_fraction,
@@ -105,7 +108,7 @@ def submit(
     params = dict(
         dataset=dataset, arch=arch, width=width, epochs=epochs, batch_size=batch_size, lr=lr,
         alpha=alpha, beta=beta, mask_lr=mask_lr, gamma=gamma, target_krr=target_krr,
-        budget_rate=budget_rate, val_fraction=val_fraction, guard_pp=guard_pp, tau=tau, seed=seed,
+        budget_rate=budget_rate, budget_warmup=budget_warmup, val_fraction=val_fraction, guard_pp=guard_pp, tau=tau, seed=seed,
         modular=not standard, name=name, init_from=init_from, init_from_model=init_from_model,
     )
     # Only what was asked for is sent: the server fills in the rest from the one place the

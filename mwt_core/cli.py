@@ -127,9 +127,10 @@ def train_cmd(
     gamma: Annotated[float, typer.Option(help=f"Weight of the cross-class mask-overlap term (the paper: {PAPER_SETTINGS['gamma']}).")] = _T.gamma,
     lr: Annotated[float, typer.Option(help="SGD learning rate (cosine annealed).")] = _T.lr,
     mask_lr: Annotated[float | None, typer.Option(show_default=_mask_lr_default(), help="Learning rate of the mask generators (the paper: same as --lr).")] = _T.mask_lr,
-    target_krr: Annotated[float | None, typer.Option(show_default=_budget_default(), help="Kernel budget of MwT training: the share of each layer's kernels a sample may keep on, on average, in (0, 1]; 1 turns it off (as --no-budget).")] = _T.target_krr,
+    target_krr: Annotated[float | None, typer.Option(show_default=_budget_default(), help="Kernel budget of MwT training: the share of the masked kernels a sample may keep on, on average, in (0, 1]; 1 turns it off (as --no-budget).")] = _T.target_krr,
     no_budget: Annotated[bool, typer.Option("--no-budget", help="No kernel budget: the paper's loss alone.")] = False,
     budget_rate: Annotated[float, typer.Option(help="How fast the budget's multiplier may grow over the run (its step: this / the run's optimiser steps).")] = _T.budget_rate,
+    budget_warmup: Annotated[float, typer.Option(help="Share of the run over which the budget tightens from every kernel to --target-krr.")] = _T.budget_warmup,
     val_fraction: Annotated[float, typer.Option(help="Share of the training split held out for validation (stratified, fixed by --seed; 0: none).")] = _T.val_fraction,
     guard_pp: Annotated[float, typer.Option(help="Accuracy guard: validation accuracy this many points below the run's best loosens the budget.")] = _T.guard_pp,
     weight_decay: Annotated[float, typer.Option(help="SGD weight decay.")] = _T.weight_decay,
@@ -157,8 +158,8 @@ def train_cmd(
     cfg = TrainConfig(arch=arch, width=width, epochs=epochs, batch_size=batch_size, lr=lr,
                       weight_decay=weight_decay, mask_lr=mask_lr, alpha=alpha, beta=beta,
                       gamma=gamma, target_krr=None if no_budget else target_krr,
-                      budget_rate=budget_rate, val_fraction=val_fraction, guard_pp=guard_pp,
-                      modular=modular, seed=seed, device=device, amp=amp, augment=augment,
+                      budget_rate=budget_rate, budget_warmup=budget_warmup,
+                      val_fraction=val_fraction, guard_pp=guard_pp, modular=modular, seed=seed, device=device, amp=amp, augment=augment,
                       init_from=init_from)
     if out is None:
         stem = Path(dataset).stem if dataset.lower().endswith(".npz") else dataset

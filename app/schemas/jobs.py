@@ -66,7 +66,7 @@ class JobCreate(BaseModel):
     )
     target_krr: float | None = Field(
         _T.target_krr, gt=0, le=1,
-        description="kernel budget of MwT training: the share of each layer's kernels a sample "
+        description="kernel budget of MwT training: the share of the masked kernels a sample "
         "may keep switched on, on average, held by a Lagrange multiplier during training; in "
         "(0, 1]; null or 1: no budget (the paper's loss alone)",
     )
@@ -74,6 +74,11 @@ class JobCreate(BaseModel):
         _T.budget_rate, ge=0, le=_L.loss_weight,
         description="how fast the budget's multiplier may grow over the run (its step is "
         "budget_rate / the run's optimiser steps)",
+    )
+    budget_warmup: float = Field(
+        _T.budget_warmup, ge=0, le=1,
+        description="share of the run over which the budget tightens from every kernel to "
+        "target_krr",
     )
     val_fraction: float = Field(
         _T.val_fraction, ge=0, le=_L.val_fraction,
