@@ -86,6 +86,12 @@ class KernelBudget:
         return self.asked is not None and self.asked < 1
 
     @property
+    def binding(self) -> bool:
+        """Whether the budget still holds anything back (the guard has not loosened it to 1)."""
+        target = self.target
+        return self.active and target is not None and target < 1
+
+    @property
     def target(self) -> float | None:
         """The budget in force now (scheduled, plus what the guard relaxed)."""
         if self.asked is None:
@@ -333,7 +339,7 @@ def train(
             # in a row while the budget binds, so modularity is costing accuracy (one epoch
             # alone is as often the learning rate's noise); loosen the budget for what is left.
             below = best_val - val_acc > guard_margin(cfg.guard_pp, best_val, len(val_set))
-            if budget.active and below and budget.below_last:
+            if budget.binding and below and budget.below_last:
                 budget.relax()
                 below = False  # the next trip needs two more epochs below
             budget.below_last = below

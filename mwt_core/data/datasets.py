@@ -228,7 +228,7 @@ def load_dataset(
         bundle = digits_dataset()
     elif key == "digits28":
         no_options()
-        bundle = digits28_dataset()
+        bundle = digits28_dataset(digits_dataset())
     elif key == "synthetic":
         allowed = {"num_train", "num_test", "num_classes", "seed"}
         unknown = sorted(set(kw) - allowed)

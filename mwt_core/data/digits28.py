@@ -105,15 +105,13 @@ def distort_digits(images: torch.Tensor, copies: int, gen: torch.Generator) -> t
     return out
 
 
-def digits28_dataset() -> DatasetBundle:
-    """``digits`` made harder: 14,370 train / 3,600 test distorted, noisy 1x28x28 digits.
+def digits28_dataset(source: DatasetBundle) -> DatasetBundle:
+    """``digits`` (``source``, as ``datasets.digits_dataset`` gives it) made harder: 14,370
+    train / 3,600 test distorted, noisy 1x28x28 digits.
 
-    Ten copies of each of ``digits``' images, split as ``digits`` is (so by source image).
+    Ten copies of each of ``source``'s images, split as it is (so by source image).
     Deterministic; each call builds a new bundle.
     """
-    from mwt_core.data.datasets import digits_dataset  # that module imports this one
-
-    source = digits_dataset()
     train_x = distort_digits(source.train_x, COPIES, torch.Generator().manual_seed(_TRAIN_SEED))
     test_x = distort_digits(source.test_x, COPIES, torch.Generator().manual_seed(_TEST_SEED))
     return _bundle(

@@ -129,7 +129,7 @@ def test_relax_raises_the_target_by_the_relax_step_up_to_one() -> None:
     assert budget.target == pytest.approx(0.3 + 2 * BUDGET_RELAX_STEP) and budget.relaxed == 2
     for _ in range(int(1 / BUDGET_RELAX_STEP) + 2):
         budget.relax()
-    assert budget.target == 1.0 and not budget.active  # loosened all the way: no budget left
+    assert budget.target == 1.0 and not budget.binding  # loosened all the way: no budget left
     report = budget.report(0.42)
     assert report["target_krr"] == 0.3 and report["final_target"] == 1.0
     assert report["kernel_rate"] == 0.42 and report["relaxed"] == budget.relaxed
@@ -157,3 +157,14 @@ def test_training_reports_validation_accuracy_and_the_budget_at_epoch_ends() -> 
     assert plain.val_acc is None and plain.history[0]["val_acc"] is None
     assert plain.history[0]["kernel_budget"] is None and plain.budget is not None
     assert plain.budget["target_krr"] is None
+
+
+def test_the_target_falls_from_every_kernel_to_the_budget_over_the_warm_up() -> None:
+    budget = KernelBudget(0.3, rate=1.0, total_steps=100, device=torch.device("cpu"), warmup=0.5)
+    seen = []
+    for _ in range(100):
+        seen.append(budget.target)
+        budget.update(torch.tensor(1.0))  # every kernel on: the multiplier only grows
+    assert seen[0] == 1.0 and seen[25] == pytest.approx(0.65) and seen[50:] == [pytest.approx(0.3)] * 50
+    assert all(a >= b for a, b in zip(seen, seen[1:]))
+    assert float(budget.multiplier) > 0
