@@ -98,13 +98,15 @@ def test_overlap_term_switches_kernels_off(digits32):
 
 
 def test_checkpoint_of_an_older_config_still_resumes():
-    # A checkpoint written before a config field existed stores no value for it: its default applies.
+    # A checkpoint written before a config field existed stores no value for it: the value such
+    # runs used applies (LEGACY_VALUES), not today's default.
+    from mwt_core.config import LEGACY_VALUES
     from mwt_core.training import same_run
 
     cfg = TrainConfig(device="cpu").to_json()
     older = {k: v for k, v in cfg.items() if k != "gamma"}
-    assert same_run(older, {**cfg, "device": "cuda"})
-    assert not same_run(older, {**cfg, "gamma": 0.5})
+    assert same_run(older, {**cfg, "gamma": LEGACY_VALUES["gamma"], "device": "cuda"})
+    assert not same_run(older, {**cfg, "gamma": LEGACY_VALUES["gamma"] + 0.5})
 
 
 # Smallest coupling drop accepted from the MwT losses. Measured on this setting (seeds 0-5,
