@@ -25,9 +25,8 @@ def trained_digits(digits32):
     the full test split. Shared by several test files: tests must not change the model
     (or must undo what they change).
     """
-    from mwt_core.training import TrainConfig, train
-
     from mwt_core.config import PAPER_SETTINGS
+    from mwt_core.training import TrainConfig, train
 
     data = replace(digits32, train_x=digits32.train_x[:800], train_y=digits32.train_y[:800])
     # The paper's loss on every image, pinned: the reuse tests' bounds were measured on this
