@@ -138,12 +138,32 @@ class KernelBudget:
                 "relaxed": self.relaxed, "multiplier": float(self.multiplier)}
 
 
+def steps_per_epoch(n: int, batch_size: int) -> int:
+    """Optimiser steps of an epoch over ``n`` shuffled images: full batches, plus the remainder
+    as a last batch only when it holds at least half a batch (a set smaller than one batch is
+    one step).
+
+    Why: batch norm normalises a training batch by its own statistics, and a trailing batch of
+    a few images gives statistics (and a gradient, at the full learning rate) so noisy that a
+    small data set whose size leaves such a remainder stops learning. The images left out
+    differ every epoch, since the order is reshuffled.
+    """
+    full, rest = divmod(n, batch_size)
+    if full == 0:
+        return 1
+    return full + (1 if 2 * rest >= batch_size else 0)
+
+
 def guard_margin(guard_pp: float, best: float, n_val: int) -> float:
     """How far validation accuracy may fall below the run's best before the guard trips:
     ``guard_pp`` points, or two standard errors of a difference of two accuracies on
     ``n_val`` images where that is larger, so that on a small slice the epoch-to-epoch
-    noise of a few images does not read as modularity costing accuracy."""
-    noise = 2.0 * math.sqrt(2.0 * max(best * (1.0 - best), 1e-4) / max(1, n_val))
+    noise of a few images does not read as modularity costing accuracy. The accuracy in the
+    standard error is smoothed by one image right and one wrong (Laplace's rule): a perfect
+    score on a few images does not mean a spread of zero."""
+    n = max(1, n_val)
+    p = (best * n + 1.0) / (n + 2.0)
+    noise = 2.0 * math.sqrt(2.0 * p * (1.0 - p) / n)
     return max(guard_pp / 100.0, noise)
 
 
@@ -270,8 +290,7 @@ def train(
     scaler = torch.amp.GradScaler("cuda", enabled=use_scaler)
 
     n = len(train_set)
-    # A trailing batch of one sample would break batch norm; drop it.
-    steps = n // cfg.batch_size + (1 if n % cfg.batch_size >= 2 else 0)
+    steps = steps_per_epoch(n, cfg.batch_size)
     budget = KernelBudget(cfg.target_krr if cfg.modular else None, cfg.budget_rate,
                           steps * cfg.epochs, device, cfg.budget_warmup)
     best_val = 0.0
@@ -297,7 +316,7 @@ def train(
     test_acc = history[-1]["test_acc"] if history else 0.0
     # Walk the module tree once, not every step.
     units = model.mask_units() if cfg.modular else []
-    static_shapes = n % cfg.batch_size < 2  # every step sees a full batch
+    static_shapes = steps * cfg.batch_size <= n or steps == 1  # every step sees one batch shape
     forward = _loss_step(model, units, cfg, device, static_shapes, gen, budget)
     model.train()
     for epoch in range(start_epoch, cfg.epochs):

@@ -4,14 +4,16 @@ guard's margin (training.guard_margin) and the Lagrange multiplier (training.Ker
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import pytest
 import torch
 
+from mwt_core.compose import class_subset
 from mwt_core.config import BUDGET_RELAX_STEP, TrainConfig
 from mwt_core.data.bundle import DatasetBundle, InputSpec, split_validation
 from mwt_core.data.datasets import DatasetError, load_dataset
-from mwt_core.training import KernelBudget, guard_margin, train
+from mwt_core.training import KernelBudget, guard_margin, steps_per_epoch, train
 
 # Images per class; the last class has a single image.
 SIZES = (100, 60, 39, 1)
@@ -83,12 +85,27 @@ def test_guard_margin_is_the_guard_or_the_noise_of_a_small_slice() -> None:
     # a large slice: the guard's points
     assert guard_margin(1.0, 0.9, 10**7) == pytest.approx(0.01)
     assert guard_margin(5.0, 0.9, 10**7) == pytest.approx(0.05)
-    # a small slice: two standard errors of a difference of two accuracies
-    assert guard_margin(1.0, 0.9, 10) == pytest.approx(2 * math.sqrt(2 * 0.9 * 0.1 / 10))
-    # the noise shrinks with the slice, and a perfect best still leaves a margin
+    # a small slice: two standard errors of a difference of two accuracies, the accuracy
+    # smoothed by one image right and one wrong (9 of 10 right reads as 10 of 12)
+    assert guard_margin(1.0, 0.9, 10) == pytest.approx(2 * math.sqrt(2 * (10 / 12) * (2 / 12) / 10))
+    # the noise shrinks with the slice
     assert guard_margin(0.0, 0.9, 100) > guard_margin(0.0, 0.9, 1000) > 0
-    assert guard_margin(0.0, 1.0, 100) > 0
+    # a perfect best on a small slice leaves more than one image's worth of room: one miss
+    # among 58 images is not read as modularity costing accuracy
+    assert guard_margin(1.0, 1.0, 58) > 1.5 / 58
     assert guard_margin(0.0, 0.5, 0) > 0  # no images: no division by zero
+
+
+def test_an_epoch_drops_a_trailing_batch_smaller_than_half_a_batch() -> None:
+    # a remainder of a few images would be a batch-norm batch of a few images: left out
+    # (the order is reshuffled every epoch, so not the same images)
+    assert steps_per_epoch(515, 128) == 4
+    assert steps_per_epoch(512, 128) == 4
+    # half a batch or more is a batch of its own
+    assert steps_per_epoch(576, 128) == 5
+    # a set smaller than one batch is one step, however small
+    assert steps_per_epoch(40, 128) == 1
+    assert steps_per_epoch(100, 128) == 1
 
 
 def test_multiplier_grows_while_over_budget_and_never_goes_negative() -> None:
@@ -168,3 +185,16 @@ def test_the_target_falls_from_every_kernel_to_the_budget_over_the_warm_up() -> 
     assert seen[0] == 1.0 and seen[25] == pytest.approx(0.65) and seen[50:] == [pytest.approx(0.3)] * 50
     assert all(a >= b for a, b in zip(seen, seen[1:], strict=False))
     assert float(budget.multiplier) > 0
+
+
+@pytest.mark.slow
+def test_a_set_whose_size_leaves_a_few_images_over_still_learns() -> None:
+    """Five digits classes cut to 515 training images (4 batches of 128 and 3 over): trained
+    with a last batch of 3 images, batch norm's statistics of that batch threw the standard
+    network back every epoch and it ended near chance; without it, it learns the classes."""
+    data = class_subset(load_dataset("digits", min_input_size=32), [5, 6, 7, 8, 9])
+    data = replace(data, train_x=data.train_x[:515], train_y=data.train_y[:515])
+    cfg = TrainConfig(arch="simcnn", width=0.25, epochs=30, modular=False, val_fraction=0.0,
+                      seed=0, device="cpu")
+    assert steps_per_epoch(len(data.train_y), cfg.batch_size) * cfg.batch_size < len(data.train_y)
+    assert train(cfg, data).test_acc > 0.9
