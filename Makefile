@@ -43,10 +43,10 @@ format: venv
 	$(BIN)/ruff check --fix .
 	$(BIN)/ruff format .
 
-readme: venv  # rewrite README.md's generated tables (tests/scripts/test_readme.py checks them)
+readme: venv  # rewrite docs/'s generated tables (tests/scripts/test_readme.py checks them)
 	$(BIN)/python scripts/readme.py --write
 
-walkthrough: venv  # rerun the README's service walk-through on a fresh registry and rewrite its output blocks
+walkthrough: venv  # rerun docs/walkthrough.md on a fresh registry and rewrite its output blocks
 	$(BIN)/python scripts/walkthrough.py --write
 
 clean:

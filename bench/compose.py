@@ -63,8 +63,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="a built-in ten-class data set (digits, digits28, synthetic) or .npz path")
     p.add_argument("--loss", choices=("default", "paper"), default="paper",
                    help="default: TrainConfig's defaults (kernel budget included); paper: the "
-                        "paper's loss without a budget (PAPER_SETTINGS), which the README's "
-                        "composition figures used")
+                        "paper's loss without a budget (PAPER_SETTINGS), which "
+                        "bench/results/compose.md's figures used")
     p.add_argument("--arch", default="simcnn")
     p.add_argument("--width", type=float, default=None, help="default: the architecture's")
     p.add_argument("--epochs", type=int, default=10)

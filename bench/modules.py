@@ -80,8 +80,8 @@ def _trained(args: argparse.Namespace) -> tuple[nn.Module, Modularization, dict[
         model, manifest = load_artifact(args.model_dir)
         return model, Modularization.from_json(manifest["modularization"]), manifest
     data = load_dataset("digits", min_input_size=32)
-    # The paper's loss, not digits' tuned default: the README's module-latency figures were
-    # measured on models trained with it.
+    # The paper's loss, not the default: bench/results/modules.md's figures were measured on
+    # models trained with it.
     cfg = TrainConfig(arch=args.arch, width=args.width, epochs=args.epochs, device="cpu", seed=args.seed,
                       **PAPER_SETTINGS)
     result = train(cfg, data)

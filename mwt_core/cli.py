@@ -545,7 +545,7 @@ DEMO_DATASET = "digits"
 
 def demo_config(*, epochs: int = TrainConfig.epochs, width: float | None = TrainConfig.width,
                 seed: int = TrainConfig.seed, device: str = "auto") -> TrainConfig:
-    """What ``mwt demo`` trains on :data:`DEMO_DATASET` (the README's defaults table reads it):
+    """What ``mwt demo`` trains on :data:`DEMO_DATASET` (docs/defaults.md's table reads it):
     TrainConfig's defaults, as ``mwt train`` takes them."""
     return TrainConfig(arch="simcnn", width=width, epochs=epochs, modular=True, seed=seed,
                        device=device)

@@ -11,8 +11,8 @@ METHODS: tuple[str, ...] = ("raw", "scale_bias", "log_softmax", "energy", "gauss
 ZERO_LABEL_METHODS: tuple[str, ...] = ("raw", "log_softmax", "energy", "gauss", "gauss_map")
 LABELLED_METHODS: tuple[str, ...] = ("scale_bias", "head", "gauss_head")
 # The best method measured by bench/compose.py on a held-out part of digits' training split
-# (README, "Composing models that learned different classes"); the API, both CLIs and the
-# bench take their default from here.
+# (docs/defaults.md, "Composition"); the API, both CLIs and the bench take their default from
+# here.
 DEFAULT_COMBINE = "gauss_map"
 DEFAULT_PER_CLASS = 20  # labelled training images per class for the labelled methods
 

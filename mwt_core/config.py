@@ -3,8 +3,7 @@
 Every other place (the ``mwt`` CLI, the service's job schema and ``mwt submit``, the
 benchmarks) reads its defaults and limits from these classes, so ``POST /jobs {}``,
 ``mwt submit`` and ``mwt train`` with no options train the same thing. How the defaults
-were chosen (held-out parts of training splits, digits and synthetic): README, "Defaults
-and how they were chosen".
+were chosen (held-out parts of training splits): docs/defaults.md.
 
 This module imports no torch, so the web service can read it without loading PyTorch.
 """
@@ -33,7 +32,7 @@ class TrainConfig:
     Defaults: a CPU-only machine trains SimCNN at its default width on digits with them in a
     few minutes. They are the same for every data set and for a run that starts from weights:
     the kernel budget (``target_krr``), not per-data-set loss weights, decides how far the
-    masks specialise (README, "Kernel budget").
+    masks specialise (docs/defaults.md, "Kernel budget").
     """
 
     arch: str = "simcnn"
@@ -48,7 +47,7 @@ class TrainConfig:
     mask_lr: float | None = PAPER_SETTINGS["mask_lr"]  # of the mask generators (None: lr)
     # Weight of the cohesion loss. Under a kernel budget it is what keeps a class's samples on
     # the same few kernels (a module keeps the kernels most of its class uses): chosen with
-    # gamma on held-out parts of digits and digits28 (README, "Kernel budget").
+    # gamma on held-out parts of digits and digits28 (docs/defaults.md, "Kernel budget").
     alpha: float = 2.0
     beta: float = PAPER_SETTINGS["beta"]  # weight of the coupling loss
     gamma: float = 0.5  # weight of the cross-class mask-overlap term (the paper: 0)
@@ -71,7 +70,8 @@ class TrainConfig:
     guard_pp: float = 1.0
     # Weight of an outlier-exposure term (losses.outlier_exposure): synthetic images made of
     # other images' quadrants are pushed to a uniform softmax, so the model scores low on
-    # what it has not seen; 0 (off) is the paper's loss (README: it did not help composition).
+    # what it has not seen; 0 (off) is the paper's loss (docs/defaults.md: it did not help
+    # composition).
     outlier_weight: float = 0.0
     modular: bool = True
     seed: int = 0

@@ -391,8 +391,8 @@ def recalibrate_batchnorm(model: torch.nn.Module, batches: Iterable[tuple[torch.
 
     Why: a mask multiplies a unit's output after its BN, so the statistics of every later
     BN depend on the masks, which keep moving while they specialise; the running averages
-    trail them. In a short run (MwT from trained weights: two epochs) that lag cost up to
-    3.5 pp of held-out accuracy (README, "Architectures"); over a long run it is small.
+    trail them. In a short run (MwT from trained weights) that lag costs held-out accuracy
+    (docs/architectures.md); over a long run it is small.
     Only the BN layers run in training mode (dropout and stochastic depth stay off), under
     no_grad; the model is left in eval mode.
     """

@@ -1,16 +1,18 @@
-"""Write (or check) the README's generated tables from the code that defines them.
+"""Write (or check) the documentation's generated tables from the code that defines them.
 
-    python scripts/readme.py           # exit 1 and a diff when README.md is out of date
+    python scripts/readme.py           # exit 1 and a diff when a page is out of date
     python scripts/readme.py --write   # rewrite the generated blocks in place
 
 A generated block sits between ``<!-- generated: NAME -->`` and ``<!-- end generated: NAME -->``;
-everything else in README.md is hand-written and left alone. The blocks and their sources:
+everything else in a page is hand-written and left alone. The pages (``PAGES``), their blocks and
+the blocks' sources:
 
-- ``server-settings``: ``app.settings.Settings`` (names, defaults, descriptions);
-- ``client-settings``: every ``mwt`` option that reads an environment variable;
-- ``training-defaults``: ``mwt_core.config`` next to what ``mwt train``, ``POST /api/v1/jobs``,
-  ``mwt submit`` and ``mwt demo`` run with when given no options;
-- ``other-defaults``: the composition and modularization entry points.
+- ``docs/configuration.md``: ``server-settings``, from ``app.settings.Settings`` (names,
+  defaults, descriptions), and ``client-settings``, every ``mwt`` option that reads an
+  environment variable;
+- ``docs/defaults.md``: ``training-defaults``, ``mwt_core.config`` next to what ``mwt train``,
+  ``POST /api/v1/jobs``, ``mwt submit`` and ``mwt demo`` run with when given no options, and
+  ``other-defaults``, the composition and modularization entry points.
 
 ``tests/scripts/test_readme.py`` fails when a block differs from what this script writes.
 """
@@ -27,7 +29,6 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
-README = ROOT / "README.md"
 REGEN = "python scripts/readme.py --write"
 
 Table = list[list[str]]
@@ -37,7 +38,7 @@ Table = list[list[str]]
 
 
 def fmt(value: Any) -> str:
-    """A default as the README shows it: ``code``, ``unset`` for None or an empty string."""
+    """A default as the documentation shows it: ``code``, ``unset`` for None or an empty string."""
     if value is None or value == "":
         return "unset"
     if isinstance(value, bool):
@@ -237,8 +238,14 @@ BLOCKS: dict[str, Callable[[], str]] = {
     "other-defaults": other_defaults,
 }
 
+# The page (relative to the repository root) that holds each block; every block is in one page.
+PAGES: dict[str, tuple[str, ...]] = {
+    "docs/configuration.md": ("server-settings", "client-settings"),
+    "docs/defaults.md": ("training-defaults", "other-defaults"),
+}
 
-# ------------------------------------------------------------------------------ the README
+
+# ------------------------------------------------------------------------------- the pages
 
 
 def _pattern(name: str) -> re.Pattern[str]:
@@ -248,13 +255,13 @@ def _pattern(name: str) -> re.Pattern[str]:
     )
 
 
-def render(text: str, blocks: dict[str, Callable[[], str]] = BLOCKS) -> str:
-    """``text`` with every generated block replaced by what its source gives today."""
-    for name, make in blocks.items():
+def render(text: str, names: Iterable[str], page: str = "the page") -> str:
+    """``text`` (``page``) with each block of ``names`` replaced by what its source gives today."""
+    for name in names:
         pattern = _pattern(name)
         if not pattern.search(text):
-            raise SystemExit(f"error: README.md has no block `<!-- generated: {name} ... -->`")
-        body = make()
+            raise SystemExit(f"error: {page} has no block `<!-- generated: {name} ... -->`")
+        body = BLOCKS[name]()
 
         def fill(m: re.Match[str], body: str = body) -> str:
             return m.group(1) + body + "\n" + m.group(3)
@@ -263,35 +270,40 @@ def render(text: str, blocks: dict[str, Callable[[], str]] = BLOCKS) -> str:
     return text
 
 
-def stale_blocks(text: str, blocks: dict[str, Callable[[], str]] = BLOCKS) -> list[str]:
-    """Names of the blocks whose content differs from their source."""
-    fresh = render(text, blocks)
+def stale_blocks(text: str, names: Iterable[str], page: str = "the page") -> list[str]:
+    """Names of the blocks of ``names`` in ``text`` whose content differs from their source."""
+    names = list(names)
+    fresh = render(text, names, page)
     return [
-        name for name in blocks
+        name for name in names
         if _pattern(name).search(text).group(2) != _pattern(name).search(fresh).group(2)  # type: ignore[union-attr]
     ]
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--write", action="store_true", help="rewrite README.md's blocks")
-    parser.add_argument("--readme", type=Path, default=README)
+    parser.add_argument("--write", action="store_true", help="rewrite the pages' generated blocks")
+    parser.add_argument("--root", type=Path, default=ROOT,
+                        help="the tree whose pages (docs/...) are read and written")
     args = parser.parse_args(argv)
-    text = args.readme.read_text()
-    fresh = render(text)
-    if args.write:
-        if fresh != text:
-            args.readme.write_text(fresh)
-        print(f"{args.readme}: {len(BLOCKS)} generated blocks written")
-        return 0
-    if fresh == text:
-        print(f"{args.readme}: {len(BLOCKS)} generated blocks up to date")
-        return 0
-    sys.stdout.writelines(difflib.unified_diff(
-        text.splitlines(True), fresh.splitlines(True), "README.md", "generated"))
-    print(f"error: README.md is out of date ({', '.join(stale_blocks(text))}); run `{REGEN}`",
-          file=sys.stderr)
-    return 1
+    stale_pages = 0
+    for page, names in PAGES.items():
+        path = args.root / page
+        text = path.read_text()
+        fresh = render(text, names, page)
+        if args.write:
+            if fresh != text:
+                path.write_text(fresh)
+            print(f"{page}: {len(names)} generated blocks written")
+        elif fresh == text:
+            print(f"{page}: {len(names)} generated blocks up to date")
+        else:
+            stale_pages += 1
+            sys.stdout.writelines(difflib.unified_diff(
+                text.splitlines(True), fresh.splitlines(True), page, "generated"))
+            print(f"error: {page} is out of date ({', '.join(stale_blocks(text, names, page))}); "
+                  f"run `{REGEN}`", file=sys.stderr)
+    return 1 if stale_pages else 0
 
 
 if __name__ == "__main__":

@@ -1,11 +1,12 @@
-"""Run the README's service walk-through on a fresh registry and write (or check) its output blocks.
+"""Run the service walk-through (docs/walkthrough.md) on a fresh registry and write (or check) its
+output blocks.
 
-    python scripts/walkthrough.py                  # check: exit 1 and a diff when README.md's shapes differ
+    python scripts/walkthrough.py                  # check: exit 1 and a diff when the page's shapes differ
     python scripts/walkthrough.py --write          # rewrite the blocks with this run's real output
     python scripts/walkthrough.py --epochs 1 --first-epochs 30 --width 0.125   # a fast run (the test's)
 
 Each step's console block sits between ``<!-- walkthrough: NAME -->`` and ``<!-- end walkthrough:
-NAME -->``. The commands live here, in ``STEPS``; the README's ``$ ...`` lines are written from them.
+NAME -->``. The commands live here, in ``STEPS``; the page's ``$ ...`` lines are written from them.
 The script starts ``mwt serve`` on a fresh data directory and a free port, runs every command with
 ``bash`` (``localhost:8000`` pointed at that port, ``$H`` holding the admin key), and stops the
 server at the end, always. JSON answers are reflowed to ``WIDTH`` columns.
@@ -39,11 +40,11 @@ from mwt_core.config import TrainConfig
 from mwt_core.models import default_width
 
 ROOT = Path(__file__).resolve().parent.parent
-README = ROOT / "README.md"
+PAGE = ROOT / "docs" / "walkthrough.md"
 REGEN = "python scripts/walkthrough.py --write"
 WIDTH = 100
-README_PORT = 8000
-# What the README's walk-through runs with; the test passes smaller ones. Model 1 trains with
+SHOWN_PORT = 8000  # the port the page shows (the run uses a free one)
+# What the page's walk-through runs with; the test passes smaller ones. Model 1 trains with
 # every default but the run length: the kernel budget makes a 3-class module a fraction of the
 # model within a few dozen epochs, and the default 200 keep the walk-through busy for most of
 # an hour on a CPU. The other three train fewer epochs still.
@@ -56,7 +57,7 @@ Block = list[tuple[str, str]]  # (command, output) pairs
 
 @dataclass(frozen=True)
 class Step:
-    """One README block: commands formatted with the run's values (``{epochs}``, ``{job1}``, ...)."""
+    """One block of the page: commands formatted with the run's values (``{epochs}``, ``{job1}``, ...)."""
 
     name: str
     commands: tuple[str, ...]
@@ -245,18 +246,18 @@ def output_shape(output: str) -> Any:
 
 
 def shape_diff(shown: Block, fresh: Block) -> list[str]:
-    """Why a README block does not match a fresh run's (empty when the shapes agree)."""
+    """Why a block of the page does not match a fresh run's (empty when the shapes agree)."""
     problems = []
     if [mask(c) for c, _ in shown] != [mask(c) for c, _ in fresh]:
         problems.append("commands differ:\n" + "\n".join(difflib.unified_diff(
-            [c for c, _ in shown], [c for c, _ in fresh], "README", "script", lineterm="")))
+            [c for c, _ in shown], [c for c, _ in fresh], "page", "script", lineterm="")))
         return problems
     for (command, out_shown), (_, out_fresh) in zip(shown, fresh, strict=True):
         a, b = align(output_shape(out_shown), output_shape(out_fresh))
         if a != b:
             problems.append(f"`$ {command}` output differs:\n" + "\n".join(difflib.unified_diff(
                 json.dumps(a, indent=1).splitlines(), json.dumps(b, indent=1).splitlines(),
-                "README", "fresh run", lineterm="")))
+                "page", "fresh run", lineterm="")))
     return problems
 
 
@@ -303,7 +304,7 @@ def run_walkthrough(epochs: int, width: float, first_epochs: int | None = None,
                 for template in step.commands:
                     _before(step.name, template, values, port, key, deadline)
                     command = template.format(**values)
-                    real = command.replace(f"localhost:{README_PORT}", f"127.0.0.1:{port}")
+                    real = command.replace(f"localhost:{SHOWN_PORT}", f"127.0.0.1:{port}")
                     done = subprocess.run(["bash", "-o", "pipefail", "-c", real],
                                           cwd=work / "cwd", env=shell_env, capture_output=True,
                                           text=True, timeout=max(10.0, deadline - time.monotonic()))
@@ -314,7 +315,7 @@ def run_walkthrough(epochs: int, width: float, first_epochs: int | None = None,
                         raise RuntimeError(f"`$ {command}` exited {done.returncode}:\n"
                                            f"{done.stdout}\n{done.stderr}")
                     output = _format_output(done.stdout.replace(f"127.0.0.1:{port}",
-                                                                f"localhost:{README_PORT}"))
+                                                                f"localhost:{SHOWN_PORT}"))
                     pairs.append((command, output))
                     _after(template, output, values)
                 blocks[step.name] = pairs
@@ -336,9 +337,9 @@ def _before(step: str, template: str, values: dict[str, Any], port: int, key: st
             deadline: float) -> None:
     """Wait for what a command shows (a training step before the job's first GET) and look up the
     ids it names: ``{module3}``, ``{model3}`` (job 3's model), ``{mod_2_8}`` (model 2's module of
-    class index 8), from the API, so the README never hard-codes an id the registry assigns."""
+    class index 8), from the API, so the page never hard-codes an id the registry assigns."""
     if template.startswith("curl -s localhost:8000/api/v1/jobs/{job1}"):
-        # The README shows job 1 training after an epoch has ended (its progress then has every
+        # The page shows job 1 training after an epoch has ended (its progress then has every
         # key an epoch end adds): wait for that, and say so plainly when the job got past training
         # first, which a shape diff of a later phase would not.
         while True:
@@ -476,7 +477,7 @@ def write_figures(text: str, blocks: dict[str, Block]) -> str:
     return _FIG.sub(lambda m: m.group(1) + FIGURES[m.group(2)](blocks) + m.group(4), text)
 
 
-# ------------------------------------------------------------------------------ the README
+# -------------------------------------------------------------------------------- the page
 
 
 def _pattern(name: str) -> re.Pattern[str]:
@@ -485,12 +486,13 @@ def _pattern(name: str) -> re.Pattern[str]:
 
 
 def shown_blocks(text: str) -> dict[str, Block]:
-    """The README's walk-through blocks by step name."""
+    """The page's walk-through blocks by step name."""
     blocks = {}
     for step in STEPS:
         m = _pattern(step.name).search(text)
         if m is None:
-            raise SystemExit(f"error: README.md has no block `<!-- walkthrough: {step.name} -->`")
+            raise SystemExit(f"error: {PAGE.relative_to(ROOT)} has no block "
+                             f"`<!-- walkthrough: {step.name} -->`")
         blocks[step.name] = parse_block(m.group(2))
     return blocks
 
@@ -508,7 +510,7 @@ def write_blocks(text: str, blocks: dict[str, Block]) -> str:
 
 
 def check(text: str, fresh: dict[str, Block]) -> list[str]:
-    """Every difference in shape between the README's blocks and a fresh run's, and every figure
+    """Every difference in shape between the page's blocks and a fresh run's, and every figure
     slot a fresh run cannot fill."""
     shown = shown_blocks(text)
     return ([f"[{name}] {p}" for name in shown for p in shape_diff(shown[name], fresh[name])]
@@ -517,14 +519,14 @@ def check(text: str, fresh: dict[str, Block]) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--write", action="store_true", help="rewrite README.md's blocks")
-    parser.add_argument("--readme", type=Path, default=README)
+    parser.add_argument("--write", action="store_true", help="rewrite the page's blocks")
+    parser.add_argument("--page", type=Path, default=PAGE, help="the walk-through's page")
     parser.add_argument("--epochs", type=int, default=DEFAULT_EPOCHS, help="of jobs 2-4")
     parser.add_argument("--first-epochs", type=int, default=FIRST_EPOCHS,
                         help="of job 1")
     parser.add_argument("--width", type=float, default=DEFAULT_WIDTH)
     args = parser.parse_args(argv)
-    text = args.readme.read_text()
+    text = args.page.read_text()
     shown_blocks(text)  # fail on a missing marker before training anything
     start = time.monotonic()
     try:
@@ -538,15 +540,15 @@ def main(argv: list[str] | None = None) -> int:
         if problems:
             print("\n".join(problems), file=sys.stderr)
             return 1
-        args.readme.write_text(write_figures(write_blocks(text, fresh), fresh))
-        print(f"{args.readme}: {len(fresh)} walk-through blocks written ({took:.0f} s)")
+        args.page.write_text(write_figures(write_blocks(text, fresh), fresh))
+        print(f"{args.page}: {len(fresh)} walk-through blocks written ({took:.0f} s)")
         return 0
     problems = check(text, fresh)
     if problems:
         print("\n\n".join(problems))
-        print(f"error: README.md's walk-through differs in shape; run `{REGEN}`", file=sys.stderr)
+        print(f"error: {args.page}'s walk-through differs in shape; run `{REGEN}`", file=sys.stderr)
         return 1
-    print(f"{args.readme}: {len(fresh)} walk-through blocks match a fresh run ({took:.0f} s)")
+    print(f"{args.page}: {len(fresh)} walk-through blocks match a fresh run ({took:.0f} s)")
     return 0
 
 

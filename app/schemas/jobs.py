@@ -26,9 +26,9 @@ def _paper(key: str) -> str:
 
 
 class JobCreate(BaseModel):
-    """A training job. Every setting defaults to mwt_core's ``TrainConfig`` (the README's
-    "Defaults and how they were chosen"), whatever the data set and whether the job starts
-    from weights; bounds are mwt_core's ``LIMITS`` and ``TrainConfig``'s checks."""
+    """A training job. Every setting defaults to mwt_core's ``TrainConfig`` (docs/defaults.md),
+    whatever the data set and whether the job starts from weights; bounds are mwt_core's
+    ``LIMITS`` and ``TrainConfig``'s checks."""
 
     model_config = ConfigDict(extra="forbid", strict=True)  # JSON types as declared: no 0 for false
 

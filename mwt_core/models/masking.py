@@ -110,8 +110,8 @@ class ConvUnit(nn.Module):
             # CPU inference: BN's affine map and the mask folded into one per-sample scale
             # and shift, so the activation is read and written once instead of twice
             # (y * m = conv * (s * m) + t * m with BN's scale s and shift t). Not on a GPU:
-            # there these networks' inference is bound by kernel launches (README, "Speed
-            # on a GPU"), and the fold takes seven small kernels where BN and the multiply
+            # there these networks' inference is bound by kernel launches
+            # (bench/results/speed.md), and the fold takes seven small kernels where BN and the multiply
             # take two; it was measured on the CPU only.
             scale, shift = self._affine(fold_bn) if plain_inference(x) else _bn_affine(fold_bn)
             mask = self._mask(x)

@@ -149,7 +149,7 @@ def test_serve_banner_keeps_the_database_url_whole() -> None:
 def test_a_lost_admin_key_is_replaced_with_mwt_key(
     client: TestClient, settings: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """README "Lost the admin key": `mwt key --scope admin` with the server's settings makes a
+    """docs/configuration.md, "Lost the admin key": `mwt key --scope admin` with the server's settings makes a
     working admin key, which then revokes the lost one."""
     lost = client.headers["Authorization"].removeprefix("Bearer ")
     monkeypatch.setenv("MWT_DATA_DIR", str(settings.data_dir))

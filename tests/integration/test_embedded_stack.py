@@ -1,6 +1,7 @@
-"""The README's embedded flow against a real `mwt serve` process (SQLite, in-process executor, no Redis):
-train on digits -> watch progress (SSE) -> list modules -> download one (sha256 verified, resumed) ->
-compose {3,5,8} -> its accuracy; plus fine-tuning as a job, cancellation and metrics."""
+"""The embedded flow (README, docs/walkthrough.md) against a real `mwt serve` process (SQLite,
+in-process executor, no Redis): train on digits -> watch progress (SSE) -> list modules ->
+download one (sha256 verified, resumed) -> compose {3,5,8} -> its accuracy; plus fine-tuning as
+a job, cancellation and metrics."""
 
 from __future__ import annotations
 

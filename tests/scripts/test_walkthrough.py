@@ -1,8 +1,8 @@
-"""README.md's service walk-through still runs and shows what the code answers today.
+"""The service walk-through (docs/walkthrough.md) still runs and shows what the code answers today.
 
 ``scripts/walkthrough.py`` runs the walk-through's commands against a fresh ``mwt serve``; the slow
 test does so with a tiny training run and compares shapes (commands, JSON keys, masked text) with
-the README's blocks. The fast tests show the comparison fails for the reasons it names.
+the page's blocks. The fast tests show the comparison fails for the reasons it names.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from types import ModuleType
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
+PAGE = ROOT / "docs" / "walkthrough.md"
 
 
 def _script() -> ModuleType:
@@ -36,7 +37,7 @@ def wt() -> ModuleType:
 
 @pytest.fixture(scope="module")
 def shown(wt: ModuleType) -> dict[str, list[tuple[str, str]]]:
-    blocks: dict[str, list[tuple[str, str]]] = wt.shown_blocks((ROOT / "README.md").read_text())
+    blocks: dict[str, list[tuple[str, str]]] = wt.shown_blocks(PAGE.read_text())
     return blocks
 
 
@@ -59,7 +60,7 @@ def test_figures_are_masked_but_names_are_not(wt: ModuleType) -> None:
 def test_a_missing_field_or_changed_command_fails_the_check(
     wt: ModuleType, shown: dict[str, list[tuple[str, str]]]
 ) -> None:
-    """The check compares against the run's output: a key the README shows but the run lacks (or
+    """The check compares against the run's output: a key the page shows but the run lacks (or
     the reverse), and a command that differs beyond its figures, are reported; figures are not."""
     block = shown["compose"]
     command, output = block[0]
@@ -77,9 +78,9 @@ def test_a_missing_field_or_changed_command_fails_the_check(
 
 @pytest.mark.slow
 def test_readme_walkthrough_runs_on_a_fresh_registry(tmp_path: Path) -> None:
-    """Every README command runs against a fresh ``mwt serve`` and its output has the README's
-    shape (1 epoch at width 0.125 instead of the README's training run, so figures differ; job 1,
-    which the README shows training after an epoch has ended, gets 30 so that it still trains then:
+    """Every command of the page runs against a fresh ``mwt serve`` and its output has the page's
+    shape (1 epoch at width 0.125 instead of the page's training run, so figures differ; job 1,
+    which the page shows training after an epoch has ended, gets 30 so that it still trains then:
     3 were over before the watch step on this machine, 10 were not)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     done = subprocess.run(
@@ -92,9 +93,9 @@ def test_readme_walkthrough_runs_on_a_fresh_registry(tmp_path: Path) -> None:
 def test_prose_figures_are_the_blocks_figures(
     wt: ModuleType, shown: dict[str, list[tuple[str, str]]]
 ) -> None:
-    """Every figure the README's prose quotes from the walk-through sits in a slot that
+    """Every figure the page's prose quotes from the walk-through sits in a slot that
     ``--write`` fills from the blocks, and equals what the blocks shown beside it give."""
-    text = (ROOT / "README.md").read_text()
+    text = PAGE.read_text()
     slots = wt._FIG.findall(text)
     assert len(slots) >= 10
     assert wt.figure_problems(text, shown) == []
@@ -110,7 +111,7 @@ def test_the_walkthrough_shows_a_three_class_module_at_a_fraction_of_the_model(
 ) -> None:
     """What the walk-through exists to show (issue 15): its {3,5,8} module, cut from the model the
     defaults train, at no more than half the model's parameters and FLOPs, with its measured
-    latency beside them. Read from the blocks the README shows, so a regenerated README whose
+    latency beside them. Read from the blocks the page shows, so a regenerated page whose
     module is no longer a fraction fails here."""
     ratios = {name: float(wt.FIGURES[name](shown)) for name in
               ("module358_params", "module358_flops", "module358_latency")}
