@@ -25,7 +25,7 @@ from app.cli_common import (
     _table,
     app,
 )
-from mwt_core.compose_options import DEFAULT_COMBINE, DEFAULT_PER_CLASS, METHODS
+from mwt_core.compose_options import AUTO_COMBINE, DEFAULT_COMBINE, DEFAULT_PER_CLASS, METHODS
 from mwt_core.config import (
     DEFAULT_DATASET,
     PAPER_SETTINGS,
@@ -447,7 +447,8 @@ def compose(
     combine: Annotated[
         str,
         typer.Option(
-            help=f"How a cross-model composition combines its sources: {', '.join(METHODS)}."
+            help=f"How a cross-model composition combines its sources: {', '.join(METHODS)}, "
+            f"or {AUTO_COMBINE} (the no-label method best on the models' validation slices)."
         ),
     ] = DEFAULT_COMBINE,
     finetune_epochs: Annotated[
@@ -470,8 +471,9 @@ def compose(
         if len(sources) > 1:
             if finetune:
                 _fail("--finetune-epochs works on one model's classes; drop --with or the option")
-            if combine not in METHODS:
-                _fail(f"unknown --combine {combine!r}; choose one of {', '.join(METHODS)}")
+            if combine not in (*METHODS, AUTO_COMBINE):
+                _fail(f"unknown --combine {combine!r}; choose one of "
+                      f"{', '.join((*METHODS, AUTO_COMBINE))}")
             comp = _call(hub.compose_across, sources, calibration, combine)
         else:
             comp = _call(hub.compose, model_id, sources[0][1], finetune)

@@ -38,8 +38,10 @@ from mwt_core.combine import (
     ZERO_LABEL_METHODS,
     CombineSettings,
 )
-from mwt_core.compose import Source, class_subset, compose_and_measure
+from mwt_core.compose import Source, class_subset, compose_and_measure, validation_union
+from mwt_core.compose_options import AUTO_COMBINE
 from mwt_core.config import PAPER_SETTINGS
+from mwt_core.data.bundle import split_validation
 from mwt_core.data.datasets import DatasetBundle, holdout, load_dataset
 from mwt_core.models import MwTNet, architecture_info, default_width
 from mwt_core.modularize import Modularization, modularize
@@ -77,7 +79,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="cap on a source model's epochs under --budget steps")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--device", default="cpu")
-    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    p.add_argument("--methods", nargs="+", default=[*METHODS, AUTO_COMBINE],
+                   choices=[*METHODS, AUTO_COMBINE],
+                   help=f"{AUTO_COMBINE}: the zero-label method that scores best on the source "
+                        "models' validation slices (mwt_core.compose.choose_combine)")
     p.add_argument("--splits", nargs="+", default=list(COMPOSED), choices=list(COMPOSED),
                    help="which multi-model splits to compose (all three for the JSON targets)")
     p.add_argument("--per-class", type=int, default=DEFAULT_PER_CLASS,
@@ -211,15 +216,21 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         for split in args.splits:
             sources, subs, info = sources_for(cfg, data, SPLITS[split], args.cache, args.budget,
                                               args.max_epochs)
+            # Each source's validation slice, as its training run held it out of its data.
+            slices = [split_validation(sub, cfg.val_fraction, cfg.seed)[1] for sub in subs]
+            validation = validation_union([None if v is None else (v, list(range(len(g))))
+                                           for v, g in zip(slices, SPLITS[split], strict=True)])
             for method in args.methods:
                 t0 = time.perf_counter()
                 _, m = compose_and_measure(sources, subs, args.per_class, combine=method,
-                                           device=args.device, settings=settings)
+                                           device=args.device, settings=settings,
+                                           validation=validation)
                 elapsed = time.perf_counter() - t0
                 if split == "halves" and method == DEFAULT_COMBINE:
                     fit_s.append(m["fit_seconds"])
                 rows.append({
-                    "seed": seed, "split": split, "method": method, "acc": m["accuracy"],
+                    "seed": seed, "split": split, "method": method, "chosen": m["combine"],
+                    "acc": m["accuracy"],
                     "raw_acc": m["raw_accuracy"], "baseline_acc": m["baseline_accuracy"],
                     "single_acc": single_info["own_acc"],
                     "loss_vs_single": single_info["own_acc"] - m["accuracy"],
@@ -282,7 +293,8 @@ def render(result: dict[str, Any], console: Console) -> None:
                 "labelled", "params (combine)", "MFLOPs", "ms/img"):
         table.add_column(col, justify="right")
     for r in result["rows"]:
-        table.add_row(str(r["seed"]), r["split"], r["method"], f"{r['acc']:.2%}",
+        method = r["method"] if r["chosen"] == r["method"] else f"{r['method']} ({r['chosen']})"
+        table.add_row(str(r["seed"]), r["split"], method, f"{r['acc']:.2%}",
                       f"{r['raw_acc']:.2%}", f"{r['baseline_acc']:.2%}",
                       f"{-r['loss_vs_single'] * 100:+.2f}", str(r["labelled"]),
                       f"{r['params']:,} ({r['combine_params']:,})", f"{r['flops'] / 1e6:.1f}",

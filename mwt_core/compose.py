@@ -35,6 +35,7 @@ from mwt_core.combine import (
     fit_scale_bias,
     needs_own,
 )
+from mwt_core.compose_options import AUTO_COMBINE, ZERO_LABEL_METHODS, check_choice
 from mwt_core.data.datasets import DatasetBundle, InputSpec
 from mwt_core.evaluation import accuracy as count_accuracy
 from mwt_core.evaluation import tensor_batches
@@ -225,15 +226,58 @@ def compose_and_measure(
     standard: tuple[nn.Module, InputSpec, list[int]] | None = None,
     test: tuple[torch.Tensor, torch.Tensor] | None = None,
     settings: CombineSettings = SETTINGS,
+    validation: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[ComposedClassifier, dict[str, Any]]:
     """Compose ``sources`` (``data[i]`` is source i's dataset) with ``combine``, fit and measure
-    it: one module per source, the union of its classes (:func:`measure_parts` does the rest)."""
+    it: one module per source, the union of its classes (:func:`measure_parts` does the rest;
+    ``combine="auto"`` chooses the method on ``validation``)."""
     if not sources:
         raise CompositionError("a composition needs at least one source")
-    check_method(combine)
+    check_choice(combine)
     return measure_parts([source_part(s) for s in sources], data, calibration_per_class, labels,
                          device=device, combine=combine, standard=standard, test=test,
-                         settings=settings)
+                         settings=settings, validation=validation)
+
+
+def choose_combine(parts: list[Part], data: list[DatasetBundle],
+                   validation: tuple[torch.Tensor, torch.Tensor] | None,
+                   settings: CombineSettings = SETTINGS) -> tuple[str, dict[str, Any]]:
+    """The zero-label method whose composition of ``parts`` is most accurate on
+    ``validation`` (``[0, 1]`` images the sources held out of training, labels by output
+    position), and a record of the choice for the composition's metrics and manifest.
+
+    Each candidate is fitted as it would be (own training images, never the validation
+    images); a tie goes to ``DEFAULT_COMBINE``, then to the order of ``ZERO_LABEL_METHODS``.
+    Without validation images the choice is ``DEFAULT_COMBINE``, and the record says why.
+    """
+    if validation is None or len(validation[1]) == 0:
+        return DEFAULT_COMBINE, {"mode": "default", "val_samples": 0,
+                                 "note": "the sources hold no validation slice "
+                                         f"(trained with val_fraction 0): {DEFAULT_COMBINE}"}
+    x, y = validation
+    own = own_images(parts, data, settings.own_per_class)
+    scores: dict[str, float] = {}
+    for method in ZERO_LABEL_METHODS:
+        composed = compose_parts(parts, combine=method)
+        try:
+            fit(composed, own if needs_own(method, settings) else None, None, settings)
+            scores[method] = accuracies(composed, x, y)[0]
+        finally:
+            composed.release()  # the parts may be shared (a server's cache): unhook them
+    order = [DEFAULT_COMBINE, *[m for m in ZERO_LABEL_METHODS if m != DEFAULT_COMBINE]]
+    chosen = max(order, key=lambda m: (scores[m], -order.index(m)))
+    return chosen, {"mode": AUTO_COMBINE, "val_samples": len(y), "val_accuracy": scores}
+
+
+def validation_union(slices: list[tuple[DatasetBundle, list[int]] | None]
+                     ) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The sources' validation slices as one labelled set for :func:`choose_combine`:
+    ``slices[i]`` is source i's slice (a bundle whose test split is the slice, as
+    ``split_validation`` returns it) and its composed classes; None if any source has none
+    (a choice measured on some sources' classes only would favour them)."""
+    if not slices or any(s is None for s in slices):
+        return None
+    return labelled_union([s for s in slices if s is not None], "test")
 
 
 def measure_parts(
@@ -246,8 +290,13 @@ def measure_parts(
     standard: tuple[nn.Module, InputSpec, list[int]] | None = None,
     test: tuple[torch.Tensor, torch.Tensor] | None = None,
     settings: CombineSettings = SETTINGS,
+    validation: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[ComposedClassifier, dict[str, Any]]:
     """Compose ``parts`` (``data[i]`` is part i's dataset) with ``combine``, fit and measure it.
+
+    ``combine="auto"``: the zero-label method :func:`choose_combine` picks on ``validation``
+    (the sources' held-out images, :func:`validation_union`); ``metrics["combine_choice"]``
+    records the candidates' validation accuracies (None for a method given by name).
 
     The zero-label methods fit on each part's own training images; the labelled ones on
     ``calibration_per_class`` training images per class of the union (never the test split).
@@ -274,6 +323,11 @@ def measure_parts(
             f"combine={combine!r} fits on labelled images: give calibration_per_class > 0, "
             "or a zero-label method (raw, log_softmax, energy, gauss)"
         )
+    choice: dict[str, Any] | None = None
+    if check_choice(combine) == AUTO_COMBINE:
+        if len(data) != len(parts):
+            raise CompositionError(f"{len(parts)} sources but {len(data)} datasets")
+        combine, choice = choose_combine(parts, data, validation, settings)
     composed = compose_parts(parts, combine=combine)
     if labels is not None:
         composed.labels = list(labels)
@@ -318,6 +372,7 @@ def measure_parts(
     shape = parts[0].spec.shape
     metrics: dict[str, Any] = {
         "combine": combine,
+        "combine_choice": choice,
         "accuracy": acc,
         "raw_accuracy": raw_acc,
         "baseline_accuracy": base,

@@ -15,12 +15,22 @@ LABELLED_METHODS: tuple[str, ...] = ("scale_bias", "head", "gauss_head")
 # here.
 DEFAULT_COMBINE = "gauss_map"
 DEFAULT_PER_CLASS = 20  # labelled training images per class for the labelled methods
+# Not a method: the zero-label method whose composition scores best on the sources' validation
+# slices (mwt_core.compose.choose_combine). Why: which method rejects the other sources' images
+# best depends on the models (dense or sparse masks, easy or hard data), and the slices the
+# sources held out of training are labelled images of exactly the composed task.
+AUTO_COMBINE = "auto"
 
 
 class CompositionError(ValueError):
     """A request that cannot be composed: bad classes, sources of different input shapes, an
     unknown combine method or one that lacks the images it needs. The API answers it with a
     4xx and the CLIs with one line."""
+
+
+def check_choice(method: str) -> str:
+    """``method`` if it is a method or ``AUTO_COMBINE`` (what an entry point may be asked)."""
+    return method if method == AUTO_COMBINE else check_method(method)
 
 
 def check_method(method: str) -> str:

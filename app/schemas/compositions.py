@@ -6,7 +6,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from app.schemas.common import MAX_ID, DbId, OrmModel
-from mwt_core.compose_options import DEFAULT_COMBINE, DEFAULT_PER_CLASS, METHODS
+from mwt_core.compose_options import AUTO_COMBINE, DEFAULT_COMBINE, DEFAULT_PER_CLASS, METHODS
 from mwt_core.config import AUTO_TAU, ModularizeConfig
 
 ClassRef = Annotated[int, Field(ge=0, le=MAX_ID)] | Annotated[str, Field(max_length=200)]
@@ -66,12 +66,14 @@ class CompositionCreate(BaseModel):
         "fit on (sources and modules forms; drawn by a fixed seed from the training split, "
         "never the test split)",
     )
-    combine: Literal[METHODS] = Field(  # type: ignore[valid-type]
+    combine: Literal[(*METHODS, AUTO_COMBINE)] = Field(  # type: ignore[valid-type]
         DEFAULT_COMBINE,
         description="how the parts' outputs become one answer (sources and modules forms): raw "
-        "logits; scale_bias (per-source scale and bias); log_softmax, energy, gauss (need no "
-        "labels: each source's own training split); head (a linear head on the modules' frozen "
-        "features and logits, fitted on calibration_per_class images per class)",
+        "logits; scale_bias (per-source scale and bias); log_softmax, energy, gauss, gauss_map "
+        "(need no labels: each source's own training split); head, gauss_head (a linear "
+        "correction fitted on calibration_per_class images per class); auto (the no-label "
+        "method most accurate on the source models' validation slices; metrics.combine says "
+        "which, metrics.combine_choice what each scored)",
     )
     finetune: FinetuneOptions | None = Field(
         None, description="fine-tune a head on the sub-task (runs as a job; one model only)"

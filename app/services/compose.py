@@ -25,12 +25,13 @@ from app import storage
 from app.db.models import Composition, CompositionSource, Model, ModelStatus, Module
 from app.lru import Lru
 from app.settings import Settings
-from mwt_core.compose_options import CompositionError
+from mwt_core.compose_options import AUTO_COMBINE, CompositionError
 from mwt_core.config import AUTO_TAU, ModularizeConfig
 
 __all__ = ["CompositionError"]  # re-exported: the router and the worker catch it from here
 
 if TYPE_CHECKING:
+    import torch
     from torch import nn
 
     from mwt_core.compose import Part
@@ -305,6 +306,21 @@ def output_labels(picks: list[Pick]) -> list[str]:
     return distinct_labels([(f"m{p.model.id}", p.names) for p in picks])
 
 
+def _validation(sources: list[tuple[dict[str, Any], DatasetBundle, list[int]]]
+                ) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The validation slices ``(model manifest, data as trained, classes)`` held out of
+    training, as one labelled set (``combine="auto"`` chooses its method on it); None where a
+    source's model has none."""
+    from mwt_core.compose import validation_union
+    from mwt_core.pipeline import validation_slice
+
+    slices: list[tuple[DatasetBundle, list[int]] | None] = []
+    for manifest, trained_on, classes in sources:
+        split = validation_slice(manifest, trained_on)
+        slices.append(None if split is None else (split[1], classes))
+    return validation_union(slices)
+
+
 def build_across(
     picks: list[Pick],
     calibration_per_class: int,
@@ -338,6 +354,12 @@ def build_across(
         std = None
         if standard is not None:  # loaded for this request alone: no lock needed
             std = (standard[1], picks[0].data.spec, [c for p in picks for c in p.classes])
+        validation = None
+        if combine == AUTO_COMBINE:
+            from mwt_core.pipeline import as_trained
+
+            validation = _validation([(p.loaded.manifest, as_trained(p.data, p.loaded.manifest),
+                                       p.classes) for p in picks])
         composed, metrics = core.compose_and_measure(
             sources,
             [p.data for p in picks],
@@ -346,6 +368,7 @@ def build_across(
             device=device,
             combine=combine,
             standard=std,
+            validation=validation,
         )
     for p, src in zip(picks, metrics["sources"], strict=True):
         src["model_id"] = p.model.id
@@ -502,6 +525,10 @@ def build_from_modules(
         std = None
         if standard is not None:  # loaded for this request alone: no lock needed
             std = (standard[1], picks[0].data.spec, [c for p in picks for c in p.part.classes])
+        validation = None
+        if combine == AUTO_COMBINE:  # the modules' data are already as their models trained
+            validation = _validation([(models[p.module.model_id].manifest, p.data, p.part.classes)
+                                      for p in picks])
         composed, metrics = core.measure_parts(
             parts,
             [p.data for p in picks],
@@ -509,6 +536,7 @@ def build_from_modules(
             labels=module_labels(picks),
             combine=combine,
             standard=std,
+            validation=validation,
         )
     for p, src in zip(picks, metrics["sources"], strict=True):
         src.update(module_id=p.module.id, model_id=p.module.model_id)

@@ -302,3 +302,37 @@ def test_tau_validation(client: TestClient, seeded: Model) -> None:
         detail = r.json()["detail"]
         assert "without a validation slice" in detail and "number in (0, 1]" in detail, detail
     assert client.get("/api/v1/compositions").json()["total"] == 0
+
+
+def test_compose_auto_chooses_on_the_models_validation_slices(
+    client: TestClient, app: FastAPI, settings: Settings, two_models: tuple[Model, Model]
+) -> None:
+    """``combine: auto`` measures every no-label method on the images the source models held out
+    of training and runs the best; models trained without a slice get the default, and the
+    composition says why."""
+    from mwt_core.compose_options import DEFAULT_COMBINE, ZERO_LABEL_METHODS
+
+    with app.state.sessionmaker() as s:
+        a = seed_trained_model(s, settings, seed=0, record_config=True)
+        b = seed_trained_model(s, settings, seed=1, record_config=True)
+    halves = [{"model_id": a.id, "classes": [0, 1, 2, 3, 4]},
+              {"model_id": b.id, "classes": [5, 6, 7, 8, 9]}]
+    r = client.post("/api/v1/compositions", json={"sources": halves, "combine": "auto"})
+    assert r.status_code == 201, r.json()
+    m = r.json()["metrics"]
+    choice = m["combine_choice"]
+    assert choice["mode"] == "auto" and choice["val_samples"] > 0
+    assert set(choice["val_accuracy"]) == set(ZERO_LABEL_METHODS)
+    assert m["combine"] in ZERO_LABEL_METHODS
+    assert choice["val_accuracy"][m["combine"]] == max(choice["val_accuracy"].values())
+    # The stored artifact runs the chosen method (what a download rebuilds from its manifest).
+    manifest = client.get(f"/api/v1/compositions/{r.json()['id']}").json()["metrics"]
+    assert manifest["combine"] == m["combine"]
+    # Models from before the validation slice: the default method, and why.
+    old_a, old_b = two_models
+    old = [{"model_id": old_a.id, "classes": [0, 1]}, {"model_id": old_b.id, "classes": [8, 9]}]
+    r = client.post("/api/v1/compositions", json={"sources": old, "combine": "auto"})
+    assert r.status_code == 201, r.json()
+    m = r.json()["metrics"]
+    assert m["combine"] == DEFAULT_COMBINE and m["combine_choice"]["mode"] == "default"
+    assert "val_fraction" in m["combine_choice"]["note"]

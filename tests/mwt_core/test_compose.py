@@ -288,3 +288,42 @@ def test_head_starts_at_raw_and_labelled_methods_need_labels(halves):
             compose_and_measure(sources, subs, 0, combine=method)
     with pytest.raises(CompositionError, match="unknown combine method"):
         compose(sources, combine="vote")
+
+
+def test_auto_picks_the_method_that_scores_best_on_the_sources_validation_slices(halves):
+    """``combine="auto"`` fits every zero-label method and keeps the one most accurate on the
+    images the sources held out of training; each recorded score is what that method scores
+    there when asked for by name, so the choice is the argmax of real measurements."""
+    from mwt_core.compose import compose_and_measure, validation_union
+    from mwt_core.compose_options import ZERO_LABEL_METHODS
+    from mwt_core.data.bundle import split_validation
+
+    sources, subs = halves
+    slices = [split_validation(sub, 0.1, 0)[1] for sub in subs]
+    validation = validation_union([(v, list(range(5))) for v in slices])
+    assert validation is not None
+    composed, m = compose_and_measure(sources, subs, 20, combine="auto", validation=validation)
+    choice = m["combine_choice"]
+    assert choice["mode"] == "auto" and set(choice["val_accuracy"]) == set(ZERO_LABEL_METHODS)
+    assert choice["val_samples"] == len(validation[1]) > 0
+    assert composed.combine == m["combine"] in ZERO_LABEL_METHODS
+    assert choice["val_accuracy"][m["combine"]] == max(choice["val_accuracy"].values())
+    for method in ("raw", m["combine"]):
+        _, named = compose_and_measure(sources, subs, 20, combine=method, test=validation)
+        assert named["accuracy"] == pytest.approx(choice["val_accuracy"][method])
+        assert named["combine_choice"] is None  # a method given by name is not a choice
+
+
+def test_auto_without_validation_slices_takes_the_default_and_says_why(halves):
+    from mwt_core.combine import DEFAULT_COMBINE
+    from mwt_core.compose import compose_and_measure, compose_parts, source_part, validation_union
+
+    sources, subs = halves
+    assert validation_union([None, None]) is None
+    assert validation_union([]) is None
+    _, m = compose_and_measure(sources, subs, 20, combine="auto", validation=None)
+    assert m["combine"] == DEFAULT_COMBINE
+    assert m["combine_choice"]["mode"] == "default" and "val_fraction" in m["combine_choice"]["note"]
+    # "auto" is a request, never a method a composition runs
+    with pytest.raises(CompositionError, match="unknown combine method 'auto'"):
+        compose_parts([source_part(s) for s in sources], combine="auto")
