@@ -156,6 +156,15 @@ def sources_for(cfg: TrainConfig, data: DatasetBundle, groups: list[list[int]], 
     return sources, subs, info
 
 
+def source_validation(cfg: TrainConfig, subs: list[DatasetBundle], groups: list[list[int]]
+                      ) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The sources' validation slices, as each training run held its slice out of its data
+    (what ``combine="auto"`` chooses on)."""
+    slices = [split_validation(sub, cfg.val_fraction, cfg.seed)[1] for sub in subs]
+    return validation_union([None if v is None else (v, list(range(len(g))))
+                             for v, g in zip(slices, groups, strict=True)])
+
+
 def compose_timing(cfg: TrainConfig, data: DatasetBundle, cache: Path | None, repeats: int
                    ) -> dict[str, Any]:
     """Wall and CPU seconds of the service's compose call (``compose_and_measure`` with the
@@ -164,10 +173,12 @@ def compose_timing(cfg: TrainConfig, data: DatasetBundle, cache: Path | None, re
     10-epoch models"), ``repeats`` times after one warm-up call; medians."""
     sources, subs, _ = sources_for(cfg, data, SPLITS["halves"], cache, "epochs")
     labels = [n for sub in subs for n in sub.class_names]
+    validation = source_validation(cfg, subs, SPLITS["halves"])
     wall, cpu = [], []
     for i in range(repeats + 1):
         t0, c0 = time.perf_counter(), time.process_time()
-        compose_and_measure(sources, subs, DEFAULT_PER_CLASS, labels=labels, combine=DEFAULT_COMBINE)
+        compose_and_measure(sources, subs, DEFAULT_PER_CLASS, labels=labels, combine=DEFAULT_COMBINE,
+                            validation=validation)
         if i:  # the first call pays one-off costs (allocator, lazy imports)
             wall.append(time.perf_counter() - t0)
             cpu.append(time.process_time() - c0)
@@ -216,10 +227,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         for split in args.splits:
             sources, subs, info = sources_for(cfg, data, SPLITS[split], args.cache, args.budget,
                                               args.max_epochs)
-            # Each source's validation slice, as its training run held it out of its data.
-            slices = [split_validation(sub, cfg.val_fraction, cfg.seed)[1] for sub in subs]
-            validation = validation_union([None if v is None else (v, list(range(len(g))))
-                                           for v, g in zip(slices, SPLITS[split], strict=True)])
+            validation = source_validation(cfg, subs, SPLITS[split])
             for method in args.methods:
                 t0 = time.perf_counter()
                 _, m = compose_and_measure(sources, subs, args.per_class, combine=method,

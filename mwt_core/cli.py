@@ -52,7 +52,7 @@ from mwt_core.cli_support import (
     given,
     run_training,
 )
-from mwt_core.compose_options import DEFAULT_COMBINE, DEFAULT_PER_CLASS, METHODS
+from mwt_core.compose_options import AUTO_COMBINE, DEFAULT_COMBINE, DEFAULT_PER_CLASS, METHODS
 from mwt_core.config import (
     DEFAULT_DATASET,
     PAPER_SETTINGS,
@@ -270,7 +270,9 @@ def compose_cmd(
         "--calibrate", help="Labelled training images per class for the labelled combine methods "
                             "(scale_bias, head).")] = DEFAULT_PER_CLASS,
     combine: Annotated[str, typer.Option(
-        help=f"How the sources' outputs become one answer: {', '.join(METHODS)}.")] = DEFAULT_COMBINE,
+        help=f"How the sources' outputs become one answer: {', '.join(METHODS)}, or "
+             f"{AUTO_COMBINE} (the no-label method most accurate on the source models' "
+             "validation slices).")] = DEFAULT_COMBINE,
     torchscript: Annotated[Path | None, typer.Option(
         help="Also export a TorchScript file (images in [0, 1] in, one logit per class out).")] = None,
     data_dir: DataDirOpt = None,
@@ -290,15 +292,23 @@ def compose_cmd(
 
     if calibration_per_class < 0:
         raise CliError(f"--calibrate must be >= 0, got {calibration_per_class}")
-    if combine not in METHODS:
-        raise CliError(f"unknown --combine {combine!r}; choose one of {', '.join(METHODS)}")
+    if combine not in (*METHODS, AUTO_COMBINE):
+        raise CliError(f"unknown --combine {combine!r}; choose one of "
+                       f"{', '.join((*METHODS, AUTO_COMBINE))}")
     ui = Ui(as_json)
-    parts, datas, described, tags = compose_sources(sources, data_dir, ui)
+    parts, datas, described, tags, manifests = compose_sources(sources, data_dir, ui)
+    validation = None
+    if combine == AUTO_COMBINE:
+        from mwt_core.pipeline import composition_validation
+
+        validation = composition_validation([(m, d, p.classes) for m, d, p
+                                             in zip(manifests, datas, parts, strict=True)])
     labels = distinct_labels([(t, d["class_names"]) for t, d in zip(tags, described, strict=True)])
     with ui.status("composing, fitting and evaluating"):
         try:
             composed, metrics = measure_parts(parts, datas, calibration_per_class, labels,
-                                              device=device, combine=combine)
+                                              device=device, combine=combine,
+                                              validation=validation)
         except CompositionError as exc:
             raise CliError(str(exc)) from None
     for d, m in zip(described, metrics["sources"], strict=True):
@@ -314,7 +324,7 @@ def compose_cmd(
     def render() -> None:
         table = Table(title=f"composition of {len(parts)} part(s): {', '.join(labels)}",
                       title_justify="left")
-        for col in ("", f"accuracy ({combine})", "raw logits", "full models", "KRR"):
+        for col in ("", f"accuracy ({metrics['combine']})", "raw logits", "full models", "KRR"):
             table.add_column(col, justify="right" if col else "left")
         table.add_row("composed", _pct(metrics["accuracy"]), _pct(metrics["raw_accuracy"]),
                       _pct(metrics["baseline_accuracy"]), _pct(metrics["krr"]))

@@ -440,10 +440,11 @@ def _extract_table(s: dict[str, Any], title: str) -> Table:
 
 
 def compose_sources(sources: list[str], data_dir: Path | None, ui: Ui
-                    ) -> tuple[list[Part], list[DatasetBundle], list[dict[str, Any]], list[str]]:
+                    ) -> tuple[list[Part], list[DatasetBundle], list[dict[str, Any]], list[str],
+                               list[dict[str, Any]]]:
     """The parts of ``mwt compose``'s SOURCES (``MODEL_DIR:CLASSES`` or module directories),
-    their datasets, a description of each source for the manifest, and a tag per source
-    that tells apart equal class names."""
+    their datasets (as trained), a description of each source for the manifest, a tag per
+    source that tells apart equal class names, and each source's artifact manifest."""
     from mwt_core.compose import CompositionError, Source, source_part
     from mwt_core.data.classes import parse_classes
     from mwt_core.module_parts import is_module_dir, load_module_parts, module_tag
@@ -452,6 +453,7 @@ def compose_sources(sources: list[str], data_dir: Path | None, ui: Ui
     datas: list[DatasetBundle] = []
     described: list[dict[str, Any]] = []
     tags: list[str] = []
+    manifests: list[dict[str, Any]] = []
     loaded_data: dict[tuple[str, str], DatasetBundle] = {}
     for text in sources:
         if is_module_dir(text):
@@ -464,6 +466,7 @@ def compose_sources(sources: list[str], data_dir: Path | None, ui: Ui
                 raise CliError(f"{text}: the same module is given twice")
             parts += mparts
             datas += mdata
+            manifests.append(manifest)
             tags.append(module_tag(manifest))
             registry = manifest.get("registry") or {}
             described.append({"module_dir": text, "module_sha256": manifest.get("sha256"),
@@ -485,8 +488,9 @@ def compose_sources(sources: list[str], data_dir: Path | None, ui: Ui
         classes = parse_classes(class_text, names)
         parts.append(source_part(Source(model, mod, classes, data.spec, names)))
         datas.append(data)
+        manifests.append(manifest)
         tags.append(str(len(tags)))
         described.append({"model_dir": str(model_dir), "sha256": manifest.get("sha256"),
                           "dataset": manifest.get("dataset"), "classes": classes,
                           "class_names": [names[c] for c in classes]})
-    return parts, datas, described, tags
+    return parts, datas, described, tags, manifests

@@ -35,7 +35,12 @@ from mwt_core.combine import (
     fit_scale_bias,
     needs_own,
 )
-from mwt_core.compose_options import AUTO_COMBINE, ZERO_LABEL_METHODS, check_choice
+from mwt_core.compose_options import (
+    AUTO_COMBINE,
+    FALLBACK_COMBINE,
+    ZERO_LABEL_METHODS,
+    check_choice,
+)
 from mwt_core.data.datasets import DatasetBundle, InputSpec
 from mwt_core.evaluation import accuracy as count_accuracy
 from mwt_core.evaluation import tensor_batches
@@ -110,7 +115,7 @@ def source_part(source: Source, keep_mask_generators: bool = True) -> Part:
 
 
 def compose(sources: list[Source], keep_mask_generators: bool = True,
-            combine: str = DEFAULT_COMBINE) -> ComposedClassifier:
+            combine: str = FALLBACK_COMBINE) -> ComposedClassifier:
     """One module per source (the union of its classes), combined by ``combine`` (unfitted:
     see :func:`mwt_core.combine.fit`, or :func:`compose_and_measure` which fits and measures)."""
     check_method(combine)
@@ -119,7 +124,7 @@ def compose(sources: list[Source], keep_mask_generators: bool = True,
     return compose_parts([source_part(s, keep_mask_generators) for s in sources], combine)
 
 
-def compose_parts(parts: list[Part], combine: str = DEFAULT_COMBINE) -> ComposedClassifier:
+def compose_parts(parts: list[Part], combine: str = FALLBACK_COMBINE) -> ComposedClassifier:
     """The parts side by side (each normalising its own input), combined by ``combine``
     (unfitted); labels ``i:name`` by part."""
     check_method(combine)
@@ -247,13 +252,14 @@ def choose_combine(parts: list[Part], data: list[DatasetBundle],
     position), and a record of the choice for the composition's metrics and manifest.
 
     Each candidate is fitted as it would be (own training images, never the validation
-    images); a tie goes to ``DEFAULT_COMBINE``, then to the order of ``ZERO_LABEL_METHODS``.
-    Without validation images the choice is ``DEFAULT_COMBINE``, and the record says why.
+    images); a tie goes to ``FALLBACK_COMBINE``, then to the order of ``ZERO_LABEL_METHODS``.
+    Without validation images the choice is ``FALLBACK_COMBINE``, and the record says why.
     """
     if validation is None or len(validation[1]) == 0:
-        return DEFAULT_COMBINE, {"mode": "default", "val_samples": 0,
-                                 "note": "the sources hold no validation slice "
-                                         f"(trained with val_fraction 0): {DEFAULT_COMBINE}"}
+        return FALLBACK_COMBINE, {"mode": "default", "val_samples": 0,
+                                  "note": "a source holds no validation slice (a model trained "
+                                          f"with val_fraction 0, or before slices existed): "
+                                          f"{FALLBACK_COMBINE}"}
     x, y = validation
     own = own_images(parts, data, settings.own_per_class)
     scores: dict[str, float] = {}
@@ -264,7 +270,7 @@ def choose_combine(parts: list[Part], data: list[DatasetBundle],
             scores[method] = accuracies(composed, x, y)[0]
         finally:
             composed.release()  # the parts may be shared (a server's cache): unhook them
-    order = [DEFAULT_COMBINE, *[m for m in ZERO_LABEL_METHODS if m != DEFAULT_COMBINE]]
+    order = [FALLBACK_COMBINE, *[m for m in ZERO_LABEL_METHODS if m != FALLBACK_COMBINE]]
     chosen = max(order, key=lambda m: (scores[m], -order.index(m)))
     return chosen, {"mode": AUTO_COMBINE, "val_samples": len(y), "val_accuracy": scores}
 

@@ -10,16 +10,18 @@ METHODS: tuple[str, ...] = ("raw", "scale_bias", "log_softmax", "energy", "gauss
                             "head", "gauss_head")
 ZERO_LABEL_METHODS: tuple[str, ...] = ("raw", "log_softmax", "energy", "gauss", "gauss_map")
 LABELLED_METHODS: tuple[str, ...] = ("scale_bias", "head", "gauss_head")
-# The best method measured by bench/compose.py on a held-out part of digits' training split
-# (docs/defaults.md, "Composition"); the API, both CLIs and the bench take their default from
-# here.
-DEFAULT_COMBINE = "gauss_map"
-DEFAULT_PER_CLASS = 20  # labelled training images per class for the labelled methods
 # Not a method: the zero-label method whose composition scores best on the sources' validation
 # slices (mwt_core.compose.choose_combine). Why: which method rejects the other sources' images
 # best depends on the models (dense or sparse masks, easy or hard data), and the slices the
 # sources held out of training are labelled images of exactly the composed task.
 AUTO_COMBINE = "auto"
+# What the API, both CLIs and the bench compose with when asked for no method.
+DEFAULT_COMBINE = AUTO_COMBINE
+# The method "auto" runs where the sources hold no validation slice, and the library's default
+# where a method must be named: the best no-label method measured by bench/compose.py on a
+# held-out part of digits' training split (docs/defaults.md, "Composition").
+FALLBACK_COMBINE = "gauss_map"
+DEFAULT_PER_CLASS = 20  # labelled training images per class for the labelled methods
 
 
 class CompositionError(ValueError):

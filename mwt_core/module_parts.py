@@ -25,8 +25,9 @@ from mwt_core.combine import (
     CompositionError,
 )
 from mwt_core.compose import Part, distinct_labels, measure_parts
+from mwt_core.compose_options import AUTO_COMBINE
 from mwt_core.data.datasets import DatasetBundle, InputSpec
-from mwt_core.pipeline import as_trained, load_training_data
+from mwt_core.pipeline import as_trained, composition_validation, load_training_data
 from mwt_core.reuse import ModuleClassifier
 
 __all__ = ["compose_modules", "is_module_dir", "load_module_parts", "module_part", "module_tag"]
@@ -129,5 +130,9 @@ def compose_modules(
     parts, datas, manifests = load_module_parts(directories, data_dir)
     labels = distinct_labels([(module_tag(m), p.class_names)
                               for m, p in zip(manifests, parts, strict=True)])
+    validation = None
+    if combine == AUTO_COMBINE:
+        validation = composition_validation([(m, d, p.classes)
+                                             for m, d, p in zip(manifests, datas, parts, strict=True)])
     return measure_parts(parts, datas, calibration_per_class, labels, device=device,
-                         combine=combine)
+                         combine=combine, validation=validation)

@@ -521,6 +521,22 @@ def validation_slice(manifest: dict[str, Any], data: DatasetBundle
     return None if val is None else (fit, val)
 
 
+def composition_validation(sources: Sequence[tuple[dict[str, Any], DatasetBundle, list[int]]]
+                           ) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The validation slices of a composition's sources as one labelled set (what
+    ``combine="auto"`` chooses its method on): ``sources[i]`` is part i's manifest (a model's,
+    or a module's, which inherits its model's training config), its data as trained
+    (:func:`as_trained`) and its classes. None where a source's model held no slice. The
+    registry and a client holding the same artifacts derive the same images."""
+    from mwt_core.compose import validation_union
+
+    slices: list[tuple[DatasetBundle, list[int]] | None] = []
+    for manifest, trained_on, classes in sources:
+        split = validation_slice(manifest, trained_on)
+        slices.append(None if split is None else (split[1], list(classes)))
+    return validation_union(slices)
+
+
 @dataclass
 class ModuleTau:
     """The modularization a class set's module is cut from, and how its tau was decided.

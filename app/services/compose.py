@@ -31,7 +31,6 @@ from mwt_core.config import AUTO_TAU, ModularizeConfig
 __all__ = ["CompositionError"]  # re-exported: the router and the worker catch it from here
 
 if TYPE_CHECKING:
-    import torch
     from torch import nn
 
     from mwt_core.compose import Part
@@ -306,21 +305,6 @@ def output_labels(picks: list[Pick]) -> list[str]:
     return distinct_labels([(f"m{p.model.id}", p.names) for p in picks])
 
 
-def _validation(sources: list[tuple[dict[str, Any], DatasetBundle, list[int]]]
-                ) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """The validation slices ``(model manifest, data as trained, classes)`` held out of
-    training, as one labelled set (``combine="auto"`` chooses its method on it); None where a
-    source's model has none."""
-    from mwt_core.compose import validation_union
-    from mwt_core.pipeline import validation_slice
-
-    slices: list[tuple[DatasetBundle, list[int]] | None] = []
-    for manifest, trained_on, classes in sources:
-        split = validation_slice(manifest, trained_on)
-        slices.append(None if split is None else (split[1], classes))
-    return validation_union(slices)
-
-
 def build_across(
     picks: list[Pick],
     calibration_per_class: int,
@@ -356,10 +340,11 @@ def build_across(
             std = (standard[1], picks[0].data.spec, [c for p in picks for c in p.classes])
         validation = None
         if combine == AUTO_COMBINE:
-            from mwt_core.pipeline import as_trained
+            from mwt_core.pipeline import as_trained, composition_validation
 
-            validation = _validation([(p.loaded.manifest, as_trained(p.data, p.loaded.manifest),
-                                       p.classes) for p in picks])
+            validation = composition_validation([
+                (p.loaded.manifest, as_trained(p.data, p.loaded.manifest), p.classes)
+                for p in picks])
         composed, metrics = core.compose_and_measure(
             sources,
             [p.data for p in picks],
@@ -527,8 +512,10 @@ def build_from_modules(
             std = (standard[1], picks[0].data.spec, [c for p in picks for c in p.part.classes])
         validation = None
         if combine == AUTO_COMBINE:  # the modules' data are already as their models trained
-            validation = _validation([(models[p.module.model_id].manifest, p.data, p.part.classes)
-                                      for p in picks])
+            from mwt_core.pipeline import composition_validation
+
+            validation = composition_validation([(p.manifest, p.data, p.part.classes)
+                                                 for p in picks])
         composed, metrics = core.measure_parts(
             parts,
             [p.data for p in picks],

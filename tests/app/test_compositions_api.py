@@ -48,7 +48,7 @@ def test_compose_across_models(
     assert [(s["model_id"], s["classes"]) for s in comp["sources"]] == [(a.id, [3, 5]), (b.id, [8])]
     m = comp["metrics"]
     x, y = _union([[3, 5], [8]])
-    from mwt_core.compose_options import DEFAULT_COMBINE, LABELLED_METHODS
+    from mwt_core.compose_options import DEFAULT_COMBINE, FALLBACK_COMBINE, LABELLED_METHODS
 
     labelled_default = DEFAULT_COMBINE in LABELLED_METHODS  # only a labelled method draws labels
     assert m["test_samples"] == len(y) and m["calibration_samples"] == (30 if labelled_default else 0)
@@ -56,11 +56,13 @@ def test_compose_across_models(
     assert 0 < comp["krr"] <= 1 and comp["accuracy_loss"] == pytest.approx(
         comp["baseline_accuracy"] - comp["accuracy"]
     )
-    assert m["combine"] == DEFAULT_COMBINE and m["raw_accuracy"] == m["uncalibrated_accuracy"]
+    # The default (auto) on models trained before validation slices: the fallback method, and why.
+    assert m["combine"] == FALLBACK_COMBINE and m["combine_choice"]["mode"] == "default"
+    assert m["raw_accuracy"] == m["uncalibrated_accuracy"]
     from mwt_core.combine import needs_own
 
     assert (m["combine_params"] > 0) == labelled_default and m["latency_ms"] > 0
-    assert (m["own_samples"] > 0) == needs_own(DEFAULT_COMBINE)  # only what the method needs
+    assert (m["own_samples"] > 0) == needs_own(m["combine"])  # only what the method needs
     # The same request finds the same composition at once, from the registry: no model is
     # loaded for it. Another method or calibration is another composition.
     app.state.model_cache.forget_model(a.id)
@@ -310,14 +312,14 @@ def test_compose_auto_chooses_on_the_models_validation_slices(
     """``combine: auto`` measures every no-label method on the images the source models held out
     of training and runs the best; models trained without a slice get the default, and the
     composition says why."""
-    from mwt_core.compose_options import DEFAULT_COMBINE, ZERO_LABEL_METHODS
+    from mwt_core.compose_options import FALLBACK_COMBINE, ZERO_LABEL_METHODS
 
     with app.state.sessionmaker() as s:
         a = seed_trained_model(s, settings, seed=0, record_config=True)
         b = seed_trained_model(s, settings, seed=1, record_config=True)
     halves = [{"model_id": a.id, "classes": [0, 1, 2, 3, 4]},
               {"model_id": b.id, "classes": [5, 6, 7, 8, 9]}]
-    r = client.post("/api/v1/compositions", json={"sources": halves, "combine": "auto"})
+    r = client.post("/api/v1/compositions", json={"sources": halves})  # auto is the default
     assert r.status_code == 201, r.json()
     m = r.json()["metrics"]
     choice = m["combine_choice"]
@@ -334,5 +336,5 @@ def test_compose_auto_chooses_on_the_models_validation_slices(
     r = client.post("/api/v1/compositions", json={"sources": old, "combine": "auto"})
     assert r.status_code == 201, r.json()
     m = r.json()["metrics"]
-    assert m["combine"] == DEFAULT_COMBINE and m["combine_choice"]["mode"] == "default"
+    assert m["combine"] == FALLBACK_COMBINE and m["combine_choice"]["mode"] == "default"
     assert "val_fraction" in m["combine_choice"]["note"]

@@ -25,7 +25,7 @@ from app.db.models import Model, ModelStatus
 from app.schemas.compositions import MAX_MODULES
 from app.settings import Settings
 from mwt_core.compose import NormalizedInput
-from mwt_core.compose_options import DEFAULT_COMBINE
+from mwt_core.compose_options import AUTO_COMBINE, DEFAULT_COMBINE, ZERO_LABEL_METHODS
 from tests.support.processes import REPO_ROOT
 from tests.support.registry import seed_fake_model, seed_trained_model
 
@@ -109,7 +109,10 @@ def test_client_rebuilds_the_registrys_composition_of_modules(
             comp = r.json()
             assert hub.compose_modules(ids, combine=combine)["id"] == comp["id"]  # found again
             m = comp["metrics"]
-            assert m["combine"] == combine and [s["module_id"] for s in m["sources"]] == ids
+            # auto names the method it chose; the local composition must choose the same
+            assert m["combine"] == combine or (combine == AUTO_COMBINE
+                                               and m["combine"] in ZERO_LABEL_METHODS)
+            assert [s["module_id"] for s in m["sources"]] == ids
             assert comp["class_names"] == [s["class_names"][0] for s in comp["sources"]]
             assert comp["baseline_accuracy"] is not None  # the registry has the whole models
             again = client.post("/api/v1/compositions", json={"modules": ids, "combine": combine})

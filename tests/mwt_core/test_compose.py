@@ -210,8 +210,9 @@ def halves(digits32):
 @pytest.mark.training_outcome
 def test_default_method_beats_raw_on_models_of_disjoint_classes(halves, digits32):
     """Open set on real digits: models of 0-4 and 5-9 answer confidently for digits they never
-    saw; the default method must beat raw logits by a clear margin on the union's test split."""
-    from mwt_core.combine import DEFAULT_COMBINE
+    saw; the method ``auto`` runs without validation slices (``FALLBACK_COMBINE``) must beat
+    raw logits by a clear margin on the union's test split."""
+    from mwt_core.compose_options import FALLBACK_COMBINE as DEFAULT_COMBINE
     from mwt_core.compose import compose_and_measure
 
     sources, subs = halves
@@ -315,14 +316,14 @@ def test_auto_picks_the_method_that_scores_best_on_the_sources_validation_slices
 
 
 def test_auto_without_validation_slices_takes_the_default_and_says_why(halves):
-    from mwt_core.combine import DEFAULT_COMBINE
     from mwt_core.compose import compose_and_measure, compose_parts, source_part, validation_union
+    from mwt_core.compose_options import FALLBACK_COMBINE
 
     sources, subs = halves
     assert validation_union([None, None]) is None
     assert validation_union([]) is None
     _, m = compose_and_measure(sources, subs, 20, combine="auto", validation=None)
-    assert m["combine"] == DEFAULT_COMBINE
+    assert m["combine"] == FALLBACK_COMBINE
     assert m["combine_choice"]["mode"] == "default" and "val_fraction" in m["combine_choice"]["note"]
     # "auto" is a request, never a method a composition runs
     with pytest.raises(CompositionError, match="unknown combine method 'auto'"):
