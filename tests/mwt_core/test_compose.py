@@ -212,8 +212,8 @@ def test_default_method_beats_raw_on_models_of_disjoint_classes(halves, digits32
     """Open set on real digits: models of 0-4 and 5-9 answer confidently for digits they never
     saw; the method ``auto`` runs without validation slices (``FALLBACK_COMBINE``) must beat
     raw logits by a clear margin on the union's test split."""
-    from mwt_core.compose_options import FALLBACK_COMBINE as DEFAULT_COMBINE
     from mwt_core.compose import compose_and_measure
+    from mwt_core.compose_options import FALLBACK_COMBINE as DEFAULT_COMBINE
 
     sources, subs = halves
     composed, m = compose_and_measure(sources, subs, 20, combine=DEFAULT_COMBINE)
