@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 # Written after a successful install; rebuilt when pyproject.toml or constraints.txt change.
 STAMP := $(VENV)/.mwt-hub-installed
 
-.PHONY: venv system-deps run test test-avx2 lint typecheck format readme walkthrough clean
+.PHONY: venv system-deps run test test-fast test-avx2 lint typecheck format readme walkthrough clean
 
 venv: $(STAMP)
 
@@ -27,6 +27,12 @@ system-deps:
 
 test: system-deps venv
 	$(BIN)/python -m pytest -q
+
+# A check before a commit, in a few minutes: every test directory, without the tests marked slow
+# (real service processes, longer training runs, heavy exports) and without the API tests' second
+# run on PostgreSQL (markers in pyproject.toml). The full suite stays `make test`, as in CI.
+test-fast: system-deps venv
+	$(BIN)/python -m pytest -q -m "not slow and not postgres"
 
 # The tests of learning outcomes once more on PyTorch's and oneDNN's AVX2 kernels, as on a CPU
 # without AVX-512: float sums round differently there, so training takes another trajectory.

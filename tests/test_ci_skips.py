@@ -52,6 +52,7 @@ def _pytest(tmp_path: Path, source: str, ci: bool) -> str:
     return done.stdout + done.stderr
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("ci", [False, True])
 def test_a_skip_in_a_test_fails_under_ci(tmp_path: Path, ci: bool) -> None:
     out = _pytest(tmp_path, IN_A_TEST, ci)
@@ -62,6 +63,7 @@ def test_a_skip_in_a_test_fails_under_ci(tmp_path: Path, ci: bool) -> None:
         assert "1 passed, 1 skipped, 1 xfailed" in out, out
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("ci", [False, True])
 def test_a_skip_at_import_fails_under_ci(tmp_path: Path, ci: bool) -> None:
     out = _pytest(tmp_path, AT_IMPORT, ci)

@@ -39,7 +39,9 @@ def _truncate(url: str) -> None:
     engine.dispose()
 
 
-@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.integration)])
+@pytest.fixture(
+    params=["sqlite", pytest.param("postgres", marks=[pytest.mark.integration, pytest.mark.postgres])]
+)
 def settings(request: pytest.FixtureRequest, tmp_path: Path, sqlite_template: Path) -> Settings:
     """Every API test runs against both registries: SQLite (embedded) and Postgres (distributed)."""
     d = tmp_path / "data"

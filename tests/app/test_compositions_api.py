@@ -32,6 +32,7 @@ def _union(classes_per_source: list[list[int]]) -> tuple[torch.Tensor, torch.Ten
     return labelled_union([(data, c) for c in classes_per_source])
 
 
+@pytest.mark.slow
 def test_compose_across_models(
     client: TestClient, app: FastAPI, two_models: tuple[Model, Model], tmp_path
 ) -> None:
@@ -140,6 +141,7 @@ def test_compose_across_models_validation(
     assert client.get("/api/v1/compositions").json()["total"] == 0
 
 
+@pytest.mark.slow
 def test_composition_reports_loss_against_a_standard_model(
     client: TestClient, app: FastAPI, settings: Settings, two_models: tuple[Model, Model]
 ) -> None:

@@ -91,6 +91,7 @@ def _rss_kb(pid: int, field: str) -> int:
     raise AssertionError(f"{field} not in /proc/{pid}/status")
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/<pid>/status")
 def test_npz_bomb_upload_keeps_the_api_process_small(settings: Settings, tmp_path: Path) -> None:
     """The 2 GiB-inflating bomb of the issue, uploaded to a real API process: its peak RSS
@@ -342,6 +343,7 @@ def test_weak_bootstrap_admin_key_is_refused_at_start(tmp_path: Path, weak: str)
     assert Settings(data_dir=tmp_path, bootstrap_admin_key=strong).bootstrap_admin_key == strong
 
 
+@pytest.mark.slow
 def test_mwt_serve_with_a_weak_key_exits_with_one_line(tmp_path: Path) -> None:
     env = {
         **os.environ,

@@ -477,6 +477,7 @@ CASES: dict[str, tuple[Callable[[ApiProcess, Path], Send], str]] = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/<pid>/status")
 @pytest.mark.parametrize("case", list(CASES))
 def test_hostile_input_is_refused_fast_and_small(
@@ -492,6 +493,7 @@ def test_hostile_input_is_refused_fast_and_small(
     assert seconds < ANSWER_WITHIN_S
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/<pid>/status")
 def test_a_large_legal_image_is_answered_without_gigabytes(running: ApiProcess) -> None:
     """4096 x 4096 RGB at the pixel cap: decoded once, shrunk in strips."""

@@ -35,8 +35,9 @@ TOLERANCE = 1e-5
 @pytest.fixture
 def module_models(app: FastAPI, settings: Settings) -> tuple[Model, Model]:
     with app.state.sessionmaker() as s:
-        a = seed_trained_model(s, settings, seed=0, with_modules=True)
-        b = seed_trained_model(s, settings, seed=1, with_modules=True)
+        # No test here reads a module's latency, and timing it is most of a seeding's time.
+        a = seed_trained_model(s, settings, seed=0, with_modules=True, time_modules=False)
+        b = seed_trained_model(s, settings, seed=1, with_modules=True, time_modules=False)
         return a, b
 
 
@@ -144,6 +145,7 @@ def test_client_rebuilds_the_registrys_composition_of_modules(
     assert client.get(f"/api/v1/compositions/{served[0][2]['id']}/export").status_code == 200
 
 
+@pytest.mark.slow
 def test_bad_module_lists_are_refused_with_what_to_fix(
     client: TestClient, app: FastAPI, settings: Settings, module_models: tuple[Model, Model]
 ) -> None:
@@ -153,7 +155,7 @@ def test_bad_module_lists_are_refused_with_what_to_fix(
         pending = seed_fake_model(s, settings, name="pending", status=ModelStatus.pending.value)
         fake = seed_fake_model(s, settings, name="unloadable")  # ready, weights not a network
         small = seed_trained_model(s, settings, arch="resnet18", name="digits-8px",
-                                   with_modules=True)
+                                   with_modules=True, time_modules=False)
     pending_module = _module_ids_any(client, app, pending)
     cases = [
         ({"modules": []}, 422, "modules"),
@@ -187,6 +189,7 @@ def _module_ids_any(client: TestClient, app: FastAPI, model: Model) -> int:
         return int(s.scalars(select(Module.id).where(Module.model_id == model.id)).first())
 
 
+@pytest.mark.slow
 def test_compose_local_refuses_what_it_cannot_compose(
     client: TestClient, module_models: tuple[Model, Model], tmp_path: Path
 ) -> None:

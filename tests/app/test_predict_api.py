@@ -251,6 +251,7 @@ def test_predict_needs_only_a_read_key(client: TestClient, registry, digits, mak
     assert client.post(url, files=files, headers={"Authorization": f"Bearer {read}"}).status_code == 200
 
 
+@pytest.mark.slow
 def test_export_downloads_match_in_process(
     client: TestClient, app: FastAPI, settings: Settings, registry, digits
 ) -> None:

@@ -35,6 +35,7 @@ def _last_json_line(script: str, *args: str) -> dict:
     return json.loads(lines[-1])
 
 
+@pytest.mark.slow
 def test_quality_bench_tiny():
     r = _last_json_line("quality.py", "--epochs", "1", "--width", "0.125", "--finetune-epochs", "1",
                         "--train-limit", "200", "--device", "cpu")
@@ -47,6 +48,7 @@ def test_quality_bench_tiny():
     assert r["kernel_budget"]["target_krr"] == TrainConfig.target_krr and 0 <= r["mwt_val_acc"] <= 1
 
 
+@pytest.mark.slow
 def test_quality_bench_can_choose_on_a_holdout_of_train():
     r = _last_json_line("quality.py", "--epochs", "1", "--width", "0.125", "--finetune-epochs", "1",
                         "--holdout", "0.2", "--device", "cpu")
@@ -67,6 +69,7 @@ def test_speed_bench_tiny():
     assert 0 < r["module1_krr"] <= r["module3_krr"] <= 1
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("script", ["quality.py", "speed.py"])
 def test_bench_rejects_unknown_arch(script):
     proc = subprocess.run([sys.executable, str(ROOT / "bench" / script), "--arch", "nonet"],
@@ -76,6 +79,7 @@ def test_bench_rejects_unknown_arch(script):
     assert proc.stdout == ""
 
 
+@pytest.mark.slow
 def test_compose_bench_tiny():
     """bench/compose.py end to end on tiny models: every key, one row per seed x split x method."""
     r = _last_json_line("compose.py", "--epochs", "1", "--width", "0.125", "--train-limit", "300",
@@ -96,6 +100,7 @@ def test_compose_bench_tiny():
     assert len(r["compose_wall_s"]) == 1 and r["compose_cpu_p50_s"] > 0
 
 
+@pytest.mark.slow
 def test_archs_bench_tiny():
     r = _last_json_line("archs.py", "--archs", "tv_mobilenet_v3_small,tv_regnet_y_400mf", "--epochs", "1",
                         "--train-limit", "64", "--batch", "8", "--steps", "1", "--device", "cpu")
@@ -109,6 +114,7 @@ def test_archs_bench_tiny():
             assert 0 < a[f"{key}_flops_ratio"] <= 1 + 1e-9 and a[f"{key}_latency_ratio"] > 0
 
 
+@pytest.mark.slow
 def test_archs_bench_init_study_tiny():
     r = _last_json_line("archs.py", "--archs", "none", "--init-study", "1", "--train-limit", "32",
                         "--batch", "16", "--device", "cpu")
@@ -121,6 +127,7 @@ def test_archs_bench_init_study_tiny():
         assert 0 < s[f"{key}_krr"] <= 1 and 0 <= s[f"{key}_coupling"] <= 1
 
 
+@pytest.mark.slow
 def test_registry_load_bench_tiny():
     # wrk comes from scripts/system-deps.sh (make test, .ci/run); the figures are the bench's.
     r = _last_json_line("registry_load.py", "--duration", "1", "--warmup", "0", "--models", "1",
@@ -130,6 +137,7 @@ def test_registry_load_bench_tiny():
         assert fig["req_per_s"] > 0 and fig["non_2xx"] == 0 and fig["p50_ms"] <= fig["p99_ms"]
 
 
+@pytest.mark.slow
 def test_modules_bench_tiny(tmp_path):
     """bench/modules.py end to end on a one-epoch model: every network timed, and the blocked
     FLOPs add exactly the rounded-up output channels (none for the model at --block 4, whose
@@ -156,6 +164,7 @@ def test_modules_bench_tiny(tmp_path):
     assert targets["classes_gen_le_0.7"] == sum(every[k]["latency_ratio"] <= 0.7 for k in every if k.endswith("gen"))
 
 
+@pytest.mark.slow
 def test_soak_bench_tiny(tmp_path):
     """bench/soak.py for a few seconds on the embedded stack, its job on 128 images: the JSON
     line has every figure, each checked download and export matched its sha256, the job's
@@ -183,6 +192,7 @@ def test_soak_bench_tiny(tmp_path):
     assert isinstance(r["ok"], bool) and results.read_text().startswith("# bench/soak.py")
 
 
+@pytest.mark.slow
 def test_modularity_bench_tiny(tmp_path):
     results = tmp_path / "modularity.md"
     r = _last_json_line("modularity.py", "--datasets", "digits", "--epochs", "1", "--seeds", "0",

@@ -25,6 +25,9 @@ from mwt_core.config import TrainConfig
 from tests.support.processes import ServiceProcess, clean_env, wait_http
 from tests.support.services import free_port
 
+# A served registry, a training job and a browser.
+pytestmark = pytest.mark.slow
+
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 
 REPO = Path(__file__).resolve().parents[2]

@@ -41,6 +41,9 @@ from tests.support.services import (
     throwaway_redis_db,
 )
 
+# Real API, worker, Redis and Postgres processes, and jobs trained through them.
+pytestmark = pytest.mark.slow
+
 
 @pytest.fixture(autouse=True, scope="module")
 def _real_services() -> None:

@@ -18,6 +18,9 @@ from mwt_core.config import TrainConfig
 from tests.support.processes import ServiceProcess, clean_env, wait_http
 from tests.support.services import free_port
 
+# A real `mwt serve` process and jobs trained through it.
+pytestmark = pytest.mark.slow
+
 TINY = {
     "dataset": "digits",
     "arch": "simcnn",
@@ -241,7 +244,6 @@ def test_cancel_a_running_job(stack: tuple[MwtClient, ServiceProcess, Path]) -> 
     assert 'mwt_jobs{state="cancelled"} 1.0' in text and 'mwt_jobs{state="succeeded"} 4.0' in text
 
 
-@pytest.mark.slow
 def test_torchvision_networks_train_into_modules_that_download_and_compose(
     stack: tuple[MwtClient, ServiceProcess, Path],
 ) -> None:

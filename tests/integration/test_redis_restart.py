@@ -33,6 +33,9 @@ from tests.support.services import (
     throwaway_postgres,
 )
 
+# A private Redis, an API and a worker process, and four jobs trained through them.
+pytestmark = pytest.mark.slow
+
 TINY = {"dataset": "digits", "arch": "simcnn", "width": 0.125, "batch_size": 128}
 FAST = {
     "MWT_HEARTBEAT_INTERVAL_S": "1",

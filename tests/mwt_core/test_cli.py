@@ -88,6 +88,7 @@ def standard_model(tmp_path_factory) -> Path:
     return out
 
 
+@pytest.mark.slow
 def test_train_writes_model_modules_and_manifest(trained):
     out, summary = trained
     for key in ("test_acc", "train_seconds", "krr", "cohesion", "coupling", "params", "flops"):
@@ -111,6 +112,7 @@ def test_train_writes_model_modules_and_manifest(trained):
     assert module.classes == [3]
 
 
+@pytest.mark.slow
 def test_train_defaults_are_the_cores(trained):
     # Every setting the command was not given is mwt_core's default (one place for defaults):
     # TrainConfig's field defaults, the same for digits as for any data set.
@@ -151,6 +153,7 @@ def test_train_budget_options_reach_the_config(monkeypatch, tmp_path):
     assert not seen  # refused before any training
 
 
+@pytest.mark.slow
 @pytest.mark.training_outcome
 def test_reported_accuracy_is_the_saved_models(trained):
     out, summary = trained
@@ -171,6 +174,7 @@ def test_reported_accuracy_is_the_saved_models(trained):
     assert summary["krr"] == pytest.approx(sum(summary["module_krr"]) / len(summary["module_krr"]))
 
 
+@pytest.mark.slow
 def test_train_resumes_finished_run(trained):
     out, summary = trained
     again = run_json("train", *TRAIN_ARGS, "--out", out)
@@ -179,6 +183,7 @@ def test_train_resumes_finished_run(trained):
     assert again["params"] == summary["params"] and again["krr"] == summary["krr"]
 
 
+@pytest.mark.slow
 def test_show_human_and_json(trained):
     out, _ = trained
     result = run("show", out / "model")
@@ -205,6 +210,7 @@ class _Pick(torch.nn.Module):
 MODULE_MARGIN = 0.05
 
 
+@pytest.mark.slow
 @pytest.mark.training_outcome
 def test_extract_evaluate_module(trained, tmp_path):
     out, summary = trained
@@ -250,6 +256,7 @@ def test_extract_evaluate_module(trained, tmp_path):
     assert ev["samples"] < 360
 
 
+@pytest.mark.slow
 def test_extract_tau_auto_fixed_and_refused(trained, tmp_path):
     """--tau auto chooses on the validation slice `mwt train` held out (the default where there
     is one); a number is used as given; a model without a slice refuses auto, saying what to do."""
@@ -285,6 +292,7 @@ def test_extract_tau_auto_fixed_and_refused(trained, tmp_path):
     assert "without a validation slice" in refused.output and "--tau 0.9" in refused.output
 
 
+@pytest.mark.slow
 def test_extract_human_output_without_mask_generators(trained, tmp_path):
     out, _ = trained
     result = run("extract", out / "model", "--classes", "1,0", "--out", tmp_path / "m10",
@@ -297,6 +305,7 @@ def test_extract_human_output_without_mask_generators(trained, tmp_path):
     assert not any(getattr(m, "gate", None) is not None for m in module.modules())
 
 
+@pytest.mark.slow
 def test_evaluate_model_matches_training_accuracy(trained):
     out, summary = trained
     ev = run_json("evaluate", out / "model", "--device", "cpu")
@@ -306,6 +315,7 @@ def test_evaluate_model_matches_training_accuracy(trained):
     assert human.exit_code == 0 and "accuracy" in human.stdout
 
 
+@pytest.mark.slow
 def test_modularize_updates_manifest(model_copy, tmp_path):
     before = read_manifest(model_copy)
     weights_before = load_file(str(model_copy / "weights.safetensors"))
@@ -322,6 +332,7 @@ def test_modularize_updates_manifest(model_copy, tmp_path):
     assert run("show", model_copy).exit_code == 0
 
 
+@pytest.mark.slow
 @pytest.mark.training_outcome
 def test_modularize_recuts_the_modules_beside_the_model(trained, tmp_path):
     """`mwt modularize OUT/model` re-cuts OUT/modules at the new tau: every module then comes
@@ -403,6 +414,7 @@ def _error_cases(trained, standard_model, tmp_path):
     ]
 
 
+@pytest.mark.slow
 def test_errors_are_one_clean_line(trained, standard_model, tmp_path):
     for args, message in _error_cases(trained, standard_model, tmp_path):
         result = run(*args)
@@ -434,6 +446,7 @@ def test_demo_tiny(tmp_path):
     assert "KRR" in human.stdout and "cohesion" in human.stdout
 
 
+@pytest.mark.slow
 def test_compose_across_two_model_dirs(trained, tmp_path, standard_model):
     second = tmp_path / "second"
     run_json("train", "--arch", "simcnn", "--dataset", "digits", "--width", "0.125", "--epochs", "1",
@@ -503,6 +516,7 @@ def test_compose_across_two_model_dirs(trained, tmp_path, standard_model):
         assert result.exit_code == 1 and message in result.output, (args, result.output)
 
 
+@pytest.mark.slow
 @pytest.mark.training_outcome
 def test_evaluate_one_class_module_scores_one_vs_rest(trained):
     """A one-output module always wins an argmax: evaluate reports its one-vs-rest AUROC

@@ -207,6 +207,7 @@ def halves(digits32):
     return _disjoint_sources(digits32, [[0, 1, 2, 3, 4], [5, 6, 7, 8, 9]], epochs=8)
 
 
+@pytest.mark.slow
 @pytest.mark.training_outcome
 def test_default_method_beats_raw_on_models_of_disjoint_classes(halves, digits32):
     """Open set on real digits: models of 0-4 and 5-9 answer confidently for digits they never
@@ -244,6 +245,7 @@ def test_default_method_beats_raw_on_models_of_disjoint_classes(halves, digits32
 
 @pytest.mark.parametrize("method", ["raw", "scale_bias", "log_softmax", "energy", "gauss",
                                     "gauss_map", "head", "gauss_head"])
+@pytest.mark.slow
 def test_every_method_round_trips_and_traces(halves, method, tmp_path):
     from mwt_core.artifacts import load_artifact, save_artifact
     from mwt_core.compose import compose_and_measure
@@ -273,6 +275,7 @@ def test_every_method_round_trips_and_traces(halves, method, tmp_path):
             assert not torch.allclose(want, torch.cat([p(x) for p in composed.parts], 1))
 
 
+@pytest.mark.slow
 def test_head_starts_at_raw_and_labelled_methods_need_labels(halves):
     from mwt_core.compose import CompositionError, compose_and_measure, own_images
 

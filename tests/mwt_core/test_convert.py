@@ -44,6 +44,7 @@ def _digits(digits32, n: int = 8) -> torch.Tensor:
     return (digits32.test_x[:n].float() / 255 - 0.5) / 0.5  # real digit images, 3 x 32 x 32
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", list(CATALOGUE))
 def test_catalogue_slims_exactly_on_real_digits(name, digits32):
     torch.manual_seed(0)
@@ -168,6 +169,7 @@ def test_hand_written_cnn_with_every_supported_layer_kind_slims_exactly():
     assert module.se_fc2.out_channels == module.dw[0].conv.out_channels
 
 
+@pytest.mark.slow
 def test_converted_network_trains_and_modularizes(digits32):
     from mwt_core.modularize import modularize
     from mwt_core.training import train

@@ -153,6 +153,7 @@ def test_prepare_images_matches_the_datasets_preprocessing(digits_raw, digits32)
         prepare_images([torch.zeros(2, 8, 8, dtype=torch.uint8)], digits_raw.spec)
 
 
+@pytest.mark.slow
 def test_exports_reproduce_outputs_in_clean_processes(artifacts, digits_raw, digits32, tmp_path):
     x = prepare_images(list(digits_raw.test_x[:N_IMAGES]), digits32.spec)
     torch.save(x, tmp_path / "x.pt")

@@ -38,6 +38,7 @@ def exported(digits32, tmp_path_factory) -> Path:
     return root
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["head", "gauss_head", "gauss_map"])
 def test_the_fit_does_not_depend_on_the_thread_count(exported, method):
     """A one-class module's logits are a matrix-vector product whose float32 sum the BLAS

@@ -66,6 +66,7 @@ def test_tall_narrow_images_go_down_first_within_one_level(
     assert got.shape == expected.shape and float((got - expected).abs().max()) <= 1.0
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/status")
 def test_a_large_image_costs_little_beyond_its_own_bytes() -> None:
     """4096 x 4096 RGB (48 MiB as uint8) to 32 x 32, in a fresh process: its peak RSS over

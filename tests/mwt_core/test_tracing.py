@@ -105,6 +105,7 @@ def stored(tmp_path_factory: pytest.TempPathFactory, digits32) -> dict[str, Path
     return out
 
 
+@pytest.mark.slow
 def test_exports_and_loads_on_several_threads_all_succeed(stored: dict[str, Path],
                                                           tmp_path: Path) -> None:
     reference, _ = load_artifact(stored["model"])
@@ -137,6 +138,7 @@ def _rss_mb() -> float:
     return int(line.split()[1]) / 1024
 
 
+@pytest.mark.slow
 def test_torchscript_exports_one_after_another_do_not_accumulate(stored: dict[str, Path],
                                                                 tmp_path: Path) -> None:
     """Each trace registers class types in torch's process-wide compilation unit; a server

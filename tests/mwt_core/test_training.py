@@ -83,6 +83,7 @@ def test_bad_config_is_rejected():
         resolve_device("tpu")
 
 
+@pytest.mark.slow
 @pytest.mark.training_outcome
 def test_overlap_term_switches_kernels_off(digits32):
     # The optional gamma term (cross-class mask overlap) must lower the share of active kernels
@@ -115,6 +116,7 @@ def test_checkpoint_of_an_older_config_still_resumes():
 MWT_COUPLING_DROP = 0.04
 
 
+@pytest.mark.slow
 @pytest.mark.training_outcome
 def test_mwt_losses_lower_coupling_against_standard_training():
     """MwT training (DESIGN §1.2) yields modules that share fewer kernels than standard training.
@@ -181,6 +183,7 @@ def test_training_step_does_not_synchronise_the_host(digits32, monkeypatch):
     assert long == short, (short, long)
 
 
+@pytest.mark.slow
 def test_compiled_step_is_one_graph_and_trains_like_the_eager_one(digits32, monkeypatch):
     # torch.compile of the step is opt-in. ``fullgraph=True`` fails on any graph break (a
     # host sync or an untraceable op in the step); the ``aot_eager`` backend traces forward

@@ -88,6 +88,7 @@ def test_files_are_size_checked_and_never_unpickled(tmp_path):
         read_weights(tmp_path / "absent.safetensors")
 
 
+@pytest.mark.slow
 def test_training_starts_from_the_given_weights(tmp_path, digits32):
     from mwt_core.training import train
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 
+import pytest
 from sqlalchemy.orm import Session, sessionmaker
 
 from app.db.models import Job
@@ -25,6 +26,7 @@ def _wait(factory: sessionmaker[Session], job_id: str, pred, timeout: float = 60
     raise AssertionError(f"job {job_id} never reached the expected state: {job.status} {job.error}")
 
 
+@pytest.mark.slow
 def test_a_dying_job_process_is_retried_then_failed(
     factory: sessionmaker[Session], settings: Settings, submit_job: Callable[..., str]
 ) -> None:
@@ -54,6 +56,7 @@ def test_shutdown_requeues_running_jobs_without_spending_an_attempt(
     assert job.status == "queued" and job.attempts == 0 and "shut down" in (job.error or "")
 
 
+@pytest.mark.slow
 def test_a_hung_job_is_handed_back_and_its_process_exits(
     factory: sessionmaker[Session], settings: Settings, submit_job: Callable[..., str]
 ) -> None:

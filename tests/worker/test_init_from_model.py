@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 import torch
 from safetensors.torch import load_file
 from sqlalchemy.orm import Session, sessionmaker
@@ -35,6 +36,7 @@ def _submit(factory: sessionmaker[Session], base_id: int) -> str:
         return job.id
 
 
+@pytest.mark.slow
 def test_a_job_starts_from_a_registry_models_weights(
     factory: sessionmaker[Session], settings: Settings
 ) -> None:

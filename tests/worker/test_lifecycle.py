@@ -7,6 +7,7 @@ import threading
 from collections.abc import Callable
 from types import SimpleNamespace
 
+import pytest
 from sqlalchemy import update
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -226,6 +227,7 @@ def test_reaper_sends_again_queued_jobs_without_a_live_message(
     assert job.status == "queued" and job.dispatched_at is None
 
 
+@pytest.mark.slow
 def test_stall_watchdog_hands_back_a_job_that_stops_reporting(
     factory: sessionmaker[Session], settings: Settings, submit_job: Callable[..., str]
 ) -> None:

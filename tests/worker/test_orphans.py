@@ -58,6 +58,7 @@ def _gone(pid: int) -> bool:
     return state in ("Z", "X")  # a zombie has exited; only its reaping is left
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("how", ["executor", "watchdog"])
 def test_job_process_exits_when_its_parent_is_killed(
     settings: Settings, submit_job: Callable[..., str], how: str, tmp_path: Path
