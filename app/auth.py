@@ -317,7 +317,7 @@ AdminKey = Annotated[Principal, Depends(require(Scope.admin))]
 
 
 class KeyFirstMiddleware:
-    """Verify the API key of every ``/api/v1`` request before the app reads its body.
+    """Verify the API key of every API request (under ``API_PREFIX``) before the app reads its body.
 
     FastAPI parses a multipart body before it runs the route's dependencies, so an upload
     route's key check alone would run only after the whole (up to MWT_MAX_UPLOAD_MB) body

@@ -21,6 +21,7 @@ from typing import Any
 
 import httpx
 
+from app.paths import API_PREFIX
 from mwt_core.checksums import sha256_file
 
 DEFAULT_URL = "http://127.0.0.1:8000"
@@ -107,11 +108,11 @@ class MwtClient:
         return resp.json()
 
     def architectures(self) -> list[dict[str, Any]]:
-        return self._json("GET", "/api/v1/architectures")
+        return self._json("GET", f"{API_PREFIX}/architectures")
 
     # ------------------------------------------------------------------ datasets
     def datasets(self) -> list[dict[str, Any]]:
-        return self._json("GET", "/api/v1/datasets")
+        return self._json("GET", f"{API_PREFIX}/datasets")
 
     def upload_dataset(self, path: str | Path, name: str | None = None) -> dict[str, Any]:
         path = Path(path)
@@ -119,7 +120,7 @@ class MwtClient:
             data = {"name": name} if name else {}
             return self._json(
                 "POST",
-                "/api/v1/datasets",
+                f"{API_PREFIX}/datasets",
                 files={"file": (path.name, fh, "application/octet-stream")},
                 data=data,
             )
@@ -127,37 +128,37 @@ class MwtClient:
     def upload_weights(self, name: str, path: str | Path) -> dict[str, Any]:
         """Upload a safetensors state dict that jobs can start from (``init_from=name``)."""
         with open(path, "rb") as fh:
-            return self._json("PUT", f"/api/v1/weights/{name}", content=fh,
+            return self._json("PUT", f"{API_PREFIX}/weights/{name}", content=fh,
                               headers={"Content-Type": "application/octet-stream"})
 
     def weights(self) -> list[dict[str, Any]]:
         """The uploaded weights (name, tensors, size)."""
-        return self._json("GET", "/api/v1/weights")
+        return self._json("GET", f"{API_PREFIX}/weights")
 
     def delete_weights(self, name: str) -> None:
         """Delete uploaded weights (admin key; refused while a queued or running job uses them)."""
-        self.request("DELETE", f"/api/v1/weights/{name}")
+        self.request("DELETE", f"{API_PREFIX}/weights/{name}")
 
     # ------------------------------------------------------------------ jobs
     def submit_job(self, idempotency_key: str | None = None, **params: Any) -> dict[str, Any]:
         headers = {"Idempotency-Key": idempotency_key} if idempotency_key else {}
-        return self._json("POST", "/api/v1/jobs", json=self._params(**params), headers=headers)
+        return self._json("POST", f"{API_PREFIX}/jobs", json=self._params(**params), headers=headers)
 
     def job(self, job_id: str) -> dict[str, Any]:
-        return self._json("GET", f"/api/v1/jobs/{job_id}")
+        return self._json("GET", f"{API_PREFIX}/jobs/{job_id}")
 
     def jobs(self, **filters: Any) -> dict[str, Any]:
-        return self._json("GET", "/api/v1/jobs", params=self._params(**filters))
+        return self._json("GET", f"{API_PREFIX}/jobs", params=self._params(**filters))
 
     def cancel(self, job_id: str) -> dict[str, Any]:
-        return self._json("POST", f"/api/v1/jobs/{job_id}/cancel")
+        return self._json("POST", f"{API_PREFIX}/jobs/{job_id}/cancel")
 
     def events(
         self, job_id: str, timeout: float | None = None
     ) -> Iterator[tuple[str, dict[str, Any]]]:
         """Server-Sent Events of a job: ``(event, job)`` pairs until the ``end`` event."""
         with self.http.stream(
-            "GET", f"/api/v1/jobs/{job_id}/events", timeout=httpx.Timeout(timeout, connect=10.0)
+            "GET", f"{API_PREFIX}/jobs/{job_id}/events", timeout=httpx.Timeout(timeout, connect=10.0)
         ) as resp:
             if resp.status_code >= 400:
                 resp.read()
@@ -206,19 +207,19 @@ class MwtClient:
 
     # ------------------------------------------------------------------ registry
     def models(self, **filters: Any) -> dict[str, Any]:
-        return self._json("GET", "/api/v1/models", params=self._params(**filters))
+        return self._json("GET", f"{API_PREFIX}/models", params=self._params(**filters))
 
     def model(self, model_id: int) -> dict[str, Any]:
-        return self._json("GET", f"/api/v1/models/{model_id}")
+        return self._json("GET", f"{API_PREFIX}/models/{model_id}")
 
     def delete_model(self, model_id: int, force: bool = False) -> None:
-        self.request("DELETE", f"/api/v1/models/{model_id}", params={"force": str(force).lower()})
+        self.request("DELETE", f"{API_PREFIX}/models/{model_id}", params={"force": str(force).lower()})
 
     def modules(self, **filters: Any) -> dict[str, Any]:
-        return self._json("GET", "/api/v1/modules", params=self._params(**filters))
+        return self._json("GET", f"{API_PREFIX}/modules", params=self._params(**filters))
 
     def module(self, module_id: int) -> dict[str, Any]:
-        return self._json("GET", f"/api/v1/modules/{module_id}")
+        return self._json("GET", f"{API_PREFIX}/modules/{module_id}")
 
     def compose(
         self, model_id: int, classes: list[int | str], finetune: dict[str, Any] | None = None,
@@ -233,7 +234,7 @@ class MwtClient:
             body["tau"] = tau
         if margin_pp is not None:
             body["margin_pp"] = margin_pp
-        return self._json("POST", "/api/v1/compositions", json=body)
+        return self._json("POST", f"{API_PREFIX}/compositions", json=body)
 
     def compose_across(
         self,
@@ -250,7 +251,7 @@ class MwtClient:
             body["calibration_per_class"] = calibration_per_class
         if combine is not None:
             body["combine"] = combine
-        return self._json("POST", "/api/v1/compositions", json=body)
+        return self._json("POST", f"{API_PREFIX}/compositions", json=body)
 
     def compose_modules(
         self,
@@ -265,10 +266,10 @@ class MwtClient:
             body["calibration_per_class"] = calibration_per_class
         if combine is not None:
             body["combine"] = combine
-        return self._json("POST", "/api/v1/compositions", json=body)
+        return self._json("POST", f"{API_PREFIX}/compositions", json=body)
 
     def composition(self, composition_id: int) -> dict[str, Any]:
-        return self._json("GET", f"/api/v1/compositions/{composition_id}")
+        return self._json("GET", f"{API_PREFIX}/compositions/{composition_id}")
 
     # ------------------------------------------------------------------ downloads
     def download(
@@ -320,13 +321,13 @@ class MwtClient:
     ) -> Download:
         meta = self.module(module_id)
         return self.download(
-            f"/api/v1/modules/{module_id}/download", dest_dir, meta["sha256"], extract
+            f"{API_PREFIX}/modules/{module_id}/download", dest_dir, meta["sha256"], extract
         )
 
     def download_model(self, model_id: int, dest_dir: str | Path, extract: bool = True) -> Download:
         meta = self.model(model_id)
         return self.download(
-            f"/api/v1/models/{model_id}/download", dest_dir, meta.get("sha256"), extract
+            f"{API_PREFIX}/models/{model_id}/download", dest_dir, meta.get("sha256"), extract
         )
 
     def download_composition(
@@ -334,7 +335,7 @@ class MwtClient:
     ) -> Download:
         meta = self.composition(composition_id)
         return self.download(
-            f"/api/v1/compositions/{composition_id}/download", dest_dir, meta.get("sha256"), extract
+            f"{API_PREFIX}/compositions/{composition_id}/download", dest_dir, meta.get("sha256"), extract
         )
 
 

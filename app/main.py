@@ -25,6 +25,7 @@ from app.auth import KeyCache, KeyFirstMiddleware
 from app.capacity import WorkPool
 from app.db.session import make_engine, make_sessionmaker
 from app.observability import Metrics, MetricsMiddleware
+from app.paths import API_PREFIX
 from app.redact import path_scrubber
 from app.response_cache import ResponseCacheMiddleware
 from app.services.compose import ModelCache
@@ -34,7 +35,6 @@ from worker.dispatch import make_dispatcher
 from worker.reaper import reap_until
 
 log = logging.getLogger(__name__)
-API_PREFIX = "/api/v1"
 # Read-only registry resources whose answers the response cache may replay (app.response_cache).
 REGISTRY_READS = ("models", "modules", "compositions", "datasets", "architectures")
 

@@ -116,7 +116,7 @@ class RegistryCollector(Collector):
 
 
 def route_template(scope: Scope) -> str:
-    """The matched route's path template with its router prefixes, e.g. /api/v1/modules/{module_id}."""
+    """The matched route's path template with its router prefixes, e.g. ``{API_PREFIX}/modules/{module_id}``."""
     template = getattr(scope.get("route"), "path", None)
     if not template:
         return "unmatched"

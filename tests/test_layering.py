@@ -118,3 +118,14 @@ def test_no_test_helpers_in_product_packages() -> None:
     uses_pytest = [str(p.relative_to(ROOT)) for package in PRODUCT for p in _files(package)
                    if any(n.split(".")[0] == "pytest" for n in _imports(p))]
     assert uses_pytest == []
+
+
+def test_the_api_prefix_is_written_once() -> None:
+    """Routes, the client, Location headers and error messages derive the API's path from
+    ``app.paths.API_PREFIX``: a literal elsewhere would keep the old path after a version bump."""
+    from app.paths import API_PREFIX
+
+    home = ROOT / "app" / "paths.py"
+    literal = [str(p.relative_to(ROOT)) for p in sorted((ROOT / "app").rglob("*.py"))
+               if p != home and API_PREFIX in p.read_text()]
+    assert API_PREFIX in home.read_text() and not literal, literal

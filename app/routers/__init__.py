@@ -1,1 +1,2 @@
-"""One router per resource, all mounted under /api/v1 (health/ready/metrics also at the root)."""
+"""One router per resource, all mounted under ``app.paths.API_PREFIX`` (health/ready/metrics also at
+the root)."""

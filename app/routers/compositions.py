@@ -16,6 +16,7 @@ from app.capacity import HeavyWork
 from app.db.models import Composition, JobKind, Model, ModelStatus, Module
 from app.deps import DbDep, DispatcherDep, SettingsDep
 from app.files import artifact_response
+from app.paths import API_PREFIX
 from app.routers._common import PagingDep, not_found, page
 from app.routers._export import EXPORT_DESCRIPTION, EXPORT_RESPONSES, FormatQuery, export_response
 from app.schemas.common import Page, PathId, QueryId
@@ -35,7 +36,7 @@ def composition_out(c: Composition) -> CompositionOut:
     if c.accuracy is not None and c.baseline_accuracy is not None:
         out.accuracy_loss = c.baseline_accuracy - c.accuracy
     if c.artifact_path:
-        out.download_url = f"/api/v1/compositions/{c.id}/download"
+        out.download_url = f"{API_PREFIX}/compositions/{c.id}/download"
     return out
 
 
@@ -216,7 +217,7 @@ def _created(db: DbDep, settings: Settings, response: Response, principal: Princ
              comp: Composition) -> CompositionOut:
     comp.api_key_id = principal.key_id
     _commit(db, settings, comp)
-    response.headers["Location"] = f"/api/v1/compositions/{comp.id}"
+    response.headers["Location"] = f"{API_PREFIX}/compositions/{comp.id}"
     return composition_out(comp)
 
 
@@ -238,7 +239,7 @@ def _start_compose(db: DbDep, settings: Settings, dispatcher: DispatcherDep, pri
     return JSONResponse(
         jobs_svc.job_out(job).model_dump(mode="json"),
         status_code=status.HTTP_202_ACCEPTED,
-        headers={"Location": f"/api/v1/jobs/{job.id}"},
+        headers={"Location": f"{API_PREFIX}/jobs/{job.id}"},
     )
 
 
@@ -283,7 +284,7 @@ def _start_finetune(
     return JSONResponse(
         jobs_svc.job_out(job).model_dump(mode="json"),
         status_code=status.HTTP_202_ACCEPTED,
-        headers={"Location": f"/api/v1/jobs/{job.id}"},
+        headers={"Location": f"{API_PREFIX}/jobs/{job.id}"},
     )
 
 

@@ -17,6 +17,7 @@ from starlette.background import BackgroundTask
 from app.auth import ReadKey, WriteKey, can_see, ensure_owner, visible_to
 from app.db.models import Dataset, Job, JobKind, JobStatus, Model
 from app.deps import DbDep, DispatcherDep, SettingsDep
+from app.paths import API_PREFIX
 from app.routers._common import PagingDep, not_found, page
 from app.schemas.common import Page, QueryId, error_responses
 from app.schemas.jobs import JobCreate, JobOut
@@ -119,7 +120,7 @@ def submit(
         svc.send(db, dispatcher.dispatch, job)
     if not created:
         response.status_code = status.HTTP_200_OK
-    response.headers["Location"] = f"/api/v1/jobs/{job.id}"
+    response.headers["Location"] = f"{API_PREFIX}/jobs/{job.id}"
     return svc.job_out(job)
 
 

@@ -15,6 +15,7 @@ from app.capacity import HeavyWork
 from app.db.models import Composition, Job, Model
 from app.deps import DbDep, SettingsDep
 from app.files import artifact_response
+from app.paths import API_PREFIX
 from app.routers._common import PagingDep, not_found, page, sort_pattern, sorted_by
 from app.routers._export import EXPORT_DESCRIPTION, EXPORT_RESPONSES, FormatQuery, export_response
 from app.routers.modules import module_out
@@ -36,7 +37,7 @@ SORTS = {
 def model_out(m: Model) -> ModelOut:
     out = ModelOut.model_validate(m)
     if m.artifact_path:
-        out.download_url = f"/api/v1/models/{m.id}/download"
+        out.download_url = f"{API_PREFIX}/models/{m.id}/download"
     return out
 
 

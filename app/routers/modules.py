@@ -14,6 +14,7 @@ from app.capacity import HeavyWork
 from app.db.models import Model, ModelStatus, Module
 from app.deps import DbDep, SettingsDep
 from app.files import artifact_response
+from app.paths import API_PREFIX
 from app.routers._common import PagingDep, not_found, page, sort_pattern, sorted_by
 from app.routers._export import EXPORT_DESCRIPTION, EXPORT_RESPONSES, FormatQuery, export_response
 from app.schemas.common import Page, PathId, QueryId, QueryIndex
@@ -31,7 +32,7 @@ SORTS = {
 
 def module_out(m: Module) -> ModuleOut:
     out = ModuleOut.model_validate(m)
-    out.download_url = f"/api/v1/modules/{m.id}/download"
+    out.download_url = f"{API_PREFIX}/modules/{m.id}/download"
     return out
 
 

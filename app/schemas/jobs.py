@@ -5,6 +5,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, field_validator, model_validator
 
+from app.paths import API_PREFIX
 from mwt_core.config import (
     DEFAULT_DATASET,
     LIMITS,
@@ -36,12 +37,12 @@ class JobCreate(BaseModel):
         DEFAULT_DATASET, min_length=1, max_length=64, description="built-in or uploaded dataset name"
     )
     arch: str = Field(
-        _T.arch, min_length=1, max_length=32, description="see GET /api/v1/architectures"
+        _T.arch, min_length=1, max_length=32, description=f"see GET {API_PREFIX}/architectures"
     )
     width: float | None = Field(
         _T.width, gt=0, le=_L.width,
         description="channel width multiplier; null or not given: the architecture's "
-        "default_width (GET /api/v1/architectures)",
+        f"default_width (GET {API_PREFIX}/architectures)",
     )
     epochs: int = Field(_T.epochs, ge=1, le=_L.epochs)
     batch_size: int = Field(_T.batch_size, ge=2, le=_L.batch_size)
@@ -105,7 +106,7 @@ class JobCreate(BaseModel):
     )
     init_from: str | None = Field(
         _T.init_from, pattern=NAME_PATTERN,
-        description="start from weights uploaded with PUT /api/v1/weights/{name} (fresh mask "
+        description=f"start from weights uploaded with PUT {API_PREFIX}/weights/{{name}} (fresh mask "
         "generators); null: random initialisation",
     )
     init_from_model: int | None = Field(

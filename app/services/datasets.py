@@ -16,6 +16,7 @@ from sqlalchemy.orm import Session
 
 from app.db.models import Dataset
 from app.lru import Lru
+from app.paths import API_PREFIX
 from app.settings import Settings
 
 if TYPE_CHECKING:
@@ -206,7 +207,7 @@ def resolve(
             + (
                 f"; uploaded: {', '.join(sorted(uploads))}"
                 if uploads
-                else "; or upload a .npz to /api/v1/datasets"
+                else f"; or upload a .npz to {API_PREFIX}/datasets"
             )
         )
     return "upload", row

@@ -29,6 +29,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
 from app.db.models import Job, JobKind, JobStatus, Model, ModelStatus, utcnow
+from app.paths import API_PREFIX
 from app.schemas.jobs import JobOut, ProgressOut
 from app.settings import Settings
 from mwt_core.config import ModularizeConfig
@@ -527,7 +528,7 @@ def percent_done(job: Job) -> float | None:
     )
 
 
-def job_out(job: Job, base: str = "/api/v1") -> JobOut:
+def job_out(job: Job, base: str = f"{API_PREFIX}") -> JobOut:
     progress = None
     eta_s = eta_at = None
     if job.progress:

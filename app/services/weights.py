@@ -21,6 +21,7 @@ from sqlalchemy.orm import Session
 from app import storage
 from app.db.models import Model, ModelStatus, UploadedWeights
 from app.files import StagedUpload
+from app.paths import API_PREFIX
 from app.schemas.jobs import NAME_PATTERN
 from app.settings import Settings
 
@@ -44,7 +45,7 @@ def model_weights_path(settings: Settings, model: Model | None, model_id: int) -
     from mwt_core.artifacts import WEIGHTS_FILE
 
     if model is None:
-        raise WeightsNotFound(f"no model {model_id} in the registry; GET /api/v1/models lists them")
+        raise WeightsNotFound(f"no model {model_id} in the registry; GET {API_PREFIX}/models lists them")
     if model.status != ModelStatus.ready.value or model.artifact_path is None:
         raise WeightsNotFound(f"model {model_id} is {model.status}; only a ready model's weights can start a job")
     return storage.resolve(settings.artifacts, model.artifact_path) / WEIGHTS_FILE
@@ -80,7 +81,7 @@ def check_for_job(
     from mwt_core.models.weights import WeightsError, match_weights, read_shapes
 
     if not path.is_file():
-        raise WeightsNotFound(f"no {what} in the store; PUT weights to /api/v1/weights/{{name}}")
+        raise WeightsNotFound(f"no {what} in the store; PUT weights to {API_PREFIX}/weights/{{name}}")
     try:
         shapes = read_shapes(path)
     except WeightsError:  # checked when stored: the file changed since; say so without its path
