@@ -25,7 +25,13 @@ from app.cli_common import (
     _table,
     app,
 )
-from mwt_core.compose_options import AUTO_COMBINE, DEFAULT_COMBINE, DEFAULT_PER_CLASS, METHODS
+from mwt_core.compose_options import (
+    AUTO_COMBINE,
+    CHOICES,
+    DEFAULT_COMBINE,
+    DEFAULT_PER_CLASS,
+    METHODS,
+)
 from mwt_core.config import (
     DEFAULT_DATASET,
     PAPER_SETTINGS,
@@ -471,9 +477,8 @@ def compose(
         if len(sources) > 1:
             if finetune:
                 _fail("--finetune-epochs works on one model's classes; drop --with or the option")
-            if combine not in (*METHODS, AUTO_COMBINE):
-                _fail(f"unknown --combine {combine!r}; choose one of "
-                      f"{', '.join((*METHODS, AUTO_COMBINE))}")
+            if combine not in CHOICES:
+                _fail(f"unknown --combine {combine!r}; choose one of {', '.join(CHOICES)}")
             comp = _call(hub.compose_across, sources, calibration, combine)
         else:
             comp = _call(hub.compose, model_id, sources[0][1], finetune)

@@ -33,13 +33,12 @@ from mwt_core.artifacts import load_artifact, save_artifact
 from mwt_core.combine import (
     DEFAULT_COMBINE,
     DEFAULT_PER_CLASS,
-    METHODS,
     SETTINGS,
     ZERO_LABEL_METHODS,
     CombineSettings,
 )
 from mwt_core.compose import Source, class_subset, compose_and_measure, validation_union
-from mwt_core.compose_options import AUTO_COMBINE
+from mwt_core.compose_options import AUTO_COMBINE, CHOICES
 from mwt_core.config import PAPER_SETTINGS
 from mwt_core.data.bundle import split_validation
 from mwt_core.data.datasets import DatasetBundle, holdout, load_dataset
@@ -79,8 +78,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="cap on a source model's epochs under --budget steps")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--device", default="cpu")
-    p.add_argument("--methods", nargs="+", default=[*METHODS, AUTO_COMBINE],
-                   choices=[*METHODS, AUTO_COMBINE],
+    p.add_argument("--methods", nargs="+", default=list(CHOICES), choices=list(CHOICES),
                    help=f"{AUTO_COMBINE}: the zero-label method that scores best on the source "
                         "models' validation slices (mwt_core.compose.choose_combine)")
     p.add_argument("--splits", nargs="+", default=list(COMPOSED), choices=list(COMPOSED),

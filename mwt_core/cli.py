@@ -52,7 +52,13 @@ from mwt_core.cli_support import (
     given,
     run_training,
 )
-from mwt_core.compose_options import AUTO_COMBINE, DEFAULT_COMBINE, DEFAULT_PER_CLASS, METHODS
+from mwt_core.compose_options import (
+    AUTO_COMBINE,
+    CHOICES,
+    DEFAULT_COMBINE,
+    DEFAULT_PER_CLASS,
+    METHODS,
+)
 from mwt_core.config import (
     DEFAULT_DATASET,
     PAPER_SETTINGS,
@@ -292,9 +298,8 @@ def compose_cmd(
 
     if calibration_per_class < 0:
         raise CliError(f"--calibrate must be >= 0, got {calibration_per_class}")
-    if combine not in (*METHODS, AUTO_COMBINE):
-        raise CliError(f"unknown --combine {combine!r}; choose one of "
-                       f"{', '.join((*METHODS, AUTO_COMBINE))}")
+    if combine not in CHOICES:
+        raise CliError(f"unknown --combine {combine!r}; choose one of {', '.join(CHOICES)}")
     ui = Ui(as_json)
     parts, datas, described, tags, manifests = compose_sources(sources, data_dir, ui)
     validation = None

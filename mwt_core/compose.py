@@ -246,7 +246,9 @@ def compose_and_measure(
 
 def choose_combine(parts: list[Part], data: list[DatasetBundle],
                    validation: tuple[torch.Tensor, torch.Tensor] | None,
-                   settings: CombineSettings = SETTINGS) -> tuple[str, dict[str, Any]]:
+                   settings: CombineSettings = SETTINGS,
+                   own: list[tuple[torch.Tensor, torch.Tensor]] | None = None
+                   ) -> tuple[str, dict[str, Any]]:
     """The zero-label method whose composition of ``parts`` is most accurate on
     ``validation`` (``[0, 1]`` images the sources held out of training, labels by output
     position), and a record of the choice for the composition's metrics and manifest.
@@ -254,6 +256,7 @@ def choose_combine(parts: list[Part], data: list[DatasetBundle],
     Each candidate is fitted as it would be (own training images, never the validation
     images); a tie goes to ``FALLBACK_COMBINE``, then to the order of ``ZERO_LABEL_METHODS``.
     Without validation images the choice is ``FALLBACK_COMBINE``, and the record says why.
+    ``own``: the parts' own images (:func:`own_images`) where the caller already drew them.
     """
     if validation is None or len(validation[1]) == 0:
         return FALLBACK_COMBINE, {"mode": "default", "val_samples": 0,
@@ -261,7 +264,8 @@ def choose_combine(parts: list[Part], data: list[DatasetBundle],
                                           f"with val_fraction 0, or before slices existed): "
                                           f"{FALLBACK_COMBINE}"}
     x, y = validation
-    own = own_images(parts, data, settings.own_per_class)
+    if own is None:
+        own = own_images(parts, data, settings.own_per_class)
     scores: dict[str, float] = {}
     for method in ZERO_LABEL_METHODS:
         composed = compose_parts(parts, combine=method)
@@ -330,10 +334,11 @@ def measure_parts(
             "or a zero-label method (raw, log_softmax, energy, gauss)"
         )
     choice: dict[str, Any] | None = None
+    own: list[tuple[torch.Tensor, torch.Tensor]] | None = None
     if check_choice(combine) == AUTO_COMBINE:
-        if len(data) != len(parts):
-            raise CompositionError(f"{len(parts)} sources but {len(data)} datasets")
-        combine, choice = choose_combine(parts, data, validation, settings)
+        # Drawn once: the candidates and the chosen method fit on the same own images.
+        own = own_images(parts, data, settings.own_per_class)
+        combine, choice = choose_combine(parts, data, validation, settings, own)
     composed = compose_parts(parts, combine=combine)
     if labels is not None:
         composed.labels = list(labels)
@@ -346,8 +351,10 @@ def measure_parts(
         ).eval()
     pairs = [(d, p.classes) for d, p in zip(data, parts, strict=True)]
     test_x, test_y = test if test is not None else labelled_union(pairs, "test")
-    own = (own_images(parts, data, settings.own_per_class)
-           if needs_own(combine, settings) else None)
+    if not needs_own(combine, settings):
+        own = None
+    elif own is None:
+        own = own_images(parts, data, settings.own_per_class)
     cal = None
     if combine in LABELLED_METHODS:
         cal = labelled_union(pairs, "train", per_class=calibration_per_class)

@@ -15,6 +15,8 @@ LABELLED_METHODS: tuple[str, ...] = ("scale_bias", "head", "gauss_head")
 # best depends on the models (dense or sparse masks, easy or hard data), and the slices the
 # sources held out of training are labelled images of exactly the composed task.
 AUTO_COMBINE = "auto"
+# What an entry point (the API, both CLIs, the bench) may be asked for: a method or "auto".
+CHOICES: tuple[str, ...] = (*METHODS, AUTO_COMBINE)
 # What the API, both CLIs and the bench compose with when asked for no method.
 DEFAULT_COMBINE = AUTO_COMBINE
 # The method "auto" runs where the sources hold no validation slice, and the library's default

@@ -6,7 +6,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from app.schemas.common import MAX_ID, DbId, OrmModel
-from mwt_core.compose_options import AUTO_COMBINE, DEFAULT_COMBINE, DEFAULT_PER_CLASS, METHODS
+from mwt_core.compose_options import CHOICES, DEFAULT_COMBINE, DEFAULT_PER_CLASS
 from mwt_core.config import AUTO_TAU, ModularizeConfig
 
 ClassRef = Annotated[int, Field(ge=0, le=MAX_ID)] | Annotated[str, Field(max_length=200)]
@@ -66,7 +66,7 @@ class CompositionCreate(BaseModel):
         "fit on (sources and modules forms; drawn by a fixed seed from the training split, "
         "never the test split)",
     )
-    combine: Literal[(*METHODS, AUTO_COMBINE)] = Field(  # type: ignore[valid-type]
+    combine: Literal[CHOICES] = Field(  # type: ignore[valid-type]
         DEFAULT_COMBINE,
         description="how the parts' outputs become one answer (sources and modules forms): raw "
         "logits; scale_bias (per-source scale and bias); log_softmax, energy, gauss, gauss_map "

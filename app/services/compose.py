@@ -331,6 +331,14 @@ def build_across(
     sources = [
         core.Source(p.loaded.net, p.loaded.modularization, p.classes, p.data.spec) for p in picks
     ]
+    # The sources' validation slices (what combine="auto" chooses on), cut before the shared
+    # models are locked: it reads the data alone.
+    validation = None
+    if combine == AUTO_COMBINE:
+        from mwt_core.pipeline import as_trained, composition_validation
+
+        validation = composition_validation([
+            (p.loaded.manifest, as_trained(p.data, p.loaded.manifest), p.classes) for p in picks])
     with ExitStack() as stack:
         # Cached full models are shared between request threads; lock them in one order.
         for p in sorted(picks, key=lambda p: p.model.id):
@@ -338,13 +346,6 @@ def build_across(
         std = None
         if standard is not None:  # loaded for this request alone: no lock needed
             std = (standard[1], picks[0].data.spec, [c for p in picks for c in p.classes])
-        validation = None
-        if combine == AUTO_COMBINE:
-            from mwt_core.pipeline import as_trained, composition_validation
-
-            validation = composition_validation([
-                (p.loaded.manifest, as_trained(p.data, p.loaded.manifest), p.classes)
-                for p in picks])
         composed, metrics = core.compose_and_measure(
             sources,
             [p.data for p in picks],
@@ -498,6 +499,11 @@ def build_from_modules(
             f"the modules take different input shapes ({listed}); compose modules of models "
             "trained on images of one shape"
         )
+    validation = None
+    if combine == AUTO_COMBINE:  # the modules' data are already as their models trained
+        from mwt_core.pipeline import composition_validation
+
+        validation = composition_validation([(p.manifest, p.data, p.part.classes) for p in picks])
     with ExitStack() as stack:
         # Cached whole models are shared between request threads; lock them in one order.
         for model_id in sorted(models):
@@ -510,12 +516,6 @@ def build_from_modules(
         std = None
         if standard is not None:  # loaded for this request alone: no lock needed
             std = (standard[1], picks[0].data.spec, [c for p in picks for c in p.part.classes])
-        validation = None
-        if combine == AUTO_COMBINE:  # the modules' data are already as their models trained
-            from mwt_core.pipeline import composition_validation
-
-            validation = composition_validation([(p.manifest, p.data, p.part.classes)
-                                                 for p in picks])
         composed, metrics = core.measure_parts(
             parts,
             [p.data for p in picks],

@@ -528,7 +528,7 @@ def percent_done(job: Job) -> float | None:
     )
 
 
-def job_out(job: Job, base: str = f"{API_PREFIX}") -> JobOut:
+def job_out(job: Job, base: str = API_PREFIX) -> JobOut:
     progress = None
     eta_s = eta_at = None
     if job.progress:
