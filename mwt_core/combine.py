@@ -76,9 +76,8 @@ class CombineSettings:
     # features) * each feature's variance, i.e. shrunk towards the diagonal.
     map_shrinkage: float = 0.1
     # A source's own training images per class for the zero-label statistics (energy, gauss,
-    # gauss_map). Forwarding them is most of a compose call: 100 scores within a few held-out
-    # images of 200 and brings the two-model compose call under 2 s on a 2-core CPU
-    # (docs/defaults.md, "Composition"; bench/results/compose.md).
+    # gauss_map). Forwarding them is most of a compose call, and twice as many scored within
+    # a few held-out images of this (docs/defaults.md, "Composition"; bench/results/compose.md).
     own_per_class: int = 100
     # Where ``head`` takes its feature standardisation from: "labelled" (the calibration images
     # it is fitted on, already forwarded: no extra pass) or "own" (each source's own images).
